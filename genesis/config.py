@@ -414,6 +414,7 @@ def load_config(name: str | None = None, mode: str | None = None, overrides: lis
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: cannot read: {e}") from None
+    origin: dict[str, str] = {}  # dotted key -> where its value came from, when not from the file
     where = source
     try:
         modes = dict(MODES)
@@ -430,10 +431,12 @@ def load_config(name: str | None = None, mode: str | None = None, overrides: lis
             if bad:
                 raise _Invalid(f"modes.{mode}", f"presets may set model and training keys only (got {sorted(bad)})")
             table = _merge(table, preset)
+            origin.update({f"{sec}.{k}": where for sec, keys in preset.items() for k in keys})
         for text in overrides:
             where = f"--set {text}"
             key, value = parse_override(text)
             _set_dotted(table, key, value)
+            origin[key] = where
         where = source
         for section in table:
             if section not in SECTIONS:
@@ -442,6 +445,7 @@ def load_config(name: str | None = None, mode: str | None = None, overrides: lis
                 raise _Invalid(section, "expected a table")
         parts = {s: build(tp, table.get(s, {}), s) for s, tp in SECTIONS.items()}
     except _Invalid as e:
+        where = next((w for k, w in origin.items() if e.key == k or e.key.startswith(k + ".")), where)
         raise ConfigError(f"{where}: {e.key}: {e.reason}") from None
     stem = Path(source).stem if name is not None else "default"
     return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source)

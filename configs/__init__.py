@@ -1,0 +1,1 @@
+"""Shipped run configurations (installed as `genesis.configs` so `--config NAME.toml` works from anywhere)."""

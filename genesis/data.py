@@ -1,0 +1,214 @@
+"""Data: held-out split by whole chapters, a memory-mapped token cache, and batches keyed by (seed, step, rank).
+
+The corpus is tokenized once per (corpus, split, tokenizer, format) into flat arrays per split:
+`tokens` (uint16 when the vocabulary fits), `verse_start` (1 on the first token of each verse, found from the
+tokenizer's character offsets), `book` and `chapter` ids. Verses are joined with "\\n", so the newline token is
+the verse separator. Batches are random windows of T+1 tokens: inputs are the first T, targets the last T (the one
+and only shift), and each batch is a pure function of (seed, step, micro-step, rank): a resumed run sees the same
+batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from genesis.config import Config, DataConfig, cache_root
+from genesis.corpus import Verse, corpus_hash, load_corpus
+from genesis.tokenizer import get_tokenizer, tokenizer_hash
+
+CACHE_FORMAT = "tokens-v1"  # bump when the cache layout or the text joining changes
+SPLITS = ("train", "heldout")
+
+
+def is_heldout(book: str, chapter: int, cfg: DataConfig) -> bool:
+    """1 chapter in `heldout_every`, by a stable hash of (book, chapter), plus whole `heldout_books`.
+
+    A hash rather than a running index keeps the same chapters held out in every translation (KJV and ASV) even
+    if one of them lacks a chapter."""
+    if book in cfg.heldout_books:
+        return True
+    return zlib.crc32(f"{book}|{chapter}".encode()) % cfg.heldout_every == 0
+
+
+def split_verses(verses: list[Verse], cfg: DataConfig) -> dict[str, list[Verse]]:
+    out: dict[str, list[Verse]] = {s: [] for s in SPLITS}
+    for v in verses:
+        out["heldout" if is_heldout(v.book, v.chapter, cfg) else "train"].append(v)
+    unknown = set(cfg.heldout_books) - {v.book for v in verses}
+    if unknown:
+        from genesis.config import ConfigError
+
+        raise ConfigError(f"data.heldout_books: not in the corpus: {', '.join(sorted(unknown))}")
+    if not out["train"] or not out["heldout"]:
+        from genesis.config import ConfigError
+
+        empty = "train" if not out["train"] else "heldout"
+        raise ConfigError(f"data: the {empty} split is empty ({len(verses)} verses; check heldout_every/heldout_books)")
+    return out
+
+
+def _chapters(verses: list[Verse]) -> list[list[Verse]]:
+    """Consecutive verses of the same chapter, in corpus order (the unit of encoding)."""
+    groups: list[list[Verse]] = []
+    for v in verses:
+        if groups and (groups[-1][0].book, groups[-1][0].chapter) == (v.book, v.chapter):
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
+def tokenize_verses(verses: list[Verse], tokenizer: Tokenizer, books: list[str]) -> dict[str, np.ndarray]:
+    """Flat token ids with aligned per-token `verse_start`, `book` and `chapter` arrays.
+
+    Each chapter is encoded as one string, its verses each followed by "\\n". The first token of a verse is the
+    first token whose character span ends after the verse's first character: exact for any tokenizer, including
+    ones whose tokens carry a leading space or merge across the separator."""
+    groups = _chapters(verses)
+    texts, verse_offsets = [], []
+    for g in groups:
+        starts, pos = [], 0
+        for v in g:
+            starts.append(pos)
+            pos += len(v.text) + 1
+        texts.append("".join(v.text + "\n" for v in g))
+        verse_offsets.append(np.array(starts, dtype=np.int64))
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    ids, vstart, book, chapter = [], [], [], []
+    book_index = {b: i for i, b in enumerate(books)}
+    for g, enc, starts in zip(groups, encodings, verse_offsets):
+        n = len(enc.ids)
+        ends = np.fromiter((e for _, e in enc.offsets), dtype=np.int64, count=n)
+        flags = np.zeros(n, dtype=np.uint8)
+        first = np.searchsorted(ends, starts, side="right")  # first token with end > verse start
+        flags[first[first < n]] = 1
+        ids.append(np.asarray(enc.ids, dtype=np.int64))
+        vstart.append(flags)
+        book.append(np.full(n, book_index[g[0].book], dtype=np.uint8))
+        chapter.append(np.full(n, g[0].chapter, dtype=np.uint16))
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    return {
+        "tokens": np.concatenate(ids).astype(dtype),
+        "verse_start": np.concatenate(vstart),
+        "book": np.concatenate(book),
+        "chapter": np.concatenate(chapter),
+    }
+
+
+@dataclass
+class TokenSplit:
+    """One split's memory-mapped arrays."""
+
+    tokens: np.ndarray
+    verse_start: np.ndarray
+    book: np.ndarray
+    chapter: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Corpus:
+    """Everything the trainer and the evaluator need from the data side."""
+
+    verses: dict[str, list[Verse]]
+    tokenizer: Tokenizer
+    splits: dict[str, TokenSplit]
+    books: list[str]
+    cache_dir: Path
+
+
+def _cache_key(corpus_digest: str, tok: Tokenizer, cfg: DataConfig) -> str:
+    parts = [CACHE_FORMAT, corpus_digest, tokenizer_hash(tok), str(cfg.heldout_every), ",".join(cfg.heldout_books)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: Config, log=print) -> Corpus:
+    """Load the corpus, split it, get the tokenizer and the token cache (built once, then memory-mapped)."""
+    verses = load_corpus(cfg.data.corpus, cfg.data.format, cfg.data.reference_pattern, cfg.data.lines_per_chapter)
+    split = split_verses(verses, cfg.data)
+    books = list(dict.fromkeys(v.book for v in verses))
+    if len(books) > 255:
+        raise ValueError(f"{cfg.data.corpus}: {len(books)} books; at most 255 are supported")
+    root = cache_root(cfg.data)
+    train_digest = corpus_hash(split["train"])
+    tok = get_tokenizer(cfg.tokenizer, [v.text + "\n" for v in split["train"]], train_digest, root)
+    key = _cache_key(corpus_hash(verses), tok, cfg.data)
+    cache = root / "tokens" / key
+    if not (cache / "meta.json").is_file():
+        log(f"tokenizing {len(verses):,} verses into {cache}")
+        tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        meta = {"format": CACHE_FORMAT, "books": books, "corpus": cfg.data.corpus, "splits": {}}
+        for name in SPLITS:
+            arrays = tokenize_verses(split[name], tok, books)
+            for field_name, arr in arrays.items():
+                np.save(tmp / f"{name}.{field_name}.npy", arr)
+            meta["splits"][name] = {"tokens": int(len(arrays["tokens"])), "verses": len(split[name])}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, cache)  # atomic: a half-written cache is never visible
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    splits = {
+        name: TokenSplit(**{f: np.load(cache / f"{name}.{f}.npy", mmap_mode="r") for f in TokenSplit.__annotations__})
+        for name in SPLITS
+    }
+    return Corpus(verses=split, tokenizer=tok, splits=splits, books=books, cache_dir=cache)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, T) int64 inputs
+    y: torch.Tensor  # (B, T) int64 next-token targets
+    verse_start: torch.Tensor  # (B, T) bool, aligned with x
+
+
+def window_starts(n_tokens: int, seq_len: int, batch_size: int, seed: int, step: int, rank: int = 0,
+                  micro: int = 0) -> np.ndarray:
+    """Window starts for one micro-batch: a pure function of (seed, step, rank, micro-step)."""
+    if n_tokens < seq_len + 1:
+        raise ValueError(f"split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, rank, micro, 0x6E5])))
+    return rng.integers(0, n_tokens - seq_len, size=batch_size)
+
+
+def gather_windows(data: TokenSplit, starts: np.ndarray, seq_len: int, device: torch.device | str = "cpu") -> Batch:
+    """(B, T+1) windows at `starts`, split into inputs and targets, moved to `device` (pinned, non-blocking)."""
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(seq_len + 1)
+    tokens = torch.from_numpy(data.tokens[idx].astype(np.int64))
+    vstart = torch.from_numpy(data.verse_start[idx[:, :-1]].astype(np.bool_))
+    device = torch.device(device)
+    if device.type == "cuda":
+        tokens, vstart = tokens.pin_memory().to(device, non_blocking=True), vstart.pin_memory().to(device, non_blocking=True)
+    return Batch(x=tokens[:, :-1], y=tokens[:, 1:], verse_start=vstart)
+
+
+def get_batch(data: TokenSplit, batch_size: int, seq_len: int, seed: int, step: int, rank: int = 0, micro: int = 0,
+              device: torch.device | str = "cpu") -> Batch:
+    return gather_windows(data, window_starts(len(data), seq_len, batch_size, seed, step, rank, micro), seq_len, device)
+
+
+def eval_starts(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
+    """Evenly spaced windows over a split (deterministic; covers it when n_windows * seq_len >= n_tokens)."""
+    last = n_tokens - seq_len - 1
+    if last < 0:
+        raise ValueError(f"split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    return np.unique(np.linspace(0, last, num=n_windows).round().astype(np.int64))

@@ -1,0 +1,359 @@
+"""Train a Llama-style model on a Bible corpus, optionally masking connectives inside the step.
+
+    python -m genesis.train --config cpu.toml                      # tiny model, minutes on a CPU
+    python -m genesis.train --config high_vram.toml                # the "microscope" model on a 12 GB GPU
+    python -m genesis.train --config cpu.toml --set masking.enabled=true --set masking.strategy=structural
+    python -m genesis.train --config cpu.toml --out runs/a --resume   # continue runs/a from its checkpoint
+    python -m genesis.train --config cpu.toml --show-config        # print the resolved config and exit
+
+A run directory (default runs/<config name>) receives config.toml (resolved), tokenizer.json, metrics.jsonl (one
+JSON record per log step and per evaluation) and checkpoint.pt (model, optimizer, step; written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genesis.config import Config, ConfigError, describe, load_config, to_dict, to_toml
+from genesis.corpus import CorpusError
+from genesis.data import Corpus, TokenSplit, eval_starts, gather_windows, get_batch, prepare
+from genesis.model import Llama, ModelArgs
+from genesis.tokenizer import TokenizerError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(Exception):
+    """A problem with the run directory or the checkpoint, phrased as one line."""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """The device and the autocast dtype. A GPU-sized config on a machine without CUDA runs in fp32, with one
+    warning line that points to cpu.toml."""
+    t = cfg.training
+    want = t.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{cfg.source}: training.device: {want!r} requested but CUDA is not available")
+    device = torch.device(want)
+    if device.type == "cpu" and t.expected_device == "cuda":
+        warn(f"{cfg.source} is sized for a CUDA GPU and none is in use: running on the CPU in fp32 "
+             f"without torch.compile (slow). For a CPU-sized run use --config cpu.toml")
+    if device.type == "cuda" and t.dtype in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, torch.float32
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains and embeddings of size 1-D are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def accumulate_gradients(model, micro_batches, amp) -> torch.Tensor:
+    """Forward/backward over the micro-batches of one optimizer step; gradients equal those of one batch made of
+    all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
+    Returns the mean loss as a 0-d tensor (no host sync)."""
+    total = None
+    k = len(micro_batches)
+    for x, y in micro_batches:
+        with amp:
+            _, loss = model(x, y)
+        (loss / k).backward()
+        total = loss.detach() / k if total is None else total + loss.detach() / k
+    return total
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp) -> float:
+    """Mean next-token loss over evenly spaced held-out windows (the same windows at every evaluation)."""
+    model.eval()
+    T, B = cfg.model.seq_len, cfg.training.micro_batch
+    starts = eval_starts(len(data), T, cfg.training.eval_batches * B)
+    total, count = torch.zeros((), device=device), 0
+    for i in range(0, len(starts), B):
+        batch = gather_windows(data, starts[i : i + B], T, device)
+        with amp:
+            _, loss = model(batch.x, batch.y)
+        total += loss.float() * batch.x.numel()
+        count += batch.x.numel()
+    model.train()
+    return (total / count).item()
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when attached to a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.enabled, self.t0 = total, sys.stderr.isatty(), time.time()
+
+    def update(self, step: int, start: int) -> None:
+        if not self.enabled:
+            return
+        frac = step / self.total
+        done = max(step - start, 1)
+        eta = (time.time() - self.t0) / done * (self.total - step)
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r[{bar:<30}] {step}/{self.total}  eta {eta:5.0f}s ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config) -> None:
+    """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+    raw = getattr(model, "_orig_mod", model)
+    state = {
+        "model": raw.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "model_args": vars(raw.args),
+        "config": to_dict(cfg),
+    }
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike, device="cpu") -> tuple[Llama, dict]:
+    """A model from a checkpoint, and the checkpoint dict (config, step)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model = Llama(ModelArgs(**ckpt["model_args"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genesis.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="a config path, or a bare name from configs/ (cpu.toml)")
+    p.add_argument("--mode", help="named preset over model/training keys (microscope, tiny, or [modes.NAME])")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--out", help="run directory (default: training.out_dir, else runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its checkpoint")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config (and all keys) and exit")
+    return p.parse_args(argv)
+
+
+def setup_run_dir(cfg: Config, out: str | None, resume: bool) -> Path:
+    run_dir = Path(out or cfg.training.out_dir or Path("runs") / cfg.name)
+    ckpt = run_dir / CHECKPOINT
+    if resume and not ckpt.is_file():
+        raise RunError(f"{run_dir}: --resume given but there is no {CHECKPOINT} to resume from")
+    if not resume and ckpt.is_file():
+        raise RunError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
+                       f"or --out DIR for a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """The training loop. Returns a summary (first and last held-out loss, steps, run directory)."""
+    t = cfg.training
+    device, amp_dtype = resolve_device(cfg)
+    amp = autocast(device, amp_dtype)
+    torch.manual_seed(t.seed)
+
+    corpus: Corpus = prepare(cfg, log=log)
+    tok = corpus.tokenizer
+    tok.save(str(run_dir / "tokenizer.json"))
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
+    log(f"data: {cfg.data.corpus} | train {len(train_data):,} tokens | held-out {len(heldout):,} tokens "
+        f"| vocab {tok.get_vocab_size():,} | cache {corpus.cache_dir}")
+
+    args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
+    model = Llama(args).to(device)
+    model.grad_checkpointing = t.grad_checkpointing
+    log(f"model: {model.num_params() / 1e6:.2f} M parameters | {args.n_layers} layers x {args.dim} | "
+        f"{args.n_heads} heads | seq {args.seq_len} | device {device} | {str(amp_dtype).replace('torch.', '')}")
+    optimizer = make_optimizer(model, t, device)
+
+    start = 0
+    if resume:
+        ckpt = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise RunError(f"{run_dir / CHECKPOINT}: does not fit this config's model ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        log(f"resumed from {run_dir / CHECKPOINT} at step {start}")
+        if start >= t.steps:
+            log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}")
+    step_model = model
+    if t.compile and device.type == "cuda":
+        step_model = torch.compile(model)
+
+    masker = None
+    if cfg.masking.enabled:
+        from genesis.masking import ConnectiveMasker
+
+        masker = ConnectiveMasker.from_tokenizer(tok, cfg.masking, mask_token=cfg.tokenizer.mask_token,
+                                                 seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
+                                                 check_ids=False, log=log).to(device)
+        log(masker.describe())
+
+    metrics = (run_dir / "metrics.jsonl").open("a" if resume else "w")
+
+    def record(rec: dict) -> None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+
+    summary: dict = {"run_dir": str(run_dir)}
+
+    def run_eval(step: int) -> None:
+        loss = evaluate_loss(step_model, heldout, cfg, device, amp)
+        summary.setdefault("first_heldout_loss", loss)
+        summary["last_heldout_loss"] = loss
+        record({"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))})
+        log(f"eval step {step} | held-out loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
+
+    B, T, k = t.micro_batch, cfg.model.seq_len, t.grad_accum
+    progress = Progress(t.steps)
+    if start == 0 and t.eval_every:
+        run_eval(0)
+    completed = start  # optimizer steps taken so far: what a checkpoint records
+    t_last, steps_since = time.time(), 0
+    try:
+        for step in range(start, t.steps):
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches, mask_stats = [], []
+            for micro in range(k):
+                batch = get_batch(train_data, B, T, t.seed, step, rank=0, micro=micro, device=device)
+                x = batch.x
+                if masker is not None:
+                    out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
+                    x = out.input_ids
+                    mask_stats.append(out.stats())
+                micro_batches.append((x, batch.y))
+            loss = accumulate_gradients(step_model, micro_batches, amp)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps_since += 1
+            done = completed = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.time() - t_last) / steps_since
+                rec = {"kind": "train", "step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                       "tokens_per_s": B * T * k / dt, "ms_per_step": dt * 1000}
+                line = (f"step {done:>6}/{t.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad {rec['grad_norm']:.3f}"
+                        f" | {rec['tokens_per_s'] / 1e3:8.1f}k tok/s | {rec['ms_per_step']:7.1f} ms/step")
+                if masker is not None:
+                    stats = {key: sum(s[key] for s in mask_stats).item() for key in mask_stats[0]}
+                    rec["masked_fraction"] = stats["masked_tokens"] / (B * T * k)
+                    rec["masked_connectives"] = stats["masked_words"]
+                    rec["connectives"] = stats["connective_words"]
+                    line += (f" | masked {100 * rec['masked_fraction']:.2f}% tok, "
+                             f"{rec['masked_connectives']}/{rec['connectives']} connectives")
+                if device.type == "cuda":
+                    rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                    line += f" | mem {rec['mem_gb']:.1f} GB"
+                progress.clear()
+                log(line)
+                record(rec)
+                t_last, steps_since = time.time(), 0
+            if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+                progress.clear()
+                run_eval(done)
+                t_last = time.time()
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, done, cfg)
+            progress.update(done, start)
+    except KeyboardInterrupt:
+        progress.clear()
+        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+        log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume")
+        metrics.close()
+        raise
+    progress.clear()
+    if start < t.steps and not t.eval_every:
+        run_eval(t.steps)
+    save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+    metrics.close()
+    summary["steps"] = completed
+    log(f"done: {summary['steps']} steps | checkpoint {run_dir / CHECKPOINT}")
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.mode, args.set)
+        if args.show_config:
+            print(to_toml(cfg))
+            print("# all keys, with defaults:\n" + "\n".join("# " + line for line in describe()))
+            return 0
+        run_dir = setup_run_dir(cfg, args.out, args.resume)
+        train(cfg, run_dir, resume=args.resume)
+    except (ConfigError, CorpusError, TokenizerError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Data: verse_start alignment, the held-out split, the token cache and deterministic batches."""
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from genesis.config import DataConfig, load_config
+from genesis.data import (eval_starts, get_batch, is_heldout, prepare, split_verses, tokenize_verses,
+                          window_starts)
+
+
+def test_verse_start_lands_on_first_token_of_every_verse(kjv_corpus):
+    """Decoding from each flagged token to the next reproduces each held-out and training verse exactly."""
+    tok = kjv_corpus.tokenizer
+    for name in ("train", "heldout"):
+        data, verses = kjv_corpus.splits[name], kjv_corpus.verses[name]
+        flags = np.flatnonzero(data.verse_start)
+        assert len(flags) == len(verses)
+        bounds = list(flags) + [len(data)]
+        ids = np.asarray(data.tokens)
+        for i in range(0, len(verses), 7 if name == "train" else 1):  # every 7th training verse keeps this fast
+            assert tok.decode(ids[bounds[i]:bounds[i + 1]].tolist()) == verses[i].text + "\n", verses[i]
+        # book and chapter ids are aligned too
+        for i in (0, len(verses) // 2, len(verses) - 1):
+            assert kjv_corpus.books[data.book[flags[i]]] == verses[i].book
+            assert data.chapter[flags[i]] == verses[i].chapter
+
+
+def test_verse_start_with_a_metaspace_tokenizer(kjv):
+    """A tokenizer whose tokens carry the space before a word: flags still land on each verse's first token."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace("\n", " ")  # newlines become spaces, merged into the next token
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([v.text for v in kjv[:3000]], trainers.BpeTrainer(vocab_size=2000, show_progress=False))
+    verses = kjv[:300]
+    arrays = tokenize_verses(verses, tok, ["Genesis"])
+    flags = np.flatnonzero(arrays["verse_start"])
+    assert len(flags) == len(verses)
+    pieces = [tok.id_to_token(int(t)) for t in arrays["tokens"][flags]]
+    for verse, piece in zip(verses, pieces):
+        assert piece.lstrip("\u2581") and verse.text.startswith(piece.lstrip("\u2581")[:1]), (verse, piece)
+
+
+def test_split_is_by_whole_chapters_and_disjoint(kjv):
+    cfg = DataConfig()
+    split = split_verses(kjv, cfg)
+    train_ch = {(v.book, v.chapter) for v in split["train"]}
+    held_ch = {(v.book, v.chapter) for v in split["heldout"]}
+    assert not train_ch & held_ch
+    assert len(train_ch) + len(held_ch) == 1189
+    assert 0.03 < len(held_ch) / 1189 < 0.07  # "1 in 20"
+    assert len(split["train"]) + len(split["heldout"]) == len(kjv)
+    # the rule is a pure function of (book, chapter): the same chapters are held out in the ASV
+    assert all(is_heldout(b, c, cfg) for b, c in held_ch)
+
+
+def test_heldout_books(kjv):
+    split = split_verses(kjv, DataConfig(heldout_books=["Jude", "Ruth"]))
+    held_books = {v.book for v in split["heldout"]}
+    assert {"Jude", "Ruth"} <= held_books
+    assert not {v.book for v in split["train"]} & {"Jude", "Ruth"}
+    from genesis.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not in the corpus: Judas"):
+        split_verses(kjv, DataConfig(heldout_books=["Judas"]))
+
+
+def test_token_cache_is_reused_and_keyed_by_content(kjv_corpus, tmp_path):
+    cfg = load_config("cpu.toml")
+    again = prepare(cfg, log=lambda *_: None)
+    assert again.cache_dir == kjv_corpus.cache_dir
+    assert isinstance(again.splits["train"].tokens, np.memmap)
+    assert again.splits["train"].tokens.dtype == np.uint16
+    # a different corpus (a text file) gets another key; so does a different split
+    path = tmp_path / "small.txt"
+    path.write_text("".join(f"Genesis {c}:{v} And it was so, for the LORD said it.\n" for c in range(1, 41) for v in range(1, 6)))
+    small = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300"])
+    built = []
+    other = prepare(small, log=built.append)
+    assert other.cache_dir != kjv_corpus.cache_dir and built
+    built.clear()
+    prepare(small, log=built.append)
+    assert not built  # reused
+    split2 = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300", "data.heldout_every=7"])
+    assert prepare(split2, log=lambda *_: None).cache_dir != other.cache_dir
+
+
+def test_batches_are_a_pure_function_of_seed_step_rank(kjv_corpus):
+    data = kjv_corpus.splits["train"]
+    a = get_batch(data, 4, 64, seed=1, step=10)
+    b = get_batch(data, 4, 64, seed=1, step=10)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.verse_start, b.verse_start)
+    for other in (dict(seed=2, step=10), dict(seed=1, step=11), dict(seed=1, step=10, rank=1),
+                  dict(seed=1, step=10, micro=1)):
+        assert not torch.equal(get_batch(data, 4, 64, **other).x, a.x), other
+    # targets are the inputs shifted by exactly one token
+    starts = window_starts(len(data), 64, 4, seed=1, step=10)
+    for row, s in enumerate(starts):
+        window = torch.from_numpy(data.tokens[s:s + 65].astype(np.int64))
+        assert torch.equal(a.x[row], window[:-1]) and torch.equal(a.y[row], window[1:])
+        assert torch.equal(a.verse_start[row], torch.from_numpy(data.verse_start[s:s + 64].astype(bool)))
+    assert a.x.dtype == torch.int64 and a.verse_start.dtype == torch.bool
+
+
+def test_eval_windows_cover_the_split():
+    starts = eval_starts(10_000, 100, 100)
+    assert starts[0] == 0 and starts[-1] == 10_000 - 101 and len(starts) == 100
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        eval_starts(50, 100, 4)
