@@ -221,6 +221,11 @@ class MaskingConfig:
     base_probability: float = doc(0.4, "weighted: p = base_probability * weight")
     structural_weights: bool = doc(False, "structural: multiply the rule probability by the connective's weight")
     rules: list[MaskRule] = doc(DEFAULT_RULES, "structural: ordered [[masking.rules]] (conditions -> p); first match wins")
+    clause_length: str = doc(
+        "preceding",
+        "'preceding': tokens of the clause before the connective (the punctuation/newline run just before it is "
+        "skipped); 'since_boundary': distance back to the last clause-boundary punctuation token",
+    )
     lookback: int = doc(30, "clause length is counted back at most this many tokens (and capped at it)")
     clause_punctuation: str = doc(".,;:?!", "characters whose tokens end a clause")
     verse_separator: str = doc("\n", "text whose tokens separate verses (used when a batch carries no verse_start)")
@@ -235,7 +240,9 @@ class MaskingConfig:
         _check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
         _check(0.0 <= self.mask_prob <= 1.0, "mask_prob", f"must be in [0, 1] (got {self.mask_prob})")
         _check(0.0 <= self.base_probability <= 1.0, "base_probability", f"must be in [0, 1] (got {self.base_probability})")
-        _check(1 <= self.lookback <= 1024, "lookback", f"must be in [1, 1024] (got {self.lookback})")
+        _check(1 <= self.lookback <= 256, "lookback", f"must be in [1, 256] (got {self.lookback})")
+        _check(self.clause_length in ("preceding", "since_boundary"), "clause_length",
+               f"must be preceding or since_boundary (got {self.clause_length!r})")
         _check(self.replacement in ("mask", "bert"), "replacement", f"must be mask or bert (got {self.replacement!r})")
         _check(len(self.bert_split) == 3, "bert_split", "needs three fractions: mask, random, keep")
         _check(all(x >= 0 for x in self.bert_split), "bert_split", "fractions must be >= 0")

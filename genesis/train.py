@@ -284,7 +284,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 if masker is not None:
                     out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
                     x = out.input_ids
-                    mask_stats.append(out.stats())
+                    mask_stats.append(masker.stats(out, batch.x))
                 micro_batches.append((x, batch.y))
             loss = accumulate_gradients(step_model, micro_batches, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)

@@ -1,0 +1,561 @@
+"""Connective masking as a batched device op: `ConnectiveMasker`, its tables, the torch path and the dispatcher.
+
+    masker = ConnectiveMasker.from_tokenizer(tokenizer, strategy="structural")
+    out = masker(input_ids, step=step, verse_start=None)     # (B, T) ids on any device
+    logits = model(out.input_ids)                            # targets stay as they are
+
+Semantics (the Triton kernel in `genesis.kernels.mask` and `mask_torch` below implement exactly this):
+
+* Matching. The lexicon (`genesis.lexicon`) turns every connective word into the token patterns the tokenizer
+  produces for it. A pattern matches at column s when the tokens agree and the match stands as a whole word: the
+  token at s does not glue onto the previous token, and the token after the match does not glue onto it. The row
+  edges count as word boundaries: the masker sees only the window, so a single-token connective in the last column
+  whose word continues in the next, unseen token is still matched; a multi-token word cut by an edge is not.
+* Rules, at the match start s. verse_initial = `verse_start[b, s]` when the batch carries verse_start flags, else
+  "the token at s-1 is a verse separator" (False in column 0). clause_len = distance from s back to the nearest
+  clause-boundary token (1 right after a comma), where the row start counts as a boundary before column 0, capped
+  at `lookback`. p = prob_table[verse_initial, clause_len] (x the connective's weight for `weighted`, and for
+  `structural` with structural_weights), clamped to [0, 1]. The strategies only differ in the table:
+  uniform = mask_prob everywhere, weighted = base_probability everywhere (x weight), structural = the ordered rules.
+* Randomness. One Philox-4x32-10 draw per match, counter (s, row_offset + b, step, rank), key = seed — the same
+  generator as Triton's tl.rand. A mask is thus a pure function of (seed, step, rank, row, column, tokens): it does
+  not depend on the batch size, the device or the code path, and a resumed run reproduces it. Word 0 decides
+  masking (u < p); word 1 picks the BERT replacement; word 2 of the draw at each piece's own column picks its
+  random token.
+* Replacement. Every piece of a selected word becomes the mask token; with replacement="bert" the word is instead
+  masked / replaced by random non-special tokens / kept, by bert_split. Targets are never touched: inputs are
+  masked, next-token targets stay, and labels that already hold -100 stay -100.
+* Outputs. `input_ids` (masked copy, input dtype), `mask` (bool, every piece of a selected word, kept ones
+  included), `classes` and `connectives` (int64 class id / lexicon index at masked positions, -100 elsewhere:
+  ready for F.cross_entropy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from genesis.config import MaskingConfig, _Invalid, build, to_dict
+from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
+from genesis.tokenizer import as_tokenizers, find_mask_id, special_ids
+
+IGNORE_INDEX = -100
+GLUE_LEFT, WORD_END, CLAUSE_BOUNDARY, VERSE_SEPARATOR = 1, 2, 4, 8
+MASK32 = 0xFFFFFFFF
+IMPLS = ("auto", "triton", "torch")
+
+
+class MaskingError(ValueError):
+    """Bad input to the masker (shape, dtype, ids, device), phrased as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass
+class MaskTables:
+    """Everything the kernel and the torch path read, as tensors on one device, plus the scalars that shape the
+    kernel's compilation.
+
+    Per-vocab arrays have V + 1 entries: the last is a neutral slot the torch path maps invalid ids to. The
+    probability table and the entry weights are plain tensors: a schedule or an adaptive scheme may update them in
+    place between steps without rebuilding anything."""
+
+    token_flags: torch.Tensor  # (V+1,) uint8: GLUE_LEFT | WORD_END | CLAUSE_BOUNDARY | VERSE_SEPARATOR (kernel)
+    glue_left: torch.Tensor  # (V+1,) bool, the same bits unpacked for the torch path
+    word_end: torch.Tensor  # (V+1,) bool
+    clause_boundary: torch.Tensor  # (V+1,) bool
+    verse_separator: torch.Tensor  # (V+1,) bool
+    starts_pattern: torch.Tensor  # (V+1,) bool: some pattern starts with this token
+    first_pattern: torch.Tensor  # (V+1,) int64: first pattern starting with this token, or -1
+    pattern_count: torch.Tensor  # (V+1,) int64: patterns starting with this token (contiguous, longest first)
+    single_entry: torch.Tensor  # (V+1,) int64: entry of the first 1-token pattern of this token, or -1
+    patterns: torch.Tensor  # (P, max_pieces) int64, -1 padded
+    pattern_len: torch.Tensor  # (P,) int64
+    pattern_entry: torch.Tensor  # (P,) int64: lexicon entry of each pattern
+    entry_weight: torch.Tensor  # (E,) float32
+    entry_class: torch.Tensor  # (E,) int64
+    prob_table: torch.Tensor  # (2 * (lookback + 1),) float32, indexed [verse_initial, clause_len]
+    random_pool: torch.Tensor  # (R,) int64: non-special ids for BERT random replacement
+    vocab_size: int
+    mask_id: int
+    lookback: int
+    max_pieces: int
+    max_per_token: int
+    use_cells: bool  # the table varies over cells (structural): verse_initial and clause_len are needed
+    preceding_clause: bool  # clause_len mode: the clause before the connective (True) or since the last boundary
+    use_weight: bool
+    bert: bool
+    p_mask: float
+    p_mask_or_random: float
+
+    def to(self, device: torch.device | str) -> MaskTables:
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device)
+        return MaskTables(**moved)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_flags.device
+
+
+def compile_prob_table(cfg: MaskingConfig) -> tuple[torch.Tensor, bool]:
+    """The (2, lookback + 1) probability table for the strategy, flattened, and whether weights multiply it."""
+    cells = torch.zeros(2, cfg.lookback + 1, dtype=torch.float32)
+    if cfg.strategy == "uniform":
+        cells.fill_(cfg.mask_prob)
+        return cells.flatten(), False
+    if cfg.strategy == "weighted":
+        cells.fill_(cfg.base_probability)
+        return cells.flatten(), True
+    for verse_initial in (0, 1):
+        for clause_len in range(cfg.lookback + 1):
+            rule = next((r for r in cfg.rules if r.matches(bool(verse_initial), clause_len)), None)
+            cells[verse_initial, clause_len] = rule.p if rule is not None else 0.0
+    return cells.flatten(), cfg.structural_weights
+
+
+def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int, specials: set[int]) -> MaskTables:
+    V, L = lex.vocab_size, lex.max_pieces
+
+    def per_vocab(arr, dtype, fill) -> torch.Tensor:  # V entries + the neutral slot
+        out = torch.full((V + 1,), fill, dtype=dtype)
+        out[:V] = torch.as_tensor(arr).to(dtype)
+        return out
+
+    glue, wend = per_vocab(lex.glue_left, torch.bool, False), per_vocab(lex.word_end, torch.bool, False)
+    boundary = per_vocab(lex.clause_boundary, torch.bool, False)
+    separator = per_vocab(lex.verse_separator, torch.bool, False)
+    flags = (glue * GLUE_LEFT + wend * WORD_END + boundary * CLAUSE_BOUNDARY + separator * VERSE_SEPARATOR).to(torch.uint8)
+    first = per_vocab(lex.first_pattern, torch.int64, -1)
+    count = per_vocab(lex.pattern_count, torch.int64, 0)
+    # special tokens (and the mask token) never start a match
+    never = sorted(i for i in (set(specials) | {mask_id}) if 0 <= i < V)
+    first[never], count[never] = -1, 0
+    # keep every table non-empty so the kernel always has a valid pointer
+    P = max(1, len(lex.pattern_len))
+    patterns = torch.full((P, L), -1, dtype=torch.int64)
+    pattern_len = torch.zeros(P, dtype=torch.int64)
+    pattern_entry = torch.zeros(P, dtype=torch.int64)
+    if len(lex.pattern_len):
+        patterns[:] = torch.as_tensor(lex.patterns.reshape(-1, L)).long()
+        pattern_len[:] = torch.as_tensor(lex.pattern_len).long()
+        pattern_entry[:] = torch.as_tensor(lex.pattern_entry).long()
+    single = torch.full((V + 1,), -1, dtype=torch.int64)
+    for v in torch.nonzero(count).flatten().tolist():  # first 1-token pattern in order, as the kernel takes it
+        for p in range(first[v], first[v] + count[v]):
+            if pattern_len[p] == 1:
+                single[v] = pattern_entry[p]
+                break
+    E = max(1, len(lex.words))
+    weight, klass = torch.zeros(E, dtype=torch.float32), torch.zeros(E, dtype=torch.int64)
+    weight[: len(lex.words)] = torch.as_tensor(lex.entry_weight).float()
+    klass[: len(lex.words)] = torch.as_tensor(lex.entry_class).long()
+    prob_table, use_weight = compile_prob_table(cfg)
+    pool = torch.tensor(sorted(set(range(V)) - set(specials) - {mask_id}), dtype=torch.int64)
+    if pool.numel() == 0:
+        raise MaskingError("the tokenizer has no non-special tokens to draw random replacements from")
+    return MaskTables(
+        token_flags=flags, glue_left=glue, word_end=wend, clause_boundary=boundary, verse_separator=separator,
+        starts_pattern=first >= 0, first_pattern=first, pattern_count=count, single_entry=single,
+        patterns=patterns, pattern_len=pattern_len, pattern_entry=pattern_entry, entry_weight=weight,
+        entry_class=klass, prob_table=prob_table, random_pool=pool, vocab_size=V, mask_id=mask_id,
+        lookback=cfg.lookback, max_pieces=L, max_per_token=max(1, int(count.max())),
+        use_cells=bool((prob_table != prob_table[1]).any()), preceding_clause=cfg.clause_length == "preceding",
+        use_weight=use_weight,
+        bert=cfg.replacement == "bert", p_mask=float(cfg.bert_split[0]),
+        p_mask_or_random=float(cfg.bert_split[0] + cfg.bert_split[1]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Philox, bit-exact with Triton's tl.philox / tl.rand
+
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)  # multipliers for (c0, c2)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_ROUNDS = 10
+
+
+@functools.lru_cache(maxsize=64)
+def _philox_constants(seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (2, 1) multiplier column and the (ROUNDS, 2, 1) round keys for a seed, built once per device."""
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    keys = []
+    for _ in range(_ROUNDS):
+        keys.append([[k0], [k1]])
+        k0, k1 = (k0 + _PHILOX_KEY_STEP[0]) & MASK32, (k1 + _PHILOX_KEY_STEP[1]) & MASK32
+    mult = torch.tensor([[_PHILOX_ROUND[0]], [_PHILOX_ROUND[1]]], dtype=torch.int64, device=device)
+    return mult, torch.tensor(keys, dtype=torch.int64, device=device)
+
+
+def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor):
+    """Philox-4x32-10 on int64 tensors holding uint32 values; returns the four output words (int64, < 2**32).
+
+    A 32x32-bit product is below 2**64, so the int64 product wraps to exactly its low 64 bits (two's complement,
+    on CPU and CUDA); `>> 32 & MASK32` then recovers the high word. The state is kept as two (2, n) stacks,
+    (c0, c2) and (c1, c3), so each round is eight tensor ops whatever n is (the cost on the CPU is per op)."""
+    even = torch.stack([c0, c2])  # (2, n)
+    odd = torch.stack([c1, c3])
+    mult, keys = _philox_constants(seed, even.device)
+    for key in keys:
+        prod = even * mult  # (A*c0, B*c2), wrapped
+        hi = (prod >> 32) & MASK32
+        even = hi.flip(0) ^ odd ^ key  # c0' = hi(B*c2) ^ c1 ^ k0 ; c2' = hi(A*c0) ^ c3 ^ k1
+        odd = (prod & MASK32).flip(0)  # c1' = lo(B*c2) ; c3' = lo(A*c0)
+    return even[0], odd[0], even[1], odd[1]
+
+
+def uniform_from_bits(word: torch.Tensor) -> torch.Tensor:
+    """uint32 (in int64) -> float32 in [0, 1), exactly as tl.rand: bitcast to int32, negative x -> -x-1, scale."""
+    return torch.minimum(word, MASK32 - word).to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The torch path
+
+
+def _flatnonzero(flags: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of a 1-D bool tensor. On the CPU numpy's flatnonzero is ~6x faster than
+    torch.nonzero (36 vs 210 us for 64k flags, one core), and this is the masker's one full-batch compaction."""
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flags.numpy()))
+    return torch.nonzero(flags).squeeze(1)
+
+
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for any index shape (rows of a 2-D table); index_select is ~3x faster than advanced indexing
+    on the CPU."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
+def _preceding_clause_len(ids: torch.Tensor, s: torch.Tensor, col: torch.Tensor, stop_table: torch.Tensor,
+                          lookback: int) -> torch.Tensor:
+    """Tokens of the clause before each start: skip the run of boundary/separator tokens just before it (at most
+    `lookback`), then count the tokens back to the next boundary, separator or row start (at most `lookback`)."""
+    back = torch.arange(1, 2 * lookback + 1, device=ids.device)
+    in_row = col.unsqueeze(1) >= back  # (m, 2*lookback): position s - back exists
+    stop = _take(stop_table, _take(ids, (s.unsqueeze(1) - back).clamp(min=0)))
+    skip_run = (in_row & stop)[:, :lookback].to(torch.int8).cumprod(1).sum(1)  # (m,)
+    clause = (in_row & ~stop).to(torch.int8)
+    run = clause.gather(1, skip_run.long().unsqueeze(1) + back[:lookback] - 1).cumprod(1).sum(1)
+    return torch.where(skip_run < lookback, run, 0)
+
+
+def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables: MaskTables, seed: int, step: int,
+               rank: int = 0, row_offset: int = 0, ids_checked: bool = False):
+    """Same signature and semantics as `genesis.kernels.mask.connective_mask_triton`; bit-identical results.
+
+    Work is done per connective, not per token: one table lookup and one compaction over the batch find the
+    candidate starts (~4% of KJV tokens), and everything else — word runs, pattern checks, rules, Philox — runs on
+    the candidates only. A pattern's pieces glue onto each other, so a pattern of length k matches at a start
+    exactly when the start is not glued to its left, the word run there (the start plus the glued tokens after
+    it) is k tokens long, and the tokens agree. Most words are one token: those need one lookup, no comparison."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    out = input_ids.clone()
+    mask = torch.zeros((B, T), dtype=torch.bool, device=device)
+    classes = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device)
+    connectives = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device)
+    N = B * T
+    if N == 0:
+        return out, mask, classes, connectives
+    V, L, LB = tables.vocab_size, tables.max_pieces, tables.lookback
+    ids = input_ids.reshape(-1).long()
+    if not ids_checked:  # invalid ids map to the neutral slot V: no flags, no patterns
+        ids = torch.where((ids >= 0) & (ids < V), ids, V)
+
+    # 1. candidate starts: tokens that begin some pattern and do not glue onto their left neighbour
+    s = _flatnonzero(_take(tables.starts_pattern, ids))
+    if s.numel() == 0:
+        return out, mask, classes, connectives
+    col = s % T
+    glued = (col > 0) & _take(tables.glue_left, _take(ids, s)) & _take(tables.word_end, _take(ids, (s - 1).clamp(min=0)))
+    s, col = s[~glued], col[~glued]
+
+    # 2. word run at each start: 1 + the glued tokens after it, counted up to L + 1 (longer than any pattern)
+    r = torch.arange(L + 1, device=device)
+    window = _take(ids, (s.unsqueeze(1) + r).clamp(max=N - 1))  # (n, L+1)
+    in_row = col.unsqueeze(1) + r < T
+    attached = in_row[:, 1:] & _take(tables.glue_left, window[:, 1:]) & _take(tables.word_end, window[:, :-1])
+    run = 1 + attached.to(torch.int8).cumprod(1).sum(1)  # (n,)
+    tok = window[:, 0]
+    entry = torch.where(run == 1, _take(tables.single_entry, tok), -1)
+    multi = _flatnonzero(run > 1)
+    if multi.numel():
+        q = torch.arange(tables.max_per_token, device=device)
+        m_tok, m_run = tok[multi], run[multi]
+        pidx = _take(tables.first_pattern, m_tok).unsqueeze(1) + q  # (nm, Q)
+        live = q < _take(tables.pattern_count, m_tok).unsqueeze(1)
+        pidx = torch.where(live, pidx, 0)
+        live &= _take(tables.pattern_len, pidx) == m_run.unsqueeze(1)
+        pieces = _take(tables.patterns, pidx)  # (nm, Q, L)
+        same = (pieces == window[multi, :L].unsqueeze(1)) | (r[:L] >= m_run.view(-1, 1, 1))
+        live &= same.all(2)
+        first_hit = live.to(torch.int8).argmax(1)  # at most one pattern can match; take it
+        hit_entry = _take(tables.pattern_entry, pidx.gather(1, first_hit.unsqueeze(1)).squeeze(1))
+        entry[multi] = torch.where(live.any(1), hit_entry, -1)
+    hit = _flatnonzero(entry >= 0)
+    if hit.numel() == 0:
+        return out, mask, classes, connectives
+    s, col, entry, plen = s[hit], col[hit], entry[hit], run[hit].long()
+
+    # 3. the probability at each match start
+    if tables.use_cells:
+        if verse_start is not None:
+            verse_initial = _take(verse_start.reshape(-1), s)
+        else:
+            verse_initial = (col > 0) & _take(tables.verse_separator, _take(ids, (s - 1).clamp(min=0)))
+        if tables.preceding_clause:
+            clause_len = _preceding_clause_len(ids, s, col, tables.clause_boundary | tables.verse_separator, LB)
+        else:
+            clause_len = torch.clamp(col + 1, max=LB)
+            if LB > 1:
+                back = torch.arange(1, LB, device=device)
+                look = col.unsqueeze(1) >= back  # (m, LB-1)
+                boundary = look & _take(tables.clause_boundary, _take(ids, (s.unsqueeze(1) - back).clamp(min=0)))
+                clause_len = torch.where(boundary.any(1), boundary.to(torch.int8).argmax(1) + 1, clause_len)
+        prob = _take(tables.prob_table, verse_initial.long() * (LB + 1) + clause_len)
+    else:
+        prob = tables.prob_table[1].expand(s.shape)
+    if tables.use_weight:
+        prob = prob * _take(tables.entry_weight, entry)
+    prob = prob.clamp(0.0, 1.0)
+
+    # 4. one draw per match
+    row = s // T + row_offset
+    step_word, rank_word = torch.full_like(col, step & MASK32), torch.full_like(col, rank & MASK32)
+    w0, w1, _, _ = philox4x32(seed, col, row, step_word, rank_word)
+    chosen = _flatnonzero(uniform_from_bits(w0) < prob)
+    if chosen.numel() == 0:
+        return out, mask, classes, connectives
+    s, col, plen, entry, row, w1 = s[chosen], col[chosen], plen[chosen], entry[chosen], row[chosen], w1[chosen]
+
+    # 5. write every piece of every chosen word
+    if L > 1:
+        piece = torch.nonzero(r[:L] < plen.unsqueeze(1))  # (k, 2): (word, piece index)
+        owner, offset = piece[:, 0], piece[:, 1]
+    else:
+        owner, offset = torch.arange(s.numel(), device=device), torch.zeros_like(s)
+    pos = s[owner] + offset
+    flat_out = out.view(-1)
+    if tables.bert:
+        choice = uniform_from_bits(w1)[owner]
+        _, _, w2, _ = philox4x32(seed, col[owner] + offset, row[owner], torch.full_like(pos, step & MASK32),
+                                 torch.full_like(pos, rank & MASK32))
+        random_tok = _take(tables.random_pool, w2 % tables.random_pool.numel())
+        original = flat_out[pos].long()
+        p_mask = torch.tensor(tables.p_mask, dtype=torch.float32, device=device)
+        p_mask_or_random = torch.tensor(tables.p_mask_or_random, dtype=torch.float32, device=device)
+        new = torch.where(choice < p_mask, tables.mask_id, torch.where(choice < p_mask_or_random, random_tok, original))
+        flat_out[pos] = new.to(flat_out.dtype)
+    else:
+        flat_out[pos] = tables.mask_id
+    mask.view(-1)[pos] = True
+    classes.view(-1)[pos] = _take(tables.entry_class, entry)[owner]
+    connectives.view(-1)[pos] = entry[owner]
+    return out, mask, classes, connectives
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def triton_status(device: torch.device) -> str | None:
+    """None when the Triton kernel can run on `device`, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"Triton is not importable ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the Triton kernel needs a CUDA tensor (got a {device.type} tensor); CPU tensors run it only under "
+            f"TRITON_INTERPRET=1")
+
+
+def choose_impl(requested: str, device: torch.device, log: Callable[[str], None] | None = None) -> str:
+    """'triton' or 'torch' for `device`. GENESIS_MASK_IMPL overrides `requested`. 'triton' where it cannot run
+    is an error that says why; 'auto' falls back to torch with one log line (on CUDA, or when asked on CPU)."""
+    requested = os.environ.get("GENESIS_MASK_IMPL", requested) or "auto"
+    if requested not in IMPLS:
+        raise MaskingError(f"mask impl must be one of {', '.join(IMPLS)} (got {requested!r}, from GENESIS_MASK_IMPL "
+                           f"or masking.impl)")
+    if requested == "torch":
+        return "torch"
+    reason = triton_status(device)
+    if requested == "triton":
+        if reason is not None:
+            raise RuntimeError(f"masking impl 'triton' cannot run: {reason}. Use impl='torch' or 'auto'")
+        return "triton"
+    # auto: the kernel on CUDA; the torch path elsewhere (the interpreter is for tests, far too slow to train with)
+    if device.type == "cuda" and reason is None:
+        return "triton"
+    if log is not None:
+        why = reason if device.type == "cuda" else f"{device.type} tensors use the torch path"
+        log(f"masking: using the torch path ({why})")
+    return "torch"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public plug-in
+
+
+@dataclass
+class MaskOutput:
+    input_ids: torch.Tensor  # (B, T) masked copy of the inputs, same dtype
+    mask: torch.Tensor  # (B, T) bool: positions of selected connectives (every piece)
+    classes: torch.Tensor  # (B, T) int64: class id at masked positions, -100 elsewhere
+    connectives: torch.Tensor  # (B, T) int64: lexicon entry index at masked positions, -100 elsewhere
+
+
+class ConnectiveMasker:
+    """Masks logical connectives in (B, T) token batches on the batch's device. See the module docstring."""
+
+    def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, specials: set[int],
+                 seed: int = 0, rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print):
+        if not 0 <= seed < 2**63:
+            raise MaskingError(f"seed must be in [0, 2**63) (got {seed})")
+        self.lexicon, self.config, self.seed, self.rank = lexicon, config, int(seed), int(rank)
+        self.check_ids, self.log = check_ids, log
+        self.mask_id = mask_id
+        self._host_tables = build_tables(lexicon, config, mask_id, specials)
+        self._tables: dict[torch.device, MaskTables] = {}
+        self._impl: dict[torch.device, str] = {}
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, config: MaskingConfig | Mapping[str, Any] | None = None, *,
+                       mask_token: str = "", seed: int | None = None, rank: int = 0, check_ids: bool = True,
+                       log: Callable[[str], None] | None = print, **overrides) -> ConnectiveMasker:
+        """Build from a `tokenizers.Tokenizer` or a transformers fast tokenizer.
+
+        `config` is a MaskingConfig, a dict of its keys (as in the [masking] TOML section) or None for defaults;
+        keyword overrides (strategy="structural", lookback=20, ...) apply on top. Bad keys or values raise
+        ValueError naming them."""
+        table = to_dict(config) if isinstance(config, MaskingConfig) else dict(config or {})
+        table.update(overrides)
+        try:
+            cfg = build(MaskingConfig, table, "masking")
+        except _Invalid as e:
+            raise MaskingError(f"{e.key}: {e.reason}") from None
+        connectives: dict[str, tuple[float, str]] = dict(DEFAULT_CONNECTIVES) if cfg.default_connectives else {}
+        for word, entry in cfg.connectives.items():
+            connectives[word.lower()] = (entry.weight, entry.cls)
+        tok = as_tokenizers(tokenizer)
+        lex = resolve(tokenizer, connectives, clause_punctuation=cfg.clause_punctuation,
+                      verse_separator=cfg.verse_separator)
+        mask_id = find_mask_id(tokenizer, mask_token)
+        if seed is None:
+            seed = cfg.seed if cfg.seed is not None else 0
+        specials = special_ids(tokenizer)
+        del tok
+        return cls(lex, cfg, mask_id, specials, seed=seed, rank=rank, check_ids=check_ids, log=log)
+
+    # -- tables and dispatch ----------------------------------------------------------------------------------
+
+    def tables(self, device: torch.device | str) -> MaskTables:
+        """The tables on `device` (built once per device)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._tables:
+            self._tables[device] = self._host_tables.to(device)
+        return self._tables[device]
+
+    def impl(self, device: torch.device | str) -> str:
+        """'triton' or 'torch' for `device`, chosen once per device."""
+        device = torch.device(device)
+        if device not in self._impl:
+            self._impl[device] = choose_impl(self.config.impl, device, self.log)
+        return self._impl[device]
+
+    def to(self, device: torch.device | str) -> ConnectiveMasker:
+        """Build the tables and choose the path for `device` now, rather than on the first call."""
+        self.tables(device)
+        self.impl(device)
+        return self
+
+    # -- the op -----------------------------------------------------------------------------------------------
+
+    def _validate(self, input_ids: torch.Tensor, verse_start: torch.Tensor | None) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise MaskingError(f"input_ids must be a torch.Tensor (got {type(input_ids).__name__})")
+        if input_ids.dim() != 2:
+            raise MaskingError(f"input_ids must be 2-D (B, T) (got shape {tuple(input_ids.shape)})")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise MaskingError(f"input_ids must be int32 or int64 (got {input_ids.dtype})")
+        if verse_start is not None:
+            if not isinstance(verse_start, torch.Tensor) or verse_start.shape != input_ids.shape:
+                got = tuple(verse_start.shape) if isinstance(verse_start, torch.Tensor) else type(verse_start).__name__
+                raise MaskingError(f"verse_start must have the shape of input_ids {tuple(input_ids.shape)} (got {got})")
+            if verse_start.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64):
+                raise MaskingError(f"verse_start must be bool or integer (got {verse_start.dtype})")
+            if verse_start.device != input_ids.device:
+                raise MaskingError(f"verse_start is on {verse_start.device}, input_ids on {input_ids.device}")
+        if self.check_ids and input_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            V = self._host_tables.vocab_size
+            if lo < 0 or hi >= V:
+                raise MaskingError(f"input_ids contain ids outside the vocabulary [0, {V}): min {lo}, max {hi}")
+
+    def __call__(self, input_ids: torch.Tensor, step: int, verse_start: torch.Tensor | None = None,
+                 row_offset: int = 0) -> MaskOutput:
+        """Mask one batch. `step` keys the random draws (with seed, rank, row_offset + row and column); pass the
+        optimizer step, and with gradient accumulation a row_offset of micro_step * micro_batch."""
+        self._validate(input_ids, verse_start)
+        if not 0 <= int(step) < 2**32 or not 0 <= int(row_offset) < 2**32:
+            raise MaskingError(f"step and row_offset must be in [0, 2**32) (got {step}, {row_offset})")
+        if verse_start is not None and verse_start.dtype != torch.bool:
+            verse_start = verse_start != 0
+        tables = self.tables(input_ids.device)
+        if self.impl(input_ids.device) == "triton":
+            from genesis.kernels.mask import connective_mask_triton
+
+            result = connective_mask_triton(input_ids, verse_start, tables, self.seed, int(step), self.rank,
+                                            int(row_offset))
+        else:
+            result = mask_torch(input_ids, verse_start, tables, self.seed, int(step), self.rank, int(row_offset),
+                                ids_checked=self.check_ids)
+        return MaskOutput(*result)
+
+    def stats(self, out: MaskOutput, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Counts as 0-d device tensors (no host sync): masked tokens, and masked words — a masked position starts
+        a word unless it glues onto a masked piece of the same connective just before it."""
+        m, c = out.mask, out.connectives
+        tables = self.tables(input_ids.device)
+        ids = input_ids.long().clamp(0, tables.vocab_size)  # invalid ids are never masked; any slot will do
+        glued = _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1])
+        word_start = m.clone()
+        word_start[:, 1:] &= ~(m[:, :-1] & (c[:, 1:] == c[:, :-1]) & glued)
+        return {"masked_tokens": m.sum(), "masked_words": word_start.sum()}
+
+    # -- reporting --------------------------------------------------------------------------------------------
+
+    def report(self) -> str:
+        """What each connective word resolved to in this tokenizer, and what did not resolve."""
+        return self.lexicon.report()
+
+    def describe(self) -> str:
+        c, lex = self.config, self.lexicon
+        n_patterns = len(lex.pattern_len)
+        if c.strategy == "uniform":
+            rule = f"p={c.mask_prob}"
+        elif c.strategy == "weighted":
+            rule = f"p={c.base_probability} x weight"
+        else:
+            rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
+        unresolved = [w for w in lex.words if w in set(lex.unresolved)] if hasattr(lex, "unresolved") else []
+        return (f"masking: {c.strategy} ({rule}) | {len(lex.words)} connectives -> {n_patterns} token patterns"
+                f"{f' | unresolved: {unresolved}' if unresolved else ''} | replacement {c.replacement} | "
+                f"seed {self.seed} | classes {', '.join(CLASSES)}")
