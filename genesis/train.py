@@ -304,9 +304,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     stats = {key: sum(s[key] for s in mask_stats).item() for key in mask_stats[0]}
                     rec["masked_fraction"] = stats["masked_tokens"] / (B * T * k)
                     rec["masked_connectives"] = stats["masked_words"]
-                    rec["connectives"] = stats["connective_words"]
-                    line += (f" | masked {100 * rec['masked_fraction']:.2f}% tok, "
-                             f"{rec['masked_connectives']}/{rec['connectives']} connectives")
+                    line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
                 if device.type == "cuda":
                     rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
                     line += f" | mem {rec['mem_gb']:.1f} GB"
