@@ -12,11 +12,14 @@ Semantics (the Triton kernel in `genesis.kernels.mask` and `mask_torch` below im
   edges count as word boundaries: the masker sees only the window, so a single-token connective in the last column
   whose word continues in the next, unseen token is still matched; a multi-token word cut by an edge is not.
 * Rules, at the match start s. verse_initial = `verse_start[b, s]` when the batch carries verse_start flags, else
-  "the token at s-1 is a verse separator" (False in column 0). clause_len = distance from s back to the nearest
-  clause-boundary token (1 right after a comma), where the row start counts as a boundary before column 0, capped
-  at `lookback`. p = prob_table[verse_initial, clause_len] (x the connective's weight for `weighted`, and for
-  `structural` with structural_weights), clamped to [0, 1]. The strategies only differ in the table:
-  uniform = mask_prob everywhere, weighted = base_probability everywhere (x weight), structural = the ordered rules.
+  "the token at s-1 is a verse separator" (False in column 0). clause_len, with clause_length="preceding" (the
+  default): skip the run of clause-boundary/verse-separator tokens just before s, then count the tokens of the
+  clause before it, back to the previous boundary, separator or row start (at most `lookback`; 0 when nothing
+  precedes); with "since_boundary": the distance from s back to the nearest clause-boundary token (1 right after a
+  comma), the row start counting as a boundary before column 0, capped at `lookback`.
+  p = prob_table[verse_initial, clause_len] (x the connective's weight for `weighted`, and for `structural` with
+  structural_weights), clamped to [0, 1]. The strategies only differ in the table: uniform = mask_prob
+  everywhere, weighted = base_probability everywhere (x weight), structural = the ordered rules.
 * Randomness. One Philox-4x32-10 draw per match, counter (s, row_offset + b, step, rank), key = seed — the same
   generator as Triton's tl.rand. A mask is thus a pure function of (seed, step, rank, row, column, tokens): it does
   not depend on the batch size, the device or the code path, and a resumed run reproduces it. Word 0 decides

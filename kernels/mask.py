@@ -198,8 +198,13 @@ def connective_mask_triton(input_ids: torch.Tensor, verse_start: torch.Tensor | 
     connectives = torch.empty((B, T), dtype=torch.int64, device=input_ids.device)
     if B == 0 or T == 0:
         return out, mask, classes, connectives
-    x = input_ids.contiguous()
-    vs = verse_start.contiguous().view(torch.uint8) if verse_start is not None else x  # x: unused placeholder
+    # rows may be strided (a (B, T) view of (B, T+1) windows): only the columns must be contiguous
+    x = input_ids if input_ids.stride(1) == 1 else input_ids.contiguous()
+    if verse_start is None:
+        vs = x  # an unused placeholder pointer
+    else:
+        vs = verse_start if verse_start.stride(1) == 1 else verse_start.contiguous()
+        vs = vs.view(torch.uint8)
     grid = (triton.cdiv(T, block), B)
     _connective_mask_kernel[grid](
         x, vs, out, mask.view(torch.int8), classes, connectives,

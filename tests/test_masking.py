@@ -198,6 +198,18 @@ def test_kernel_equals_torch_on_odd_shapes_and_dtypes(tok, shape, dtype):
 
 
 @needs_kernel
+def test_kernel_reads_strided_rows(tok, kjv_rows):
+    """The trainer's inputs are (B, T) views of (B, T+1) windows: the kernel reads them in place."""
+    masker = make_masker(tok, strategy="structural")
+    window, flags = kjv_rows[0][:2, :301], kjv_rows[1][:2, :301]
+    x, vs = window[:, :-1], flags[:, :-1]
+    assert not x.is_contiguous()
+    expected = torch_path(masker, x.contiguous(), 4, vs.contiguous())
+    assert_same(kernel(masker, x, 4, vs, block=128), expected)
+    assert_same(torch_path(masker, x, 4, vs), expected)
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_block_size(tok, kjv_rows):
     masker = make_masker(tok, strategy="structural")
     x, vs = kjv_rows[0][:1, :500].contiguous(), kjv_rows[1][:1, :500].contiguous()
