@@ -47,7 +47,7 @@ import torch
 
 from genesis.config import MaskingConfig, _Invalid, build, to_dict
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
-from genesis.tokenizer import as_tokenizers, find_mask_id, special_ids
+from genesis.tokenizer import find_mask_id
 
 IGNORE_INDEX = -100
 GLUE_LEFT, WORD_END, CLAUSE_BOUNDARY, VERSE_SEPARATOR = 1, 2, 4, 8
@@ -130,8 +130,9 @@ def compile_prob_table(cfg: MaskingConfig) -> tuple[torch.Tensor, bool]:
     return cells.flatten(), cfg.structural_weights
 
 
-def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int, specials: set[int]) -> MaskTables:
+def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> MaskTables:
     V, L = lex.vocab_size, lex.max_pieces
+    specials = set(np.flatnonzero(lex.special).tolist())
 
     def per_vocab(arr, dtype, fill) -> torch.Tensor:  # V entries + the neutral slot
         out = torch.full((V + 1,), fill, dtype=dtype)
@@ -145,7 +146,7 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int, special
     first = per_vocab(lex.first_pattern, torch.int64, -1)
     count = per_vocab(lex.pattern_count, torch.int64, 0)
     # special tokens (and the mask token) never start a match
-    never = sorted(i for i in (set(specials) | {mask_id}) if 0 <= i < V)
+    never = sorted(i for i in specials | {mask_id} if 0 <= i < V)
     first[never], count[never] = -1, 0
     # keep every table non-empty so the kernel always has a valid pointer
     P = max(1, len(lex.pattern_len))
@@ -169,7 +170,7 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int, special
     weight[: len(lex.words)] = torch.as_tensor(lex.entry_weight).float()
     klass[: len(lex.words)] = torch.as_tensor(lex.entry_class).long()
     prob_table, use_weight = compile_prob_table(cfg)
-    pool = torch.tensor(sorted(set(range(V)) - set(specials) - {mask_id}), dtype=torch.int64)
+    pool = torch.tensor(sorted(set(range(V)) - specials - {mask_id}), dtype=torch.int64)
     if pool.numel() == 0:
         raise MaskingError("the tokenizer has no non-special tokens to draw random replacements from")
     return MaskTables(
@@ -463,14 +464,13 @@ class MaskOutput:
 class ConnectiveMasker:
     """Masks logical connectives in (B, T) token batches on the batch's device. See the module docstring."""
 
-    def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, specials: set[int],
-                 seed: int = 0, rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print):
+    def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, seed: int = 0, rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print):
         if not 0 <= seed < 2**63:
             raise MaskingError(f"seed must be in [0, 2**63) (got {seed})")
         self.lexicon, self.config, self.seed, self.rank = lexicon, config, int(seed), int(rank)
         self.check_ids, self.log = check_ids, log
         self.mask_id = mask_id
-        self._host_tables = build_tables(lexicon, config, mask_id, specials)
+        self._host_tables = build_tables(lexicon, config, mask_id)
         self._tables: dict[torch.device, MaskTables] = {}
         self._impl: dict[torch.device, str] = {}
 
@@ -492,15 +492,12 @@ class ConnectiveMasker:
         connectives: dict[str, tuple[float, str]] = dict(DEFAULT_CONNECTIVES) if cfg.default_connectives else {}
         for word, entry in cfg.connectives.items():
             connectives[word.lower()] = (entry.weight, entry.cls)
-        tok = as_tokenizers(tokenizer)
         lex = resolve(tokenizer, connectives, clause_punctuation=cfg.clause_punctuation,
                       verse_separator=cfg.verse_separator)
         mask_id = find_mask_id(tokenizer, mask_token)
         if seed is None:
             seed = cfg.seed if cfg.seed is not None else 0
-        specials = special_ids(tokenizer)
-        del tok
-        return cls(lex, cfg, mask_id, specials, seed=seed, rank=rank, check_ids=check_ids, log=log)
+        return cls(lex, cfg, mask_id, seed=seed, rank=rank, check_ids=check_ids, log=log)
 
     # -- tables and dispatch ----------------------------------------------------------------------------------
 
@@ -595,7 +592,7 @@ class ConnectiveMasker:
             rule = f"p={c.base_probability} x weight"
         else:
             rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
-        unresolved = [w for w in lex.words if w in set(lex.unresolved)] if hasattr(lex, "unresolved") else []
+        unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""
         return (f"masking: {c.strategy} ({rule}) | {len(lex.words)} connectives -> {n_patterns} token patterns"
-                f"{f' | unresolved: {unresolved}' if unresolved else ''} | replacement {c.replacement} | "
+                f"{unresolved} | replacement {c.replacement} | "
                 f"seed {self.seed} | classes {', '.join(CLASSES)}")
