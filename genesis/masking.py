@@ -80,6 +80,7 @@ class MaskTables:
     clause_stop: torch.Tensor  # (V+1,) bool: clause_boundary | verse_separator (where a preceding clause stops)
     starts_pattern: torch.Tensor  # (V+1,) bool: some pattern starts with this token
     starts_multi: torch.Tensor  # (V+1,) bool: some pattern of two or more tokens starts with this token
+    multi_prefix: torch.Tensor  # (K,) int64, sorted: first * (V + 1) + second token of every longer pattern
     first_pattern: torch.Tensor  # (V+1,) int64: first pattern starting with this token, or -1
     pattern_count: torch.Tensor  # (V+1,) int64: patterns starting with this token (contiguous, longest first)
     single_entry: torch.Tensor  # (V+1,) int64: entry of the first 1-token pattern of this token, or -1
@@ -165,6 +166,8 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
                 starts_multi[v] = True
             elif single[v] < 0:
                 single[v] = pattern_entry[p]
+    longer = patterns[pattern_len > 1]
+    multi_prefix = torch.unique(longer[:, 0] * (V + 1) + longer[:, 1]) if len(longer) else torch.full((1,), -1)
     E = max(1, len(lex.words))
     weight, klass = torch.zeros(E, dtype=torch.float32), torch.zeros(E, dtype=torch.int64)
     weight[: len(lex.words)] = torch.as_tensor(lex.entry_weight).float()
@@ -176,7 +179,7 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
     return MaskTables(
         token_flags=flags, glue_left=glue, word_end=wend, clause_boundary=boundary, verse_separator=separator,
         clause_stop=boundary | separator,
-        starts_pattern=first >= 0, starts_multi=starts_multi, first_pattern=first, pattern_count=count, single_entry=single,
+        starts_pattern=first >= 0, starts_multi=starts_multi, multi_prefix=multi_prefix, first_pattern=first, pattern_count=count, single_entry=single,
         patterns=patterns, pattern_len=pattern_len, pattern_entry=pattern_entry, entry_weight=weight,
         entry_class=klass, prob_table=prob_table, random_pool=pool, vocab_size=V, mask_id=mask_id,
         lookback=cfg.lookback, max_pieces=L, max_per_token=max(1, int(count.max())),
@@ -271,141 +274,178 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
-def _clause_lengths(ids: torch.Tensor, s: torch.Tensor, col: torch.Tensor, tables: MaskTables) -> torch.Tensor:
-    """clause_len at each match start, from running "last stop at or before i" indices over the whole batch (two
-    cummax passes), then gathers at the starts. Row starts clamp every look-back, exactly as the kernel's scans.
+def _last_before(sorted_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Index into `sorted_pos` of its last entry < pos (-1 where there is none)."""
+    return torch.searchsorted(sorted_pos, pos) - 1
 
+
+def _clause_lengths(ids: torch.Tensor, s: torch.Tensor, col: torch.Tensor, tables: MaskTables) -> torch.Tensor:
+    """clause_len at each match start, from the sorted positions of the batch's stop tokens (one lookup and one
+    compaction over the batch, then binary searches per start). Row starts clamp every look-back, exactly as the
+    kernel's bounded scans do.
+
+    since_boundary: the distance back to the nearest clause-boundary token, the row start counting as one, capped.
     preceding: skip the run of boundary/separator tokens just before the start (0 if it reaches `lookback` tokens
-    or the row start), then count the clause tokens before it back to the previous stop or the row start.
-    since_boundary: the distance back to the nearest clause-boundary token, the row start counting as one."""
+    or the row start), then count the clause tokens before it back to the previous stop or the row start, capped."""
     lookback = tables.lookback
-    index = torch.arange(ids.numel(), device=ids.device)
     row_start = s - col
-    prev = (s - 1).clamp(min=0)
-    if tables.preceding_clause:
-        stop = _take(tables.clause_stop, ids)
-        last_stop = torch.cummax(torch.where(stop, index, -1), 0).values
-        last_open = torch.cummax(torch.where(stop, -1, index), 0).values
-        end = torch.where(col > 0, _take(last_open, prev), -1)  # last token of the preceding clause
-        counted = (end >= row_start) & (s - 1 - end < lookback)
-        before = torch.maximum(_take(last_stop, end.clamp(min=0)), row_start - 1)
-        return torch.where(counted, torch.clamp(end - before, max=lookback), 0)
-    boundary = _take(tables.clause_boundary, ids)
-    last_boundary = torch.cummax(torch.where(boundary, index, -1), 0).values
-    before = torch.maximum(torch.where(col > 0, _take(last_boundary, prev), -1), row_start - 1)
-    return torch.clamp(s - before, max=lookback)
+    if not tables.preceding_clause:
+        stops = _flatnonzero(tables.clause_boundary.index_select(0, ids))
+        i = _last_before(stops, s)
+        before = torch.where(i >= 0, stops.index_select(0, i.clamp(min=0)), -1)
+        return torch.clamp(s - torch.maximum(before, row_start - 1), max=lookback)
+    stops = _flatnonzero(tables.clause_stop.index_select(0, ids))
+    if stops.numel() == 0:
+        return torch.clamp(col, max=lookback)  # no stop anywhere: the clause runs back to the row start
+    # stops[k] - k is the same for every stop of a run of consecutive positions, and non-decreasing: a binary
+    # search for it finds the first stop of the run
+    run_key = stops - torch.arange(stops.numel(), device=ids.device)
+    i = _last_before(stops, s)
+    i_safe = i.clamp(min=0)
+    adjacent = (i >= 0) & (stops.index_select(0, i_safe) == s - 1)  # a stop run ends right before the start
+    first = torch.searchsorted(run_key, run_key.index_select(0, i_safe))
+    end = torch.where(adjacent, stops.index_select(0, first) - 1, s - 1)  # last token of the preceding clause
+    j = torch.where(adjacent, first - 1, i)  # last stop before `end`
+    before = torch.maximum(torch.where(j >= 0, stops.index_select(0, j.clamp(min=0)), -1), row_start - 1)
+    counted = (end >= row_start) & (s - 1 - end < lookback)
+    return torch.where(counted, torch.clamp(end - before, max=lookback), 0)
 
 
 def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables: MaskTables, seed: int, step: int,
                rank: int = 0, row_offset: int = 0, ids_checked: bool = False):
     """Same signature and semantics as `genesis.kernels.mask.connective_mask_triton`; bit-identical results.
 
-    Work is done per connective, not per token: one table lookup and one compaction over the batch find the
-    candidate starts (~4% of KJV tokens), and everything else — word runs, pattern checks, rules, Philox — runs on
-    the candidates only. A pattern's pieces glue onto each other, so a pattern of length k matches at a start
-    exactly when the start is not glued to its left, the word run there (the start plus the glued tokens after
-    it) is k tokens long, and the tokens agree. Most words are one token: those need one lookup, no comparison."""
+    Work is done per connective, not per token: a handful of passes over the batch (the output copies, one table
+    lookup and one compaction for candidate starts, one more for clause stops under `structural`), then everything
+    else — word checks, pattern checks, rules, Philox — runs on the candidates (~4% of KJV tokens). On the CPU the
+    cost is per op, not per element, so the candidate stage is written to use few ops. A pattern's pieces glue onto
+    each other, so a pattern of length k matches at a start exactly when the start is not glued to its left, the
+    word run there (the start plus the glued tokens after it) is k tokens long, and the tokens agree. Most words
+    are one token: those need one lookup, no comparison."""
     B, T = input_ids.shape
     device = input_ids.device
-    out = input_ids.clone()
+    out = input_ids.clone(memory_format=torch.contiguous_format)
     mask = torch.zeros((B, T), dtype=torch.bool, device=device)
     classes = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device)
     connectives = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device)
     N = B * T
     if N == 0:
         return out, mask, classes, connectives
-    V, L, LB = tables.vocab_size, tables.max_pieces, tables.lookback
-    ids = input_ids.reshape(-1).long()
-    if not ids_checked:  # invalid ids map to the neutral slot V: no flags, no patterns
-        ids = torch.where((ids >= 0) & (ids < V), ids, V)
+    V, L = tables.vocab_size, tables.max_pieces
+    ids = out.view(-1) if out.dtype == torch.int64 else out.view(-1).long()  # read before any write to `out`
+    if not ids_checked:  # invalid ids map to the neutral slot V (no flags, no patterns): -1 and V both land on V
+        ids = ids.clamp(-1, V).remainder_(V + 1)
 
-    # 1. candidate starts: tokens that begin some pattern and do not glue onto their left neighbour
-    s = _flatnonzero(_take(tables.starts_pattern, ids))
+    # 1. candidate starts, their neighbours, and one-token words (almost all): one lookup, no comparison
+    s = _flatnonzero(tables.starts_pattern.index_select(0, ids))
     if s.numel() == 0:
         return out, mask, classes, connectives
     col = s % T
-    tok = _take(ids, s)
-    glued = (col > 0) & _take(tables.glue_left, tok) & _take(tables.word_end, _take(ids, (s - 1).clamp(min=0)))
-    keep = _flatnonzero(~glued)
-    s, col, tok = s[keep], col[keep], tok[keep]
-
-    # 2. one-token words (almost all) need one lookup; a start whose next token glues onto it begins a longer word
-    glues_next = (col + 1 < T) & _take(tables.word_end, tok) & _take(tables.glue_left, _take(ids, (s + 1).clamp(max=N - 1)))
-    entry = torch.where(glues_next, -1, _take(tables.single_entry, tok))
-    plen = torch.ones_like(s)
-    multi = _flatnonzero(glues_next & _take(tables.starts_multi, tok))
+    around = ids.index_select(0, (s + _NEIGHBOURS.to(device)).clamp_(0, N - 1).view(-1)).view(3, -1)  # prev, tok, next
+    glue = tables.glue_left.index_select(0, around.view(-1)).view(3, -1)
+    wend = tables.word_end.index_select(0, around.view(-1)).view(3, -1)
+    tok = around[1]
+    left_glued = glue[1] & wend[0] & (col > 0)
+    glues_next = glue[2] & wend[1] & (col + 1 < T)
+    entry = torch.where(left_glued | glues_next, -1, tables.single_entry.index_select(0, tok))
+    plen = None  # every match is one token long unless a longer word matched below
+    multi = _flatnonzero(glues_next & ~left_glued & tables.starts_multi.index_select(0, tok))
+    if multi.numel():  # keep the starts whose first two tokens begin some longer pattern (few survive)
+        pair = tok.index_select(0, multi) * (V + 1) + around[2].index_select(0, multi)
+        multi = multi[torch.isin(pair, tables.multi_prefix)]
     if multi.numel():
-        # word run: 1 + the glued tokens after the start, counted up to L + 1 (longer than any pattern)
-        r = torch.arange(L + 1, device=device)
-        m_s, m_tok = s[multi], tok[multi]
-        window = _take(ids, (m_s.unsqueeze(1) + r).clamp(max=N - 1))  # (nm, L+1)
-        in_row = col[multi].unsqueeze(1) + r < T
-        attached = in_row[:, 1:] & _take(tables.glue_left, window[:, 1:]) & _take(tables.word_end, window[:, :-1])
-        run = 1 + attached.to(torch.int8).cumprod(1).sum(1)  # (nm,)
-        q = torch.arange(tables.max_per_token, device=device)
-        pidx = _take(tables.first_pattern, m_tok).unsqueeze(1) + q  # (nm, Q)
-        live = q < _take(tables.pattern_count, m_tok).unsqueeze(1)
-        pidx = torch.where(live, pidx, 0)
-        live &= _take(tables.pattern_len, pidx) == run.unsqueeze(1)
-        pieces = _take(tables.patterns, pidx)  # (nm, Q, L)
-        same = (pieces == window[:, :L].unsqueeze(1)) | (r[:L] >= run.view(-1, 1, 1))
-        live &= same.all(2)
-        first_hit = live.to(torch.int8).argmax(1)  # at most one pattern can match; take it
-        hit_entry = _take(tables.pattern_entry, pidx.gather(1, first_hit.unsqueeze(1)).squeeze(1))
-        entry[multi] = torch.where(live.any(1), hit_entry, -1)
-        plen[multi] = run.long()
+        entry, plen = _match_longer_words(ids, s, col, tok, entry, multi, tables, T)
+
+    # 2. keep the matches
     hit = _flatnonzero(entry >= 0)
     if hit.numel() == 0:
         return out, mask, classes, connectives
-    s, col, entry, plen = s[hit], col[hit], entry[hit], plen[hit]
+    s, col, entry = s.index_select(0, hit), col.index_select(0, hit), entry.index_select(0, hit)
+    if plen is not None:
+        plen = plen.index_select(0, hit)
 
     # 3. the probability at each match start
     if tables.use_cells:
         if verse_start is not None:
-            verse_initial = _take(verse_start.reshape(-1), s)
+            verse_initial = verse_start.reshape(-1).index_select(0, s)
         else:
-            verse_initial = (col > 0) & _take(tables.verse_separator, _take(ids, (s - 1).clamp(min=0)))
-        clause_len = _clause_lengths(ids, s, col, tables)
-        prob = _take(tables.prob_table, verse_initial.long() * (LB + 1) + clause_len)
+            prev = around[0].index_select(0, hit)
+            verse_initial = tables.verse_separator.index_select(0, prev) & (col > 0)
+        cell = verse_initial.long() * (tables.lookback + 1) + _clause_lengths(ids, s, col, tables)
+        prob = tables.prob_table.index_select(0, cell)
     else:
         prob = tables.prob_table[1].expand(s.shape)
     if tables.use_weight:
-        prob = prob * _take(tables.entry_weight, entry)
+        prob = prob * tables.entry_weight.index_select(0, entry)
     prob = prob.clamp(0.0, 1.0)
 
     # 4. one draw per match
     row = s // T + row_offset
-    step_word, rank_word = torch.full_like(col, step & MASK32), torch.full_like(col, rank & MASK32)
-    w0, w1, _, _ = philox4x32(seed, col, row, step_word, rank_word)
+    w0, w1, _, _ = philox4x32(seed, col, row, torch.full_like(col, step & MASK32), torch.full_like(col, rank & MASK32))
     chosen = _flatnonzero(uniform_from_bits(w0) < prob)
     if chosen.numel() == 0:
         return out, mask, classes, connectives
-    s, col, plen, entry, row, w1 = s[chosen], col[chosen], plen[chosen], entry[chosen], row[chosen], w1[chosen]
+    s, entry = s.index_select(0, chosen), entry.index_select(0, chosen)
 
     # 5. write every piece of every chosen word
-    if L > 1:
-        piece = torch.nonzero(torch.arange(L, device=device) < plen.unsqueeze(1))  # (k, 2): (word, piece index)
-        owner, offset = piece[:, 0], piece[:, 1]
+    if plen is None:
+        pos, owner = s, None
     else:
-        owner, offset = torch.arange(s.numel(), device=device), torch.zeros_like(s)
-    pos = s[owner] + offset
+        pieces = torch.nonzero(torch.arange(L, device=device) < plen.index_select(0, chosen).unsqueeze(1))
+        owner = pieces[:, 0]
+        pos = s.index_select(0, owner) + pieces[:, 1]
     flat_out = out.view(-1)
     if tables.bert:
-        choice = uniform_from_bits(w1)[owner]
-        _, _, w2, _ = philox4x32(seed, col[owner] + offset, row[owner], torch.full_like(pos, step & MASK32),
-                                 torch.full_like(pos, rank & MASK32))
-        random_tok = _take(tables.random_pool, w2 % tables.random_pool.numel())
-        original = flat_out[pos].long()
+        col, row, w1 = col.index_select(0, chosen), row.index_select(0, chosen), w1.index_select(0, chosen)
+        if owner is not None:
+            col, row, w1 = col.index_select(0, owner) + (pos - s.index_select(0, owner)), row.index_select(0, owner), \
+                w1.index_select(0, owner)
+        choice = uniform_from_bits(w1)
+        _, _, w2, _ = philox4x32(seed, col, row, torch.full_like(pos, step & MASK32), torch.full_like(pos, rank & MASK32))
+        random_tok = tables.random_pool.index_select(0, w2 % tables.random_pool.numel())
+        original = flat_out.index_select(0, pos).long()
         p_mask = torch.tensor(tables.p_mask, dtype=torch.float32, device=device)
         p_mask_or_random = torch.tensor(tables.p_mask_or_random, dtype=torch.float32, device=device)
         new = torch.where(choice < p_mask, tables.mask_id, torch.where(choice < p_mask_or_random, random_tok, original))
         flat_out[pos] = new.to(flat_out.dtype)
     else:
         flat_out[pos] = tables.mask_id
+    if owner is not None:
+        entry = entry.index_select(0, owner)
     mask.view(-1)[pos] = True
-    classes.view(-1)[pos] = _take(tables.entry_class, entry)[owner]
-    connectives.view(-1)[pos] = entry[owner]
+    classes.view(-1)[pos] = tables.entry_class.index_select(0, entry)
+    connectives.view(-1)[pos] = entry
     return out, mask, classes, connectives
+
+
+_NEIGHBOURS = torch.tensor([[-1], [0], [1]])
+
+
+def _match_longer_words(ids, s, col, tok, entry, multi, tables: MaskTables, T: int):
+    """Patterns of two or more tokens at the starts `multi` (rare): measure the word run there (the start plus the
+    glued tokens after it, counted up to L + 1, longer than any pattern) and compare it with the patterns of the
+    start's token of exactly that length. Returns the updated entries and the match lengths of all starts."""
+    device, L, N = ids.device, tables.max_pieces, ids.numel()
+    r = torch.arange(L + 1, device=device)
+    m_s, m_tok = s.index_select(0, multi), tok.index_select(0, multi)
+    window = _take(ids, (m_s.unsqueeze(1) + r).clamp(max=N - 1))  # (nm, L+1)
+    in_row = col.index_select(0, multi).unsqueeze(1) + r < T
+    attached = in_row[:, 1:] & _take(tables.glue_left, window[:, 1:]) & _take(tables.word_end, window[:, :-1])
+    run = 1 + attached.to(torch.int8).cumprod(1).sum(1)  # (nm,)
+    q = torch.arange(tables.max_per_token, device=device)
+    pidx = _take(tables.first_pattern, m_tok).unsqueeze(1) + q  # (nm, Q)
+    live = q < _take(tables.pattern_count, m_tok).unsqueeze(1)
+    pidx = torch.where(live, pidx, 0)
+    live &= _take(tables.pattern_len, pidx) == run.unsqueeze(1)
+    pieces = _take(tables.patterns, pidx)  # (nm, Q, L)
+    live &= ((pieces == window[:, :L].unsqueeze(1)) | (r[:L] >= run.view(-1, 1, 1))).all(2)
+    first_hit = live.to(torch.int8).argmax(1)  # at most one pattern can match; take it
+    hit_entry = _take(tables.pattern_entry, pidx.gather(1, first_hit.unsqueeze(1)).squeeze(1))
+    entry = entry.clone()
+    entry[multi] = torch.where(live.any(1), hit_entry, -1)
+    plen = torch.ones_like(s)
+    plen[multi] = run.long()
+    return entry, plen
 
 
 # ----------------------------------------------------------------------------------------------------------------
