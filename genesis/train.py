@@ -58,6 +58,10 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{cfg.source}: training.device: {want!r} requested but CUDA is not available")
     device = torch.device(want)
+    if device.type == "cpu":
+        # Denormal floats (tiny AdamW moments late in a run) cost x86 CPUs up to 10x per step: a cpu.toml step took
+        # 4.3 s instead of 0.45 s on a 2-core machine, with the same losses. Flush them to zero.
+        torch.set_flush_denormal(True)
     if device.type == "cpu" and t.expected_device == "cuda":
         warn(f"{cfg.source} is sized for a CUDA GPU and none is in use: running on the CPU in fp32 "
              f"without torch.compile (slow). For a CPU-sized run use --config cpu.toml")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from genesis.lexicon import DEFAULT_CONNECTIVES, find_matches
-from genesis.masking import (ConnectiveMasker, MaskingError, choose_impl, mask_torch, philox4x32,
+from genesis.masking import (ConnectiveMasker, MaskingError, choose_impl, clause_length, mask_torch, philox4x32,
                              uniform_from_bits)
 
 from .helpers import ROOT
@@ -269,22 +269,7 @@ def reference_cells(row, verse_start, lex, lookback, mode="preceding"):
             verse_initial = bool(verse_start[start])
         else:
             verse_initial = start > 0 and bool(sep[row[start - 1]])
-        if mode == "since_boundary":
-            distance = start + 1  # the row start counts as a boundary before column 0
-            for back in range(1, start + 1):
-                if boundary[row[start - back]]:
-                    distance = back
-                    break
-            clause_len = min(distance, lookback)
-        else:  # the clause before the connective, after skipping the punctuation/newline run just before it
-            stops = [bool(boundary[t] or sep[t]) for t in row[:start]][::-1]  # nearest first
-            skipped = 0
-            while skipped < len(stops) and stops[skipped] and skipped < lookback:
-                skipped += 1
-            clause_len = 0
-            if skipped < lookback:
-                while skipped + clause_len < len(stops) and not stops[skipped + clause_len] and clause_len < lookback:
-                    clause_len += 1
+        clause_len = clause_length(row, start, boundary, sep, lookback, mode)
         out.append((start, length, entry, verse_initial, clause_len))
     return out
 
@@ -317,6 +302,24 @@ def test_structural_cells_follow_the_documented_semantics(tok, kjv_rows, rules, 
     assert torch.equal(out.mask, expected)
     if mode == "preceding":  # every rule is reachable on the KJV (with since_boundary, rule 1 never fires)
         assert expected.any() and (~expected).any()
+
+
+def test_clause_length_reference():
+    """The plain statement of the two modes on hand-made rows: 1 = ',', 2 = '\\n', everything else a word."""
+    boundary = np.zeros(10, dtype=bool)
+    boundary[1] = True
+    separator = np.zeros(10, dtype=bool)
+    separator[2] = True
+    row = [5, 5, 5, 1, 5, 5, 1, 2, 7, 5, 5]  # w w w , w w , \n For w w
+    assert clause_length(row, 8, boundary, separator, 30) == 2  # skips ", \n", counts the two words before
+    assert clause_length(row, 8, boundary, separator, 30, "since_boundary") == 2  # distance to the ','
+    assert clause_length(row, 9, boundary, separator, 30) == 1  # mid-clause: the clause so far ("For")
+    assert clause_length(row, 3, boundary, separator, 30) == 3  # back to the row start
+    assert clause_length(row, 0, boundary, separator, 30) == 0  # nothing before
+    assert clause_length(row, 0, boundary, separator, 30, "since_boundary") == 1
+    assert clause_length([5] * 50, 45, boundary, separator, 30) == 30  # capped
+    assert clause_length([1] * 40 + [5], 40, boundary, separator, 30) == 0  # a stop run of >= lookback tokens
+    assert clause_length([5] * 50, 45, boundary, separator, 30, "since_boundary") == 30
 
 
 def test_probability_tables(tok):

@@ -1,0 +1,532 @@
+"""Compare masking strategies: train each over several seeds, evaluate every run, write a Markdown report.
+
+    python -m genesis.compare                        # CPU defaults, sized for <= 30 min on 2 cores (see DEFAULTS)
+    python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
+    python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
+
+Every run lives in OUT/runs/<strategy>-seed<seed>/: a normal `genesis.train` run directory (trained in-process with
+`genesis.train.train`) plus run.json (its settings), train.done (written when training finished) and eval.json
+(`genesis.evaluate`'s result, written atomically when the evaluation finished). Rerunning the same command skips
+what is done and resumes a run whose training was interrupted from its checkpoint; a run directory holding other
+settings is an error, never silently reused. The report goes to OUT/report.md (or --report).
+
+Statistics, per metric: the mean over seeds with a 95% t-interval (seeds are the replicates). Against the baseline
+strategy (no masking), a paired bootstrap over cloze items: each item's credit is averaged over seeds, items are
+resampled with replacement (the same draw for both strategies), and the 2.5/97.5 percentiles give the intervals of
+the difference in cloze accuracy (whole-verse score) and of the relative improvement. The design notes' rule
+"> 5% improvement over the unmasked baseline -> proceed" is read as a relative improvement: proceed when the
+interval of `accuracy - 1.05 x baseline accuracy` lies above 0 (for a baseline above 0: the relative improvement's
+interval lies above +5%), do not proceed when it lies at or below 0, inconclusive when it straddles 0. A second
+interval resamples seeds (paired: the same seed means the same initialisation and batches) and then items, so
+training noise counts too; it is reported next to the decision, not used for it.
+
+Adding a strategy is one line in STRATEGIES: a name and the --set overrides that define it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genesis.config import ConfigError, load_config, to_toml
+from genesis.corpus import CorpusError
+from genesis.evaluate import EvalContext, EvalError, evaluate_checkpoint, flushed_denormals, write_json
+from genesis.tokenizer import TokenizerError
+from genesis.train import CHECKPOINT, RunError, train
+
+# name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
+STRATEGIES: dict[str, tuple[str, ...]] = {
+    "none": ("masking.enabled=false",),
+    "uniform": ("masking.enabled=true", "masking.strategy=uniform"),
+    "weighted": ("masking.enabled=true", "masking.strategy=weighted"),
+    "structural": ("masking.enabled=true", "masking.strategy=structural"),
+}
+BASELINE = next(iter(STRATEGIES))
+PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
+
+# CPU defaults, measured on the 2-core dev machine (denormals flushed, see main): a cpu.toml step takes ~0.47 s, so
+# a 120-step run trains in ~65 s, and its evaluation (next-token on all ~1,130 held-out slots, 300 cloze items x
+# 26 candidates) takes ~30 s: 4 strategies x 3 seeds in ~20 min, with room for a busy machine. Held-out loss is
+# evaluated once, at the end (training.eval_every=0 saves ~10 s a run). More steps, seeds or items: pass them, and
+# expect proportionally longer.
+DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,
+            "max_items": 300, "context_verses": 0, "bootstrap": 2000}
+RUN_OVERRIDES = ("training.eval_every=0",)  # applied to every run before the user's --set, so --set can undo them
+
+# Two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); 1.96 beyond 30.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+class CompareError(Exception):
+    """A problem with the comparison's settings or its output directory, phrased as one line."""
+
+
+def t_quantile(df: int) -> float:
+    if df > 30:
+        return 1.96
+    return T_975[max(k for k in T_975 if k <= df)]  # conservative between table entries
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): a 95% t-interval over replicates; low = high = mean for a single value."""
+    x = np.asarray(values, dtype=np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, m, m
+    half = t_quantile(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return m, m - half, m + half
+
+
+@dataclass
+class BootstrapResult:
+    diff: float  # strategy - baseline, accuracy (fraction)
+    diff_ci: tuple[float, float]
+    relative: float  # strategy / baseline - 1
+    relative_ci: tuple[float, float]
+    seeds_relative_ci: tuple[float, float]  # seeds and items resampled
+    decision: str
+
+
+def paired_bootstrap(strategy: np.ndarray, baseline: np.ndarray, samples: int = 2000, seed: int = 0,
+                     threshold: float = PROCEED_AT) -> BootstrapResult:
+    """strategy, baseline: (seeds, items) credits, columns paired by item, rows paired by seed (equal counts).
+
+    The decision reads the interval of the margin `strategy - (1 + threshold) * baseline`: proceed when it lies
+    above 0, do not proceed when it lies at or below 0, inconclusive when it straddles 0. For a baseline above 0
+    that is the relative improvement's interval against +threshold; for a baseline at 0 it still answers."""
+    if strategy.shape != baseline.shape:
+        raise ValueError(f"unpaired credits: {strategy.shape} vs {baseline.shape}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    n_seeds, n_items = strategy.shape
+    x, b = strategy.mean(axis=0), baseline.mean(axis=0)  # per item, averaged over seeds
+    items = rng.integers(0, n_items, size=(samples, n_items))
+    xs, bs = x[items].mean(axis=1), b[items].mean(axis=1)
+    seed_rows = rng.integers(0, n_seeds, size=(samples, n_seeds))
+    items2 = rng.integers(0, n_items, size=(samples, n_items))
+    xs2 = strategy[seed_rows[:, :, None], items2[:, None, :]].mean(axis=(1, 2))
+    bs2 = baseline[seed_rows[:, :, None], items2[:, None, :]].mean(axis=(1, 2))
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        if not np.isfinite(values).all():
+            return float("nan"), float("nan")
+        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = float(x.mean() / b.mean() - 1) if b.mean() > 0 else float("nan")
+        rel_ci, rel2_ci = interval(xs / bs - 1), interval(xs2 / bs2 - 1)
+    margin_low, margin_high = interval(xs - (1 + threshold) * bs)
+    if margin_low > 0:
+        decision = "proceed"
+    elif margin_high <= 0:
+        decision = "do not proceed"
+    else:
+        decision = "inconclusive"
+    return BootstrapResult(float(x.mean() - b.mean()), interval(xs - bs), relative, rel_ci, rel2_ci, decision)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class RunSpec:
+    strategy: str
+    seed: int
+    overrides: list[str]
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-seed{self.seed}"
+
+
+class Tee:
+    """Writes to several streams: training logs go to the terminal and to the run's train.log."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def last_heldout_loss(done: dict, run_dir: Path) -> float:
+    """From the training summary, else the last eval record of metrics.jsonl (a resumed run that had nothing left
+    to train logs no new evaluation)."""
+    if "last_heldout_loss" in done["summary"]:
+        return done["summary"]["last_heldout_loss"]
+    loss = float("nan")
+    try:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "eval":
+                loss = record["heldout_loss"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    return loss
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise CompareError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
+    if BASELINE not in strategies:
+        strategies.insert(0, BASELINE)  # every comparison is against the unmasked baseline
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise CompareError(f"--seeds: expected comma-separated integers (got {args.seeds!r})") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CompareError(f"--seeds: expected distinct integers (got {args.seeds!r})")
+    common = [*RUN_OVERRIDES, *args.set]
+    if args.steps:
+        common.append(f"training.steps={args.steps}")
+    runs = []
+    for strategy in strategies:
+        for seed in seeds:
+            overrides = [*common, *STRATEGIES[strategy], f"training.seed={seed}"]
+            runs.append(RunSpec(strategy, seed, overrides, Path(args.out) / "runs" / f"{strategy}-seed{seed}"))
+    return runs
+
+
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_items": args.max_items, "context_verses": args.context_verses, "corpus": args.corpus}
+
+
+def check_run_dir(spec: RunSpec, args: argparse.Namespace):
+    """The run's Config; the run directory is claimed for these settings (run.json), or must already hold them."""
+    cfg = load_config(args.config, None, spec.overrides)
+    fingerprint = _fingerprint(to_toml(cfg))
+    info_path = spec.run_dir / "run.json"
+    info = _read_json(info_path)
+    if info is not None and info.get("fingerprint") != fingerprint:
+        raise CompareError(f"{spec.run_dir}: holds a run with other settings; use another --out (or remove it)")
+    if info is None:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json({"strategy": spec.strategy, "seed": spec.seed, "overrides": spec.overrides,
+                    "fingerprint": fingerprint}, info_path)
+    return cfg
+
+
+def train_run(spec: RunSpec, cfg) -> dict:
+    """Train one run, resuming from its checkpoint if an earlier invocation was interrupted; returns the record
+    written to train.done (the marker that makes later invocations skip it)."""
+    resume = (spec.run_dir / CHECKPOINT).is_file()
+    t0 = time.time()
+    with (spec.run_dir / "train.log").open("a") as logfile, redirect_stdout(Tee(sys.stdout, logfile)):
+        summary = train(cfg, spec.run_dir, resume=resume)
+    done = {"summary": summary, "train_s": round(time.time() - t0, 1), "resumed": resume}
+    done["summary"]["last_heldout_loss"] = last_heldout_loss(done, spec.run_dir)
+    write_json(done, spec.run_dir / "train.done")
+    return done
+
+
+def evaluate_run(spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | None) -> tuple[dict, EvalContext | None]:
+    """Evaluate one trained run (or reuse its eval.json); the context is shared between runs."""
+    path = spec.run_dir / "eval.json"
+    settings = eval_settings(args)
+    old = _read_json(path)
+    if old is not None and old.get("compare_settings") == settings:
+        return old, ctx
+    t0 = time.time()
+    result, ctx = evaluate_checkpoint(spec.run_dir / CHECKPOINT, args.corpus, "heldout", args.max_items,
+                                      args.context_verses, args.device, args.batch_tokens, progress=True, ctx=ctx)
+    result["compare_settings"] = settings
+    result["eval_s"] = round(time.time() - t0, 1)
+    write_json(result, path)
+    return result, ctx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _credits(result: dict, scorer: str) -> dict[str, float]:
+    return {item["id"]: item["credit"][scorer] for item in result["items"]["cloze"]}
+
+
+def _fmt_ci(m: float, lo: float, hi: float, scale: float = 100.0, digits: int = 1, bounds=None) -> str:
+    if bounds is not None:  # an accuracy's t-interval can leave [0, 1] with few seeds; the truth cannot
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    if lo == hi == m:
+        return f"{scale * m:.{digits}f}"
+    return f"{scale * m:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def _pct_interval(ci: tuple[float, float], signed: bool = True) -> str:
+    if any(math.isnan(v) for v in ci):
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"[{100 * ci[0]:{sign}.1f}%, {100 * ci[1]:{sign}.1f}%]"
+
+
+def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
+                 args: argparse.Namespace, command: str, wall_s: float) -> str:
+    strategies = list(dict.fromkeys(r.strategy for r in runs))
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    first = evaluated[runs[0].name]
+    # items common to every run (identical when the tokenizer is: the usual case)
+    common = set(_credits(first, "model_verse"))
+    for r in runs:
+        common &= set(_credits(evaluated[r.name], "model_verse"))
+    item_ids = sorted(common)
+
+    def credit_matrix(strategy: str, scorer: str = "model_verse") -> np.ndarray:
+        rows = []
+        for seed in seeds:
+            c = _credits(evaluated[f"{strategy}-seed{seed}"], scorer)
+            rows.append([c[i] for i in item_ids])
+        return np.array(rows, dtype=np.float64)
+
+    # name -> (value from a run's eval.json and train.done, display scale, decimals, bounds)
+    unit = (0.0, 1.0)
+    metrics = {
+        "next-token acc. %": (lambda e, t: e["next_token"]["accuracy"], 100, 2, unit),
+        "next-token log p": (lambda e, t: e["next_token"]["mean_logprob"], 1, 3, None),
+        "cloze acc. % (verse)": (lambda e, t: e["cloze"]["scorers"]["model_verse"]["accuracy"], 100, 1, unit),
+        "cloze acc. % (suffix)": (lambda e, t: e["cloze"]["scorers"]["model_suffix"]["accuracy"], 100, 1, unit),
+        "held-out loss": (lambda e, t: t["summary"].get("last_heldout_loss", float("nan")), 1, 3, None),
+    }
+    cfg_steps = load_config(args.config, None, runs[0].overrides).training.steps
+    total_train = sum(t.get("train_s", 0) for t in trained.values())
+    total_eval = sum(e.get("eval_s", 0) for e in evaluated.values())
+    lines = [
+        "# Connective masking: strategy comparison",
+        "",
+        f"Produced by `{command}`",
+        "",
+        f"Equivalent full command: `python -m genesis.compare --config {args.config} --strategies "
+        f"{','.join(strategies)} --seeds {','.join(map(str, seeds))} --steps {args.steps} --max-items "
+        f"{args.max_items} --context-verses {args.context_verses} --bootstrap {args.bootstrap} --out {args.out}"
+        + "".join(f" --set {shlex.quote(s)}" for s in args.set) + (f" --corpus {args.corpus}" if args.corpus else "")
+        + "`",
+        "",
+        f"- config: `{args.config}`, training.steps = {cfg_steps}, overrides for every run: "
+        f"{', '.join(f'`{s}`' for s in (*RUN_OVERRIDES, *args.set))}; CPU denormals flushed to zero "
+        "(`torch.set_flush_denormal(True)`: ~10x faster training steps on this CPU)",
+        f"- strategies: " + "; ".join(f"**{s}** = {', '.join(f'`{o}`' for o in STRATEGIES[s])}" for s in strategies),
+        f"- seeds: {', '.join(map(str, seeds))} (`training.seed`, which also seeds masking)",
+        f"- evaluation: {first['corpus']} {first['split']}, next-token on {first['next_token']['n']} connective slots, "
+        f"cloze on {len(item_ids)} items x {first['cloze']['n_candidates']} candidates "
+        f"(--max-items {args.max_items}, --context-verses {args.context_verses}); bootstrap {args.bootstrap} resamples",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"device {first.get('device', '?')}; {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- wall time of this invocation: {wall_s / 60:.1f} min; compute recorded for all runs: training "
+        f"{total_train / 60:.1f} min, evaluation {total_eval / 60:.1f} min",
+        "",
+        "## Metrics per strategy",
+        "",
+        f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more. Next-token "
+        "accuracy: all pieces of the connective are the argmax (teacher-forced). Cloze: the original connective ranks "
+        "first among all lexicon words (whole-verse or suffix-only log-likelihood). Log p: mean log-probability of "
+        "the connective's pieces (nats). Loss: the held-out loss logged at the end of training.",
+    ]
+    top1 = [evaluated[r.name]["next_token"]["accuracy"] for r in runs]
+    if max(top1) < 0.005:
+        lines += ["", "Note: top-1 next-token accuracy at connective positions is below 0.5% in every run: at this "
+                  "training budget the models never rank a connective first there (they predict *and*, *the*, "
+                  "punctuation), so the log p column carries the next-token comparison."]
+    lines += ["", "| strategy | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for strategy in strategies:
+        cells = []
+        for get, scale, digits, bounds in metrics.values():
+            values = [get(evaluated[f"{strategy}-seed{s}"], trained[f"{strategy}-seed{s}"]) for s in seeds]
+            cells.append(_fmt_ci(*mean_ci(values), scale=scale, digits=digits, bounds=bounds))
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+
+    scorers = first["cloze"]["scorers"]
+    lines += [
+        "",
+        "## Baselines on the same cloze items",
+        "",
+        "Model-independent; trained on the runs' training split.",
+        "",
+        "| baseline | cloze accuracy % |",
+        "|---|---|",
+        f"| majority connective | {100 * scorers['majority']['accuracy']:.1f} |",
+        "| majority given position (verse-initial / inside) | "
+        f"{100 * scorers['positional_majority']['accuracy']:.1f} |",
+        f"| Kneser-Ney token trigram, whole verse | {100 * scorers['kn3_verse']['accuracy']:.1f} |",
+        f"| Kneser-Ney token trigram, suffix only | {100 * scorers['kn3_suffix']['accuracy']:.1f} |",
+        f"| chance | {100 / first['cloze']['n_candidates']:.1f} |",
+        "",
+        f"## Decision: > {100 * PROCEED_AT:.0f}% improvement over `{BASELINE}`?",
+        "",
+        "Paired bootstrap over cloze items (whole-verse score, each item's credit averaged over seeds). "
+        f"**proceed** if the 95% interval of `accuracy - {1 + PROCEED_AT:.2f} x baseline accuracy` lies above 0 "
+        f"(for a baseline above 0: the relative improvement's interval lies above +{100 * PROCEED_AT:.0f}%), "
+        "**do not proceed** if it lies at or below 0, **inconclusive** if it straddles 0. The seeds+items interval "
+        "also resamples seeds (training noise); it is shown, not used for the decision.",
+        "",
+        f"| strategy | cloze acc. % | Δ vs {BASELINE} (points) [95% CI] | relative Δ [95% CI] "
+        "| relative Δ, seeds+items | decision |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = credit_matrix(BASELINE)
+    decisions = {}
+    for strategy in strategies:
+        if strategy == BASELINE:
+            continue
+        res = paired_bootstrap(credit_matrix(strategy), base, args.bootstrap)
+        decisions[strategy] = res
+        rel = "n/a" if math.isnan(res.relative) else f"{100 * res.relative:+.1f}%"
+        lines.append(
+            f"| {strategy} | {100 * credit_matrix(strategy).mean():.1f} | {100 * res.diff:+.1f} "
+            f"[{100 * res.diff_ci[0]:+.1f}, {100 * res.diff_ci[1]:+.1f}] | {rel} {_pct_interval(res.relative_ci)} | "
+            f"{_pct_interval(res.seeds_relative_ci)} | **{res.decision}** |")
+    lines.append(f"| {BASELINE} (baseline) | {100 * base.mean():.1f} | | | | |")
+
+    lines += ["", "## Cloze accuracy by class and position (whole-verse score, mean over seeds)", ""]
+    groups = [("class", g) for g in first["cloze"]["scorers"]["model_verse"]["breakdowns"]["class"]]
+    groups += [("position", g) for g in first["cloze"]["scorers"]["model_verse"]["breakdowns"]["position"]]
+    lines += ["| strategy | " + " | ".join(f"{g} (n={scorers['model_verse']['breakdowns'][d][g]['n']})"
+                                           for d, g in groups) + " |",
+              "|---" * (len(groups) + 1) + "|"]
+    for strategy in strategies:
+        cells = []
+        for dim, group in groups:
+            values = [evaluated[f"{strategy}-seed{s}"]["cloze"]["scorers"]["model_verse"]["breakdowns"][dim]
+                      .get(group, {}).get("accuracy", float("nan")) for s in seeds]
+            cells.append(f"{100 * float(np.mean(values)):.1f}")
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    for name, scorer in (("KN trigram", "kn3_verse"), ("majority", "majority")):
+        cells = [f"{100 * scorers[scorer]['breakdowns'][d].get(g, {}).get('accuracy', float('nan')):.1f}"
+                 for d, g in groups]
+        lines.append(f"| *{name}* | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Runs", "", "| run | steps | held-out loss | next-token % | cloze % (verse) | train s | eval s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        e, t = evaluated[r.name], trained[r.name]
+        lines.append(f"| {r.name} | {t['summary'].get('steps', '?')} | "
+                     f"{t['summary'].get('last_heldout_loss', float('nan')):.3f} | "
+                     f"{100 * e['next_token']['accuracy']:.2f} | "
+                     f"{100 * e['cloze']['scorers']['model_verse']['accuracy']:.1f} | {t.get('train_s', 0):.0f} | "
+                     f"{e.get('eval_s', 0):.0f} |")
+    lines += ["", f"Run directories: `{Path(args.out) / 'runs'}`; each holds eval.json with per-item credits.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genesis.compare", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULTS["config"], help="training config (default cpu.toml)")
+    p.add_argument("--strategies", default=DEFAULTS["strategies"],
+                   help=f"comma-separated, from {', '.join(STRATEGIES)} (default all; '{BASELINE}' is always added)")
+    p.add_argument("--seeds", default=DEFAULTS["seeds"], help="comma-separated training seeds (default 1,2,3)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help="training.steps for every run (default 120; 0 keeps the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override applied to every run (before the strategy's own)")
+    p.add_argument("--max-items", type=int, default=DEFAULTS["max_items"],
+                   help="cloze items, spread evenly over the held-out split (default 300; 0 = all)")
+    p.add_argument("--context-verses", type=int, default=DEFAULTS["context_verses"],
+                   help="preceding verses given as cloze context (default 0)")
+    p.add_argument("--corpus", default=None, help="evaluation corpus (default: the runs' own), e.g. asv")
+    p.add_argument("--bootstrap", type=int, default=DEFAULTS["bootstrap"], help="bootstrap resamples (default 2000)")
+    p.add_argument("--out", help="comparison directory (default runs/compare-<config name>)")
+    p.add_argument("--report", help="Markdown report path (default OUT/report.md)")
+    p.add_argument("--device", default="auto", help="evaluation device: auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per evaluation forward pass")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path("runs") / f"compare-{Path(args.config).stem}")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    command = "python -m genesis.compare" + (" " + shlex.join(argv) if argv else "")
+    # Flushing denormals is what makes the CPU comparison fit in 30 minutes (evaluate.flushed_denormals); every
+    # strategy runs under the same setting.
+    with flushed_denormals():
+        return _main(args, command)
+
+
+def _main(args: argparse.Namespace, command: str) -> int:
+    t0 = time.time()
+    try:
+        if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
+            raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
+        runs = plan_runs(args)
+        print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}", flush=True)
+        trained, evaluated = {}, {}
+        ctx = None
+        for k, spec in enumerate(runs, start=1):
+            head = f"[{k}/{len(runs)}] {spec.name}"
+            cfg = check_run_dir(spec, args)
+            done = _read_json(spec.run_dir / "train.done")
+            if done is not None:
+                print(f"{head}: training done, skipping", flush=True)
+            else:
+                resuming = (spec.run_dir / CHECKPOINT).is_file()
+                print(f"{head}: {'resuming training' if resuming else 'training'} ({time.time() - t0:.0f} s elapsed)",
+                      flush=True)
+                done = train_run(spec, cfg)
+            trained[spec.name] = done
+            had_eval = _read_json(spec.run_dir / "eval.json")
+            skip_eval = had_eval is not None and had_eval.get("compare_settings") == eval_settings(args)
+            print(f"{head}: evaluation done, skipping" if skip_eval else
+                  f"{head}: evaluating ({time.time() - t0:.0f} s elapsed)", flush=True)
+            evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
+        report = build_report(runs, trained, evaluated, args, command, time.time() - t0)
+        report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(report)
+        print(f"compare: wrote {report_path} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    except (CompareError, ConfigError, CorpusError, TokenizerError, RunError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

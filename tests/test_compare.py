@@ -1,0 +1,109 @@
+"""Tests for genesis/compare.py: the statistics on known answers, and the runner's skip / resume behaviour on a tiny
+config (two 5-step runs of a 2-layer model, 8 cloze items)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from genesis import compare
+
+TINY = ["--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=128",
+        "--set", "model.seq_len=64", "--set", "training.micro_batch=4", "--set", "training.eval_every=0",
+        "--set", "training.log_every=5", "--set", "training.warmup_steps=2", "--set", "training.checkpoint_every=0"]
+
+
+def test_mean_ci_is_a_student_t_interval():
+    m, lo, hi = compare.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert m - lo == pytest.approx(hi - m)
+    assert compare.mean_ci([0.4]) == (0.4, 0.4, 0.4)
+    assert compare.mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_bootstrap_of_a_strategy_identical_to_the_baseline_contains_zero():
+    rng = np.random.default_rng(1)
+    baseline = (rng.random((2, 300)) < 0.4).astype(float)
+    result = compare.paired_bootstrap(baseline.copy(), baseline, samples=1000)
+    assert result.diff == 0.0 and result.diff_ci[0] <= 0.0 <= result.diff_ci[1]
+    assert result.relative_ci[0] <= 0.0 <= result.relative_ci[1]
+    assert result.decision == "do not proceed"  # +0% is surely below +5%
+
+
+def test_bootstrap_of_unrelated_noise_contains_zero_and_is_inconclusive():
+    rng = np.random.default_rng(2)
+    baseline = (rng.random((3, 200)) < 0.4).astype(float)
+    strategy = (rng.random((3, 200)) < 0.4).astype(float)
+    result = compare.paired_bootstrap(strategy, baseline, samples=2000)
+    assert result.diff_ci[0] < 0.0 < result.diff_ci[1]
+    assert result.decision == "inconclusive"
+
+
+def test_bootstrap_of_a_clear_improvement_says_proceed():
+    rng = np.random.default_rng(3)
+    baseline = (rng.random((2, 400)) < 0.3).astype(float)
+    strategy = np.maximum(baseline, (rng.random((2, 400)) < 0.3))  # right wherever the baseline is, and more
+    result = compare.paired_bootstrap(strategy, baseline, samples=2000)
+    assert result.diff_ci[0] > 0.1 and result.relative_ci[0] > compare.PROCEED_AT
+    assert result.decision == "proceed"
+    assert result.seeds_relative_ci[0] > 0.0
+
+
+def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
+    assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \
+                                              "structural)"
+    assert compare.main(["--seeds", "1,x", "--out", str(tmp_path)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    # a second strategy with the same settings as the baseline: its runs must come out identical, so the paired
+    # bootstrap's interval is exactly [0, 0] and the decision is "do not proceed"
+    monkeypatch.setitem(compare.STRATEGIES, "same", ("masking.enabled=false",))
+    out = tmp_path / "cmp"
+    argv = ["--strategies", "none,same", "--seeds", "1", "--steps", "5", "--max-items", "8", "--bootstrap", "200",
+            "--out", str(out), *TINY]
+    real_train = compare.train
+
+    def interrupted(cfg, run_dir, resume=False):
+        if run_dir.name == "same-seed1":
+            raise KeyboardInterrupt
+        return real_train(cfg, run_dir, resume)
+
+    monkeypatch.setattr(compare, "train", interrupted)
+    assert compare.main(argv) == 130
+    first = capsys.readouterr()
+    assert "[1/2] none-seed1: training" in first.out and "rerun the same command" in first.err
+    done = out / "runs" / "none-seed1"
+    assert (done / "train.done").is_file() and (done / "eval.json").is_file()
+    assert not (out / "runs" / "same-seed1" / "train.done").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (done / "train.done", done / "eval.json", done / "checkpoint.pt")}
+
+    monkeypatch.setattr(compare, "train", real_train)
+    assert compare.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "[1/2] none-seed1: training done, skipping" in second
+    assert "[1/2] none-seed1: evaluation done, skipping" in second
+    assert "[2/2] same-seed1: training (" in second and "[2/2] same-seed1: evaluating" in second
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    report = (out / "report.md").read_text()
+    assert "python -m genesis.compare --strategies none,same" in report
+    row = next(line for line in report.splitlines() if line.startswith("| same |") and "proceed" in line)
+    assert "+0.0 [+0.0, +0.0]" in row and "**do not proceed**" in row
+    a = json.loads((done / "eval.json").read_text())["items"]["cloze"]
+    b = json.loads((out / "runs" / "same-seed1" / "eval.json").read_text())["items"]["cloze"]
+    assert a == b and len(a) > 0
+
+    # a run that lost its marker after finishing resumes from its checkpoint instead of starting over
+    (out / "runs" / "same-seed1" / "train.done").unlink()
+    assert compare.main(argv) == 0
+    third = capsys.readouterr().out
+    assert "[2/2] same-seed1: resuming training" in third and "resumed from" in third
+    assert "[2/2] same-seed1: evaluation done, skipping" in third
+    assert "[1/2] none-seed1: training done, skipping" in third
+
+    # the same directory with other settings is refused, not silently reused
+    assert compare.main([*argv[:5], "6", *argv[6:]]) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err
