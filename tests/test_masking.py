@@ -186,6 +186,17 @@ def test_kernel_equals_torch_on_adversarial_batches(tok, strategy, replacement):
         assert_same(kernel(masker, x, 3, verse_start, row_offset=5, block=64), expected)
 
 
+def test_longer_words_host_loop_equals_vectorized(tok):
+    """The CPU checks the rare longer words in a Python loop; CUDA uses the vectorized version: both agree."""
+    masker = make_masker(tok, strategy="uniform", mask_prob=1.0)
+    for seed in range(3):
+        x = adversarial_batch(masker, (4, 257), seed=seed)
+        host = torch_path(masker, x, 0)
+        vectorized = mask_torch(x, None, masker.tables("cpu"), masker.seed, 0, host_words=False)
+        assert_same(host, vectorized)
+        assert (host[1].sum(1) > 0).all()
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, 7), (3, 65), (0, 5), (4, 0)])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])

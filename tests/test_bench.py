@@ -1,0 +1,88 @@
+"""bench/mask_throughput.py as a user runs it: a tiny smoke run whose JSON holds every CPU provider, its ratios and
+passed checks. No timing is asserted (timings on shared machines are noise; the benchmark reports, never gates)."""
+
+import json
+import subprocess
+import sys
+
+from .helpers import ROOT
+
+SCRIPT = ROOT / "bench" / "mask_throughput.py"
+
+
+def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_smoke_run_writes_every_cpu_provider_with_ratios_and_passed_checks(kjv_corpus, tmp_path):
+    # kjv_corpus builds the token cache in this session's GENESIS_CACHE, which the subprocess inherits
+    out = tmp_path / "bench.json"
+    proc = run_bench("--sizes", "2x64", "--repeats", "2", "--quick", "--json", str(out))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+
+    checks = report["checks"]
+    assert checks["passed"] is True
+    assert checks["kernel_equals_torch"]["status"] in ("passed", "skipped")
+    assert all(r["passed"] and r["trials"] > 0 for r in checks["rates"])
+    assert {(r["provider"], r["strategy"]) for r in checks["rates"]} >= {
+        ("loop", "weighted"), ("loop", "structural"), ("torch-cpu", "weighted"), ("torch-cpu", "structural")}
+
+    rows = report["results"]
+    hf = any(r["provider"] == "hf-collator" for r in rows)
+    providers = ["loop", "torch-cpu"] + (["hf-collator"] if hf else [])
+    if not hf:
+        assert any("transformers" in note for note in report["notes"])
+    for strategy in ("weighted", "structural"):
+        for provider in providers:
+            (row,) = [r for r in rows if r["provider"] == provider and r["strategy"] == strategy]
+            assert row["size"] == "2x64" and row["tokens"] == 128 and row["repeats"] >= 2
+            assert row["ms_p10"] <= row["ms_median"] <= row["ms_p90"]
+            assert row["tokens_per_s"] > 0 and row["ratio_to_loop"] > 0
+            assert (row["ratio_to_hf"] or 0) > 0 or not hf
+        loop = next(r for r in rows if r["provider"] == "loop" and r["strategy"] == strategy)
+        assert loop["ratio_to_loop"] == 1.0
+
+    share = report["step_share"]
+    assert share["config"] == "cpu.toml" and share["step_ms_masking_on"]["median"] > 0
+    assert report["machine"]["threads"] == 1 and "command" in report["machine"]
+    assert {t["target"] for t in report["targets"] if t["note"].startswith("not measured")}  # no GPU, no 64x1024
+
+
+def test_bad_arguments_fail_with_a_message():
+    proc = run_bench("--sizes", "64by1024", timeout=60)
+    assert proc.returncode == 2 and "expected BxT" in proc.stderr
+    proc = run_bench("--strategies", "random", timeout=60)
+    assert proc.returncode == 2 and "unknown" in proc.stderr
+
+
+def load_bench():
+    """The script as a module (bench/ is not a package); registered first, as dataclasses need."""
+    import importlib.util
+
+    if "mask_throughput" in sys.modules:
+        return sys.modules["mask_throughput"]
+    spec = importlib.util.spec_from_file_location("mask_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mask_throughput"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rate_check_fails_when_masking_differs_from_the_configuration(kjv_corpus):
+    bench = load_bench()
+    split, tok = kjv_corpus.splits["train"], kjv_corpus.tokenizer
+    work = bench.make_workload(split, 8, 1024, 4, 1, "cpu", "view", False)
+    tokens = split.tokens[:].astype("int64").tolist()
+    dataset = bench.NotesUniformDataset(tokens, tok, 1024, mask_prob=0.3)
+    claimed = bench.NotesUniformDataset(tokens, tok, 1024, mask_prob=0.6)  # what a wrong configuration would say
+    provider = bench.loop_provider(dataset, "uniform", work)
+    honest, wrong = bench.Tally(), bench.Tally()
+    for i, batch in enumerate(work.cpu):
+        out = provider.call(i)
+        args = (batch.x.numpy(), batch.y.numpy(), batch.verse_start.numpy(), out, tok.get_vocab_size())
+        bench.check_loop(dataset, *args, honest)
+        bench.check_loop(claimed, *args, wrong)
+    assert honest.result("loop", "uniform", "")["passed"]
+    assert not wrong.result("loop", "uniform", "")["passed"] and wrong.z < -bench.Z_MAX
