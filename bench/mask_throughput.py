@@ -427,7 +427,7 @@ def check_genesis(masker: ConnectiveMasker, x: torch.Tensor, verse_start: torch.
     flags = {"boundary": lex.clause_boundary.tolist(), "separator": lex.verse_separator.tolist()}
     X = x.cpu().numpy()
     V = verse_start.cpu().numpy() if verse_start is not None else None
-    M, O = out.mask.cpu().numpy(), out.input_ids.cpu().numpy()
+    M, Out = out.mask.cpu().numpy(), out.input_ids.cpu().numpy()
     C, K = out.connectives.cpu().numpy(), out.classes.cpu().numpy()
     want_conn = np.full(X.shape, IGNORE_INDEX, dtype=np.int64)
     probs, masked = [], 0
@@ -444,9 +444,9 @@ def check_genesis(masker: ConnectiveMasker, x: torch.Tensor, verse_start: torch.
     if not np.array_equal(M, want_mask):
         bad = np.argwhere(M != want_mask)[:3].tolist()
         tally.errors.append(f"mask is not the union of whole selected matches (first (row, col): {bad})")
-    if masker.config.replacement == "mask" and not (O[M] == masker.mask_id).all():
+    if masker.config.replacement == "mask" and not (Out[M] == masker.mask_id).all():
         tally.errors.append("a masked position does not hold the mask id")
-    if not np.array_equal(O[~M], X[~M]):
+    if not np.array_equal(Out[~M], X[~M]):
         tally.errors.append("an unmasked position changed")
     if not np.array_equal(C, np.where(M, want_conn, IGNORE_INDEX)):
         tally.errors.append("connectives differ from the matched lexicon entries")
@@ -518,6 +518,7 @@ def rate_checks(providers: dict, loop_datasets: dict, check_work: Workload, voca
 def interpret_check(path: str, strategies: list[str], quick: bool) -> int:
     """Child process, TRITON_INTERPRET=1: the kernel vs the torch path on small real batches. Writes JSON to path."""
     from genesis.kernels.mask import connective_mask_triton
+
     from genesis.masking import mask_torch
 
     corpus = prepare(load_config("cpu.toml"), log=log)
@@ -769,8 +770,9 @@ def profile_torch_path(masker: ConnectiveMasker, batch: Batch, calls: int, devic
     """torch.profiler over `calls` calls, per call: aten ops by self time and input shapes, split into ops over a
     full (B, T) batch and ops over the candidates (~4% of tokens); stages (the module's helper functions, wrapped in
     record_function for the duration of the profile; inclusive times). The profiler itself adds ~1-3 us per op."""
-    import genesis.masking as masking_module
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    import genesis.masking as masking_module
 
     stage_names = ("mask_torch", "philox4x32", "uniform_from_bits", "_flatnonzero", "_clause_lengths",
                    "_preceding_clause_len")

@@ -341,7 +341,7 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         f"- config: `{args.config}`, training.steps = {cfg_steps}, overrides for every run: "
         f"{', '.join(f'`{s}`' for s in (*RUN_OVERRIDES, *args.set))}; CPU denormals flushed to zero "
         "(`torch.set_flush_denormal(True)`: ~10x faster training steps on this CPU)",
-        f"- strategies: " + "; ".join(f"**{s}** = {', '.join(f'`{o}`' for o in STRATEGIES[s])}" for s in strategies),
+        "- strategies: " + "; ".join(f"**{s}** = {', '.join(f'`{o}`' for o in STRATEGIES[s])}" for s in strategies),
         f"- seeds: {', '.join(map(str, seeds))} (`training.seed`, which also seeds masking)",
         f"- evaluation: {first['corpus']} {first['split']}, next-token on {first['next_token']['n']} connective slots, "
         f"cloze on {len(item_ids)} items x {first['cloze']['n_candidates']} candidates "
@@ -523,7 +523,7 @@ def _main(args: argparse.Namespace, command: str) -> int:
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
+        print("\ninterrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
         return 130
     return 0
 

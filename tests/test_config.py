@@ -1,13 +1,11 @@
 """Config loading: shipped configs by bare name, precedence, presets and one-line errors."""
 
-import subprocess
-import sys
 
 import pytest
 
 from genesis.config import ConfigError, load_config, parse_override, to_toml
 
-from .helpers import ROOT, run_cli
+from .helpers import run_cli
 
 
 def write(tmp_path, text, name="bad.toml"):
@@ -18,7 +16,8 @@ def write(tmp_path, text, name="bad.toml"):
 
 def test_shipped_configs_load_by_bare_name():
     hv = load_config("high_vram.toml")
-    assert (hv.model.n_layers, hv.model.dim, hv.model.n_heads, hv.model.ffn_dim, hv.model.seq_len) == (12, 768, 12, 3072, 1024)
+    model = hv.model
+    assert (model.n_layers, model.dim, model.n_heads, model.ffn_dim, model.seq_len) == (12, 768, 12, 3072, 1024)
     assert (hv.training.micro_batch, hv.training.grad_accum, hv.training.dtype) == (4, 4, "bf16")
     assert hv.tokenizer.vocab_size == 8000
     lv = load_config("low_vram")
@@ -111,4 +110,5 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path):
 
 def test_show_config_lists_keys_with_docs():
     proc = run_cli("genesis.train", "--config", "cpu.toml", "--show-config")
-    assert "[masking]" in proc.stdout and "# masking.strategy = 'weighted'  # uniform | weighted | structural" in proc.stdout
+    assert "[masking]" in proc.stdout
+    assert "# masking.strategy = 'weighted'  # uniform | weighted | structural" in proc.stdout

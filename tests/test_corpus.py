@@ -23,7 +23,8 @@ def test_text_with_references(tmp_path):
     path.write_text("Genesis 1:1 In the beginning.\nI Samuel 3:4 That the LORD called Samuel.\n\n"
                     "Song of Solomon 2:1 I am the rose of Sharon.\n", encoding="utf-8")
     verses = load_corpus(str(path))
-    assert verses == [Verse("Genesis", 1, 1, "In the beginning."), Verse("I Samuel", 3, 4, "That the LORD called Samuel."),
+    assert verses == [Verse("Genesis", 1, 1, "In the beginning."),
+                      Verse("I Samuel", 3, 4, "That the LORD called Samuel."),
                       Verse("Song of Solomon", 2, 1, "I am the rose of Sharon.")]
 
 
@@ -38,7 +39,8 @@ def test_text_without_references_gets_pseudo_chapters(tmp_path):
 def test_custom_reference_pattern(tmp_path):
     path = tmp_path / "refs.txt"
     path.write_text("[Gen|2|3] And God blessed the seventh day\n")
-    verses = load_corpus(str(path), reference_pattern=r"^\[(?P<book>\w+)\|(?P<chapter>\d+)\|(?P<verse>\d+)\] (?P<text>.*)$")
+    pattern = r"^\[(?P<book>\w+)\|(?P<chapter>\d+)\|(?P<verse>\d+)\] (?P<text>.*)$"
+    verses = load_corpus(str(path), reference_pattern=pattern)
     assert verses == [Verse("Gen", 2, 3, "And God blessed the seventh day")]
 
 
@@ -56,7 +58,8 @@ def test_jsonl(tmp_path):
         ("missing.txt", None, "corpus file not found"),
         ("empty.txt", b"  \n\n", "corpus file is empty"),
         ("latin1.txt", "Genesis 1:1 caf\u00e9\n".encode("latin-1"), ":1: not valid UTF-8"),
-        ("mixed.txt", b"Genesis 1:1 In the beginning\nno reference here\n", ":2: no verse reference like 'Genesis 1:1'"),
+        ("mixed.txt", b"Genesis 1:1 In the beginning\nno reference here\n",
+         ":2: no verse reference like 'Genesis 1:1'"),
         ("bad.jsonl", b'{"book": "John", "chapter": 1, "verse": 1, "text": "x"}\n{not json\n', ":2: not valid JSON"),
         ("keys.jsonl", b'{"book": "John", "chapter": 1, "text": "x"}\n', ":1: missing key(s) verse"),
         ("types.jsonl", b'{"book": "John", "chapter": "one", "verse": 1, "text": "x"}\n', "must be integers"),

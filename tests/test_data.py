@@ -6,8 +6,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from genesis.config import DataConfig, load_config
-from genesis.data import (eval_starts, get_batch, is_heldout, prepare, split_verses, tokenize_verses,
-                          window_starts)
+from genesis.data import eval_starts, get_batch, is_heldout, prepare, split_verses, tokenize_verses, window_starts
 
 
 def test_verse_start_lands_on_first_token_of_every_verse(kjv_corpus):
@@ -75,7 +74,8 @@ def test_token_cache_is_reused_and_keyed_by_content(kjv_corpus, tmp_path):
     assert again.splits["train"].tokens.dtype == np.uint16
     # a different corpus (a text file) gets another key; so does a different split
     path = tmp_path / "small.txt"
-    path.write_text("".join(f"Genesis {c}:{v} And it was so, for the LORD said it.\n" for c in range(1, 41) for v in range(1, 6)))
+    verse = "And it was so, for the LORD said it."
+    path.write_text("".join(f"Genesis {c}:{v} {verse}\n" for c in range(1, 41) for v in range(1, 6)))
     small = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300"])
     built = []
     other = prepare(small, log=built.append)
@@ -83,7 +83,8 @@ def test_token_cache_is_reused_and_keyed_by_content(kjv_corpus, tmp_path):
     built.clear()
     prepare(small, log=built.append)
     assert not built  # reused
-    split2 = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300", "data.heldout_every=7"])
+    split2 = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300",
+                                                "data.heldout_every=7"])
     assert prepare(split2, log=lambda *_: None).cache_dir != other.cache_dir
 
 

@@ -257,7 +257,7 @@ def test_confusion_rows_sum_to_item_counts_and_breakdowns_add_up(ctx, uniform_re
             assert np.allclose(matrix.sum(axis=1), counts, atol=1e-4)
             assert np.trace(matrix) / counts.sum() == pytest.approx(cz["scorers"][name]["accuracy"], abs=1e-4)
             summary = cz["scorers"][name]
-            for dim, groups in summary["breakdowns"].items():
+            for groups in summary["breakdowns"].values():
                 assert sum(g["n"] for g in groups.values()) == summary["n"] == len(ctx.cloze.items)
                 weighted = sum(g["accuracy"] * g["n"] for g in groups.values()) / summary["n"]
                 assert weighted == pytest.approx(summary["accuracy"])
@@ -267,7 +267,7 @@ def test_confusion_rows_sum_to_item_counts_and_breakdowns_add_up(ctx, uniform_re
 
 
 def first_items(cloze: ev.ClozeSet, n: int) -> ev.ClozeSet:
-    K, seqs = cloze.n_candidates, slice(0, n * cloze.n_candidates)
+    seqs = slice(0, n * cloze.n_candidates)
     return dataclasses.replace(cloze, items=cloze.items[:n], answer=cloze.answer[:n], tokens=cloze.tokens[seqs],
                                verse_start=cloze.verse_start[seqs], blank_start=cloze.blank_start[seqs],
                                blank_end=cloze.blank_end[seqs], prefix_shared=cloze.prefix_shared[seqs])

@@ -14,8 +14,15 @@ import pytest
 import torch
 
 from genesis.lexicon import DEFAULT_CONNECTIVES, find_matches
-from genesis.masking import (ConnectiveMasker, MaskingError, choose_impl, clause_length, mask_torch, philox4x32,
-                             uniform_from_bits)
+from genesis.masking import (
+    ConnectiveMasker,
+    MaskingError,
+    choose_impl,
+    clause_length,
+    mask_torch,
+    philox4x32,
+    uniform_from_bits,
+)
 
 from .helpers import ROOT
 

@@ -4,8 +4,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from genesis.config import TokenizerConfig
-from genesis.tokenizer import (SPECIAL_TOKENS, TokenizerError, find_mask_id, get_tokenizer, load_tokenizer_file,
-                               special_ids)
+from genesis.tokenizer import (
+    SPECIAL_TOKENS,
+    TokenizerError,
+    find_mask_id,
+    get_tokenizer,
+    load_tokenizer_file,
+    special_ids,
+)
 
 
 def test_trained_tokenizer_has_specials_and_mask(kjv_tokenizer):
