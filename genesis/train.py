@@ -7,7 +7,8 @@
     python -m genesis.train --config cpu.toml --show-config        # print the resolved config and exit
 
 A run directory (default runs/<config name>) receives config.toml (resolved), tokenizer.json, metrics.jsonl (one
-JSON record per log step and per evaluation) and checkpoint.pt (model, optimizer, step; written atomically).
+JSON record per log step and per evaluation) and checkpoint.pt (model, optimizer, step; written atomically, also on
+Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,18 @@ CHECKPOINT = "checkpoint.pt"
 
 class RunError(Exception):
     """A problem with the run directory or the checkpoint, phrased as one line."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a job scheduler's stop): the loop saves a checkpoint and re-raises."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 def log(msg: str) -> None:
@@ -325,7 +339,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 save_checkpoint(run_dir / CHECKPOINT, model, optimizer, done, cfg)
             progress.update(done, start)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         progress.clear()
         save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
         log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume")
@@ -343,6 +357,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Handle SIGINT and SIGTERM ourselves: a shell starts background jobs with SIGINT ignored, and schedulers stop
+    # jobs with SIGTERM; either way the loop saves a checkpoint before exiting.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         cfg = load_config(args.config, args.mode, args.set)
         if args.show_config:
@@ -354,6 +372,8 @@ def main(argv=None) -> int:
     except (ConfigError, CorpusError, TokenizerError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
     return 0
