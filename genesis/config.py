@@ -273,7 +273,7 @@ SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).item
 
 # Named presets for --mode, applied over model/training keys (a config file may add its own under [modes.NAME]).
 MODES: dict[str, dict[str, dict[str, Any]]] = {
-    # The design notes' "microscope" model: ~85 M parameters, sized for a 12 GB card in bf16.
+    # The design notes' "microscope" model: 119 M parameters, sized for a 12 GB card in bf16.
     "microscope": {
         "model": {"n_layers": 12, "dim": 768, "n_heads": 12, "ffn_dim": 3072, "seq_len": 1024},
         "training": {"micro_batch": 4, "grad_accum": 4},
