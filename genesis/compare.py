@@ -47,7 +47,7 @@ from genesis.config import ConfigError, load_config, to_toml
 from genesis.corpus import CorpusError
 from genesis.evaluate import EvalContext, EvalError, evaluate_checkpoint, flushed_denormals, write_json
 from genesis.tokenizer import TokenizerError
-from genesis.train import CHECKPOINT, RunError, train
+from genesis.train import CHECKPOINT, Interrupted, RunError, handle_interrupts, train
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -479,6 +479,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = "python -m genesis.compare" + (" " + shlex.join(argv) if argv else "")
+    handle_interrupts()  # Ctrl-C or SIGTERM: the run in training saves its checkpoint, finished runs stay
     # Flushing denormals is what makes the CPU comparison fit in 30 minutes (evaluate.flushed_denormals); every
     # strategy runs under the same setting.
     with flushed_denormals():
@@ -522,6 +523,9 @@ def _main(args: argparse.Namespace, command: str) -> int:
     except OSError as e:
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"\ninterrupted ({e}): finished runs are kept; rerun the same command to continue", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
         return 130

@@ -50,6 +50,13 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+def handle_interrupts() -> None:
+    """Turn SIGINT and SIGTERM into `Interrupted`: a shell starts background jobs with SIGINT ignored, and
+    schedulers stop jobs with SIGTERM; either way the training loop saves a checkpoint before exiting."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -357,10 +364,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Handle SIGINT and SIGTERM ourselves: a shell starts background jobs with SIGINT ignored, and schedulers stop
-    # jobs with SIGTERM; either way the loop saves a checkpoint before exiting.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+    handle_interrupts()
     try:
         cfg = load_config(args.config, args.mode, args.set)
         if args.show_config:
