@@ -30,6 +30,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernel = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# where the kernel tests run it: the interpreter takes CPU tensors, the compiled kernel CUDA ones
+KERNEL_DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 STRATEGIES = {
     "uniform": dict(strategy="uniform", mask_prob=0.7),
@@ -45,10 +47,15 @@ def make_masker(tokenizer, seed=1234, **overrides):
 
 
 def kernel(masker, x, step, verse_start=None, row_offset=0, block=64):
+    """The Triton kernel on KERNEL_DEVICE (inputs already there keep their strides); outputs on x's device."""
     from genesis.kernels.mask import connective_mask_triton
 
+    home = x.device
+    x = x.to(KERNEL_DEVICE)
+    verse_start = None if verse_start is None else verse_start.to(KERNEL_DEVICE)
     tables = masker.tables(x.device)
-    return connective_mask_triton(x, verse_start, tables, masker.seed, step, masker.rank, row_offset, block=block)
+    out = connective_mask_triton(x, verse_start, tables, masker.seed, step, masker.rank, row_offset, block=block)
+    return tuple(t.to(home) for t in out)
 
 
 def torch_path(masker, x, step, verse_start=None, row_offset=0):
@@ -219,7 +226,7 @@ def test_kernel_equals_torch_on_odd_shapes_and_dtypes(tok, shape, dtype):
 def test_kernel_reads_strided_rows(tok, kjv_rows):
     """The trainer's inputs are (B, T) views of (B, T+1) windows: the kernel reads them in place."""
     masker = make_masker(tok, strategy="structural")
-    window, flags = kjv_rows[0][:2, :301], kjv_rows[1][:2, :301]
+    window, flags = kjv_rows[0][:2, :301].to(KERNEL_DEVICE), kjv_rows[1][:2, :301].to(KERNEL_DEVICE)
     x, vs = window[:, :-1], flags[:, :-1]
     assert not x.is_contiguous()
     expected = torch_path(masker, x.contiguous(), 4, vs.contiguous())
@@ -232,6 +239,40 @@ def test_kernel_result_does_not_depend_on_block_size(tok, kjv_rows):
     masker = make_masker(tok, strategy="structural")
     x, vs = kjv_rows[0][:1, :500].contiguous(), kjv_rows[1][:1, :500].contiguous()
     assert_same(kernel(masker, x, 2, vs, block=32), kernel(masker, x, 2, vs, block=256))
+
+
+COMPILE_CHECK = """
+import sys, torch
+from tokenizers import Tokenizer
+from genesis.kernels.mask import compile_for
+from genesis.masking import ConnectiveMasker
+tok = Tokenizer.from_file(sys.argv[1])
+if sys.argv[2] == "everything":
+    masker = ConnectiveMasker.from_tokenizer(tok, strategy="structural", structural_weights=True, replacement="bert",
+                                             log=None)
+    x, vs = torch.zeros(2, 100, dtype=torch.int64), torch.zeros(2, 100, dtype=torch.bool)
+else:
+    masker = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", clause_length="since_boundary", log=None)
+    x, vs = torch.zeros(2, 100, dtype=torch.int32), None
+kernel = compile_for(89, x, vs, masker.tables("cpu"))
+print("compiled", len(kernel.asm["cubin"]), "bytes of sm_89 code")
+"""
+
+
+@pytest.mark.parametrize("variant", ["everything", "nothing"])
+def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
+    """The interpreter runs Python the compiler rejects (it read a plain module-level constant that compiled
+    kernels cannot, and only the first GPU run found out). Triton's compiler and ptxas need no GPU: compile the
+    kernel for an RTX 40xx (sm_89) with every branch on, and with every branch off, as the launcher would."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 1 is what launches use
+    proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, str(path), variant], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 @needs_kernel
@@ -538,7 +579,7 @@ def test_asking_for_triton_where_it_cannot_run_says_why():
 
 @needs_kernel
 def test_masker_runs_the_kernel_when_asked(tok, kjv_rows):
-    x = kjv_rows[0][:1, :256].contiguous()
+    x = kjv_rows[0][:1, :256].contiguous().to(KERNEL_DEVICE)
     via_kernel = make_masker(tok, impl="triton", strategy="uniform", mask_prob=0.5)
     via_torch = make_masker(tok, impl="torch", strategy="uniform", mask_prob=0.5)
     assert via_kernel.impl(x.device) == "triton"
