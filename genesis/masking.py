@@ -540,10 +540,15 @@ def triton_status(device: torch.device) -> str | None:
             f"TRITON_INTERPRET=1")
 
 
+def requested_impl(configured: str) -> str:
+    """The impl asked for: GENESIS_MASK_IMPL if set, else the configured one ('auto' if empty)."""
+    return os.environ.get("GENESIS_MASK_IMPL", configured) or "auto"
+
+
 def choose_impl(requested: str, device: torch.device, log: Callable[[str], None] | None = None) -> str:
     """'triton' or 'torch' for `device`. GENESIS_MASK_IMPL overrides `requested`. 'triton' where it cannot run
     is an error that says why; 'auto' falls back to torch with one log line (on CUDA, or when asked on CPU)."""
-    requested = os.environ.get("GENESIS_MASK_IMPL", requested) or "auto"
+    requested = requested_impl(requested)
     if requested not in IMPLS:
         raise MaskingError(f"mask impl must be one of {', '.join(IMPLS)} (got {requested!r}, from GENESIS_MASK_IMPL "
                            f"or masking.impl)")
@@ -588,6 +593,7 @@ class ConnectiveMasker:
         self._host_tables = build_tables(lexicon, config, mask_id)
         self._tables: dict[torch.device, MaskTables] = {}
         self._impl: dict[torch.device, str] = {}
+        self._kernel_ran: set[torch.device] = set()  # devices where the kernel compiled and ran once
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, config: MaskingConfig | Mapping[str, Any] | None = None, *,
@@ -670,12 +676,27 @@ class ConnectiveMasker:
             raise MaskingError(f"step and row_offset must be in [0, 2**32) (got {step}, {row_offset})")
         if verse_start is not None and verse_start.dtype != torch.bool:
             verse_start = verse_start != 0
-        tables = self.tables(input_ids.device)
-        if self.impl(input_ids.device) == "triton":
-            from genesis.kernels.mask import connective_mask_triton
+        device = input_ids.device
+        tables = self.tables(device)
+        if self.impl(device) == "triton":
+            try:
+                from genesis.kernels.mask import connective_mask_triton
 
-            result = connective_mask_triton(input_ids, verse_start, tables, self.seed, int(step), self.rank,
-                                            int(row_offset))
+                result = connective_mask_triton(input_ids, verse_start, tables, self.seed, int(step), self.rank,
+                                                int(row_offset))
+            except Exception as e:
+                # 'auto' means the fastest path that works: a kernel that fails to compile or launch on its first
+                # call (a broken Triton install, an unsupported card) falls back, with one log line. Asked for by
+                # name, or failing after it once ran, it raises.
+                if requested_impl(self.config.impl) != "auto" or device in self._kernel_ran:
+                    raise
+                self._impl[device] = "torch"
+                if self.log is not None:
+                    first = (str(e).strip().splitlines() or [""])[-1][:200]
+                    self.log(f"masking: the Triton kernel failed on {device} ({type(e).__name__}: {first}); "
+                             f"using the torch path")
+                return self(input_ids, step, verse_start, row_offset)
+            self._kernel_ran.add(device)
         else:
             result = mask_torch(input_ids, verse_start, tables, self.seed, int(step), self.rank, int(row_offset),
                                 ids_checked=self.check_ids)

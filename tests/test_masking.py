@@ -568,6 +568,32 @@ def test_dispatch(tok, monkeypatch):
         choose_impl("auto", cpu)
 
 
+def test_auto_falls_back_when_the_kernel_fails_on_its_first_call(tok, kjv_rows, monkeypatch):
+    """A kernel that cannot compile (as happened on the first GPU run) must not end an 'auto' run: one log line,
+    then the torch path. Asked for by name, the error is raised. (The failure is simulated: a real one needs a GPU
+    whose Triton is broken.)"""
+    import genesis.kernels.mask as kernel_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CompilationError: at 1:1:\nNameError('Cannot access global variable')")
+
+    monkeypatch.setattr(kernel_module, "connective_mask_triton", broken)
+    x = kjv_rows[0][:2, :200].contiguous()
+    expected = make_masker(tok, impl="torch", strategy="uniform", mask_prob=0.5)(x, step=4)
+    logs = []
+    auto = ConnectiveMasker.from_tokenizer(tok, seed=1234, log=logs.append, impl="auto", strategy="uniform",
+                                           mask_prob=0.5)
+    auto._impl[x.device] = "triton"  # what 'auto' chooses on CUDA
+    got = auto(x, step=4)
+    assert torch.equal(got.input_ids, expected.input_ids) and torch.equal(got.mask, expected.mask)
+    assert auto.impl(x.device) == "torch"
+    assert len(logs) == 1 and "the Triton kernel failed" in logs[0] and "Cannot access global variable" in logs[0]
+    named = make_masker(tok, impl="triton", strategy="uniform", mask_prob=0.5)
+    named._impl[x.device] = "triton"
+    with pytest.raises(RuntimeError, match="CompilationError"):
+        named(x, step=4)
+
+
 def test_asking_for_triton_where_it_cannot_run_says_why():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GENESIS_MASK_IMPL")}
     env["PYTHONPATH"] = str(ROOT)
