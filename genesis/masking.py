@@ -341,6 +341,8 @@ def _clause_lengths(ids: torch.Tensor, s: torch.Tensor, col: torch.Tensor, table
     row_start = s - col
     if not tables.preceding_clause:
         stops = _flatnonzero(tables.clause_boundary.index_select(0, ids))
+        if stops.numel() == 0:  # no boundary anywhere: the row start is the nearest one
+            return torch.clamp(col + 1, max=lookback)
         i = _last_before(stops, s)
         before = torch.where(i >= 0, stops.index_select(0, i.clamp(min=0)), -1)
         return torch.clamp(s - torch.maximum(before, row_start - 1), max=lookback)
