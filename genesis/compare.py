@@ -6,9 +6,11 @@
 
 Every run lives in OUT/runs/<strategy>-seed<seed>/: a normal `genesis.train` run directory (trained in-process with
 `genesis.train.train`) plus run.json (its settings), train.done (written when training finished) and eval.json
-(`genesis.evaluate`'s result, written atomically when the evaluation finished). Rerunning the same command skips
-what is done and resumes a run whose training was interrupted from its checkpoint; a run directory holding other
-settings is an error, never silently reused. The report goes to OUT/report.md (or --report).
+(`genesis.evaluate`'s result, written atomically when the evaluation finished, with the step and a hash of the
+weights it measured). Rerunning the same command skips what is done (an eval.json counts as done only while it
+matches the evaluation settings and the checkpoint now in the run directory) and resumes a run whose training was
+interrupted from its checkpoint; a run directory holding other settings is an error, never silently reused. The
+report goes to OUT/report.md (or --report).
 
 Statistics, per metric: the mean over seeds with a 95% t-interval (seeds are the replicates). Against the baseline
 strategy (no masking), a paired bootstrap over cloze items: each item's credit is averaged over seeds, items are
@@ -45,7 +47,14 @@ import torch
 
 from genesis.config import ConfigError, load_config, to_toml
 from genesis.corpus import CorpusError
-from genesis.evaluate import EvalContext, EvalError, evaluate_checkpoint, flushed_denormals, write_json
+from genesis.evaluate import (
+    EvalContext,
+    EvalError,
+    checkpoint_identity,
+    evaluate_checkpoint,
+    flushed_denormals,
+    write_json,
+)
 from genesis.tokenizer import TokenizerError
 from genesis.train import CHECKPOINT, Interrupted, RunError, handle_interrupts, train
 
@@ -258,13 +267,25 @@ def train_run(spec: RunSpec, cfg) -> dict:
     return done
 
 
+def reusable_eval(spec: RunSpec, args: argparse.Namespace) -> dict | None:
+    """The run's eval.json if it still answers: computed with these evaluation settings from the checkpoint that is
+    in the run directory now (`genesis.evaluate.run_identity`: same step, same hash of weights, config and
+    tokenizer). A checkpoint changed since (training continued or redone, a file copied in) or an eval.json from
+    before identities were recorded means evaluating again; rewriting identical weights does not."""
+    old = _read_json(spec.run_dir / "eval.json")
+    if old is None or old.get("compare_settings") != eval_settings(args):
+        return None
+    try:
+        identity = checkpoint_identity(spec.run_dir / CHECKPOINT)
+    except Exception:  # missing, truncated, foreign: not the one measured; evaluating it reports the error in one line
+        return None
+    return old if old.get("checkpoint_identity") == identity else None
+
+
 def evaluate_run(spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | None) -> tuple[dict, EvalContext | None]:
-    """Evaluate one trained run (or reuse its eval.json); the context is shared between runs."""
+    """Evaluate one trained run and write its eval.json; the context is shared between runs."""
     path = spec.run_dir / "eval.json"
     settings = eval_settings(args)
-    old = _read_json(path)
-    if old is not None and old.get("compare_settings") == settings:
-        return old, ctx
     t0 = time.time()
     result, ctx = evaluate_checkpoint(spec.run_dir / CHECKPOINT, args.corpus, "heldout", args.max_items,
                                       args.context_verses, args.device, args.batch_tokens, progress=True, ctx=ctx)
@@ -288,6 +309,16 @@ def _fmt_ci(m: float, lo: float, hi: float, scale: float = 100.0, digits: int = 
     if lo == hi == m:
         return f"{scale * m:.{digits}f}"
     return f"{scale * m:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def breakdown_cell(results: list[dict], dim: str, group: str, scorer: str = "model_verse") -> str:
+    """One cell of the class/position table: the group's cloze accuracy, mean over the seeds' eval.json results
+    with its 95% t-interval (clipped to [0, 100]); "n/a" where a seed has no item in the group."""
+    values = [r["cloze"]["scorers"][scorer]["breakdowns"][dim].get(group, {}).get("accuracy", float("nan"))
+              for r in results]
+    if any(math.isnan(v) for v in values):
+        return "n/a"
+    return _fmt_ci(*mean_ci(values), bounds=(0.0, 1.0))
 
 
 def _pct_interval(ci: tuple[float, float], signed: bool = True) -> str:
@@ -413,18 +444,15 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
             f"{_pct_interval(res.seeds_relative_ci)} | **{res.decision}** |")
     lines.append(f"| {BASELINE} (baseline) | {100 * base.mean():.1f} | | | | |")
 
-    lines += ["", "## Cloze accuracy by class and position (whole-verse score, mean over seeds)", ""]
+    lines += ["", "## Cloze accuracy by class and position (whole-verse score)", "",
+              f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more.", ""]
     groups = [("class", g) for g in first["cloze"]["scorers"]["model_verse"]["breakdowns"]["class"]]
     groups += [("position", g) for g in first["cloze"]["scorers"]["model_verse"]["breakdowns"]["position"]]
     lines += ["| strategy | " + " | ".join(f"{g} (n={scorers['model_verse']['breakdowns'][d][g]['n']})"
                                            for d, g in groups) + " |",
               "|---" * (len(groups) + 1) + "|"]
     for strategy in strategies:
-        cells = []
-        for dim, group in groups:
-            values = [evaluated[f"{strategy}-seed{s}"]["cloze"]["scorers"]["model_verse"]["breakdowns"][dim]
-                      .get(group, {}).get("accuracy", float("nan")) for s in seeds]
-            cells.append(f"{100 * float(np.mean(values)):.1f}")
+        cells = [breakdown_cell([evaluated[f"{strategy}-seed{s}"] for s in seeds], dim, group) for dim, group in groups]
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     for name, scorer in (("KN trigram", "kn3_verse"), ("majority", "majority")):
         cells = [f"{100 * scorers[scorer]['breakdowns'][d].get(g, {}).get('accuracy', float('nan')):.1f}"
@@ -507,11 +535,13 @@ def _main(args: argparse.Namespace, command: str) -> int:
                       flush=True)
                 done = train_run(spec, cfg)
             trained[spec.name] = done
-            had_eval = _read_json(spec.run_dir / "eval.json")
-            skip_eval = had_eval is not None and had_eval.get("compare_settings") == eval_settings(args)
-            print(f"{head}: evaluation done, skipping" if skip_eval else
-                  f"{head}: evaluating ({time.time() - t0:.0f} s elapsed)", flush=True)
-            evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
+            reused = reusable_eval(spec, args)
+            if reused is not None:
+                print(f"{head}: evaluation done, skipping", flush=True)
+                evaluated[spec.name] = reused
+            else:
+                print(f"{head}: evaluating ({time.time() - t0:.0f} s elapsed)", flush=True)
+                evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
         report = build_report(runs, trained, evaluated, args, command, time.time() - t0)
         report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
         report_path.parent.mkdir(parents=True, exist_ok=True)

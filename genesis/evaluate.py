@@ -37,6 +37,10 @@ Metrics.
   unigram level interpolated with the uniform distribution) trained on the run's training split tokenized with the
   run's tokenizer, scored by the same cloze procedure on the same candidate sequences.
 
+The result records the run's identity (`run_identity`: the step and a SHA-256 of the weights, model args, config and
+tokenizer), so a saved eval.json can be matched to the checkpoint it measured (the comparison runner re-evaluates
+when they differ).
+
 Cross-translation: `--corpus asv` evaluates the same held-out chapters (the split hashes book and chapter) in the
 ASV's wording, tokenized with the run's tokenizer; the baselines are still trained on the run's own training split.
 """
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -139,6 +144,7 @@ class Run:
     tokenizer: Tokenizer
     step: int
     checkpoint: Path
+    identity: dict[str, Any]  # run_identity: recorded in the result, so an eval.json names what it measured
 
 
 def load_run(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> Run:
@@ -155,7 +161,34 @@ def load_run(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") 
         raise RunError(f"{tok_path}: not found; the run's tokenizer must sit beside its checkpoint")
     tokenizer = load_tokenizer_file(tok_path)
     model.eval()
-    return Run(model=model, cfg=cfg, tokenizer=tokenizer, step=int(ckpt.get("step", 0)), checkpoint=path)
+    return Run(model=model, cfg=cfg, tokenizer=tokenizer, step=int(ckpt.get("step", 0)), checkpoint=path,
+               identity=run_identity(ckpt, tok_path))
+
+
+def run_identity(ckpt: dict, tokenizer_path: str | os.PathLike) -> dict[str, Any]:
+    """{"step", "sha256"}: the step, and a SHA-256 of what an evaluation reads from the run: the model's weights
+    (name, dtype, shape, bytes), its model_args and config, and the tokenizer.json beside it. Not the checkpoint
+    file's bytes: torch.save of the same state can come out byte-wise different (a resumed run with nothing left to
+    train rewrites an identical checkpoint that way), and the optimizer state never affects the metrics. ~8 MB of
+    cpu.toml weights hash in ~0.01 s."""
+    digest = hashlib.sha256()
+    header = {"model_args": ckpt.get("model_args"), "config": ckpt.get("config")}
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(ckpt["model"].items()):
+        weights = tensor.detach().to("cpu").contiguous()
+        digest.update(f"|{name}|{weights.dtype}|{tuple(weights.shape)}|".encode())
+        digest.update(weights.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(Path(tokenizer_path).read_bytes())
+    return {"step": int(ckpt.get("step", 0)), "sha256": digest.hexdigest()}
+
+
+def checkpoint_identity(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """`run_identity` of a checkpoint.pt (or its run directory), read on the CPU; raises what torch.load raises."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return run_identity(ckpt, path.parent / "tokenizer.json")
 
 
 def model_max_len(model: torch.nn.Module) -> int:
@@ -971,8 +1004,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, corpus: str | None = None
         ctx = build_context(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses)
     result = evaluate_model(run.model, ctx, dev, batch_tokens, progress)
     header = {
-        "checkpoint": str(run.checkpoint), "step": run.step, "corpus": ctx.corpus, "split": ctx.split,
-        "train_corpus": run.cfg.data.corpus, "device": str(dev), "max_items": max_items,
+        "checkpoint": str(run.checkpoint), "step": run.step, "checkpoint_identity": run.identity, "corpus": ctx.corpus,
+        "split": ctx.split, "train_corpus": run.cfg.data.corpus, "device": str(dev), "max_items": max_items,
         "context_verses": context_verses, "seq_len": max_len, "clause_length_mode": run.cfg.masking.clause_length,
     }
     return {**header, **result}, ctx

@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from genesis import compare
+from genesis.evaluate import checkpoint_identity
 
 TINY = ["--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=128",
         "--set", "model.seq_len=64", "--set", "training.micro_batch=4", "--set", "training.eval_every=0",
@@ -48,6 +50,21 @@ def test_bootstrap_of_a_clear_improvement_says_proceed():
     assert result.diff_ci[0] > 0.1 and result.relative_ci[0] > compare.PROCEED_AT
     assert result.decision == "proceed"
     assert result.seeds_relative_ci[0] > 0.0
+
+
+def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
+    def result(by_class: dict[str, float]) -> dict:
+        groups = {g: {"accuracy": a, "n": 10} for g, a in by_class.items()}
+        return {"cloze": {"scorers": {"model_verse": {"breakdowns": {"class": groups}}}}}
+
+    seeds = [result({"causal": 0.4, "temporal": 0.0}), result({"causal": 0.5, "temporal": 0.0}),
+             result({"causal": 0.6, "temporal": 0.3})]
+    # 0.5 +- 4.303 x 0.1 / sqrt(3) = 0.5 +- 0.2484
+    assert compare.breakdown_cell(seeds, "class", "causal") == "50.0 [25.2, 74.8]"
+    # 0.1 +- 4.303 x 0.1732 / sqrt(3) = 0.1 +- 0.4303: clipped at 0
+    assert compare.breakdown_cell(seeds, "class", "temporal") == "10.0 [0.0, 53.0]"
+    assert compare.breakdown_cell(seeds[:1], "class", "causal") == "40.0"  # one seed: no interval
+    assert compare.breakdown_cell([*seeds, result({"temporal": 0.1})], "class", "causal") == "n/a"
 
 
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
@@ -103,6 +120,29 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     assert "[2/2] same-seed1: resuming training" in third and "resumed from" in third
     assert "[2/2] same-seed1: evaluation done, skipping" in third
     assert "[1/2] none-seed1: training done, skipping" in third
+
+    # an eval.json belongs to the checkpoint it measured: one rewritten since is evaluated again
+    same = out / "runs" / "same-seed1"
+    before = json.loads((same / "eval.json").read_text())
+    assert before["checkpoint_identity"] == checkpoint_identity(same / "checkpoint.pt")
+    ckpt = torch.load(same / "checkpoint.pt", weights_only=True)
+    ckpt["model"] = {name: weight + 0.05 for name, weight in ckpt["model"].items()}  # same step, other weights
+    torch.save(ckpt, same / "checkpoint.pt")
+    assert compare.main(argv) == 0
+    fourth = capsys.readouterr().out
+    assert "[2/2] same-seed1: evaluating" in fourth and "[1/2] none-seed1: evaluation done, skipping" in fourth
+    after = json.loads((same / "eval.json").read_text())
+    assert after["checkpoint_identity"] == checkpoint_identity(same / "checkpoint.pt") != before["checkpoint_identity"]
+    assert after["checkpoint_identity"]["step"] == before["checkpoint_identity"]["step"] == 5
+    assert after["items"]["next_token"] != before["items"]["next_token"]  # the new weights were measured
+    # an eval.json that records no checkpoint (written before identities were) is not trusted either
+    stale = json.loads((done / "eval.json").read_text())
+    del stale["checkpoint_identity"]
+    (done / "eval.json").write_text(json.dumps(stale))
+    assert compare.main(argv) == 0
+    fifth = capsys.readouterr().out
+    assert "[1/2] none-seed1: evaluating" in fifth and "[2/2] same-seed1: evaluation done, skipping" in fifth
+    assert "## Cloze accuracy by class and position" in (out / "report.md").read_text()
 
     # the same directory with other settings is refused, not silently reused
     assert compare.main([*argv[:5], "6", *argv[6:]]) == 2

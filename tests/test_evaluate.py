@@ -4,6 +4,8 @@ lexicon, and `python -m genesis.evaluate` end to end on a checkpoint trained her
 import dataclasses
 import json
 import math
+import re
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 
 from genesis import evaluate as ev
 from genesis.config import load_config
+from genesis.corpus import load_corpus
 from genesis.lexicon import CLASSES
 from genesis.masking import clause_length
 
@@ -148,6 +151,42 @@ def test_slots_are_the_whole_word_connectives_of_the_heldout_verses(ctx):
     assert first_ids[("for", True)] != first_ids[("for", False)]
 
 
+def parse_item_id(item_id: str) -> tuple[str, int, int, int]:
+    """"II Samuel 7:12@25" -> ("II Samuel", 7, 12, 25)."""
+    reference, at = item_id.rsplit("@", 1)
+    book, chapter_verse = reference.rsplit(" ", 1)
+    chapter, verse = chapter_verse.split(":")
+    return book, int(chapter), int(verse), int(at)
+
+
+# Written out here, not read from genesis.corpus.GENRES: books of the KJV held-out chapters and their genres.
+KNOWN_GENRES = {"Genesis": "law", "Exodus": "law", "Deuteronomy": "law", "Ruth": "history", "II Samuel": "history",
+                "Nehemiah": "history", "Job": "wisdom", "Psalms": "wisdom", "Isaiah": "prophets",
+                "Jeremiah": "prophets", "Daniel": "prophets", "John": "gospels", "Acts": "acts",
+                "II Corinthians": "epistles", "Hebrews": "epistles", "II Timothy": "epistles"}
+
+
+def test_items_carry_the_book_and_genre_of_their_verse(ctx, kjv, uniform_result):
+    lex = ctx.lex
+    kjv_text = {(v.book, v.chapter, v.verse): v.text for v in kjv}
+    for s in ctx.slots:
+        book, chapter, verse, at = parse_item_id(s.item_id)
+        assert s.book == book == ctx.eval_split.verses[s.verse_index].book
+        word = lex.words[s.entry]
+        # the id points into the KJV itself: the word is at that offset of that verse
+        assert kjv_text[(book, chapter, verse)][at : at + len(word)].lower() == word
+    by_book = Counter(s.book for s in ctx.slots)
+    for book, genre in KNOWN_GENRES.items():
+        assert by_book[book] > 0, book  # the held-out split has chapters of it
+        assert {s.genre for s in ctx.slots if s.book == book} == {genre}, book
+    # the breakdowns count the same labels
+    breakdowns = uniform_result["next_token"]["breakdowns"]
+    assert {book: group["n"] for book, group in breakdowns["book"].items()} == dict(by_book)
+    assert breakdowns["genre"]["wisdom"]["n"] == by_book["Job"] + by_book["Psalms"]  # no other wisdom book held out
+    assert breakdowns["genre"]["acts"]["n"] == by_book["Acts"]
+    assert [item["book"] for item in uniform_result["items"]["cloze"]] == [s.book for s in ctx.cloze.items]
+
+
 def test_cloze_candidates_take_the_form_their_slot_needs(ctx):
     cloze, tok, lex = ctx.cloze, ctx.tokenizer, ctx.lex
     K = cloze.n_candidates
@@ -185,6 +224,34 @@ def test_cross_translation_uses_the_same_chapters_in_other_words():
     assert differing > len(asv) // 2
 
 
+def test_cross_translation_evaluates_a_kjv_run_on_the_asv_wording(ctx, tiny_run, tmp_path, capsys):
+    """`--corpus asv` end to end on a real (5-step) run: the items are the ASV's connectives, not the KJV's."""
+    out = tmp_path / "asv.json"
+    assert ev.main(["--checkpoint", str(tiny_run), "--corpus", "asv", "--max-items", "8", "--json", str(out),
+                    "--out", str(tmp_path), "--no-plots", "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert (result["corpus"], result["train_corpus"]) == ("asv", "kjv")
+    chapters = {(v.book, v.chapter) for v in ctx.eval_split.verses}
+    asv_text = {(v.book, v.chapter, v.verse): v.text for v in load_corpus("asv") if (v.book, v.chapter) in chapters}
+    kjv_text = {(v.book, v.chapter, v.verse): v.text for v in ctx.eval_split.verses}
+    whole_word = re.compile(r"\b(?:" + "|".join(ctx.lex.words) + r")\b", re.IGNORECASE)
+    asv_count = sum(len(whole_word.findall(text)) for text in asv_text.values())
+    kjv_count = sum(len(whole_word.findall(text)) for text in kjv_text.values())
+    assert kjv_count == len(ctx.slots) == 1133  # the README's count
+    nt = result["next_token"]
+    assert nt["n"] + nt["skipped"] == asv_count == 1098
+    items = result["items"]["next_token"] + result["items"]["cloze"]
+    assert len(result["items"]["cloze"]) == result["cloze"]["n_items"] > 0
+    elsewhere_in_kjv = 0
+    for item in items:
+        book, chapter, verse, at = parse_item_id(item["id"])
+        word = item["word"]
+        assert asv_text[(book, chapter, verse)][at : at + len(word)].lower() == word
+        elsewhere_in_kjv += kjv_text[(book, chapter, verse)][at : at + len(word)].lower() != word
+    assert elsewhere_in_kjv > 100  # the ASV moves the words: these offsets hold something else in the KJV
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics on known answers
 
@@ -204,8 +271,16 @@ def test_uniform_model_gets_chance_and_ties_are_split_deterministically(ctx, uni
     V, cloze = vocab(ctx), ctx.cloze
     K, n = cloze.n_candidates, len(cloze.items)
     # next token: every one of the V logits ties, so each piece earns 1/V and a word of k pieces (1/V)^k
+    nt = uniform_result["next_token"]
     expected = np.mean([(1 / V) ** s.n_pieces for s in ctx.slots])
-    assert uniform_result["next_token"]["accuracy"] == pytest.approx(expected, rel=1e-9)
+    assert nt["accuracy"] == pytest.approx(expected, rel=1e-9)
+    # the first piece alone: 1/V for every word; log p of a word of k pieces: exactly -k log V
+    assert nt["first_piece_accuracy"] == pytest.approx(1 / V, rel=1e-12)
+    pieces = np.array([s.n_pieces for s in ctx.slots])
+    assert nt["skipped"] == 0 and (pieces > 1).any()  # so a log p of the first piece only would differ
+    assert nt["mean_logprob"] == pytest.approx(-pieces.mean() * math.log(V), rel=1e-6)
+    logprob = {item["id"]: item["logprob"] for item in uniform_result["items"]["next_token"]}
+    assert [logprob[s.item_id] for s in ctx.slots] == pytest.approx(-pieces * math.log(V), abs=1e-4)
     credits = {name: [item["credit"][name] for item in uniform_result["items"]["cloze"]] for name in ev.CLOZE_SCORERS}
     # suffix-only: the suffix is the same tokens for every candidate, so all K tie: exactly chance
     assert credits["model_suffix"] == [round(1 / K, 6)] * n
@@ -301,11 +376,146 @@ def test_kneser_ney_trigram_is_a_probability_distribution():
     assert lm.logprob([a], [b], [c])[0] > lm.logprob([a], [b], [45])[0]
 
 
-def test_ngram_baseline_reads_the_kjv_far_above_chance(ctx, uniform_result):
+def kn_reference(tokens: list[int], vocab_size: int):
+    """Interpolated Kneser-Ney (Chen & Goodman 1998, one discount per order) from Python dicts, position by position:
+    the brute-force twin of `KneserNeyTrigram`. Returns p(a, b, c); a = -1 for a single token of context."""
+    trigrams = Counter(zip(tokens, tokens[1:], tokens[2:]))
+    continuations = Counter((b, c) for a, b, c in trigrams)  # N1+(. b c)
+    unigram_continuations = Counter(c for b, c in continuations)  # N1+(. c)
+
+    def discount(counts) -> float:
+        counts = list(counts)
+        n1, n2 = counts.count(1), counts.count(2)
+        return n1 / (n1 + 2 * n2) if n1 else 0.75
+
+    d1, d2, d3 = (discount(c.values()) for c in (unigram_continuations, continuations, trigrams))
+    bigram_types = sum(unigram_continuations.values())
+
+    def p(a: int, b: int, c: int) -> float:
+        p1 = (max(unigram_continuations[c] - d1, 0) + d1 * len(unigram_continuations) / vocab_size) / bigram_types
+        after_b = {z: n for (y, z), n in continuations.items() if y == b}
+        p2 = p1 if not after_b else (max(after_b.get(c, 0) - d2, 0) + d2 * len(after_b) * p1) / sum(after_b.values())
+        after_ab = {z: n for (x, y, z), n in trigrams.items() if (x, y) == (a, b)}
+        if a < 0 or not after_ab:
+            return p2
+        return (max(after_ab.get(c, 0) - d3, 0) + d3 * len(after_ab) * p2) / sum(after_ab.values())
+
+    return p
+
+
+TINY_CORPUS = [0, 1, 2, 0, 1, 2, 0, 1, 3, 2, 1, 3]  # V = 5: token 4 never occurs
+
+
+def test_kneser_ney_trigram_equals_hand_computed_probabilities():
+    """On TINY_CORPUS (V = 5), by hand:
+    trigrams 012 x2, 120 x2, 201 x2, 013, 132, 321, 213: n1 = 4, n2 = 3, D3 = 4 / (4 + 6) = 0.4.
+    N1+(. b c): 12:1 20:1 01:1 13:2 32:1 21:1: n1 = 5, n2 = 1, D2 = 5/7. N1+(. c): 0:1 1:2 2:2 3:1, so
+    n1 = n2 = 2, D1 = 1/3; N1+(..) = 6 bigram types, 4 seen tokens.
+    p1(2) = (2 - 1/3 + 1/3 * 4/5) / 6 = 29/90;   p1(4) = (1/3 * 4/5) / 6 = 2/45.
+    p2(2|1) = (1 - 5/7 + 5/7 * 2 * 29/90) / 3 = 47/189   (after 1: 12:1, 13:2, so 3 in all, 2 types);
+    p2(4|1) = (5/7 * 2 * 2/45) / 3 = 4/189.
+    p3(2|0,1) = (2 - 0.4 + 0.4 * 2 * 47/189) / 3 = 340/567   (after 01: 012 x2, 013: 3 in all, 2 types);
+    p3(4|0,1) = (0.4 * 2 * 4/189) / 3 = 16/2835."""
+    lm = ev.KneserNeyTrigram(np.array(TINY_CORPUS), vocab_size=5)
+    assert (lm.d1, lm.d2, lm.d3) == pytest.approx((1 / 3, 5 / 7, 0.4), rel=1e-15)
+
+    def p(a, b, c):
+        return float(np.exp(lm.logprob([a], [b], [c])[0]))
+
+    assert p(0, 1, 2) == pytest.approx(340 / 567, rel=1e-12)
+    assert p(0, 1, 4) == pytest.approx(16 / 2835, rel=1e-12)
+    assert p(-1, 1, 2) == pytest.approx(47 / 189, rel=1e-12)  # one token of context: the bigram level
+    assert p(4, 1, 2) == pytest.approx(47 / 189, rel=1e-12)  # context (4, 1) never seen: the bigram level too
+    assert p(3, 4, 2) == pytest.approx(29 / 90, rel=1e-12)  # 4 never seen: the unigram level
+    assert p(-1, 4, 4) == pytest.approx(2 / 45, rel=1e-12)
+    # and every (a, b, c) against the brute-force reference, on this corpus and on a random one
+    for tokens, V in ((TINY_CORPUS, 5), (np.random.default_rng(4).integers(0, 7, size=300).tolist(), 9)):
+        reference = kn_reference(tokens, V)
+        lm = ev.KneserNeyTrigram(np.array(tokens), vocab_size=V)
+        a, b, c = (x.ravel() for x in np.meshgrid(np.arange(-1, V), np.arange(V), np.arange(V), indexing="ij"))
+        expected = [reference(*abc) for abc in zip(a.tolist(), b.tolist(), c.tolist())]
+        assert np.exp(lm.logprob(a, b, c)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ngram_cloze_scores_the_verse_and_the_suffix_of_each_candidate():
+    """Two items, two one-token candidates each, scored by the TINY_CORPUS trigram. Sequence = [context 2 or 0]
+    + verse; the verse is [0 or 1] + [candidate] + suffix. From `kn_reference` (nats):
+      item 0: 2 | 0 _ 2 1, candidates 1, 3: verse -4.579, -6.128 (1 wins); suffix -3.107, -0.951 (3 wins)
+      item 1: 0 | 1 _ 2 0, candidates 1, 3: verse -5.411, -4.260 (3 wins); suffix -1.553, -2.502 (1 wins)."""
+    sequences = [[2, 0, 1, 2, 1], [2, 0, 3, 2, 1], [0, 1, 1, 2, 0], [0, 1, 3, 2, 0]]
+    cloze = ev.ClozeSet(items=[None, None], candidates=[0, 1], answer=np.array([0, 1]),
+                        tokens=[np.array(t) for t in sequences], verse_start=np.full(4, 1), blank_start=np.full(4, 2),
+                        blank_end=np.full(4, 3), prefix_shared=np.ones(4, dtype=bool))
+    scores = ev.score_cloze_ngram(ev.KneserNeyTrigram(np.array(TINY_CORPUS), vocab_size=5), cloze)
+    reference = kn_reference(TINY_CORPUS, 5)
+
+    def logp(seq, first):  # log-likelihood of seq[first:], each token given the two before it
+        return sum(math.log(reference(seq[t - 2] if t >= 2 else -1, seq[t - 1], seq[t])) for t in range(first, 5))
+
+    assert scores.verse.ravel() == pytest.approx([logp(s, 1) for s in sequences], rel=1e-12)
+    assert scores.suffix.ravel() == pytest.approx([logp(s, 3) for s in sequences], rel=1e-12)
+    assert scores.verse.round(3).tolist() == [[-4.579, -6.128], [-5.411, -4.26]]
+    assert scores.suffix.round(3).tolist() == [[-3.107, -0.951], [-1.553, -2.502]]
+    assert ev.prediction_shares(scores.verse).tolist() == [[1, 0], [0, 1]]
+    assert ev.prediction_shares(scores.suffix).tolist() == [[0, 1], [1, 0]]
+
+
+@pytest.fixture(scope="module")
+def constructed_baselines(ctx):
+    """The uniform model on a context whose baselines have known answers: training counts where the verse-initial
+    majority ("but", tied with "then" and first in lexicon order) differs from the inside one ("for"), and a real
+    trigram trained on three tokens that occur in no cloze sequence, so it gives every cloze token one probability."""
+    word = ctx.lex.words.index
+    counts = Counter({(word("but"), True): 5, (word("then"), True): 5, (word("for"), True): 3,
+                      (word("for"), False): 9, (word("but"), False): 1})
+    used = set(np.concatenate(ctx.cloze.tokens).tolist())
+    unused = [t for t in range(vocab(ctx)) if t not in used][:3]
+    blind = ev.KneserNeyTrigram(np.tile(unused, 20), vocab(ctx))
+    constructed = dataclasses.replace(ctx, train_counts=counts, ngram=blind, slots=ctx.slots[:50])
+    return ev.evaluate_model(StubLM(vocab(ctx)), constructed, progress=False)
+
+
+def test_positional_majority_predicts_each_positions_own_majority(ctx, constructed_baselines):
+    items = constructed_baselines["items"]["cloze"]
+    assert [i["id"] for i in items] == [s.item_id for s in ctx.cloze.items]
+    expected = [float(i["word"] == ("but" if i["verse_initial"] else "for")) for i in items]
+    assert [i["credit"]["positional_majority"] for i in items] == expected
+    assert [i["credit"]["majority"] for i in items] == [float(i["word"] == "for") for i in items]
+    # both positions have items of both words, so the two baselines really differ
+    assert {(i["word"], i["verse_initial"]) for i in items} >= {("for", True), ("for", False), ("but", True)}
+    scorers = constructed_baselines["cloze"]["scorers"]
+    assert scorers["positional_majority"]["accuracy"] == np.mean(expected)
+    assert scorers["positional_majority"]["breakdowns"]["position"]["verse-initial"]["accuracy"] == np.mean(
+        [i["word"] == "but" for i in items if i["verse_initial"]])
+
+
+def test_ngram_baseline_scores_the_suffix_only_for_kn3_suffix(ctx, constructed_baselines):
+    """A trigram that gives every token the same probability ties all candidates on the suffix (the same tokens for
+    every candidate: exactly chance), and on the whole verse ranks exactly as the uniform model does."""
+    K = ctx.cloze.n_candidates
+    items = constructed_baselines["items"]["cloze"]
+    assert [i["credit"]["kn3_suffix"] for i in items] == [round(1 / K, 6)] * len(items)
+    assert [i["credit"]["kn3_verse"] for i in items] == [i["credit"]["model_verse"] for i in items]
+    assert len({i["credit"]["kn3_verse"] for i in items}) > 1  # not chance: the fewest-piece candidates win
+
+
+def test_ngram_and_majority_baselines_on_the_kjv(ctx, uniform_result):
+    """The training counts behind both majority baselines equal a whole-word count of the training verses, in which
+    "for" leads at verse starts (1,534 vs 1,390 "but") and inside (6,937): so majority given position = majority =
+    the share of "for" items, exactly."""
+    cfg = load_config("cpu.toml")
+    train = ev.load_split_verses("kjv", cfg, "train")
+    word = ctx.lex.words.index
+    for w in ("for", "but", "then", "so"):
+        anywhere = re.compile(rf"\b{w}\b", re.IGNORECASE)
+        initial = sum(bool(re.match(rf"{w}\b", v.text, re.IGNORECASE)) for v in train)
+        assert ctx.train_counts[(word(w), True)] == initial, w
+        assert ctx.train_counts[(word(w), False)] == sum(len(anywhere.findall(v.text)) for v in train) - initial, w
+    assert (ctx.train_counts[(word("for"), True)], ctx.train_counts[(word("but"), True)]) == (1534, 1390)
     scorers = uniform_result["cloze"]["scorers"]
-    chance = 1 / ctx.cloze.n_candidates
-    assert scorers["kn3_verse"]["accuracy"] > 5 * chance
-    assert scorers["positional_majority"]["accuracy"] >= scorers["majority"]["accuracy"] - 0.05
+    share_of_for = np.mean([i["word"] == "for" for i in uniform_result["items"]["cloze"]])
+    assert scorers["majority"]["accuracy"] == scorers["positional_majority"]["accuracy"] == share_of_for
+    assert scorers["kn3_verse"]["accuracy"] > 5 / ctx.cloze.n_candidates
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,6 +535,8 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
                    "--out", str(out), "--json", str(tmp_path / "result.json"), "--batch-tokens", "2048")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["step"] == 5 and result["corpus"] == "kjv" and result["seq_len"] == 64
+    assert result["checkpoint_identity"] == ev.checkpoint_identity(tiny_run) and len(
+        result["checkpoint_identity"]["sha256"]) == 64 and result["checkpoint_identity"]["step"] == 5
     # a 64-token model cannot hold the longest verses: those items are skipped, and counted
     assert result["cloze"]["n_items"] + sum(result["cloze"]["skipped"].values()) == 12
     assert set(result["cloze"]["skipped"]) <= {"verse_longer_than_model"} and result["cloze"]["n_items"] >= 9
