@@ -20,8 +20,9 @@ Providers, all fed the same windows of the token cache (`genesis.data`, cpu.toml
               correctness checks only, never timed.
 
 Checks run before anything is timed; the script exits 1 if one fails:
-* kernel == torch path exactly (`torch.equal` on all four outputs): compiled on CUDA; on the CPU in a subprocess
-  under TRITON_INTERPRET=1 (it must be set before the kernel is defined), skipped with a note without Triton;
+* kernel == torch path exactly (`torch.equal` on all four outputs): compiled on CUDA (against the torch path on CUDA,
+  the dense layout, and on the CPU, the sparse one); on the CPU in a subprocess under TRITON_INTERPRET=1 (it must be
+  set before the kernel is defined) against both layouts, skipped with a note without Triton;
 * every provider's masking rate is what its configuration implies: masked words vs the sum of the probabilities
   that an independent re-statement of its rules (here, in plain Python) gives each occurrence, as a z-test; HF:
   15% of non-special tokens selected, 80% of those replaced by [MASK]. Genesis outputs are also checked position
@@ -516,7 +517,8 @@ def rate_checks(providers: dict, loop_datasets: dict, check_work: Workload, voca
 
 
 def interpret_check(path: str, strategies: list[str], quick: bool) -> int:
-    """Child process, TRITON_INTERPRET=1: the kernel vs the torch path on small real batches. Writes JSON to path."""
+    """Child process, TRITON_INTERPRET=1: the kernel vs both layouts of the torch path on small real batches. Writes
+    JSON to path."""
     from genesis.kernels.mask import connective_mask_triton
 
     from genesis.masking import mask_torch
@@ -541,8 +543,10 @@ def interpret_check(path: str, strategies: list[str], quick: bool) -> int:
         t0 = time.perf_counter()
         kernel = connective_mask_triton(x, vs, tables, masker.seed, 11, masker.rank, 0)
         seconds = time.perf_counter() - t0
-        reference = mask_torch(x, vs, tables, masker.seed, 11, masker.rank, 0)
+        reference = mask_torch(x, vs, tables, masker.seed, 11, masker.rank, 0)  # sparse, as CPU tensors run it
+        dense = mask_torch(x, vs, tables, masker.seed, 11, masker.rank, 0, layout="dense")  # as GPUs run it
         equal = all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(kernel, reference, strict=True))
+        equal &= all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(dense, reference, strict=True))
         cases.append({"strategy": strategy, "overrides": overrides, "shape": [B, T], "dtype": str(dtype),
                       "verse_start": with_flags, "equal": equal, "masked_tokens": int(reference[1].sum()),
                       "interpreter_s": round(seconds, 2)})
@@ -567,8 +571,8 @@ def kernel_check_interpreter(strategies: list[str], quick: bool) -> dict:
                     "cases": []}
         result = json.loads(path.read_text())
     status = "passed" if result["passed"] else "failed"
-    return {"status": status, "note": "TRITON_INTERPRET=1 subprocess, small real KJV batches (correctness only, "
-                                      "never timed)", "cases": result["cases"]}
+    return {"status": status, "note": "TRITON_INTERPRET=1 subprocess, small real KJV batches, both layouts of the "
+                                      "torch path (correctness only, never timed)", "cases": result["cases"]}
 
 
 def kernel_check_cuda(tokenizer, masking_cfg, strategies: list[str], workloads: list[Workload]) -> dict:
@@ -837,8 +841,8 @@ def profile_torch_path(masker: ConnectiveMasker, batch: Batch, calls: int, devic
 
     import genesis.masking as masking_module
 
-    stage_names = ("mask_torch", "philox4x32", "uniform_from_bits", "_flatnonzero", "_clause_lengths",
-                   "_preceding_clause_len")
+    stage_names = ("mask_torch", "_mask_sparse", "_mask_dense", "_philox_numpy", "_philox_torch", "_clause_lengths",
+                   "_clause_lengths_dense", "_match_longer_words")
     originals = {n: getattr(masking_module, n) for n in stage_names if callable(getattr(masking_module, n, None))}
 
     def wrap(name, fn):

@@ -8,11 +8,13 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from genesis.config import MaskingConfig, build, to_dict
 from genesis.lexicon import DEFAULT_CONNECTIVES, find_matches
 from genesis.masking import (
     ConnectiveMasker,
@@ -29,6 +31,8 @@ from .helpers import ROOT
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernel = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+# tests whose kernel half runs only where the kernel can run; their torch half runs everywhere
+KERNEL_RUNS = INTERPRET or torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # where the kernel tests run it: the interpreter takes CPU tensors, the compiled kernel CUDA ones
 KERNEL_DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -46,6 +50,14 @@ def make_masker(tokenizer, seed=1234, **overrides):
     return ConnectiveMasker.from_tokenizer(tokenizer, seed=seed, log=None, **overrides)
 
 
+def variant(base, **overrides):
+    """A masker with `base`'s resolved lexicon and other masking settings: resolving the lexicon again would take
+    ~0.5 s per masker, which the many small kernel cases below cannot afford. Only settings that leave the lexicon
+    alone (not connectives or punctuation) may be overridden."""
+    cfg = build(MaskingConfig, {**to_dict(base.config), **overrides}, "masking")
+    return ConnectiveMasker(base.lexicon, cfg, base.mask_id, seed=base.seed, rank=base.rank, log=None)
+
+
 def kernel(masker, x, step, verse_start=None, row_offset=0, block=64):
     """The Triton kernel on KERNEL_DEVICE (inputs already there keep their strides); outputs on x's device."""
     from genesis.kernels.mask import connective_mask_triton
@@ -59,19 +71,33 @@ def kernel(masker, x, step, verse_start=None, row_offset=0, block=64):
 
 
 def torch_path(masker, x, step, verse_start=None, row_offset=0):
-    return mask_torch(x, verse_start, masker.tables(x.device), masker.seed, step, masker.rank, row_offset)
+    """The torch path as x's device runs it; on the CPU also the dense layout (what GPUs without Triton run), which
+    must agree exactly, so every comparison with the kernel below covers both layouts."""
+    result = mask_torch(x, verse_start, masker.tables(x.device), masker.seed, step, masker.rank, row_offset)
+    if x.device.type == "cpu":
+        dense = mask_torch(x, verse_start, masker.tables(x.device), masker.seed, step, masker.rank, row_offset,
+                           layout="dense")
+        assert_same(dense, result, "dense layout vs sparse")
+    return result
 
 
-def assert_same(a, b):
+def assert_same(a, b, case=""):
     names = ("input_ids", "mask", "classes", "connectives")
     for name, u, v in zip(names, a, b):
-        assert u.dtype == v.dtype and u.shape == v.shape, name
-        assert torch.equal(u, v), f"{name} differs at {torch.nonzero(u != v)[:5].tolist()}"
+        assert u.dtype == v.dtype and u.shape == v.shape, f"{case}: {name} {u.dtype}{tuple(u.shape)} vs {v.dtype}" \
+            f"{tuple(v.shape)}"
+        assert torch.equal(u, v), f"{case}: {name} differs at {torch.nonzero(u != v)[:5].tolist()}"
 
 
 @pytest.fixture(scope="module")
 def tok(kjv_tokenizer):
     return kjv_tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_masker(tok):
+    """The default masker; `variant` derives the others from it without resolving the lexicon again."""
+    return make_masker(tok)
 
 
 @pytest.fixture(scope="module")
@@ -186,29 +212,57 @@ def test_kernel_equals_torch_on_kjv_batches(tok, kjv_rows, strategy, replacement
         assert_same(kernel(masker, x, 17, verse_start, block=128), expected)
 
 
+# denser structural rules for the small kernel batches (the default ones, x weights, mask too few connectives there),
+# still with one probability per (verse_initial, clause_len) cell kind
+DENSE_RULES = [dict(p=0.95, verse_initial=True, clause_len_gt=4), dict(p=0.7, verse_initial=True),
+               dict(p=0.85, clause_len_gt=6), dict(p=0.6)]
+
+
+def dense(strategy):
+    """STRATEGIES[strategy], with DENSE_RULES for the structural ones."""
+    return {**STRATEGIES[strategy], **(dict(rules=DENSE_RULES) if strategy.startswith("structural") else {})}
+
+
+# every strategy x replacement, and both clause_length modes where clause lengths matter (the structural ones)
+ADVERSARIAL_CASES = [(strategy, replacement, mode) for strategy in STRATEGIES for replacement in REPLACEMENTS
+                     for mode in (("preceding", "since_boundary") if strategy.startswith("structural") else
+                                  ("preceding",))]
+
+
 @needs_kernel
-@pytest.mark.parametrize("replacement", list(REPLACEMENTS))
-@pytest.mark.parametrize("strategy", ["uniform", "structural"])
-def test_kernel_equals_torch_on_adversarial_batches(tok, strategy, replacement):
-    mode = "since_boundary" if replacement == "bert" else "preceding"
-    masker = make_masker(tok, **STRATEGIES[strategy], **REPLACEMENTS[replacement], lookback=12, clause_length=mode)
-    x = adversarial_batch(masker, (2, 193), seed=len(strategy) + len(replacement))
-    vs = torch.from_numpy(np.random.default_rng(1).random((2, 193)) < 0.1)
+@pytest.mark.parametrize("strategy, replacement, mode", ADVERSARIAL_CASES,
+                         ids=["-".join(case) for case in ADVERSARIAL_CASES])
+def test_kernel_equals_torch_on_adversarial_batches(base_masker, strategy, replacement, mode):
+    """~0.5 s per case under the interpreter."""
+    masker = variant(base_masker, **dense(strategy), **REPLACEMENTS[replacement], lookback=12, clause_length=mode)
+    case = ADVERSARIAL_CASES.index((strategy, replacement, mode))
+    x = adversarial_batch(masker, (2, 193), seed=case)
+    vs = torch.from_numpy(np.random.default_rng(case).random((2, 193)) < 0.1)
     for verse_start in (vs, None):
         expected = torch_path(masker, x, 3, verse_start, row_offset=5)
-        assert expected[1].sum() > 10
-        assert_same(kernel(masker, x, 3, verse_start, row_offset=5, block=64), expected)
+        label = f"{strategy}/{replacement}/{mode}, verse_start {'given' if verse_start is not None else 'None'}"
+        assert expected[1].sum() > 10, label
+        assert_same(kernel(masker, x, 3, verse_start, row_offset=5, block=64), expected, label)
 
 
-def test_longer_words_host_loop_equals_vectorized(tok):
-    """The CPU checks the rare longer words in a Python loop; CUDA uses the vectorized version: both agree."""
-    masker = make_masker(tok, strategy="uniform", mask_prob=1.0)
-    for seed in range(3):
-        x = adversarial_batch(masker, (4, 257), seed=seed)
-        host = torch_path(masker, x, 0)
-        vectorized = mask_torch(x, None, masker.tables("cpu"), masker.seed, 0, host_words=False)
-        assert_same(host, vectorized)
-        assert (host[1].sum(1) > 0).all()
+@pytest.mark.parametrize("strategy, replacement, mode", ADVERSARIAL_CASES,
+                         ids=["-".join(case) for case in ADVERSARIAL_CASES])
+def test_sparse_and_dense_layouts_agree(tok, base_masker, kjv_rows, strategy, replacement, mode):
+    """The torch path's two layouts (sparse on CPU tensors, dense elsewhere) give identical results: adversarial
+    batches, KJV rows, rows without any clause boundary, B=1 / T=1 and int32 ids, with and without verse_start."""
+    masker = variant(base_masker, **dense(strategy), **REPLACEMENTS[replacement], lookback=12, clause_length=mode)
+    rng = np.random.default_rng(7)
+    batches = {"adversarial": adversarial_batch(masker, (4, 257), seed=1), "kjv": kjv_rows[0][5:9, :700],
+               **no_boundary_batches(base_masker, tok), "T=1": adversarial_batch(masker, (3, 1), seed=2),
+               "int32": adversarial_batch(masker, (1, 130), seed=3).int()}
+    for name, x in batches.items():
+        vs = torch.from_numpy(rng.random(tuple(x.shape)) < 0.1)
+        for verse_start in (vs, None):
+            label = f"{name}, verse_start {'given' if verse_start is not None else 'None'}"
+            sparse = mask_torch(x, verse_start, masker.tables("cpu"), masker.seed, 4, 1, 3, layout="sparse")
+            assert_same(mask_torch(x, verse_start, masker.tables("cpu"), masker.seed, 4, 1, 3, layout="dense"), sparse,
+                        label)
+            assert name == "T=1" or sparse[1].any(), label
 
 
 @needs_kernel
@@ -220,6 +274,84 @@ def test_kernel_equals_torch_on_odd_shapes_and_dtypes(tok, shape, dtype):
     got, expected = kernel(masker, x, 1, block=32), torch_path(masker, x, 1)
     assert_same(got, expected)
     assert got[0].dtype == dtype
+
+
+# (shape, ids dtype, replacement, with verse_start flags, block): B=1, T=1, T not a multiple of the block, int32
+ODD_CASES = [
+    ((1, 1), torch.int64, "mask", False, 32),
+    ((1, 1), torch.int32, "bert", True, 32),
+    ((7, 1), torch.int32, "mask", True, 32),
+    ((1, 2), torch.int32, "bert", False, 32),
+    ((1, 97), torch.int64, "bert", True, 32),  # 97 = 3 blocks of 32 + 1
+    ((3, 65), torch.int32, "mask", True, 32),
+    ((2, 100), torch.int32, "bert", False, 64),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_kernel_equals_torch_on_odd_shapes_every_strategy(base_masker, strategy):
+    """Every strategy on B=1, T=1, T not a multiple of the block and int32 ids (~1 s per strategy). T=1 rows hold
+    one-token connectives, so that they can be masked at all."""
+    single = [p[0] for p in map(base_masker.lexicon.pattern_ids, range(base_masker.lexicon.num_patterns))
+              if len(p) == 1]
+    masked = 0
+    for i, (shape, dtype, replacement, flags, block) in enumerate(ODD_CASES):
+        masker = variant(base_masker, **dense(strategy), **REPLACEMENTS[replacement])
+        if shape[1] == 1:
+            x = torch.tensor(single[i:i + shape[0]]).view(shape)
+        else:
+            x = adversarial_batch(masker, shape, seed=i)
+        x = x.to(dtype)
+        vs = torch.from_numpy(np.random.default_rng(i).random(shape) < 0.3) if flags else None
+        label = f"{strategy}: {shape} {dtype} {replacement} verse_start={flags} block={block}"
+        got, expected = kernel(masker, x, 2, vs, block=block), torch_path(masker, x, 2, vs)
+        assert_same(got, expected, label)
+        assert got[0].dtype == dtype, label
+        masked += int(expected[1].sum())
+    assert masked > 10
+
+
+def no_boundary_batches(masker, tok):
+    """Batches without a single clause-boundary or verse-separator token: a plain clause, and random rows of
+    non-punctuation ids with one-token connectives mixed in."""
+    lex = masker.lexicon
+    plain = torch.tensor([tok.encode("For he said unto them").ids])
+    words = np.flatnonzero(~(lex.clause_boundary | lex.verse_separator | lex.special))
+    single = [p[0] for p in map(lex.pattern_ids, range(lex.num_patterns)) if len(p) == 1]
+    rng = np.random.default_rng(3)
+    rows = np.where(rng.random((3, 150)) < 0.3, rng.choice(single, (3, 150)), rng.choice(words, (3, 150)))
+    batches = {"'For he said unto them'": plain, "random words": torch.from_numpy(rows.astype(np.int64))}
+    for x in batches.values():
+        assert not (lex.clause_boundary | lex.verse_separator)[x.numpy()].any()
+    return batches
+
+
+@pytest.mark.parametrize("mode", ["preceding", "since_boundary"])
+def test_batches_without_any_clause_boundary(tok, base_masker, mode):
+    """Regression: the torch path crashed with since_boundary on a batch without a clause-boundary token. The clause
+    then runs back to the row start: rules with p in {0, 1} make the mask a function of clause_len that must equal
+    the reference, and the kernel (where it runs) must equal the torch path, for the default rules too."""
+    deterministic = variant(base_masker, strategy="structural", clause_length=mode, lookback=20,
+                            rules=[dict(p=1.0, clause_len_gt=4, clause_len_lt=12), dict(p=0.0)])
+    randomized = variant(base_masker, strategy="structural", structural_weights=True, clause_length=mode,
+                         replacement="bert")
+    for name, x in no_boundary_batches(base_masker, tok).items():
+        vs = torch.zeros_like(x, dtype=torch.bool)
+        vs[:, 0] = True
+        for verse_start in (vs, None):
+            label = f"{mode}, {name}, verse_start {'given' if verse_start is not None else 'None'}"
+            out = torch_path(deterministic, x, 0, verse_start)
+            expected = torch.zeros_like(out[1])
+            for b, row in enumerate(x.tolist()):
+                flags = None if verse_start is None else verse_start[b].tolist()
+                for start, length, _, _, cl in reference_cells(row, flags, deterministic.lexicon, 20, mode):
+                    expected[b, start:start + length] = 4 < cl < 12
+            assert torch.equal(out[1], expected), label
+            if KERNEL_RUNS:
+                for masker in (deterministic, randomized):
+                    assert_same(kernel(masker, x, 5, verse_start, block=64), torch_path(masker, x, 5, verse_start),
+                                label)
 
 
 @needs_kernel
@@ -285,6 +417,24 @@ def test_kernel_never_reads_out_of_bounds_on_invalid_ids(tok):
     expected = torch_path(masker, x, 0)
     assert_same(kernel(masker, x, 0, block=32), expected)
     assert (expected[0][x < 0] == x[x < 0]).all() and not expected[1][x < 0].any()
+
+
+def test_row_counter_wraps_at_32_bits(tok, base_masker, kjv_rows):
+    """The row is one 32-bit Philox counter word: row_offset + b = 2**32 is row 0, as in the kernel. (A masker that
+    refuses such offsets with a MaskingError would be fine too.) Regression: the torch path once passed 2**32 on
+    unwrapped and drew other numbers than the kernel."""
+    masker = variant(base_masker, strategy="uniform", mask_prob=0.5)
+    x = kjv_rows[0][:2, :200].contiguous()
+    try:
+        high = masker(x, step=3, row_offset=2**32 - 1)
+    except MaskingError:
+        return
+    low = masker(x[1:], step=3, row_offset=0)
+    assert torch.equal(high.mask[1:], low.mask) and torch.equal(high.input_ids[1:], low.input_ids)
+    dense = mask_torch(x, None, masker.tables("cpu"), masker.seed, 3, 0, 2**32 - 1, layout="dense")
+    assert_same(dense, (high.input_ids, high.mask, high.classes, high.connectives), "dense layout")
+    if KERNEL_RUNS:
+        assert_same(kernel(masker, x, 3, row_offset=2**32 - 1), torch_path(masker, x, 3, row_offset=2**32 - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,61 +547,154 @@ def test_probability_tables(tok):
 # ----------------------------------------------------------------------------------------------------------------
 # Rates on the KJV (binomial tests)
 
-Z_LIMIT = 4.42  # two-sided p < 1e-5 per test; < 1e-3 family-wise over the ~60 tests below (Bonferroni)
+# Every rate below is an exact two-sided binomial test (twice the smaller tail) at ALPHA per test. The file runs fewer
+# than 200 such tests (about 150: 24 + 24 connectives, <= 96 structural (rule, connective) pairs, 4 cells, 2 BERT
+# fractions), so the family-wise chance of a false failure is below 200 * ALPHA = 2e-4 (Bonferroni). Draws are
+# keyed by a fixed seed: a pass is reproducible, and only a change in the draws can turn it into a failure.
+ALPHA = 1e-6
+RARE = 300  # words with fewer occurrences in the training split also get windows, repeated up to this many
+STEPS = 10  # every word is then drawn at least RARE * STEPS = 3,000 times per test
 
 
-def z_score(k, n, p):
-    return (k - n * p) / math.sqrt(max(n * p * (1 - p), 1e-12))
+def binomial_p_value(k, n, p):
+    """Exact two-sided p-value of k successes in n Bernoulli(p) draws: twice the smaller tail, at most 1."""
+    if p <= 0.0 or p >= 1.0:
+        return float(k == (0 if p <= 0.0 else n))
+    i = torch.arange(n + 1, dtype=torch.float64)
+    log_pmf = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) + i * math.log(p)
+               + (n - i) * math.log1p(-p))
+    pmf = log_pmf.exp()
+    return min(1.0, 2.0 * min(pmf[: k + 1].sum().item(), pmf[k:].sum().item()))
 
 
-def masked_rates(masker, x, vs, steps, group_of):
-    """{group: (masked words, words)} over several steps, from each match's first piece."""
-    counts: dict = {}
-    matches = [reference_cells(row, flags, masker.lexicon, masker.config.lookback, masker.config.clause_length)
-               for row, flags in zip(x.tolist(), vs.tolist())]
-    for step in range(steps):
-        mask = masker(x, step=step, verse_start=vs).mask
-        for b, row_matches in enumerate(matches):
-            for start, _, entry, vi, cl in row_matches:
-                key = group_of(entry, vi, cl)
-                k, n = counts.get(key, (0, 0))
-                counts[key] = (k + int(mask[b, start]), n + 1)
-    return counts
+def assert_rate(k, n, p, what, power=0.0):
+    """k of n masked agrees with p at ALPHA; with `power`, a true rate of p +- power would have been rejected."""
+    assert n > 0, f"{what}: never drawn"
+    p_value = binomial_p_value(k, n, p)
+    assert p_value >= ALPHA, f"{what}: {k}/{n} = {k / n:.4f} masked, expected {p:.4f} (p-value {p_value:.1e})"
+    for off in (p - power, p + power) if power else ():
+        if 0.0 < off < 1.0:
+            assert binomial_p_value(k, n, off) < ALPHA, f"{what}: {n} draws cannot tell {p:.3f} from {off:.3f}"
 
 
-def test_weighted_rates_per_connective(tok, kjv_rows):
-    base = 0.5
-    masker = make_masker(tok, strategy="weighted", base_probability=base)
-    x, vs = kjv_rows
-    counts = masked_rates(masker, x, vs, steps=3, group_of=lambda e, vi, cl: masker.lexicon.words[e])
-    tested = 0
-    for word, (k, n) in counts.items():
-        if n < 300:
+@dataclass
+class RateBatch:
+    """A batch and every match in it (by the oracle), with its rule inputs for the default lookback and mode."""
+
+    x: torch.Tensor
+    verse_start: torch.Tensor
+    row: torch.Tensor  # (M,) int64, per match
+    start: torch.Tensor
+    entry: torch.Tensor
+    verse_initial: torch.Tensor  # bool
+    clause_len: torch.Tensor
+
+
+def rate_batch(x, vs, lex, lookback, mode):
+    cells = [reference_cells(r, f, lex, lookback, mode) for r, f in zip(x.tolist(), vs.tolist())]
+    fields = [(b, start, entry, vi, cl) for b, row in enumerate(cells) for start, _, entry, vi, cl in row]
+    b, start, entry, vi, cl = (torch.tensor(column) for column in zip(*fields))
+    return RateBatch(x, vs, b, start, entry, vi.bool(), cl)
+
+
+@pytest.fixture(scope="module")
+def rate_batches(kjv_corpus, base_masker):
+    """The whole training split as rows of 1024, plus 64-token windows of the split around every occurrence of a
+    word that occurs fewer than RARE times, each repeated so that the word occurs RARE times or more per step. Rows
+    are keyed by their index, so repeated windows get independent draws; the oracle finds the matches (and their
+    verse_initial / clause_len) in each window, which gives the window edges their documented meaning."""
+    cfg, lex = base_masker.config, base_masker.lexicon
+    data = kjv_corpus.splits["train"]
+    n = len(data) // 1024 * 1024
+    tokens = np.asarray(data.tokens[:n]).astype(np.int64)
+    flags = np.asarray(data.verse_start[:n]).astype(bool)
+    full = rate_batch(torch.from_numpy(tokens).view(-1, 1024), torch.from_numpy(flags).view(-1, 1024), lex,
+                      cfg.lookback, cfg.clause_length)
+    counts = torch.bincount(full.entry, minlength=len(lex.words))
+    starts, repeats = [], []
+    for entry in torch.nonzero((counts > 0) & (counts < RARE)).flatten().tolist():
+        at = full.row[full.entry == entry] * 1024 + full.start[full.entry == entry]
+        starts += np.clip(at.numpy() - 48, 0, n - 64).tolist()
+        repeats += [math.ceil(RARE / int(counts[entry]))] * len(at)
+    index = np.repeat(np.array(starts), repeats)[:, None] + np.arange(64)
+    windows = rate_batch(torch.from_numpy(tokens[index]), torch.from_numpy(flags[index]), lex, cfg.lookback,
+                         cfg.clause_length)
+    return [full, windows]
+
+
+def masked_counts(masker, batches, groups, size, steps=STEPS):
+    """(masked, drawn) per group over `steps` steps, counted at each match's first piece. `groups(batch)` gives each
+    match of the batch its group index, in [0, size)."""
+    masked, drawn = torch.zeros(size, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)
+    for batch in batches:
+        group = groups(batch)
+        drawn += torch.bincount(group, minlength=size) * steps
+        for step in range(steps):
+            hit = masker(batch.x, step=step, verse_start=batch.verse_start).mask[batch.row, batch.start]
+            masked += torch.bincount(group[hit], minlength=size)
+    return masked.tolist(), drawn.tolist()
+
+
+def occurring_words(batches, lex):
+    return {lex.words[e] for e in batches[0].entry.tolist()}
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "weighted"])
+def test_rates_per_connective(base_masker, rate_batches, strategy):
+    """Every connective of the KJV training split, at p = mask_prob (uniform) or base_probability x weight
+    (weighted), each drawn >= 3,000 times: a rate off by 0.1 would fail."""
+    config = dict(strategy="uniform", mask_prob=0.3) if strategy == "uniform" else dict(strategy="weighted",
+                                                                                     base_probability=0.5)
+    masker = variant(base_masker, **config)
+    words = masker.lexicon.words
+    masked, drawn = masked_counts(masker, rate_batches, lambda batch: batch.entry, len(words))
+    tested = set()
+    for entry, (k, n) in enumerate(zip(masked, drawn)):
+        if n == 0:
             continue
-        p = base * DEFAULT_CONNECTIVES[word][0]
-        assert abs(z_score(k, n, p)) < Z_LIMIT, (word, k, n, p)
-        if n > 5000:  # power: a rate off by 0.05 would be caught
-            assert abs(z_score(k, n, p + 0.05)) > Z_LIMIT, word
-        tested += 1
-    assert tested >= 8
+        weight = DEFAULT_CONNECTIVES[words[entry]][0]
+        p = 0.3 if strategy == "uniform" else 0.5 * weight
+        assert n >= RARE * STEPS, words[entry]
+        assert_rate(k, n, p, f"{strategy} {words[entry]}", power=0.1)
+        tested.add(words[entry])
+    assert tested == occurring_words(rate_batches, masker.lexicon) and len(tested) >= 20
 
 
-def test_structural_rates_per_cell(tok, kjv_rows):
-    masker = make_masker(tok, strategy="structural")
+# the default rules, in order: (name, p)
+DEFAULT_CELLS = [("verse-initial, clause > 10", 0.8), ("verse-initial", 0.6), ("inside, clause > 15", 0.5),
+                 ("inside", 0.3)]
 
-    def cell(entry, vi, cl):
-        if vi:
-            return ("verse-initial", cl > 10)
-        return ("inside", cl > 15)
 
-    counts = masked_rates(masker, x := kjv_rows[0], kjv_rows[1], steps=3, group_of=cell)
-    expected = {("verse-initial", True): 0.8, ("verse-initial", False): 0.6, ("inside", True): 0.5,
-                ("inside", False): 0.3}
-    for key, p in expected.items():
-        k, n = counts[key]
-        assert n >= 30, key
-        assert abs(z_score(k, n, p)) < Z_LIMIT, (key, k, n, p)
-    assert x.numel() > 0
+def default_rule(batch):
+    """Index into DEFAULT_CELLS of the rule each match falls under."""
+    vi, cl = batch.verse_initial, batch.clause_len
+    return torch.where(vi, torch.where(cl > 10, 0, 1), torch.where(cl > 15, 2, 3))
+
+
+def test_structural_rates_per_cell(base_masker, rate_batches):
+    masker = variant(base_masker, strategy="structural")
+    assert masker.config.lookback == 30 and masker.config.clause_length == "preceding"
+    masked, drawn = masked_counts(masker, rate_batches[:1], default_rule, len(DEFAULT_CELLS), steps=3)
+    for (name, p), k, n in zip(DEFAULT_CELLS, masked, drawn, strict=True):
+        assert n >= 300, name
+        assert_rate(k, n, p, name)
+
+
+def test_structural_weighted_rates_per_cell_and_connective(base_masker, rate_batches):
+    """structural_weights=True: p = cell x weight, for every (rule, connective) pair that occurs."""
+    masker = variant(base_masker, strategy="structural", structural_weights=True)
+    words = masker.lexicon.words
+    E = len(words)
+    masked, drawn = masked_counts(masker, rate_batches, lambda batch: default_rule(batch) * E + batch.entry, 4 * E)
+    tested, pairs = set(), 0
+    for group, (k, n) in enumerate(zip(masked, drawn)):
+        if n == 0:
+            continue
+        (name, cell_p), word = DEFAULT_CELLS[group // E], words[group % E]
+        assert_rate(k, n, cell_p * DEFAULT_CONNECTIVES[word][0], f"{word} ({name})")
+        tested.add(word)
+        pairs += 1
+    assert tested == occurring_words(rate_batches, masker.lexicon) and pairs <= 4 * len(tested)
 
 
 def test_bert_split_fractions(tok, kjv_rows):
@@ -462,14 +705,69 @@ def test_bert_split_fractions(tok, kjv_rows):
     n = len(picked_ids)
     masked = (picked_ids == masker.mask_id).sum().item()
     kept = (picked_ids == original).sum().item()
-    assert abs(z_score(masked, n, 0.8)) < Z_LIMIT and abs(z_score(kept, n, 0.1 + 0.1 / 8000)) < Z_LIMIT
+    pool = masker.tables("cpu").random_pool.numel()
+    assert_rate(masked, n, 0.8, "bert: mask")
+    assert_rate(kept, n, 0.1 + 0.1 / pool, "bert: keep (or a random draw of the same token)")
     from genesis.tokenizer import special_ids
 
     randoms = picked_ids[(picked_ids != masker.mask_id) & (picked_ids != original)]
     assert len(randoms) > 0.08 * n and not set(randoms.tolist()) & special_ids(tok)
-    # a word's pieces share one decision: every piece of a multi-token word is masked, random or kept together
-    words = masker.lexicon.words
-    assert len(words) > 0
+
+
+MULTI_PIECE_TEXT = ("And however he went, accordingly they did. Nevertheless the LORD said, Howbeit ye shall "
+                    "not, notwithstanding they were afraid; insomuch that whereas I was blind, now I see. ")
+
+
+@pytest.mark.parametrize("replacement", ["mask", "bert"])
+def test_word_pieces_share_one_decision(tok, base_masker, replacement):
+    """A word of several tokens ("however" = "Ġhow" + "ever", "accordingly" = "Ġaccording" + "ly") is one draw: at
+    p = 0.5 all its pieces are masked or none is, and under bert all get the word's mask / random / keep choice
+    (word 1 of the draw at the word's start), each random piece its own token (word 2 of the draw at its own
+    column)."""
+    masker = variant(base_masker, strategy="uniform", mask_prob=0.5, replacement=replacement,
+                     bert_split=[0.4, 0.3, 0.3])
+    text = torch.tensor(tok.encode(MULTI_PIECE_TEXT * 60).ids)
+    x = torch.cat([text[: len(text) // 128 * 128].view(-1, 128), adversarial_batch(masker, (8, 128), seed=5)])
+    out = masker(x, step=7)
+    words = [(b, start, length, entry) for b, row in enumerate(x.tolist())
+             for start, length, entry in find_matches(row, masker.lexicon) if length > 1]
+    seen = {"however": set(), "accordingly": set()}
+    choices = {"mask": 0, "random": 0, "keep": 0}
+    pool = masker.tables("cpu").random_pool
+    for b, start, length, entry in words:
+        word = masker.lexicon.words[entry]
+        where = f"{word} at row {b}, column {start}: {x[b, start:start + length].tolist()} -> " \
+                f"{out.input_ids[b, start:start + length].tolist()}"
+        picked = out.mask[b, start:start + length]
+        assert picked.all() or not picked.any(), where
+        seen.get(word, set()).add(bool(picked[0]))
+        ids, original = out.input_ids[b, start:start + length], x[b, start:start + length]
+        if not picked[0]:
+            assert torch.equal(ids, original) and (out.connectives[b, start:start + length] == -100).all(), where
+            continue
+        assert (out.connectives[b, start:start + length] == entry).all(), where
+        if replacement == "mask":
+            assert (ids == masker.mask_id).all(), where
+            continue
+        kinds = {"mask" if t == masker.mask_id else "keep" if t == o else "random"
+                 for t, o in zip(ids.tolist(), original.tolist())}
+        assert kinds in ({"mask"}, {"keep"}, {"random"}) or kinds == {"random", "keep"}, (where, kinds)
+        # the exact draws: the word's choice from its start, each piece's random token from its own column
+        columns = torch.arange(start, start + length)
+        full = torch.full_like
+        _, w1, w2, _ = philox4x32(masker.seed, columns, full(columns, b), full(columns, 7), full(columns, masker.rank))
+        choice = uniform_from_bits(w1[:1]).item()
+        if choice < 0.4:
+            expected, kind = torch.full((length,), masker.mask_id), "mask"
+        elif choice < 0.7:
+            expected, kind = pool[w2 % pool.numel()], "random"
+        else:
+            expected, kind = original, "keep"
+        assert torch.equal(ids.long(), expected), (where, kind)
+        choices[kind] += 1
+    assert all(v == {True, False} for v in seen.values()), seen  # both words occur, masked and not
+    if replacement == "bert":
+        assert min(choices.values()) >= 10, choices
 
 
 # ----------------------------------------------------------------------------------------------------------------
