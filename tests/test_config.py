@@ -44,6 +44,31 @@ def test_file_defined_mode(tmp_path):
         load_config(path, mode="nope")
 
 
+@pytest.mark.parametrize("text, key, reason", [
+    ("[modes]\nsmall = 3\n", "modes.small", "expected a table with [modes.small.model] and/or"),
+    ("[modes.small]\nmodel = 3\n", "modes.small.model", "expected a table of model keys, got 3"),
+    ("[modes.small.data]\ncorpus = 'asv'\n", "modes.small", "presets may set model and training keys only"),
+    ("modes = 3\n", "modes", "expected a table of [modes.NAME] presets"),
+])
+@pytest.mark.parametrize("mode", [None, "small", "microscope"])
+def test_bad_file_modes_name_the_file(tmp_path, text, key, reason, mode):
+    """A malformed [modes] table is the file's mistake, whichever --mode is asked for (or none)."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, mode=mode)
+    assert str(err.value).startswith(f"{path}: {key}: {reason}"), str(err.value)
+
+
+def test_config_knows_where_each_value_came_from(tmp_path):
+    path = write(tmp_path, "[model]\ndim = 64\nn_heads = 2\n", "mine.toml")
+    cfg = load_config(path, mode="tiny", overrides=["training.steps=3", 'data.heldout_books=["Jude"]'])
+    assert cfg.origin_of("data.heldout_books") == '--set data.heldout_books=["Jude"]'
+    assert cfg.origin_of("training.steps") == "--set training.steps=3"
+    assert cfg.origin_of("model.seq_len") == "--mode tiny"
+    assert cfg.origin_of("data.corpus") == path
+    assert load_config("cpu.toml").origin_of("model.seq_len").endswith("cpu.toml")
+
+
 @pytest.mark.parametrize(
     "text, key, reason",
     [

@@ -1,6 +1,8 @@
 """Corpus readers: the shipped Bibles, text and JSONL files, and one-line errors for bad files."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -62,18 +64,54 @@ def test_jsonl(tmp_path):
          ":2: no verse reference like 'Genesis 1:1'"),
         ("bad.jsonl", b'{"book": "John", "chapter": 1, "verse": 1, "text": "x"}\n{not json\n', ":2: not valid JSON"),
         ("keys.jsonl", b'{"book": "John", "chapter": 1, "text": "x"}\n', ":1: missing key(s) verse"),
-        ("types.jsonl", b'{"book": "John", "chapter": "one", "verse": 1, "text": "x"}\n', "must be integers"),
+        ("types.jsonl", b'{"book": "John", "chapter": "one", "verse": 1, "text": "x"}\n',
+         ':1: chapter must be an integer (got "one")'),
         ("list.jsonl", b"[1, 2]\n", "expected an object"),
         ("blank.jsonl", b'{"book": "John", "chapter": 1, "verse": 1, "text": "  "}\n', "no verses with text"),
+        ("float.jsonl", b'{"book": "John", "chapter": 1.9, "verse": 1, "text": "x"}\n',
+         ":1: chapter must be an integer (got 1.9)"),
+        ("bool.jsonl", b'{"book": "John", "chapter": 1, "verse": true, "text": "x"}\n',
+         ":1: verse must be an integer (got true)"),
+        ("decimal.jsonl", b'{"book": "John", "chapter": "2.5", "verse": 1, "text": "x"}\n',
+         ':1: chapter must be an integer (got "2.5")'),
+        ("negative.jsonl", b'{"book": "John", "chapter": -1, "verse": 1, "text": "x"}\n',
+         ":1: chapter must be in [0, 2147483647] (got -1)"),
+        ("dup.jsonl", b'{"book": "John", "chapter": 1, "verse": 1, "text": "x"}\n\n'
+                      b'{"book": "John", "chapter": 1, "verse": 2, "text": "y"}\n'
+                      b'{"book": "John", "chapter": "1", "verse": 1, "text": "z"}\n',
+         ":4: duplicate reference John 1:1 (first on line 1)"),
+        ("dup.txt", b"Genesis 1:1 In the beginning.\nGenesis 1:2 And the earth.\nGenesis 1:1 Again.\n",
+         ":3: duplicate reference Genesis 1:1 (first on line 1)"),
+        ("huge.txt", b"Genesis 1:1 In the beginning.\nGenesis 1:99999999999 And the earth.\n",
+         ":2: verse must be in [0, 2147483647]"),
+        ("a_directory.txt", "dir", "not a file"),
     ],
 )
 def test_bad_files_fail_with_one_line(tmp_path, name, content, message):
     path = tmp_path / name
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(CorpusError) as err:
         load_corpus(str(path))
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_file_fails_with_one_line(tmp_path):
+    """A file that cannot be read: permission denied (not testable as root, who reads anything) and an I/O error
+    (Linux's /proc/self/mem is a regular file whose first page is unmapped, so reading it fails with EIO)."""
+    if os.geteuid() != 0:
+        path = tmp_path / "locked.txt"
+        path.write_text("Genesis 1:1 In the beginning.\n")
+        path.chmod(0)
+        with pytest.raises(CorpusError, match=f"^{path}: cannot read the corpus file \\(Permission denied\\)$"):
+            load_corpus(str(path))
+    mem = Path("/proc/self/mem")
+    if not mem.is_file():
+        pytest.skip("no /proc/self/mem on this system")
+    with pytest.raises(CorpusError, match=r"^/proc/self/mem: cannot read the corpus file \(Input/output error\)$"):
+        load_corpus(str(mem), fmt="text")
 
 
 def test_corpus_hash_tracks_content_and_identity():

@@ -1,5 +1,7 @@
 """Data: verse_start alignment, the held-out split, the token cache and deterministic batches."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,8 +64,31 @@ def test_heldout_books(kjv):
     assert not {v.book for v in split["train"]} & {"Jude", "Ruth"}
     from genesis.config import ConfigError
 
-    with pytest.raises(ConfigError, match="not in the corpus: Judas"):
+    with pytest.raises(ConfigError, match="^data.heldout_books: not in the corpus: Judas$"):
         split_verses(kjv, DataConfig(heldout_books=["Judas"]))
+
+
+def test_split_errors_name_the_config_file_or_the_set(tmp_path):
+    """A held-out book the corpus lacks, or a split left empty: one line naming where the value came from."""
+    from genesis.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config("cpu.toml", overrides=['data.heldout_books=["Judas"]']))
+    assert str(err.value) == '--set data.heldout_books=["Judas"]: data.heldout_books: not in the corpus: Judas'
+    path = tmp_path / "mine.toml"
+    path.write_text('[data]\nheldout_books = ["Judas", "Jude"]\n')
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config(str(path)))
+    assert str(err.value) == f"{path}: data.heldout_books: not in the corpus: Judas"
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config("cpu.toml", overrides=["data.heldout_every=100000"]))  # no KJV chapter hashes to 0
+    assert str(err.value).startswith("--set data.heldout_every=100000: data.heldout_every: the heldout split is "
+                                     "empty (kjv has 31102 verses in 1189 chapters)")
+    one_book = tmp_path / "one.txt"
+    one_book.write_text("Jude 1:1 Jude, the servant of Jesus Christ.\nJude 1:2 Mercy unto you.\n")
+    path.write_text(f'[data]\ncorpus = "{one_book}"\nheldout_books = ["Jude"]\n')
+    with pytest.raises(ConfigError, match=f"^{path}: data.heldout_books: the train split is empty"):
+        prepare(load_config(str(path)))
 
 
 def test_token_cache_is_reused_and_keyed_by_content(kjv_corpus, tmp_path):
@@ -74,8 +99,9 @@ def test_token_cache_is_reused_and_keyed_by_content(kjv_corpus, tmp_path):
     assert again.splits["train"].tokens.dtype == np.uint16
     # a different corpus (a text file) gets another key; so does a different split
     path = tmp_path / "small.txt"
-    verse = "And it was so, for the LORD said it."
-    path.write_text("".join(f"Genesis {c}:{v} {verse}\n" for c in range(1, 41) for v in range(1, 6)))
+    words = ["And", "it", "was", "so,", "for", "the", "LORD", "said", "unto", "Moses", "therefore", "but", "because"]
+    path.write_text("".join(f"Genesis {c}:{v} {' '.join(words[(c * v + i) % len(words)] for i in range(9))}.\n"
+                            for c in range(1, 41) for v in range(1, 6)))
     small = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300"])
     built = []
     other = prepare(small, log=built.append)
@@ -86,6 +112,38 @@ def test_token_cache_is_reused_and_keyed_by_content(kjv_corpus, tmp_path):
     split2 = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300",
                                                 "data.heldout_every=7"])
     assert prepare(split2, log=lambda *_: None).cache_dir != other.cache_dir
+    # the same corpus with another tokenizer (more merges): rebuilt; the same tokenizer again, even from a file: reused
+    retrained = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=320"])
+    third = prepare(retrained, log=built.append)
+    assert third.cache_dir != other.cache_dir and built
+    assert third.tokenizer.get_vocab_size() != other.tokenizer.get_vocab_size()
+    built.clear()
+    saved = tmp_path / "tokenizer.json"
+    other.tokenizer.save(str(saved))
+    from_file = load_config("cpu.toml", overrides=[f'data.corpus="{path}"', f'tokenizer.path="{saved}"'])
+    assert prepare(from_file, log=built.append).cache_dir == other.cache_dir and not built
+    changed = Tokenizer.from_file(str(saved))
+    changed.add_special_tokens(["<verse>"])
+    changed.save(str(saved))
+    edited = prepare(from_file, log=built.append)
+    assert edited.cache_dir not in (other.cache_dir, third.cache_dir) and built
+
+
+def test_more_than_255_books(tmp_path):
+    """Book ids are stored in the narrowest unsigned type that holds them: uint16 for 300 books."""
+    path = tmp_path / "many.jsonl"
+    rows = [{"book": f"Book {b}", "chapter": c, "verse": v, "text": f"And it came to pass in book {b}, so {c}."}
+            for b in range(300) for c in (1, 2) for v in (1, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = prepare(load_config("cpu.toml", overrides=[f'data.corpus="{path}"', "tokenizer.vocab_size=300",
+                                                       "data.heldout_every=3"]), log=lambda *_: None)
+    assert len(corpus.books) == 300
+    for name in ("train", "heldout"):
+        data, verses = corpus.splits[name], corpus.verses[name]
+        assert data.book.dtype == np.uint16
+        flags = np.flatnonzero(data.verse_start)
+        assert [corpus.books[i] for i in data.book[flags]] == [v.book for v in verses]
+        assert data.chapter[flags].tolist() == [v.chapter for v in verses]
 
 
 def test_batches_are_a_pure_function_of_seed_step_rank(kjv_corpus):

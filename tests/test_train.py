@@ -2,24 +2,55 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
+
+import genesis.train as trainer
+from genesis.config import ConfigError, load_config
+from genesis.train import CHECKPOINT, Interrupted, lr_at, resolve_device, train
 
 from .helpers import ROOT, run_cli
 
 SMALL = ["--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=128",
          "--set", "model.seq_len=64", "--set", "training.micro_batch=8", "--set", "training.eval_batches=2",
          "--set", "training.log_every=5", "--set", "training.warmup_steps=5"]
+SMALL_SETS = SMALL[1::2]
 
 
-def records(run_dir, kind):
+def records(run_dir, kind=None):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
+
+
+def small_config(*overrides):
+    """cpu.toml with the SMALL model: its data and tokenizer settings are the session fixture's, so the token
+    cache built for `kjv_corpus` is reused and an in-process run takes a second or two."""
+    return load_config("cpu.toml", overrides=[*SMALL_SETS, *overrides])
+
+
+@pytest.fixture
+def signal_handlers():
+    """In-process runs and main() install SIGINT/SIGTERM handlers: put pytest's back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def weights(run_dir):
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_short_cpu_run_learns_and_writes_its_run_dir(tmp_path):
@@ -77,7 +108,11 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
 def test_masking_in_the_training_step_logs_and_repeats(tmp_path):
     """`--set masking.enabled=true --set masking.strategy=structural`: the step log shows the masked fraction and
-    masked connectives, and two runs with the same seed mask identically (a different masking seed does not)."""
+    masked connectives, and two runs with the same seed mask identically (a different masking seed does not).
+
+    The masks themselves are compared through the weights: the batches and the model init are the same in all three
+    runs, so the final weights are bit-identical only if every masked input of every step was; a different masking
+    seed changes them."""
     args = [*SMALL, "--set", "training.steps=10", "--set", "training.eval_every=0", "--set", "masking.enabled=true",
             "--set", "masking.strategy=structural"]
     a = run_cli("genesis.train", "--config", "cpu.toml", "--out", str(tmp_path / "a"), *args)
@@ -89,6 +124,9 @@ def test_masking_in_the_training_step_logs_and_repeats(tmp_path):
     assert [(r["masked_connectives"], r["masked_fraction"], r["loss"]) for r in ra] == \
         [(r["masked_connectives"], r["masked_fraction"], r["loss"]) for r in rb]
     assert [r["loss"] for r in ra] != [r["loss"] for r in rc]
+    assert [r["masked_connectives"] for r in ra] != [r["masked_connectives"] for r in rc]
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert not same_weights(tmp_path / "a", tmp_path / "c")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -150,3 +188,206 @@ def test_cpu_config_learns_within_five_minutes(tmp_path):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 400
     assert evals[-1]["heldout_loss"] < 0.6 * evals[0]["heldout_loss"]
     print(f"cpu.toml: {elapsed:.0f} s, held-out loss {evals[0]['heldout_loss']:.3f} -> {evals[-1]['heldout_loss']:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-process runs of train(): the real corpus, tokenizer, model and optimizer, with a hook to count or to signal
+
+
+def signal_self_on_call(monkeypatch, target, name, call, signum, after=True):
+    """Replace `target.name` by a wrapper that sends `signum` to this process during call number `call`: after the
+    real function returns (`after`), or just before it runs."""
+    real, calls = getattr(target, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if not after and len(calls) == call:
+            os.kill(os.getpid(), signum)
+        result = real(*args, **kwargs)
+        if after and len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(target, name, wrapper)
+    return calls
+
+
+def test_grad_accum_steps_the_optimizer_once_per_k_micro_batches(tmp_path, monkeypatch, signal_handlers):
+    """grad_accum = 3 over 4 steps: 12 micro-batches, 4 optimizer steps (the upstream bug stepped every micro-batch),
+    AdamW's own step count is 4 and the learning rate follows the schedule by optimizer step."""
+    cfg = small_config("training.steps=4", "training.grad_accum=3", "training.eval_every=0", "training.log_every=1")
+    batches, step_calls = [], []
+    real_get_batch, real_make_optimizer = trainer.get_batch, trainer.make_optimizer
+
+    def get_batch(*args, **kwargs):
+        batches.append((kwargs["micro"], args[4]))  # (micro-step, step)
+        return real_get_batch(*args, **kwargs)
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        real_step = optimizer.step
+        optimizer.step = lambda *a, **k: (step_calls.append(1), real_step(*a, **k))[1]
+        return optimizer
+
+    monkeypatch.setattr(trainer, "get_batch", get_batch)
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    train(cfg, tmp_path / "run")
+    assert batches == [(micro, step) for step in range(4) for micro in range(3)]
+    assert len(step_calls) == 4
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["optimizer"]["state"]
+    assert {float(s["step"]) for s in state.values()} == {4.0}
+    assert [r["lr"] for r in records(tmp_path / "run", "train")] == [lr_at(i, cfg.training) for i in range(4)]
+
+
+def test_signal_during_the_optimizer_step_keeps_step_count_and_weights_together(tmp_path, monkeypatch,
+                                                                                signal_handlers):
+    """SIGTERM arriving while the second optimizer step runs is held until the step count has caught up: the
+    checkpoint says step 2 with the weights after step 2, so resuming to 4 steps gives the uninterrupted weights
+    (a checkpoint one step behind its weights would train step 2 twice)."""
+    cfg = small_config("training.steps=4", "training.eval_every=0")
+    train(cfg, tmp_path / "straight")
+    real_make_optimizer = trainer.make_optimizer
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        signal_self_on_call(monkeypatch, optimizer, "step", 2, signal.SIGTERM)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "stopped")
+    assert torch.load(tmp_path / "stopped" / CHECKPOINT, weights_only=True)["step"] == 2
+    monkeypatch.setattr(trainer, "make_optimizer", real_make_optimizer)
+    train(cfg, tmp_path / "stopped", resume=True)
+    assert same_weights(tmp_path / "straight", tmp_path / "stopped")
+
+
+@pytest.mark.parametrize("eval_every", [0, 3])
+def test_signal_during_the_final_evaluation_saves_and_resume_writes_it(tmp_path, monkeypatch, signal_handlers,
+                                                                       eval_every):
+    """The comparison runner's settings (eval_every = 0, checkpoint_every > steps) and periodic evaluation: Ctrl-C
+    in the last step's evaluation still leaves a checkpoint of every step, and --resume, with no step left to train,
+    writes that evaluation, so metrics.jsonl ends with the held-out loss of the last step."""
+    cfg = small_config("training.steps=3", f"training.eval_every={eval_every}", "training.checkpoint_every=200")
+    run_dir = tmp_path / "run"
+    evaluations = 1 if eval_every == 0 else 2  # (step 0 with periodic evaluation,) then the last step
+    signal_self_on_call(monkeypatch, trainer, "evaluate_loss", evaluations, signal.SIGINT, after=False)
+    with pytest.raises(Interrupted):
+        train(cfg, run_dir)
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 3
+    assert [r["step"] for r in records(run_dir, "eval")] == ([] if eval_every == 0 else [0])
+    monkeypatch.undo()
+    summary = train(cfg, run_dir, resume=True)
+    last = records(run_dir)[-1]
+    assert last["kind"] == "eval" and last["step"] == 3 and last["heldout_loss"] == summary["last_heldout_loss"]
+    assert [r["step"] for r in records(run_dir, "eval")] == ([3] if eval_every == 0 else [0, 3])
+    assert [r["step"] for r in records(run_dir, "train")] == [3]
+    train(cfg, run_dir, resume=True)  # nothing left to do, and the last step's evaluation is not repeated
+    assert [r["step"] for r in records(run_dir, "eval")] == ([3] if eval_every == 0 else [0, 3])
+
+
+def test_bf16_config_on_a_gpu_without_bf16_warns_once(monkeypatch, capsys):
+    """A pre-Ampere GPU (sm_70) has no bf16: a bf16 (or auto) config runs in fp32 after one warning line; sm_80
+    runs bf16 without one. The GPU is faked (device properties only), as no machine here has such a card."""
+    props = {"major": 7, "minor": 0, "name": "Tesla V100-SXM2-16GB"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(**props))
+    monkeypatch.setattr(torch.version, "hip", None)
+    for dtype in ("bf16", "auto"):
+        cfg = load_config("high_vram.toml", overrides=["training.device=cuda", f"training.dtype={dtype}"])
+        assert resolve_device(cfg) == (torch.device("cuda"), torch.float32)
+        warnings = capsys.readouterr().err.splitlines()
+        assert len(warnings) == 1 and warnings[0].startswith("warning: Tesla V100-SXM2-16GB (sm_70) has no bf16")
+        assert f"training.dtype = '{dtype}' runs in fp32" in warnings[0]
+    cfg = load_config("high_vram.toml", overrides=["training.device=cuda", "training.dtype=fp32"])
+    assert resolve_device(cfg) == (torch.device("cuda"), torch.float32) and not capsys.readouterr().err
+    props.update(major=8, name="NVIDIA A100")
+    cfg = load_config("high_vram.toml", overrides=["training.device=cuda"])
+    assert resolve_device(cfg) == (torch.device("cuda"), torch.bfloat16) and not capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_bf16_on_this_gpu(capsys):
+    """The CUDA twin of the test above: on this machine's GPU, bf16 where it has it, else fp32 with the warning."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    cfg = load_config("high_vram.toml", overrides=["training.device=cuda"])
+    device, dtype = resolve_device(cfg)
+    native = torch.cuda.get_device_properties(device).major >= 8 or bool(torch.version.hip)
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert ("has no bf16" in capsys.readouterr().err) == (not native)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One-line errors from main(): no traceback, exit code 2, and no run directory made for a run that cannot start
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-step run of the SMALL model (its checkpoint is damaged in copies below)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train(small_config("training.steps=2", "training.eval_every=0"), run_dir)
+    assert all(signal.getsignal(s) == h for s, h in saved.items())  # train() puts the caller's handlers back
+    return run_dir
+
+
+def main_error(capsys, *args) -> str:
+    assert trainer.main(["--config", "cpu.toml", *SMALL, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_seq_len_longer_than_a_split_fails_before_the_run_dir(tmp_path, capsys, signal_handlers):
+    out = tmp_path / "run"
+    err = main_error(capsys, "--out", str(out), "--set", "model.seq_len=2000000")
+    assert err.startswith("error: --set model.seq_len=2000000: model.seq_len: 2000000 needs at least 2000001 tokens "
+                          "in each split, but the train split of kjv has ")
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"cpu\.toml: model\.seq_len: .* the heldout split of kjv has"):
+        trainer.check_windows(types.SimpleNamespace(splits={"train": range(10**6), "heldout": range(100)}),
+                              load_config("cpu.toml"))
+
+
+def test_out_that_is_a_file_fails_with_one_line(tmp_path, capsys, signal_handlers):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    assert main_error(capsys, "--out", str(path)) == f"error: {path}: --out names an existing file, not a directory"
+    err = main_error(capsys, "--out", str(path / "run"))
+    assert err.startswith(f"error: {path / 'run'}: cannot create the run directory")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a readable checkpoint"),
+    ("garbage", "not a readable checkpoint"),
+    ("drop optimizer", "not a Genesis checkpoint (missing optimizer)"),
+    ("not a dict", "not a Genesis checkpoint (a list, not a dict)"),
+    ("foreign optimizer", "its optimizer state does not fit this config's model"),
+    ("other model", "does not fit this config's model"),
+])
+def test_resume_from_a_damaged_checkpoint_fails_with_one_line(finished_run, tmp_path, capsys, signal_handlers,
+                                                              damage, message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    path = run_dir / CHECKPOINT
+    ckpt = torch.load(path, weights_only=True)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "garbage":
+        path.write_text("not a checkpoint\n")
+    elif damage == "not a dict":
+        torch.save([1, 2], path)
+    else:
+        if damage == "drop optimizer":
+            del ckpt["optimizer"]
+        elif damage == "foreign optimizer":
+            ckpt["optimizer"] = {"lr": 1.0}
+        else:
+            ckpt["model"] = {"embed.weight": torch.zeros(3, 3)}
+        torch.save(ckpt, path)
+    err = main_error(capsys, "--out", str(run_dir), "--set", "training.steps=3", "--resume")
+    assert err.startswith(f"error: {path}: {message}"), err
+    if "optimizer" not in damage:  # the evaluator loads the weights alone, with the same one-line errors
+        with pytest.raises(trainer.RunError, match=f"^{path}: "):
+            trainer.load_model(path)
