@@ -386,7 +386,7 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     if s.size == 0:
         return out, mask, classes, connectives
     col = s % T
-    around = ids.take(s + _NEIGHBOURS_NP, mode="clip").astype(np.int64)  # (3, n): previous, token, next
+    around = ids.take(s + _NEIGHBOURS_NP, mode="clip").astype(np.int64, copy=False)  # (3, n): previous, token, next
     tok = around[1]
     attached = h.glue_left.take(around[1:]) & h.word_end.take(around[:2])  # (2, n): onto previous, next onto it
     left_glued = attached[0] & (col > 0)
