@@ -382,7 +382,7 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     h = tables.host()
 
     # 1. candidate starts and their neighbours; one-token words (almost all) need one lookup, no comparison
-    s = np.flatnonzero(starts.numpy())
+    s = starts.numpy().nonzero()[0]
     if s.size == 0:
         return out, mask, classes, connectives
     col = s % T
@@ -393,16 +393,16 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     glues_next = attached[1] & (col < T - 1)
     entry = np.where(left_glued | glues_next, -1, h.single_entry.take(tok))
     plen = None  # every match is one token long unless a longer word matched below
-    multi = np.flatnonzero(glues_next & ~left_glued & h.starts_multi.take(tok))
+    multi = (glues_next & ~left_glued & h.starts_multi.take(tok)).nonzero()[0]
     if multi.size:  # keep the starts whose first two tokens begin some longer pattern (a few per 64k tokens)
         pair = tok[multi] * (V + 1) + around[2, multi]
-        at = np.minimum(np.searchsorted(h.multi_prefix, pair), h.multi_prefix.size - 1)
+        at = np.minimum(h.multi_prefix.searchsorted(pair), h.multi_prefix.size - 1)
         multi = multi[h.multi_prefix[at] == pair]
     if multi.size:
         entry, plen = _match_longer_words(ids, s, col, entry, multi, tables, h, T)
 
     # 2. keep the matches
-    hit = np.flatnonzero(entry >= 0)
+    hit = (entry >= 0).nonzero()[0]
     if hit.size == 0:
         return out, mask, classes, connectives
     s, col, entry = s[hit], col[hit], entry[hit]
@@ -426,7 +426,7 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
 
     # 4. one draw per match
     w0, w1, _, _ = _philox_numpy(seed, col, (row + row_offset) & MASK32, step & MASK32, rank & MASK32)
-    chosen = np.flatnonzero(uniform_from_bits_numpy(w0) < prob)
+    chosen = (uniform_from_bits_numpy(w0) < prob).nonzero()[0]
     if chosen.size == 0:
         return out, mask, classes, connectives
     s, entry = s[chosen], entry[chosen]
@@ -437,8 +437,8 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
         pos = s
     else:  # pieces of longer words: repeat each start (and its draw) over its pieces
         n_pieces = plen[chosen]
-        owner = np.repeat(np.arange(s.size), n_pieces)
-        pos = s[owner] + np.arange(owner.size) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+        owner = np.arange(s.size).repeat(n_pieces)
+        pos = s[owner] + np.arange(owner.size) - (n_pieces.cumsum() - n_pieces).repeat(n_pieces)
         entry, w1 = entry[owner], w1[owner]
     out_np = out.view(-1).numpy()
     if tables.bert:
@@ -471,22 +471,22 @@ def _clause_lengths(tables: MaskTables, h, flat: torch.Tensor, s: np.ndarray, co
     lookback = tables.lookback
     row_start = s - col
     if not tables.preceding_clause:
-        stops = np.flatnonzero(tables.clause_boundary.index_select(0, flat).numpy())
+        stops = tables.clause_boundary.index_select(0, flat).numpy().nonzero()[0]
         if stops.size == 0:  # no boundary anywhere: the row start is the nearest one
             return np.minimum(col + 1, lookback)
-        i = np.searchsorted(stops, s) - 1
+        i = stops.searchsorted(s) - 1
         before = np.where(i >= 0, stops.take(i, mode="clip"), -1)
         return np.minimum(s - np.maximum(before, row_start - 1), lookback)
-    stops = np.flatnonzero(tables.clause_stop.index_select(0, flat).numpy())
+    stops = tables.clause_stop.index_select(0, flat).numpy().nonzero()[0]
     if stops.size == 0:
         return np.minimum(col, lookback)  # no stop anywhere: the clause runs back to the row start
     # stops[k] - k is the same for every stop of a run of consecutive positions, and non-decreasing: a binary
     # search for it finds the first stop of the run
     run_key = stops - np.arange(stops.size)
-    i = np.searchsorted(stops, s) - 1
+    i = stops.searchsorted(s) - 1
     i_safe = np.maximum(i, 0)
     adjacent = (i >= 0) & (stops[i_safe] == s - 1)  # a stop run ends right before the start
-    first = np.searchsorted(run_key, run_key[i_safe])
+    first = run_key.searchsorted(run_key[i_safe])
     end = np.where(adjacent, stops[first] - 1, s - 1)  # last token of the preceding clause
     j = np.where(adjacent, first - 1, i)  # last stop before `end`
     before = np.maximum(np.where(j >= 0, stops.take(j, mode="clip"), -1), row_start - 1)
