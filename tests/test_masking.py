@@ -59,14 +59,22 @@ def variant(base, **overrides):
 
 
 def kernel(masker, x, step, verse_start=None, row_offset=0, block=64):
-    """The Triton kernel on KERNEL_DEVICE (inputs already there keep their strides); outputs on x's device."""
-    from genesis.kernels.mask import connective_mask_triton
+    """The Triton kernel on KERNEL_DEVICE (inputs already there keep their strides); outputs on x's device. Both
+    kernel versions run and must agree exactly: version 2 with the smallest window its halo allows (128 tokens for
+    lookback 12 or 30), so that rows span several of its programs too."""
+    from genesis.kernels.mask import connective_mask_triton, window_geometry
 
     home = x.device
     x = x.to(KERNEL_DEVICE)
     verse_start = None if verse_start is None else verse_start.to(KERNEL_DEVICE)
     tables = masker.tables(x.device)
-    out = connective_mask_triton(x, verse_start, tables, masker.seed, step, masker.rank, row_offset, block=block)
+    args = (x, verse_start, tables, masker.seed, step, masker.rank, row_offset)
+    out = connective_mask_triton(*args, block=block)
+    try:
+        window = window_geometry(tables, 128)[0]
+    except ValueError:  # a long lookback: the default window
+        window = None
+    assert_same(connective_mask_triton(*args, version=2, window=window), out, "kernel version 2 vs 1")
     return tuple(t.to(home) for t in out)
 
 
@@ -386,8 +394,9 @@ if sys.argv[2] == "everything":
 else:
     masker = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", clause_length="since_boundary", log=None)
     x, vs = torch.zeros(2, 100, dtype=torch.int32), None
-kernel = compile_for(89, x, vs, masker.tables("cpu"))
-print("compiled", len(kernel.asm["cubin"]), "bytes of sm_89 code")
+for version in (1, 2):
+    kernel = compile_for(89, x, vs, masker.tables("cpu"), version=version)
+    print("compiled version", version, len(kernel.asm["cubin"]), "bytes of sm_89 code")
 """
 
 
@@ -395,7 +404,8 @@ print("compiled", len(kernel.asm["cubin"]), "bytes of sm_89 code")
 def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
     """The interpreter runs Python the compiler rejects (it read a plain module-level constant that compiled
     kernels cannot, and only the first GPU run found out). Triton's compiler and ptxas need no GPU: compile the
-    kernel for an RTX 40xx (sm_89) with every branch on, and with every branch off, as the launcher would."""
+    kernel (both versions) for an RTX 40xx (sm_89) with every branch on, and with every branch off, as the launcher
+    would."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -404,7 +414,7 @@ def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 1 is what launches use
     proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, str(path), variant], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.count("compiled version") == 2, proc.stderr[-3000:]
 
 
 @needs_kernel
