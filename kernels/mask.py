@@ -76,6 +76,26 @@ def _uniform(word):
 
 
 @triton.jit
+def _match_probability(prob_table, entry_weight, cell, entry, matched, USE_WEIGHT: tl.constexpr):
+    """p = prob_table[cell] (x the entry's weight), clamped to [0, 1]; 0 where nothing matched."""
+    prob = tl.load(prob_table + cell, mask=matched, other=0.0)
+    if USE_WEIGHT:
+        prob = prob * tl.load(entry_weight + entry, mask=matched, other=0.0)
+    return tl.minimum(tl.maximum(prob, 0.0), 1.0)
+
+
+@triton.jit
+def _philox_at(seed, column, row, row_offset, step, rank):
+    """The four Philox words at counter (column, row_offset + row, step, rank), key seed, for a block of columns.
+    (Scalar arguments equal to 1 arrive as constexprs; adding them to an int64 block works for both kinds.)"""
+    zero = tl.zeros(column.shape, dtype=tl.int64)
+    row_id = (zero + row + row_offset).to(tl.uint32)
+    step_id = (zero + step).to(tl.uint32)
+    rank_id = (zero + rank).to(tl.uint32)
+    return tl.philox(seed, column.to(tl.uint32), row_id, step_id, rank_id)
+
+
+@triton.jit
 def _connective_mask_kernel(
     # pointers: the batch
     x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr,
@@ -162,20 +182,12 @@ def _connective_mask_kernel(
             capped = tl.minimum(start + 1, LOOKBACK)
             clause_len = tl.min(tl.where(boundary, r_l[None, :], capped[:, None]), axis=1)
         cell = verse_initial.to(tl.int32) * (LOOKBACK + 1) + clause_len
-        prob = tl.load(prob_table + cell, mask=covered, other=0.0)
     else:
-        prob = tl.load(prob_table + 1 + offs * 0, mask=covered, other=0.0)
-    if USE_WEIGHT:
-        prob = prob * tl.load(entry_weight + entry, mask=covered, other=0.0)
-    prob = tl.minimum(tl.maximum(prob, 0.0), 1.0)
+        cell = 1 + offs * 0
+    prob = _match_probability(prob_table, entry_weight, cell, entry, covered, USE_WEIGHT)
 
     # 3. One Philox draw per match, keyed by (seed; start column, row, step, rank).
-    # (scalar arguments equal to 1 arrive as constexprs; adding them to an int64 block works for both kinds)
-    zero = tl.zeros([BLOCK], dtype=tl.int64)
-    row_id = (zero + row + row_offset).to(tl.uint32)
-    step_id = (zero + step).to(tl.uint32)
-    rank_id = (zero + rank).to(tl.uint32)
-    w0, w1, _, _ = tl.philox(seed, start.to(tl.uint32), row_id, step_id, rank_id)
+    w0, w1, _, _ = _philox_at(seed, start, row, row_offset, step, rank)
     selected = covered & (_uniform(w0) < prob)
 
     # 4. Replacement.
@@ -183,7 +195,7 @@ def _connective_mask_kernel(
     if BERT:
         choice = _uniform(w1)
         # the random token of each piece comes from the draw at the piece's own position
-        _, _, w2, _ = tl.philox(seed, offs.to(tl.uint32), row_id, step_id, rank_id)
+        _, _, w2, _ = _philox_at(seed, offs, row, row_offset, step, rank)
         pick = (w2.to(tl.int64) % n_random).to(tl.int64)
         random_tok = tl.load(random_pool + pick, mask=selected, other=0)
         out = tl.where(selected & (choice >= p_mask) & (choice < p_mask_or_random), random_tok.to(out.dtype), out)
@@ -327,20 +339,13 @@ def _connective_mask_kernel_v2(
             last_boundary = tl.where(last_boundary >= 0, w0 + last_boundary, floor)
             clause_len = tl.minimum(col - last_boundary, LOOKBACK)
         cell = verse_initial.to(tl.int32) * (LOOKBACK + 1) + clause_len
-        prob = tl.load(prob_table + cell, mask=matched, other=0.0)
     else:
-        prob = tl.load(prob_table + 1 + idx * 0, mask=matched, other=0.0)
-    if USE_WEIGHT:
-        prob = prob * tl.load(entry_weight + entry, mask=matched, other=0.0)
-    prob = tl.minimum(tl.maximum(prob, 0.0), 1.0)
+        cell = 1 + idx * 0
+    prob = _match_probability(prob_table, entry_weight, cell, entry, matched, USE_WEIGHT)
 
     # 3. Philox at every window position, keyed by (seed; column, row, step, rank): word 0 decides at a start,
     #    word 1 picks its BERT replacement, word 2 is each piece's random token
-    zero = tl.zeros([WINDOW], dtype=tl.int64)
-    row_id = (zero + row + row_offset).to(tl.uint32)
-    step_id = (zero + step).to(tl.uint32)
-    rank_id = (zero + rank).to(tl.uint32)
-    r0, r1, r2, _ = tl.philox(seed, col.to(tl.uint32), row_id, step_id, rank_id)
+    r0, r1, r2, _ = _philox_at(seed, col, row, row_offset, step, rank)
     selected = matched & (_uniform(r0) < prob)
     decision = selected.to(tl.int64) << 39 | tl.where(selected, entry, 0)
     if BERT:
