@@ -50,21 +50,22 @@ DEFAULT_BLOCK = 128
 def _attach(x_row, pos, T, V, token_flags, valid):
     """True where token `pos` glues onto token `pos-1` as part of one word (0 outside the row)."""
     ok = valid & (pos > 0) & (pos < T)
-    cur = tl.load(x_row + pos, mask=ok, other=-1).to(tl.int64)
-    prev = tl.load(x_row + pos - 1, mask=ok, other=-1).to(tl.int64)
-    cur_ok = ok & (cur >= 0) & (cur < V)
-    prev_ok = ok & (prev >= 0) & (prev < V)
-    glue = tl.load(token_flags + cur, mask=cur_ok, other=0).to(tl.int32) & GLUE_LEFT
-    wend = tl.load(token_flags + prev, mask=prev_ok, other=0).to(tl.int32) & WORD_END
-    return cur_ok & prev_ok & (glue != 0) & (wend != 0)
+    glue = _flags_at(x_row, pos, V, token_flags, ok) & GLUE_LEFT
+    wend = _flags_at(x_row, pos - 1, V, token_flags, ok) & WORD_END
+    return (glue != 0) & (wend != 0)
+
+
+@triton.jit
+def _flags_of(tok, V, token_flags, valid):
+    """The `token_flags` bits of the ids `tok` (0 where not valid or outside the vocabulary)."""
+    ok = valid & (tok >= 0) & (tok < V)
+    return tl.load(token_flags + tok, mask=ok, other=0).to(tl.int32)
 
 
 @triton.jit
 def _flags_at(x_row, pos, V, token_flags, valid):
     """The `token_flags` bits of the token at `pos` (0 where not valid or the id is outside the vocabulary)."""
-    tok = tl.load(x_row + pos, mask=valid, other=-1).to(tl.int64)
-    ok = valid & (tok >= 0) & (tok < V)
-    return tl.load(token_flags + tok, mask=ok, other=0).to(tl.int32)
+    return _flags_of(tl.load(x_row + pos, mask=valid, other=-1).to(tl.int64), V, token_flags, valid)
 
 
 @triton.jit
@@ -228,13 +229,6 @@ def _min(a, b):
 @triton.jit
 def _max_pair(a0, a1, b0, b1):
     return tl.maximum(a0, b0), tl.maximum(a1, b1)
-
-
-@triton.jit
-def _flags_of(tok, V, token_flags, valid):
-    """The `token_flags` bits of the ids `tok` (0 where not valid or outside the vocabulary)."""
-    ok = valid & (tok >= 0) & (tok < V)
-    return tl.load(token_flags + tok, mask=ok, other=0).to(tl.int32)
 
 
 @triton.jit
