@@ -753,6 +753,11 @@ def kernel_graph_timing(maskers: dict, strategies: list[str], workloads: list[Wo
     return rows
 
 
+def kernel_variant(row: dict) -> str:
+    """A kernel-alone row's variant: "v1 b128" (version 1, block 128) or "v2 w256" (version 2, window 256)."""
+    return f"v1 b{row['block']}" if row["version"] == 1 else f"v2 w{row['window']}"
+
+
 def print_kernel_table(rows: list[dict], copy_bw: dict) -> None:
     print(f"\nkernel alone (CUDA graph replay, no host overhead); copy bandwidth {copy_bw['gb_per_s']:.0f} GB/s")
     head = (f"{'size':>10} {'strategy':<10} {'kernel':>9} {'us/launch median [p10, p90]':>30} {'GB/s':>7} "
@@ -761,7 +766,7 @@ def print_kernel_table(rows: list[dict], copy_bw: dict) -> None:
     print("-" * len(head))
     for r in rows:
         spread = f"{r['us_median']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}]"
-        name = f"v1 b{r['block']}" if r["version"] == 1 else f"v2 w{r['window']}"
+        name = kernel_variant(r)
         mark = "*" if r["default"] else " "
         print(f"{r['size']:>10} {r['strategy']:<10} {name:>8}{mark} {spread:>30} {r['gb_per_s']:>7.0f} "
               f"{r['pct_of_copy_bw']:>5.0f}%")
@@ -1060,8 +1065,7 @@ def evaluate_targets(rows: list[dict], share: dict | None, device: str, threads:
     by_variant: dict[str, list[float]] = {}
     for r in kernel_rows or []:
         if r["tokens"] >= 2**20:
-            name = f"version 1, block {r['block']}" if r["version"] == 1 else f"version 2, window {r['window']}"
-            by_variant.setdefault(name, []).append(r["pct_of_copy_bw"])
+            by_variant.setdefault(kernel_variant(r), []).append(r["pct_of_copy_bw"])
     big = bool(by_variant)
     if big:
         best = max(by_variant, key=lambda name: min(by_variant[name]))
