@@ -53,6 +53,7 @@ from genesis.tokenizer import find_mask_id
 IGNORE_INDEX = -100
 GLUE_LEFT, WORD_END, CLAUSE_BOUNDARY, VERSE_SEPARATOR = 1, 2, 4, 8
 MASK32 = 0xFFFFFFFF
+SCAN_START, SCAN_STOP = 1, 2  # scan_code bits (the sparse torch path)
 IMPLS = ("auto", "triton", "torch")
 
 
@@ -80,6 +81,8 @@ class MaskTables:
     verse_separator: torch.Tensor  # (V+1,) bool
     clause_stop: torch.Tensor  # (V+1,) bool: clause_boundary | verse_separator (where a preceding clause stops)
     starts_pattern: torch.Tensor  # (V+1,) bool: some pattern starts with this token
+    scan_code: torch.Tensor  # (V+1,) uint8: SCAN_START if starts_pattern, | SCAN_STOP where the clause-length rule
+    #                          stops (structural strategies only): the sparse path's one lookup over the batch
     starts_multi: torch.Tensor  # (V+1,) bool: some pattern of two or more tokens starts with this token
     multi_prefix: torch.Tensor  # (K,) int64, sorted: first * (V + 1) + second token of every longer pattern
     first_pattern: torch.Tensor  # (V+1,) int64: first pattern starting with this token, or -1
@@ -202,17 +205,20 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
     pool = torch.tensor(sorted(set(range(V)) - specials - {mask_id}), dtype=torch.int64)
     if pool.numel() == 0:
         raise MaskingError("the tokenizer has no non-special tokens to draw random replacements from")
+    use_cells = bool((prob_table != prob_table[1]).any())
+    stop = (boundary | separator) if cfg.clause_length == "preceding" else boundary
+    scan_code = ((first >= 0) * SCAN_START + (stop * SCAN_STOP if use_cells else 0)).to(torch.uint8)
     return MaskTables(
         token_flags=flags, glue_left=glue, word_end=wend, clause_boundary=boundary, verse_separator=separator,
         clause_stop=boundary | separator,
-        starts_pattern=first >= 0, starts_multi=starts_multi, multi_prefix=multi_prefix, first_pattern=first,
+        starts_pattern=first >= 0, scan_code=scan_code, starts_multi=starts_multi, multi_prefix=multi_prefix, first_pattern=first,
         pattern_count=count, single_entry=single,
         patterns=patterns, pattern_len=pattern_len, pattern_entry=pattern_entry, length_key=length_key,
         length_pattern=length_pattern, entry_weight=weight,
         entry_class=klass, prob_table=prob_table, random_pool=pool, pattern_lookup=pattern_lookup, vocab_size=V,
         mask_id=mask_id,
         lookback=cfg.lookback, max_pieces=L, max_per_token=max(1, int(count.max())), max_same_length=max_same_length,
-        use_cells=bool((prob_table != prob_table[1]).any()), preceding_clause=cfg.clause_length == "preceding",
+        use_cells=use_cells, preceding_clause=cfg.clause_length == "preceding",
         use_weight=use_weight,
         bert=cfg.replacement == "bert", p_mask=float(cfg.bert_split[0]),
         p_mask_or_random=float(cfg.bert_split[0] + cfg.bert_split[1]),
@@ -280,24 +286,29 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, 
 
 
 def _philox_numpy(seed: int, c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray):
-    """The rounds in numpy, in the same two (2, n) stacks as `_philox_torch` (numpy's flip is a free view): uint64
-    products of two 32-bit words are exact, and `>> 32` is the high word."""
-    even = np.empty((2, np.shape(c0)[0]), dtype=np.uint64)  # counters may be scalars (step, rank): broadcast
-    odd = np.empty_like(even)
+    """The rounds in numpy on two (2, n) uint64 stacks, (c0, c2) and (c1, c3), as `_philox_torch`: uint64 products
+    of two 32-bit words are exact, and `>> 32` is the high word. Multiplying the flipped stack by the flipped
+    multipliers gives the products already in the order the next round wants, so every other operation runs on
+    contiguous arrays, in place (~20% faster than flipping the results)."""
+    n = np.shape(c0)[0]  # counters may be scalars (step, rank): broadcast
+    even, odd, prod = np.empty((2, n), dtype=np.uint64), np.empty((2, n), dtype=np.uint64), np.empty((2, n), np.uint64)
     even[0], even[1], odd[0], odd[1] = c0, c2, c1, c3
-    mult, keys = _philox_constants_numpy(seed)
+    flipped_mult, keys = _philox_constants_numpy(seed)
     mask, shift = np.uint64(MASK32), np.uint64(32)
     for key in keys:
-        prod = even * mult
-        even = (prod >> shift)[::-1] ^ odd ^ key
-        odd = (prod & mask)[::-1]
+        np.multiply(even[::-1], flipped_mult, out=prod)  # (B*c2, A*c0)
+        np.right_shift(prod, shift, out=even)
+        even ^= odd  # c0' = hi(B*c2) ^ c1 ^ k0 ; c2' = hi(A*c0) ^ c3 ^ k1
+        even ^= key
+        np.bitwise_and(prod, mask, out=odd)  # c1' = lo(B*c2) ; c3' = lo(A*c0)
     return even[0], odd[0], even[1], odd[1]
 
 
 @functools.lru_cache(maxsize=64)
 def _philox_constants_numpy(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The multipliers flipped, (B, A), and the round keys, as uint64."""
     mult, keys = _philox_constants(seed, torch.device("cpu"))
-    return mult.numpy().astype(np.uint64), keys.numpy().astype(np.uint64)
+    return np.ascontiguousarray(mult.numpy()[::-1]).astype(np.uint64), keys.numpy().astype(np.uint64)
 
 
 def _philox_torch(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor):
@@ -331,8 +342,8 @@ def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables
     Two layouts of the same computation, chosen by the device (or forced with `layout`, as the tests do):
 
     * "sparse" (CPU tensors): work per connective, not per token. A few passes over the batch (the output copies,
-      one table lookup and one compaction for candidate starts, one more for clause stops where the rules need
-      them), then everything else — word checks, rules, Philox — runs on the candidates (~4% of KJV tokens) in
+      one table lookup and one compaction for candidate starts and, where the rules need them, clause stops),
+      then everything else — word checks, rules, Philox — runs on the candidates (~4% of KJV tokens) in
       numpy, whose per-op cost at these sizes is 2-3x lower than eager torch's (~1 vs ~2.5 us for 2k values, one
       core): at 64x1024 tokens a call is ~40 torch and ~70 numpy calls, set by their count more than by the tokens.
     * "dense" (any other device: GPUs without Triton, MPS): every position in ~190 whole-batch torch calls (64x1024
@@ -374,15 +385,23 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     connectives = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
     flat = out.view(-1)
     try:
-        starts = tables.starts_pattern.index_select(0, flat)
+        code = tables.scan_code.index_select(0, flat)
     except (IndexError, RuntimeError):  # invalid ids map to the neutral slot V (no flags, no patterns)
         flat = flat.long().clamp(-1, V).remainder_(V + 1)
-        starts = tables.starts_pattern.index_select(0, flat)
+        code = tables.scan_code.index_select(0, flat)
     ids = flat.numpy()  # read-only from here; `out` is written at the very end
     h = tables.host()
 
-    # 1. candidate starts and their neighbours; one-token words (almost all) need one lookup, no comparison
-    s = starts.numpy().nonzero()[0]
+    # 1. candidate starts (and, for the structural rules, the clause stops: one lookup and one compaction for
+    #    both) and their neighbours; one-token words (almost all) need one lookup, no comparison
+    code = code.numpy()
+    found = (code != 0).nonzero()[0]  # numpy's nonzero is ~5x faster on bool arrays
+    if tables.use_cells:
+        kind = code.take(found)
+        in_found = (kind != SCAN_STOP).nonzero()[0]  # the starts' indices in `found` (kind: 1, 2 or 3)
+        s = found[in_found]
+    else:
+        s = found
     if s.size == 0:
         return out, mask, classes, connectives
     col = s % T
@@ -406,6 +425,8 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     if hit.size == 0:
         return out, mask, classes, connectives
     s, col, entry = s[hit], col[hit], entry[hit]
+    if tables.use_cells:
+        in_found = in_found[hit]
     if plen is not None:
         plen = plen[hit]
     row = s // T
@@ -416,7 +437,7 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
             verse_initial = verse_start.numpy()[row, col]
         else:
             verse_initial = h.verse_separator.take(around[0, hit]) & (col > 0)
-        cell = verse_initial * (tables.lookback + 1) + _clause_lengths(tables, h, flat, s, col)
+        cell = verse_initial * (tables.lookback + 1) + _clause_lengths(tables, found, kind, in_found, s, col)
         prob = h.prob_table.take(cell)
     else:
         prob = h.prob_table[1:2]
@@ -460,34 +481,38 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
 _NEIGHBOURS_NP = np.array([[-1], [0], [1]])
 
 
-def _clause_lengths(tables: MaskTables, h, flat: torch.Tensor, s: np.ndarray, col: np.ndarray) -> np.ndarray:
-    """clause_len at each match start (sparse layout), from the sorted positions of the batch's stop tokens: one
-    lookup and one compaction over the batch, then binary searches per start. Row starts clamp every look-back,
-    exactly as the kernel's bounded scans do.
+def _clause_lengths(tables: MaskTables, found: np.ndarray, kind: np.ndarray, in_found: np.ndarray, s: np.ndarray,
+                    col: np.ndarray) -> np.ndarray:
+    """clause_len at each match start `s` (sparse layout). `found` holds the sorted positions of the batch's
+    starts and stops (`kind`: their scan codes), `in_found` the index of each match start in it, so a cumulative count
+    of the stops gives the last stop before each start. Row starts clamp every look-back, exactly as the kernel's
+    bounded scans do.
 
     since_boundary: the distance back to the nearest clause-boundary token, the row start counting as one, capped.
     preceding: skip the run of boundary/separator tokens just before the start (0 if it reaches `lookback` tokens
     or the row start), then count the clause tokens before it back to the previous stop or the row start, capped."""
     lookback = tables.lookback
     row_start = s - col
-    if not tables.preceding_clause:
-        stops = tables.clause_boundary.index_select(0, flat).numpy().nonzero()[0]
-        if stops.size == 0:  # no boundary anywhere: the row start is the nearest one
-            return np.minimum(col + 1, lookback)
-        i = stops.searchsorted(s) - 1
-        before = np.where(i >= 0, stops.take(i, mode="clip"), -1)
-        return np.minimum(s - np.maximum(before, row_start - 1), lookback)
-    stops = tables.clause_stop.index_select(0, flat).numpy().nonzero()[0]
-    if stops.size == 0:
-        return np.minimum(col, lookback)  # no stop anywhere: the clause runs back to the row start
-    # stops[k] - k is the same for every stop of a run of consecutive positions, and non-decreasing: a binary
-    # search for it finds the first stop of the run
-    run_key = stops - np.arange(stops.size)
-    i = stops.searchsorted(s) - 1
+    is_stop = kind >= SCAN_STOP
+    stops = found.compress(is_stop)
+    if stops.size == 0:  # no stop anywhere: the clause runs back to the row start (counting as a boundary)
+        return np.minimum(col + 1, lookback) if not tables.preceding_clause else np.minimum(col, lookback)
+    i = is_stop.cumsum().take(in_found) - is_stop.take(in_found) - 1  # the last stop before each start (-1: none)
     i_safe = np.maximum(i, 0)
-    adjacent = (i >= 0) & (stops[i_safe] == s - 1)  # a stop run ends right before the start
-    first = run_key.searchsorted(run_key[i_safe])
-    end = np.where(adjacent, stops[first] - 1, s - 1)  # last token of the preceding clause
+    last = stops.take(i_safe)
+    if not tables.preceding_clause:
+        return np.minimum(s - np.maximum(np.where(i >= 0, last, -1), row_start - 1), lookback)
+    # the first stop of the run that ends at stop i: step back while the previous stop is the previous position.
+    # Runs are short (", " or ".\n"); after lookback - 1 steps the start is `lookback` tokens from `end`, which is
+    # not counted whatever the run's true length, so the walk stops there
+    adjacent = (i >= 0) & (last == s - 1)  # a stop run ends right before the start
+    first = i_safe.copy()
+    for _ in range(lookback - 1):
+        back = (first > 0) & (stops.take(first - 1, mode="clip") == stops.take(first) - 1)
+        if not back.any():
+            break
+        first -= back
+    end = np.where(adjacent, stops.take(first) - 1, s - 1)  # last token of the preceding clause
     j = np.where(adjacent, first - 1, i)  # last stop before `end`
     before = np.maximum(np.where(j >= 0, stops.take(j, mode="clip"), -1), row_start - 1)
     counted = (end >= row_start) & (s - 1 - end < lookback)

@@ -362,6 +362,44 @@ def test_batches_without_any_clause_boundary(tok, base_masker, mode):
                                 label)
 
 
+def test_long_runs_of_clause_stops(tok, base_masker):
+    """Runs of 0 to lookback + 3 stop tokens before a connective, after clauses of 0 to 14 words, and runs that
+    reach back to the row start: the torch path walks back over a run at most lookback - 1 steps, which must give
+    the documented clause_len (checked through rules with p in {0, 1}) whatever the run's length; the kernel (where
+    it runs) must agree on these rows too."""
+    lookback = 12
+    lex = base_masker.lexicon
+    stops = np.flatnonzero(lex.clause_boundary)
+    separator = int(np.flatnonzero(lex.verse_separator)[0])
+    words = np.flatnonzero(~(lex.clause_boundary | lex.verse_separator | lex.special))
+    connective = tok.encode("for", add_special_tokens=False).ids
+    assert len(connective) == 1 and find_matches(connective, lex)
+    rng = np.random.default_rng(11)
+    rows = []
+    for row_start_run in range(lookback + 4):  # a run from the row start, then segments
+        row = [int(rng.choice(stops))] * row_start_run + connective
+        while len(row) < 400:
+            run = int(rng.integers(lookback + 4))
+            row += rng.choice(words, int(rng.integers(15))).tolist()
+            row += [separator if rng.random() < 0.2 else int(rng.choice(stops)) for _ in range(run)] + connective
+        rows.append(row[:400])
+    x = torch.tensor(rows, dtype=torch.int64)
+    for mode in ("preceding", "since_boundary"):
+        for low, high in ((0, 5), (3, 9), (8, 13)):
+            masker = variant(base_masker, strategy="structural", clause_length=mode, lookback=lookback,
+                             rules=[dict(p=1.0, clause_len_gt=low, clause_len_lt=high), dict(p=0.0)])
+            out = torch_path(masker, x, 0)
+            expected = torch.zeros_like(out[1])
+            for b, row in enumerate(rows):
+                for start, length, _, _, cl in reference_cells(row, None, lex, lookback, mode):
+                    expected[b, start:start + length] = low < cl < high
+            label = f"{mode}, {low} < clause_len < {high}"
+            assert torch.equal(out[1], expected), label
+            assert expected.any() and (~expected[x == connective[0]]).any(), label
+            if KERNEL_RUNS and low == 3:
+                assert_same(kernel(masker, x, 2, block=64), out, label)
+
+
 @needs_kernel
 def test_kernel_reads_strided_rows(tok, kjv_rows):
     """The trainer's inputs are (B, T) views of (B, T+1) windows: the kernel reads them in place."""
