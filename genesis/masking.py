@@ -211,8 +211,8 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
     return MaskTables(
         token_flags=flags, glue_left=glue, word_end=wend, clause_boundary=boundary, verse_separator=separator,
         clause_stop=boundary | separator,
-        starts_pattern=first >= 0, scan_code=scan_code, starts_multi=starts_multi, multi_prefix=multi_prefix, first_pattern=first,
-        pattern_count=count, single_entry=single,
+        starts_pattern=first >= 0, scan_code=scan_code, starts_multi=starts_multi, multi_prefix=multi_prefix,
+        first_pattern=first, pattern_count=count, single_entry=single,
         patterns=patterns, pattern_len=pattern_len, pattern_entry=pattern_entry, length_key=length_key,
         length_pattern=length_pattern, entry_weight=weight,
         entry_class=klass, prob_table=prob_table, random_pool=pool, pattern_lookup=pattern_lookup, vocab_size=V,
