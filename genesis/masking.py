@@ -110,6 +110,7 @@ class MaskTables:
     bert: bool
     p_mask: float
     p_mask_or_random: float
+    start_can_stop: bool = False  # some token both starts a pattern and stops a clause (the sparse path's count)
 
     def to(self, device: torch.device | str) -> MaskTables:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -222,6 +223,7 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
         use_weight=use_weight,
         bert=cfg.replacement == "bert", p_mask=float(cfg.bert_split[0]),
         p_mask_or_random=float(cfg.bert_split[0] + cfg.bert_split[1]),
+        start_can_stop=bool((scan_code == SCAN_START | SCAN_STOP).any()),
     )
 
 
@@ -380,9 +382,6 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     catches invalid ids for free); the candidate stage is numpy."""
     B, T = out.shape
     V = tables.vocab_size
-    mask = torch.zeros((B, T), dtype=torch.bool)
-    classes = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
-    connectives = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
     flat = out.view(-1)
     try:
         code = tables.scan_code.index_select(0, flat)
@@ -403,41 +402,48 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     else:
         s = found
     if s.size == 0:
-        return out, mask, classes, connectives
-    col = s % T
-    around = ids.take(s + _NEIGHBOURS_NP, mode="clip").astype(np.int64, copy=False)  # (3, n): previous, token, next
+        return (out, *_unmasked(B, T))
+    around = ids.take(s + _NEIGHBOURS_NP, mode="clip")  # (3, n): previous, token, next
     tok = around[1]
     attached = h.glue_left.take(around[1:]) & h.word_end.take(around[:2])  # (2, n): onto previous, next onto it
-    left_glued = attached[0] & (col > 0)
-    glues_next = attached[1] & (col < T - 1)
-    entry = np.where(left_glued | glues_next, -1, h.single_entry.take(tok))
+    entry = h.single_entry.take(tok)
     plen = None  # every match is one token long unless a longer word matched below
-    multi = (glues_next & ~left_glued & h.starts_multi.take(tok)).nonzero()[0]
-    if multi.size:  # keep the starts whose first two tokens begin some longer pattern (a few per 64k tokens)
-        pair = tok[multi] * (V + 1) + around[2, multi]
-        at = np.minimum(h.multi_prefix.searchsorted(pair), h.multi_prefix.size - 1)
-        multi = multi[h.multi_prefix[at] == pair]
-    if multi.size:
-        entry, plen = _match_longer_words(ids, s, col, entry, multi, tables, h, T)
+    glued = (attached[0] | attached[1]).nonzero()[0]
+    if glued.size:  # starts glued to a neighbour (a few percent): row edges cut the glue, then the word decides
+        column = s.take(glued) % T
+        left = attached[0].take(glued) & (column > 0)
+        right = attached[1].take(glued) & (column < T - 1)
+        entry[glued[left | right]] = -1
+        multi = glued[right & ~left & h.starts_multi.take(tok.take(glued))]
+        if multi.size:  # keep the starts whose first two tokens begin some longer pattern (a few per 64k tokens)
+            pair = tok.take(multi).astype(np.int64) * (V + 1) + around[2].take(multi)
+            at = np.minimum(h.multi_prefix.searchsorted(pair), h.multi_prefix.size - 1)
+            multi = multi[h.multi_prefix.take(at) == pair]
+        if multi.size:
+            entry, plen = _match_longer_words(ids, s, entry, multi, tables, h, T)
 
     # 2. keep the matches
     hit = (entry >= 0).nonzero()[0]
     if hit.size == 0:
-        return out, mask, classes, connectives
-    s, col, entry = s[hit], col[hit], entry[hit]
-    if tables.use_cells:
-        in_found = in_found[hit]
+        return (out, *_unmasked(B, T))
+    s, entry = s.take(hit), entry.take(hit)
     if plen is not None:
-        plen = plen[hit]
-    row = s // T
+        plen = plen.take(hit)
+    row, col = np.divmod(s, T)
 
     # 3. the probability at each match start
     if tables.use_cells:
         if verse_start is not None:
             verse_initial = verse_start.numpy()[row, col]
         else:
-            verse_initial = h.verse_separator.take(around[0, hit]) & (col > 0)
-        cell = verse_initial * (tables.lookback + 1) + _clause_lengths(tables, found, kind, in_found, s, col)
+            verse_initial = h.verse_separator.take(around[0].take(hit)) & (col > 0)
+        # `found` holds m starts before the m-th one, so in_found - m stops (the starts that are stops too
+        # counted again, where a lexicon has any)
+        stops_before = in_found.take(hit) - hit
+        if tables.start_can_stop:
+            stops_before += (kind.take(in_found) >= SCAN_STOP).cumsum().take(hit) - (kind.take(in_found.take(hit))
+                                                                                     >= SCAN_STOP)
+        cell = verse_initial * (tables.lookback + 1) + _clause_lengths(tables, found, kind, stops_before, s, col)
         prob = h.prob_table.take(cell)
     else:
         prob = h.prob_table[1:2]
@@ -449,10 +455,12 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     w0, w1, _, _ = _philox_numpy(seed, col, (row + row_offset) & MASK32, step & MASK32, rank & MASK32)
     chosen = (uniform_from_bits_numpy(w0) < prob).nonzero()[0]
     if chosen.size == 0:
-        return out, mask, classes, connectives
+        return (out, *_unmasked(B, T))
     s, entry = s[chosen], entry[chosen]
 
-    # 5. write every piece of every chosen word
+    # 5. write every piece of every chosen word (the outputs are made here, after the candidate stage, which then
+    #    finds the batch and its lookups still in the cache)
+    mask, classes, connectives = _unmasked(B, T)
     w1 = w1[chosen]
     if plen is None:
         pos = s
@@ -478,48 +486,50 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     return out, mask, classes, connectives
 
 
+def _unmasked(B: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mask, classes and connectives of a (B, T) CPU batch where nothing is masked."""
+    return (torch.zeros((B, T), dtype=torch.bool), torch.full((B, T), IGNORE_INDEX, dtype=torch.int64),
+            torch.full((B, T), IGNORE_INDEX, dtype=torch.int64))
+
+
 _NEIGHBOURS_NP = np.array([[-1], [0], [1]])
 
 
-def _clause_lengths(tables: MaskTables, found: np.ndarray, kind: np.ndarray, in_found: np.ndarray, s: np.ndarray,
-                    col: np.ndarray) -> np.ndarray:
+def _clause_lengths(tables: MaskTables, found: np.ndarray, kind: np.ndarray, stops_before: np.ndarray,
+                    s: np.ndarray, col: np.ndarray) -> np.ndarray:
     """clause_len at each match start `s` (sparse layout). `found` holds the sorted positions of the batch's
-    starts and stops (`kind`: their scan codes), `in_found` the index of each match start in it, so a cumulative count
-    of the stops gives the last stop before each start. Row starts clamp every look-back, exactly as the kernel's
-    bounded scans do.
+    starts and stops (`kind`: their scan codes), `stops_before` how many stops precede each start. Row starts clamp
+    every look-back, exactly as the kernel's bounded scans do.
 
     since_boundary: the distance back to the nearest clause-boundary token, the row start counting as one, capped.
     preceding: skip the run of boundary/separator tokens just before the start (0 if it reaches `lookback` tokens
     or the row start), then count the clause tokens before it back to the previous stop or the row start, capped."""
     lookback = tables.lookback
-    row_start = s - col
     is_stop = kind >= SCAN_STOP
-    stops = found.compress(is_stop)
-    if stops.size == 0:  # no stop anywhere: the clause runs back to the row start (counting as a boundary)
-        return np.minimum(col + 1, lookback) if not tables.preceding_clause else np.minimum(col, lookback)
-    i = is_stop.cumsum().take(in_found) - is_stop.take(in_found) - 1  # the last stop before each start (-1: none)
-    i_safe = np.maximum(i, 0)
-    last = stops.take(i_safe)
+    stops = np.empty(np.count_nonzero(is_stop) + 1, dtype=np.int64)
+    stops[0] = -2  # a sentinel before every stop, never the position before one: stops[k] is the k-th stop
+    np.compress(is_stop, found, out=stops[1:])
+    last = stops.take(stops_before)  # the last stop before each start
+    row_before = s - col - 1
     if not tables.preceding_clause:
-        return np.minimum(s - np.maximum(np.where(i >= 0, last, -1), row_start - 1), lookback)
-    # the first stop of the run that ends at stop i: step back while the previous stop is the previous position.
-    # Runs are short (", " or ".\n"); after lookback - 1 steps the start is `lookback` tokens from `end`, which is
-    # not counted whatever the run's true length, so the walk stops there
-    adjacent = (i >= 0) & (last == s - 1)  # a stop run ends right before the start
-    first = i_safe.copy()
+        return np.minimum(s - np.maximum(last, row_before), lookback)
+    # a run of stops ends right before the start: walk back to its first stop while the previous stop is the
+    # previous position. Runs are short (", " or ".\n"); after lookback - 1 steps the start is `lookback` tokens
+    # from the clause's end, which is not counted whatever the run's true length, so the walk stops there
+    adjacent = last == s - 1
+    first = np.where(adjacent, stops_before, 0)
     for _ in range(lookback - 1):
-        back = (first > 0) & (stops.take(first - 1, mode="clip") == stops.take(first) - 1)
+        back = stops.take(first - 1, mode="clip") == stops.take(first) - 1
         if not back.any():
             break
         first -= back
     end = np.where(adjacent, stops.take(first) - 1, s - 1)  # last token of the preceding clause
-    j = np.where(adjacent, first - 1, i)  # last stop before `end`
-    before = np.maximum(np.where(j >= 0, stops.take(j, mode="clip"), -1), row_start - 1)
-    counted = (end >= row_start) & (s - 1 - end < lookback)
-    return np.where(counted, np.minimum(end - before, lookback), 0)
+    before = np.maximum(stops.take(np.where(adjacent, first - 1, stops_before)), row_before)  # its last stop
+    # end - before <= 0 exactly when the clause would start before the row (end < row start)
+    return np.where(s - end <= lookback, np.minimum(np.maximum(end - before, 0), lookback), 0)
 
 
-def _match_longer_words(ids: np.ndarray, s, col, entry, multi, tables: MaskTables, h, T: int):
+def _match_longer_words(ids: np.ndarray, s, entry, multi, tables: MaskTables, h, T: int):
     """Patterns of two or more tokens at the starts `multi` (a handful per 64k tokens), in a plain loop: measure the
     word run there (the start plus the glued tokens after it, counted up to L + 1, longer than any pattern) and
     look its tokens up. A pattern's pieces glue onto each other, so a pattern of length k matches at a start
@@ -527,7 +537,8 @@ def _match_longer_words(ids: np.ndarray, s, col, entry, multi, tables: MaskTable
     the updated entries and the match lengths of all starts."""
     glue, wend = h.glue_left, h.word_end
     entry, plen = entry.copy(), np.ones_like(s)
-    for k, start, column in zip(multi.tolist(), s[multi].tolist(), col[multi].tolist()):
+    for k, start in zip(multi.tolist(), s[multi].tolist()):
+        column = start % T
         run = 1
         while column + run < T and run <= tables.max_pieces:
             if not (glue[ids[start + run]] and wend[ids[start + run - 1]]):
