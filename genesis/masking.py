@@ -493,6 +493,7 @@ def _unmasked(B: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 _NEIGHBOURS_NP = np.array([[-1], [0], [1]])
+_SENTINEL = np.array([-2])
 
 
 def _clause_lengths(tables: MaskTables, found: np.ndarray, kind: np.ndarray, stops_before: np.ndarray,
@@ -506,9 +507,8 @@ def _clause_lengths(tables: MaskTables, found: np.ndarray, kind: np.ndarray, sto
     or the row start), then count the clause tokens before it back to the previous stop or the row start, capped."""
     lookback = tables.lookback
     is_stop = kind >= SCAN_STOP
-    stops = np.empty(np.count_nonzero(is_stop) + 1, dtype=np.int64)
-    stops[0] = -2  # a sentinel before every stop, never the position before one: stops[k] is the k-th stop
-    np.compress(is_stop, found, out=stops[1:])
+    # a sentinel before every stop, never the position before one: stops[k] is the k-th stop
+    stops = np.concatenate((_SENTINEL, found.compress(is_stop)))
     last = stops.take(stops_before)  # the last stop before each start
     row_before = s - col - 1
     if not tables.preceding_clause:
