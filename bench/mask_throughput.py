@@ -28,9 +28,10 @@ Checks run before anything is timed; the script exits 1 if one fails:
   15% of non-special tokens selected, 80% of those replaced by [MASK]. Genesis outputs are also checked position
   by position against `genesis.lexicon.find_matches` (whole words masked, classes and connective ids right).
 
-Timing: warm-up, then repeats interleaved round-robin over the providers of one size (load drift on a shared machine
-hits all alike), as many as fit in --budget seconds per provider (between --min-repeats and --repeats); median and
-p10/p90. On CUDA each call is timed with CUDA events after an L2 flush (device time; the flush also lets the host
+Timing: warm-up, then repeats interleaved round-robin over the providers of one size, in a new random order every
+round (load drift on a shared machine hits all alike; --order blocked times each provider's calls back to back
+instead, on warm caches), as many as fit in --budget seconds per provider (between --min-repeats and --repeats);
+median and p10/p90. On CUDA each call is timed with CUDA events after an L2 flush (device time; the flush also lets the host
 run ahead, hiding launch overhead) and again host-synchronised (wall time, what a step pays).
 """
 
@@ -646,27 +647,39 @@ def summarize(samples: list[float]) -> dict:
 
 
 def time_providers(providers: list[Provider], warmup: int, repeats: int, min_repeats: int, budget_s: float,
-                   flush: L2Flush | None) -> dict:
-    """Warm every provider up, then time them round-robin; each gets as many repeats as fit its budget. Every round
-    runs the providers in a new (seeded) random order, so each is timed after each of the others about equally
-    often: a call right after the HF collator or the loop finds the caches cold (one core: 64x1024 structural took
-    0.46 ms back to back, ~0.7 ms right after the collator), and a fixed cyclic order would give that penalty to
-    whichever provider follows the collator."""
+                   flush: L2Flush | None, order: str = "shuffled") -> dict:
+    """Warm every provider up, then time it; each gets as many repeats as fit its budget.
+
+    shuffled (the default): round-robin, every round in a new (seeded) random order, so each provider is timed
+    after each of the others about equally often. On the CPU the order matters for short calls: a call after
+    ~10 ms of other work finds the caches cold — after the HF collator or the loop, but after a 10 ms sleep as
+    well (on this shared 2-core VM the caches decay with time alone) — and a fixed cyclic order would give that
+    penalty to whichever provider follows the collator.
+    blocked: each provider's repeats back to back (warm caches; what timeit or torch.utils.benchmark report)."""
     counts, wall, device = {}, {p.key: [] for p in providers}, {p.key: [] for p in providers}
     for p in providers:
         ms = 0.0
         for i in range(warmup):
             ms, _ = time_call(p, i, flush)
         counts[p.key] = int(min(repeats, max(min_repeats, budget_s * 1e3 / max(ms, 1e-3))))
-    order, shuffle = list(providers), random.Random(SEED).shuffle
-    for r in range(max(counts.values(), default=0)):
-        shuffle(order)
-        for p in order:
-            if r < counts[p.key]:
-                w, d = time_call(p, warmup + r, flush)
-                wall[p.key].append(w)
-                if d is not None:
-                    device[p.key].append(d)
+
+    def record(p: Provider, r: int) -> None:
+        w, d = time_call(p, warmup + r, flush)
+        wall[p.key].append(w)
+        if d is not None:
+            device[p.key].append(d)
+
+    if order == "blocked":
+        for p in providers:
+            for r in range(counts[p.key]):
+                record(p, r)
+    else:
+        shuffled, shuffle = list(providers), random.Random(SEED).shuffle
+        for r in range(max(counts.values(), default=0)):
+            shuffle(shuffled)
+            for p in shuffled:
+                if r < counts[p.key]:
+                    record(p, r)
     return {p.key: {"wall": summarize(wall[p.key]), "device": summarize(device[p.key]) if device[p.key] else None}
             for p in providers}
 
@@ -1042,14 +1055,14 @@ def print_table(rows: list[dict], device: str) -> None:
 
 
 def evaluate_targets(rows: list[dict], share: dict | None, device: str, threads: int,
-                     kernel_rows: list[dict] | None = None) -> list[dict]:
+                     kernel_rows: list[dict] | None = None, order: str = "shuffled") -> list[dict]:
     def find(size, provider, strategy="structural"):
         return next((r for r in rows if r["size"] == size and r["provider"] == provider and r["strategy"] == strategy),
                     None)
 
     targets = []
     cpu = find("64x1024", "torch-cpu")
-    note = f"{threads} thread(s)" + ("" if threads == 1 else " (the target is for one core)")
+    note = f"{threads} thread(s), {order} order" + ("" if threads == 1 else " (the target is for one core)")
     for what, key, goal in (("the per-sample loop", "ratio_to_loop", 5.0), ("the HF collator", "ratio_to_hf", 20.0)):
         value = cpu[key] if cpu else None
         targets.append({"target": f"CPU torch path, structural, 64x1024, one core: >= {goal:g}x {what}",
@@ -1139,6 +1152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-repeats", type=int, default=5, help="fewest timed calls, whatever the budget")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per provider and size")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per provider and size")
+    p.add_argument("--order", choices=("shuffled", "blocked"), default="shuffled",
+                   help="shuffled: providers interleaved in a new random order every round (a call may follow "
+                        "another provider's, on cold caches); blocked: each provider's calls back to back (warm)")
     p.add_argument("--batches", type=int, default=4, help="distinct batches per size, cycled through")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: one core)")
     p.add_argument("--layout", choices=("view", "contiguous"), default="view",
@@ -1262,10 +1278,10 @@ def main(argv=None) -> int:
     copy_bw = copy_bandwidth_gb_s() if args.device == "cuda" else None
     timings = {}
     for work in workloads:
-        log(f"timing {work.name} ...")
+        log(f"timing {work.name} ({args.order} order) ...")
         datasets = {s: loop_dataset(s, work.T) for s in args.strategies}
         timings[work.name] = time_providers(list(providers_for(work, datasets).values()), args.warmup, args.repeats,
-                                            args.min_repeats, args.budget, flush)
+                                            args.min_repeats, args.budget, flush, args.order)
     del flush
     rows = build_rows(workloads, args.strategies, timings, args.device, copy_bw)
     print()
@@ -1303,7 +1319,7 @@ def main(argv=None) -> int:
         prof["strategy"] = strategy
         print_profile(prof)
 
-    targets = evaluate_targets(rows, share, args.device, args.threads, kernel_rows)
+    targets = evaluate_targets(rows, share, args.device, args.threads, kernel_rows, args.order)
     print_targets(targets)
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(f"\nload average (1, 5, 15 min) at start {fmt_load(info['loadavg_start'])}, at end "
