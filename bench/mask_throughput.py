@@ -31,8 +31,8 @@ Checks run before anything is timed; the script exits 1 if one fails:
 Timing: warm-up, then repeats interleaved round-robin over the providers of one size, in a new random order every
 round (load drift on a shared machine hits all alike; --order blocked times each provider's calls back to back
 instead, on warm caches), as many as fit in --budget seconds per provider (between --min-repeats and --repeats);
-median and p10/p90. On CUDA each call is timed with CUDA events after an L2 flush (device time; the flush also lets the host
-run ahead, hiding launch overhead) and again host-synchronised (wall time, what a step pays).
+median and p10/p90. On CUDA each call is timed with CUDA events after an L2 flush (device time; the flush also lets
+the host run ahead, hiding launch overhead) and again host-synchronised (wall time, what a step pays).
 """
 
 from __future__ import annotations

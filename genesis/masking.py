@@ -347,7 +347,8 @@ def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables
       one table lookup and one compaction for candidate starts and, where the rules need them, clause stops),
       then everything else — word checks, rules, Philox — runs on the candidates (~4% of KJV tokens) in
       numpy, whose per-op cost at these sizes is 2-3x lower than eager torch's (~1 vs ~2.5 us for 2k values, one
-      core): at 64x1024 tokens a call is ~40 torch and ~70 numpy calls, set by their count more than by the tokens.
+      core): at 64x1024 tokens a call is ~50 torch and ~100 numpy calls (0.33 ms warm, one core), set by their
+      count and by how warm the caches are more than by the tokens (bench/RESULTS.md).
     * "dense" (any other device: GPUs without Triton, MPS): every position in ~190 whole-batch torch calls (64x1024
       structural, torch.profiler) and no host synchronisation, so the host never waits for the device. Compacting
       on CUDA instead costs a sync per compaction and ~900 small launches (3.7 ms per call on an H100 at any size,
