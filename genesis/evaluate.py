@@ -662,7 +662,7 @@ class EvalContext:
 def load_split_verses(corpus: str, cfg: Config, split: str) -> list[Verse]:
     verses = load_corpus(corpus, "auto" if corpus != cfg.data.corpus else cfg.data.format, cfg.data.reference_pattern,
                          cfg.data.lines_per_chapter)
-    return split_verses(verses, cfg.data)[split]
+    return split_verses(verses, cfg.data, cfg.origin_of)[split]  # errors name the checkpoint its config came from
 
 
 def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str | None = None, split: str = "heldout",

@@ -556,7 +556,14 @@ def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
     bad_corpus.write_bytes(b"Genesis 1:1 In the beginning\n\xff\xfe broken\n")
     unreadable = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--corpus", str(bad_corpus),
                          "--no-plots", check=False)
-    for proc, needle in ((missing, "checkpoint not found"), (unreadable, "not valid UTF-8")):
+    one_chapter = tmp_path / "one.txt"  # one chapter cannot fill both splits of the run's heldout_every
+    one_chapter.write_text("Genesis 1:1 In the beginning God created the heaven and the earth.\n"
+                           "Genesis 1:2 And the earth was without form, and void.\n")
+    split = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--corpus", str(one_chapter), "--no-plots",
+                    check=False)
+    assert split.stderr.startswith(f"error: {tiny_run / 'checkpoint.pt'}: data.heldout_every: the "), split.stderr
+    for proc, needle in ((missing, "checkpoint not found"), (unreadable, "not valid UTF-8"),
+                         (split, "split is empty")):
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and needle in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
