@@ -400,6 +400,53 @@ def test_long_runs_of_clause_stops(tok, base_masker):
                 assert_same(kernel(masker, x, 2, block=64), out, label)
 
 
+@pytest.mark.parametrize("mode", ["preceding", "since_boundary"])
+def test_tokens_that_start_a_connective_and_end_a_clause(tok, base_masker, kjv_rows, mode):
+    """A token can both start a pattern and end a clause (a tokenizer that keeps "for," as one token, with ','
+    in clause_punctuation); the sparse path then counts the stops before a start differently. The tables are
+    edited so that the one-token connectives "for" and "but" are clause boundaries too: the sparse and dense
+    layouts (and the kernel, where it runs) must still agree, on KJV and adversarial rows, for rules with p in
+    {0, 1} (where the edit changes the mask) and for the default rules with weights and BERT replacement."""
+    import dataclasses
+
+    from genesis.masking import CLAUSE_BOUNDARY, SCAN_STOP
+
+    deterministic = variant(base_masker, strategy="structural", clause_length=mode, lookback=12,
+                            rules=[dict(p=1.0, clause_len_gt=0, clause_len_lt=6), dict(p=0.0)])
+    randomized = variant(base_masker, strategy="structural", structural_weights=True, clause_length=mode,
+                         lookback=12, replacement="bert")
+    both = [tok.encode(w, add_special_tokens=False).ids[0] for w in (" for", " but", "for", "but")]
+    rng = np.random.default_rng(2)
+    batches = {"kjv": kjv_rows[0][10:26], "adversarial": adversarial_batch(base_masker, (3, 300), seed=4)}
+    changed = 0  # batches whose deterministic mask the edit changes
+    for masker in (deterministic, randomized):
+        tables = masker.tables("cpu")
+        edited = {name: getattr(tables, name).clone() for name in ("token_flags", "clause_boundary",
+                                                                    "clause_stop", "scan_code")}
+        for v in both:
+            assert tables.single_entry[v] >= 0, tok.id_to_token(v)
+            edited["token_flags"][v] |= CLAUSE_BOUNDARY
+            edited["clause_boundary"][v] = edited["clause_stop"][v] = True
+            edited["scan_code"][v] |= SCAN_STOP
+        edited = dataclasses.replace(tables, **edited, start_can_stop=True)
+        for name, x in batches.items():
+            vs = torch.from_numpy(rng.random(tuple(x.shape)) < 0.1)
+            for verse_start in (vs, None):
+                label = f"{mode}, {name}, verse_start {'given' if verse_start is not None else 'None'}"
+                args = (x, verse_start, edited, masker.seed, 6, 0, 2)
+                sparse = mask_torch(*args, layout="sparse")
+                assert_same(mask_torch(*args, layout="dense"), sparse, label)
+                if masker is deterministic:
+                    changed += not torch.equal(sparse[1], mask_torch(x, verse_start, tables, masker.seed, 6)[1])
+                if KERNEL_RUNS and name == "adversarial":  # (the interpreter would take ~10 s per KJV batch)
+                    from genesis.kernels.mask import connective_mask_triton
+
+                    on_device = (t.to(KERNEL_DEVICE) if t is not None else None for t in (x, verse_start))
+                    got = connective_mask_triton(*on_device, edited.to(KERNEL_DEVICE), masker.seed, 6, 0, 2)
+                    assert_same(tuple(t.cpu() for t in got), sparse, label + ", kernel")
+    assert changed >= 2, f"{mode}: the edit changed the mask of {changed} of 4 batches"
+
+
 @needs_kernel
 def test_kernel_reads_strided_rows(tok, kjv_rows):
     """The trainer's inputs are (B, T) views of (B, T+1) windows: the kernel reads them in place."""
