@@ -72,7 +72,9 @@ class MaskTables:
 
     Per-vocab arrays have V + 1 entries: the last is a neutral slot the torch path maps invalid ids to. The
     probability table and the entry weights are plain tensors: a schedule or an adaptive scheme may update them in
-    place between steps without rebuilding anything."""
+    place between steps without rebuilding anything, within the shape the configuration gave them: the cells are
+    read only where `use_cells` (the built table varies over verse_initial / clause_len; else every match reads
+    cell 1) and the weights only where `use_weight` (weighted, or structural_weights)."""
 
     token_flags: torch.Tensor  # (V+1,) uint8: GLUE_LEFT | WORD_END | CLAUSE_BOUNDARY | VERSE_SEPARATOR (kernel)
     glue_left: torch.Tensor  # (V+1,) bool, the same bits unpacked for the torch path
