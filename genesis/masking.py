@@ -82,9 +82,8 @@ class MaskTables:
     clause_boundary: torch.Tensor  # (V+1,) bool
     verse_separator: torch.Tensor  # (V+1,) bool
     clause_stop: torch.Tensor  # (V+1,) bool: clause_boundary | verse_separator (where a preceding clause stops)
-    starts_pattern: torch.Tensor  # (V+1,) bool: some pattern starts with this token
-    scan_code: torch.Tensor  # (V+1,) uint8: SCAN_START if starts_pattern, | SCAN_STOP where the clause-length rule
-    #                          stops (structural strategies only): the sparse path's one lookup over the batch
+    scan_code: torch.Tensor  # (V+1,) uint8: SCAN_START where some pattern starts with this token, | SCAN_STOP where
+    #                          the clause-length rule stops (structural strategies only): the sparse path's lookup
     starts_multi: torch.Tensor  # (V+1,) bool: some pattern of two or more tokens starts with this token
     multi_prefix: torch.Tensor  # (K,) int64, sorted: first * (V + 1) + second token of every longer pattern
     first_pattern: torch.Tensor  # (V+1,) int64: first pattern starting with this token, or -1
@@ -209,12 +208,12 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
     if pool.numel() == 0:
         raise MaskingError("the tokenizer has no non-special tokens to draw random replacements from")
     use_cells = bool((prob_table != prob_table[1]).any())
-    stop = (boundary | separator) if cfg.clause_length == "preceding" else boundary
+    clause_stop = boundary | separator
+    stop = clause_stop if cfg.clause_length == "preceding" else boundary
     scan_code = ((first >= 0) * SCAN_START + (stop * SCAN_STOP if use_cells else 0)).to(torch.uint8)
     return MaskTables(
         token_flags=flags, glue_left=glue, word_end=wend, clause_boundary=boundary, verse_separator=separator,
-        clause_stop=boundary | separator,
-        starts_pattern=first >= 0, scan_code=scan_code, starts_multi=starts_multi, multi_prefix=multi_prefix,
+        clause_stop=clause_stop, scan_code=scan_code, starts_multi=starts_multi, multi_prefix=multi_prefix,
         first_pattern=first, pattern_count=count, single_entry=single,
         patterns=patterns, pattern_len=pattern_len, pattern_entry=pattern_entry, length_key=length_key,
         length_pattern=length_pattern, entry_weight=weight,
@@ -444,8 +443,8 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
         # counted again, where a lexicon has any)
         stops_before = in_found.take(hit) - hit
         if tables.start_can_stop:
-            stops_before += (kind.take(in_found) >= SCAN_STOP).cumsum().take(hit) - (kind.take(in_found.take(hit))
-                                                                                     >= SCAN_STOP)
+            start_stops = kind.take(in_found) >= SCAN_STOP
+            stops_before += start_stops.cumsum().take(hit) - start_stops.take(hit)
         cell = verse_initial * (tables.lookback + 1) + _clause_lengths(tables, found, kind, stops_before, s, col)
         prob = h.prob_table.take(cell)
     else:
@@ -537,9 +536,9 @@ def _match_longer_words(ids: np.ndarray, s, entry, multi, tables: MaskTables, h,
     word run there (the start plus the glued tokens after it, counted up to L + 1, longer than any pattern) and
     look its tokens up. A pattern's pieces glue onto each other, so a pattern of length k matches at a start
     exactly when the start is not glued to its left, the run there is k tokens long and the tokens agree. Returns
-    the updated entries and the match lengths of all starts."""
+    `entry` updated in place and the match lengths of all starts."""
     glue, wend = h.glue_left, h.word_end
-    entry, plen = entry.copy(), np.ones_like(s)
+    plen = np.ones_like(s)
     for k, start in zip(multi.tolist(), s[multi].tolist()):
         column = start % T
         run = 1
