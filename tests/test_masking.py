@@ -58,16 +58,17 @@ def variant(base, **overrides):
     return ConnectiveMasker(base.lexicon, cfg, base.mask_id, seed=base.seed, rank=base.rank, log=None)
 
 
-def kernel(masker, x, step, verse_start=None, row_offset=0, block=64):
+def kernel(masker, x, step, verse_start=None, row_offset=0, block=64, tables=None):
     """The Triton kernel on KERNEL_DEVICE (inputs already there keep their strides); outputs on x's device. Both
     kernel versions run and must agree exactly: version 2 with the smallest window its halo allows (128 tokens for
-    lookback 12 or 30), so that rows span several of its programs too."""
+    lookback 12 or 30), so that rows span several of its programs too. `tables` replaces the masker's (CPU)
+    tables."""
     from genesis.kernels.mask import connective_mask_triton, window_geometry
 
     home = x.device
     x = x.to(KERNEL_DEVICE)
     verse_start = None if verse_start is None else verse_start.to(KERNEL_DEVICE)
-    tables = masker.tables(x.device)
+    tables = masker.tables(x.device) if tables is None else tables.to(x.device)
     args = (x, verse_start, tables, masker.seed, step, masker.rank, row_offset)
     out = connective_mask_triton(*args, block=block)
     try:
@@ -433,17 +434,14 @@ def test_tokens_that_start_a_connective_and_end_a_clause(tok, base_masker, kjv_r
             vs = torch.from_numpy(rng.random(tuple(x.shape)) < 0.1)
             for verse_start in (vs, None):
                 label = f"{mode}, {name}, verse_start {'given' if verse_start is not None else 'None'}"
-                args = (x, verse_start, edited, masker.seed, 6, 0, 2)
+                args = (x, verse_start, edited, masker.seed, 6, masker.rank, 2)
                 sparse = mask_torch(*args, layout="sparse")
                 assert_same(mask_torch(*args, layout="dense"), sparse, label)
                 if masker is deterministic:
-                    changed += not torch.equal(sparse[1], mask_torch(x, verse_start, tables, masker.seed, 6)[1])
+                    changed += not torch.equal(sparse[1], mask_torch(x, verse_start, tables, *args[3:])[1])
                 if KERNEL_RUNS and name == "adversarial":  # (the interpreter would take ~10 s per KJV batch)
-                    from genesis.kernels.mask import connective_mask_triton
-
-                    on_device = (t.to(KERNEL_DEVICE) if t is not None else None for t in (x, verse_start))
-                    got = connective_mask_triton(*on_device, edited.to(KERNEL_DEVICE), masker.seed, 6, 0, 2)
-                    assert_same(tuple(t.cpu() for t in got), sparse, label + ", kernel")
+                    assert_same(kernel(masker, x, 6, verse_start, row_offset=2, tables=edited), sparse,
+                                label + ", kernel")
     assert changed >= 2, f"{mode}: the edit changed the mask of {changed} of 4 batches"
 
 
