@@ -396,7 +396,8 @@ def connective_mask_triton(input_ids: torch.Tensor, verse_start: torch.Tensor | 
     bench/mask_throughput.py on a GPU.
     """
     B, T = input_ids.shape
-    out = torch.empty_like(input_ids)
+    # outputs row-major whatever the input's layout: the kernel writes column c of row r at r * T + c
+    out = torch.empty((B, T), dtype=input_ids.dtype, device=input_ids.device)
     mask = torch.empty((B, T), dtype=torch.bool, device=input_ids.device)
     classes = torch.empty((B, T), dtype=torch.int64, device=input_ids.device)
     connectives = torch.empty((B, T), dtype=torch.int64, device=input_ids.device)
@@ -465,7 +466,7 @@ def compile_for(capability: int, input_ids: torch.Tensor, verse_start: torch.Ten
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    outputs = (torch.empty_like(input_ids), torch.empty(input_ids.shape, dtype=torch.bool),
+    outputs = (torch.empty(input_ids.shape, dtype=input_ids.dtype), torch.empty(input_ids.shape, dtype=torch.bool),
                torch.empty(input_ids.shape, dtype=torch.int64), torch.empty(input_ids.shape, dtype=torch.int64))
     kernel, args, meta, _, options = _launch(input_ids, verse_start, outputs, tables, 0, 0, 0, 0, block, version,
                                              window)

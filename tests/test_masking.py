@@ -458,6 +458,22 @@ def test_kernel_reads_strided_rows(tok, kjv_rows):
 
 
 @needs_kernel
+def test_kernel_on_transposed_inputs(tok, kjv_rows):
+    """Column-strided inputs (a transposed copy, strides (1, B)) give row-major outputs equal to the contiguous
+    input's: the kernel copies them to rows and writes its outputs row-major."""
+    masker = make_masker(tok, strategy="uniform", mask_prob=1.0)
+    x, vs = kjv_rows[0][:3, :200].contiguous(), kjv_rows[1][:3, :200].contiguous()
+    xt, vst = x.t().contiguous().t().to(KERNEL_DEVICE), vs.t().contiguous().t().to(KERNEL_DEVICE)
+    assert xt.stride() == (1, 3)
+    expected = torch_path(masker, x, 5, vs)
+    assert bool(expected[1].any())
+    got = kernel(masker, xt, 5, vst)
+    assert all(t.is_contiguous() for t in got)
+    assert_same(got, expected)
+    assert_same(torch_path(masker, xt.cpu(), 5, vst.cpu()), expected)
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_block_size(tok, kjv_rows):
     masker = make_masker(tok, strategy="structural")
     x, vs = kjv_rows[0][:1, :500].contiguous(), kjv_rows[1][:1, :500].contiguous()
