@@ -53,6 +53,7 @@ from genesis.evaluate import (
     checkpoint_identity,
     evaluate_checkpoint,
     flushed_denormals,
+    resolve_device,
     write_json,
 )
 from genesis.tokenizer import TokenizerError
@@ -519,6 +520,7 @@ def _main(args: argparse.Namespace, command: str) -> int:
     try:
         if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
             raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
+        resolve_device(args.device)  # a bad --device fails now, not after the first run's training
         runs = plan_runs(args)
         print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}", flush=True)
         trained, evaluated = {}, {}
@@ -527,6 +529,10 @@ def _main(args: argparse.Namespace, command: str) -> int:
             head = f"[{k}/{len(runs)}] {spec.name}"
             cfg = check_run_dir(spec, args)
             done = _read_json(spec.run_dir / "train.done")
+            if done is not None and not (spec.run_dir / CHECKPOINT).is_file():
+                print(f"{head}: training was done but {CHECKPOINT} is gone: training again", flush=True)
+                (spec.run_dir / "train.done").unlink()  # an interrupted retraining must not pass for a finished one
+                done = None
             if done is not None:
                 print(f"{head}: training done, skipping", flush=True)
             else:

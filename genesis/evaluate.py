@@ -160,6 +160,10 @@ def load_run(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") 
     if not tok_path.is_file():
         raise RunError(f"{tok_path}: not found; the run's tokenizer must sit beside its checkpoint")
     tokenizer = load_tokenizer_file(tok_path)
+    ids, rows = tokenizer.get_vocab_size(with_added_tokens=True), model.args.vocab_size
+    if ids != rows:  # the trainer sizes the embedding to the tokenizer: this tokenizer is another run's
+        raise RunError(f"{tok_path}: {ids:,} token ids, but the model in {path.name} has {rows:,} (the tokenizer of "
+                       f"another run?)")
     model.eval()
     return Run(model=model, cfg=cfg, tokenizer=tokenizer, step=int(ckpt.get("step", 0)), checkpoint=path,
                identity=run_identity(ckpt, tok_path))
@@ -985,11 +989,24 @@ def flushed_denormals():
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto (CUDA if available, else the CPU), cpu, cuda, cuda:N or mps, checked here: a device torch would only
+    refuse later (while loading the checkpoint) is one line naming --device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: CUDA is not available")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise EvalError(f"--device {name}: not a device here (auto, cpu, cuda, cuda:N or mps)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {name}: CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EvalError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {name}: MPS is not available")
+    return dev
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, corpus: str | None = None, split: str = "heldout",

@@ -18,10 +18,12 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -242,11 +244,17 @@ def _first_line(e: BaseException) -> str:
 
 def read_checkpoint(path: str | os.PathLike, device="cpu", need=("model", "model_args", "step")) -> dict:
     """The checkpoint dict, with the keys in `need`; a missing, truncated or foreign file is one RunError line."""
+    if not Path(path).is_file():
+        raise RunError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is no checkpoint of ours
+        raise RunError(f"{path}: not a checkpoint (not the zip archive torch.save writes: another kind of file, "
+                       f"or one cut short)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+    except pickle.UnpicklingError:  # objects beyond tensors and plain data: not written by Genesis
+        raise RunError(f"{path}: not a Genesis checkpoint (it holds objects other than tensors and plain data)") \
+            from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for a damaged archive
         raise RunError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise RunError(f"{path}: not a Genesis checkpoint (a {type(ckpt).__name__}, not a dict)")

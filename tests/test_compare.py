@@ -144,6 +144,19 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     assert "[1/2] none-seed1: evaluating" in fifth and "[2/2] same-seed1: evaluation done, skipping" in fifth
     assert "## Cloze accuracy by class and position" in (out / "report.md").read_text()
 
+    # a finished run whose checkpoint was deleted is trained again; the same seed gives the same weights, so its
+    # eval.json (which names the weights it measured) still answers
+    (done / "checkpoint.pt").unlink()
+    assert compare.main(argv) == 0
+    sixth = capsys.readouterr().out
+    assert "[1/2] none-seed1: training was done but checkpoint.pt is gone: training again" in sixth
+    assert "[1/2] none-seed1: evaluation done, skipping" in sixth and (done / "checkpoint.pt").is_file()
+    assert json.loads((done / "eval.json").read_text())["checkpoint_identity"] == checkpoint_identity(done)
+
+    # a bad --device fails before any training, naming the option
+    assert compare.main([*argv, "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device tpu: not a device here")
+
     # the same directory with other settings is refused, not silently reused
     assert compare.main([*argv[:5], "6", *argv[6:]]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err

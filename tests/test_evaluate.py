@@ -5,12 +5,14 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from genesis import evaluate as ev
 from genesis.config import load_config
@@ -562,8 +564,21 @@ def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
     split = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--corpus", str(one_chapter), "--no-plots",
                     check=False)
     assert split.stderr.startswith(f"error: {tiny_run / 'checkpoint.pt'}: data.heldout_every: the "), split.stderr
+    text = tmp_path / "text.pt"
+    text.write_text("garbage\n")
+    not_checkpoint = run_cli("genesis.evaluate", "--checkpoint", str(text), check=False)
+    device = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--device", "tpu", check=False)
+    other = tmp_path / "other"  # the run's checkpoint beside a tokenizer with two more ids
+    other.mkdir()
+    shutil.copy(tiny_run / "checkpoint.pt", other / "checkpoint.pt")
+    bigger = Tokenizer.from_file(str(tiny_run / "tokenizer.json"))
+    bigger.add_tokens(["qqqx", "qqqy"])
+    bigger.save(str(other / "tokenizer.json"))
+    tokenizer = run_cli("genesis.evaluate", "--checkpoint", str(other), "--no-plots", check=False)
     for proc, needle in ((missing, "checkpoint not found"), (unreadable, "not valid UTF-8"),
-                         (split, "split is empty")):
+                         (split, "split is empty"), (not_checkpoint, "text.pt: not a checkpoint (not the zip"),
+                         (device, "--device tpu: not a device here"),
+                         (tokenizer, "token ids, but the model in checkpoint.pt has")):
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and needle in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
