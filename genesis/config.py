@@ -2,15 +2,18 @@
 
 Precedence, lowest first: dataclass defaults < the TOML file < `--mode NAME` preset < `--set section.key=value`.
 Every problem (unknown section or key, wrong type, value out of range) raises `ConfigError` with a one-line
-message naming the file, the key and the reason; `genesis.train` prints it without a traceback.
+message naming the file (or the `--mode` / `--set` that caused it), the key and the reason; `genesis.train` prints
+it without a traceback.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -29,11 +32,12 @@ class ConfigError(Exception):
 
 
 class _Invalid(ValueError):
-    """Raised by `__post_init__` validators: the key (relative to its section) and the reason."""
+    """Raised by `__post_init__` validators: the key (relative to its section) and the reason; `also`: the other
+    keys a cross-field check involves, so that the error can name whoever set any of them."""
 
-    def __init__(self, key: str, reason: str):
+    def __init__(self, key: str, reason: str, also: tuple[str, ...] = ()):
         super().__init__(f"{key}: {reason}")
-        self.key, self.reason = key, reason
+        self.key, self.reason, self.also = key, reason, tuple(also)
 
 
 def doc(default: Any, text: str) -> Any:
@@ -53,9 +57,18 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _check(cond: bool, key: str, reason: str) -> None:
+def _check(cond: bool, key: str, reason: str, also: tuple[str, ...] = ()) -> None:
     if not cond:
-        raise _Invalid(key, reason)
+        raise _Invalid(key, reason, also)
+
+
+# Seeds go to torch.manual_seed (accepts [-2**63, 2**64)), numpy's SeedSequence (>= 0) and the masking Philox key
+# (two 32-bit words of a non-negative int64, see ConnectiveMasker): [0, 2**63) is what all of them accept.
+SEED_RANGE = "[0, 2**63)"
+
+
+def _check_seed(seed: int | None, key: str) -> None:
+    _check(seed is None or 0 <= seed < 2**63, key, f"must be in {SEED_RANGE} (got {seed})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,8 +95,6 @@ class DataConfig:
         _check(self.heldout_every >= 2, "heldout_every", f"must be >= 2 (got {self.heldout_every})")
         _check(self.lines_per_chapter >= 1, "lines_per_chapter", f"must be >= 1 (got {self.lines_per_chapter})")
         _check(bool(self.corpus), "corpus", "must not be empty")
-        import re
-
         try:
             pattern = re.compile(self.reference_pattern)
         except re.error as e:
@@ -119,10 +130,12 @@ class ModelConfig:
     def __post_init__(self):
         for key in ("n_layers", "dim", "n_heads", "seq_len"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
-        _check(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads ({self.dim} % {self.n_heads} != 0)")
-        _check((self.dim // self.n_heads) % 2 == 0, "dim", "dim / n_heads must be even for RoPE")
+        _check(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads ({self.dim} % {self.n_heads} != 0)",
+               also=("n_heads",))
+        _check((self.dim // self.n_heads) % 2 == 0, "dim", "dim / n_heads must be even for RoPE", also=("n_heads",))
         kv = self.n_kv_heads or self.n_heads
-        _check(kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", f"must divide n_heads={self.n_heads} (got {kv})")
+        _check(kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", f"must divide n_heads={self.n_heads} (got {kv})",
+               also=("n_heads",))
         _check(self.ffn_dim >= 0, "ffn_dim", f"must be >= 0 (got {self.ffn_dim})")
         _check(self.rope_theta > 0, "rope_theta", "must be > 0")
         _check(self.norm_eps > 0, "norm_eps", "must be > 0")
@@ -147,7 +160,7 @@ class TrainingConfig:
     eval_batches: int = doc(16, "held-out batches per evaluation (windows spread evenly over the held-out text)")
     log_every: int = doc(10, "one log line and metrics.jsonl record every N steps")
     checkpoint_every: int = doc(500, "checkpoint every N steps (and at the end); 0 saves only at the end")
-    seed: int = doc(1337, "seeds the model init, batches and (unless masking.seed is set) masking")
+    seed: int = doc(1337, f"seeds the model init, batches and (unless masking.seed is set) masking; in {SEED_RANGE}")
     device: str = doc("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     expected_device: str = doc("", "the device the config is sized for ('cuda'); on a machine without it, warn once")
     out_dir: str = doc("", "run directory; default runs/<config name>")
@@ -158,7 +171,8 @@ class TrainingConfig:
         for key in ("warmup_steps", "eval_every", "checkpoint_every"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0 (got {getattr(self, key)})")
         _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
-        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})",
+               also=("lr",))
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         for key in ("beta1", "beta2"):
             _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1) (got {getattr(self, key)})")
@@ -167,6 +181,7 @@ class TrainingConfig:
         ok_device = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(ok_device, "device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         _check(self.expected_device in ("", "cpu", "cuda"), "expected_device", "must be '', 'cpu' or 'cuda'")
+        _check_seed(self.seed, "seed")
 
 
 @dataclass
@@ -238,7 +253,7 @@ class MaskingConfig:
     default_connectives: bool = doc(True, "start from the built-in lexicon; false uses only [masking.connectives]")
     connectives: dict[str, ConnectiveEntry] = doc({}, "[masking.connectives] word = {weight = .., class = ..}")
     impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
-    seed: int | None = doc(None, "masking seed; default training.seed")
+    seed: int | None = doc(None, f"masking seed, in {SEED_RANGE}; default training.seed")
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "strategy",
@@ -255,7 +270,9 @@ class MaskingConfig:
         _check(abs(sum(self.bert_split) - 1.0) < 1e-6, "bert_split", f"must sum to 1 (got {sum(self.bert_split)})")
         _check(self.impl in ("auto", "triton", "torch"), "impl", f"must be auto, triton or torch (got {self.impl!r})")
         _check(bool(self.verse_separator), "verse_separator", "must not be empty")
-        _check(bool(self.rules) or self.strategy != "structural", "rules", "structural masking needs at least one rule")
+        _check(bool(self.rules) or self.strategy != "structural", "rules", "structural masking needs at least one rule",
+               also=("strategy",))
+        _check_seed(self.seed, "seed")
 
 
 @dataclass
@@ -271,10 +288,18 @@ class Config:
 
     def origin_of(self, key: str) -> str:
         """Where the value of dotted `key` came from: `--set ...`, `--mode NAME`, else the config file."""
-        for k, where in self.origins.items():
-            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
-                return where
-        return self.source
+        found = [where for k, where in self.origins.items() if _related(key, k)]
+        return found[-1] if found else self.source  # origins are in the order applied: the last one wins
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether dotted key `inner` names a value inside `outer` (`masking.rules[0].p` inside `masking.rules`)."""
+    return inner.startswith(outer + ".") or inner.startswith(outer + "[")
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether dotted keys `a` and `b` name the same value, or one lies inside the other."""
+    return a == b or _inside(a, b) or _inside(b, a)
 
 
 _META = ("name", "source", "origins")
@@ -350,8 +375,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 _ALIASES = {"class": "cls"}  # TOML keys that are Python keywords
 
 
-def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass `cls` from a TOML table; errors carry the dotted key under `prefix`."""
+def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The keyword arguments of dataclass `cls` from a TOML table: unknown keys and wrong types raise, values are
+    converted; no `__post_init__` checks yet. Errors carry the dotted key under `prefix`."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -362,18 +388,26 @@ def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
             valid = ", ".join(sorted({k for k, v in _ALIASES.items() if v in names} | names - set(_ALIASES.values())))
             raise _Invalid(dotted, f"unknown key (valid keys: {valid})")
         kwargs[name] = _convert(value, hints[name], dotted)
+    return kwargs
+
+
+def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a TOML table; errors carry the dotted key under `prefix`."""
+    kwargs = _fields(cls, table, prefix)
     try:
         return cls(**kwargs)
     except _Invalid as e:
         if e.key.startswith(prefix + ".") or not prefix:
             raise
-        raise _Invalid(f"{prefix}.{e.key}" if prefix else e.key, e.reason) from None
+        raise _Invalid(f"{prefix}.{e.key}", e.reason, tuple(f"{prefix}.{k}" for k in e.also)) from None
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base`, table by table; `over`'s values are copied (a preset stays unchanged
+    when a --set later writes into the merged table)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -437,26 +471,34 @@ def load_config(name: str | None = None, mode: str | None = None,
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: cannot read: {e}") from None
-    origin: dict[str, str] = {}  # dotted key -> where its value came from, when not from the file
-    where = source
     try:
-        modes = dict(MODES)
         file_modes = table.pop("modes", {})
         _check_modes(file_modes)  # every preset in the file, used or not: a mistake there is the file's
-        modes.update(file_modes)
-        if mode is not None:
-            where = f"--mode {mode}"
-            if mode not in modes:
-                raise _Invalid("mode", f"unknown mode {mode!r} (known: {', '.join(sorted(modes))})")
-            preset = modes[mode]
-            table = _merge(table, preset)
-            origin.update({f"{sec}.{k}": where for sec, keys in preset.items() for k in keys})
-        for text in overrides:
-            where = f"--set {text}"
+    except _Invalid as e:
+        raise ConfigError(f"{source}: {e.key}: {e.reason}") from None
+    modes = {**MODES, **file_modes}
+    origin: dict[str, str] = {}  # dotted key -> the --mode or --set its value came from (in the order applied)
+    from_file_preset: set[str] = set()  # keys set by the file's own [modes.NAME]: errors name the file
+    if mode is not None:
+        if mode not in modes:
+            raise ConfigError(f"--mode {mode}: mode: unknown mode {mode!r} (known: {', '.join(sorted(modes))})")
+        preset = modes[mode]
+        table = _merge(table, preset)
+        keys = [f"{sec}.{k}" for sec, keys in preset.items() for k in keys]
+        if mode in file_modes:
+            from_file_preset.update(keys)
+        else:
+            origin.update(dict.fromkeys(keys, f"--mode {mode}"))
+    for text in overrides:
+        try:
             key, value = parse_override(text)
             _set_dotted(table, key, value)
-            origin[key] = where
-        where = source
+        except _Invalid as e:
+            raise ConfigError(f"--set {text}: {e.key}: {e.reason}") from None
+        for k in [k for k in origin if k == key or _inside(k, key)]:
+            del origin[k]  # replaced by this --set (and re-added last: the order stays the order applied)
+        origin[key] = f"--set {text}"
+    try:
         for section in table:
             if section not in SECTIONS:
                 raise _Invalid(section, f"unknown section (valid sections: {', '.join(SECTIONS)}, modes)")
@@ -464,14 +506,23 @@ def load_config(name: str | None = None, mode: str | None = None,
                 raise _Invalid(section, "expected a table")
         parts = {s: build(tp, table.get(s, {}), s) for s, tp in SECTIONS.items()}
     except _Invalid as e:
-        where = next((w for k, w in origin.items() if e.key == k or e.key.startswith(k + ".")), where)
-        raise ConfigError(f"{where}: {e.key}: {e.reason}") from None
+        # Name every --mode / --set that set one of the keys involved (the key itself, a table holding it, a key
+        # inside it, or another key of a cross-field check). If none did, name the file, and a key that the file's
+        # own [modes.NAME] preset set by its place there.
+        involved = (e.key, *e.also)
+        where = ", ".join(dict.fromkeys(w for k, w in origin.items() if any(_related(k, i) for i in involved)))
+        key = e.key
+        if not where:
+            where = source
+            key = f"modes.{mode}.{e.key}" if e.key in from_file_preset else e.key
+        raise ConfigError(f"{where}: {key}: {e.reason}") from None
     stem = Path(source).stem if name is not None else "default"
     return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source, origins=origin)
 
 
 def _check_modes(file_modes: Any) -> None:
-    """`[modes.NAME]` presets: tables of model and training tables."""
+    """`[modes.NAME]` presets: tables of model and training tables, with known keys and values of the right type.
+    Range and cross-field checks need the file's sections under the preset: they run when the preset is used."""
     if not isinstance(file_modes, dict):
         raise _Invalid("modes", "expected a table of [modes.NAME] presets")
     for name, preset in file_modes.items():
@@ -484,6 +535,7 @@ def _check_modes(file_modes: Any) -> None:
         for section, keys in preset.items():
             if not isinstance(keys, dict):
                 raise _Invalid(f"modes.{name}.{section}", f"expected a table of {section} keys, got {keys!r}")
+            _fields(SECTIONS[section], keys, f"modes.{name}.{section}")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -511,7 +563,7 @@ def to_toml(cfg: Config) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            return _string(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, dict):
@@ -534,8 +586,17 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def _string(s: str) -> str:
+    """A TOML basic string: backslash, quote and the control characters U+0000-U+001F and U+007F escaped."""
+    return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if c < " " or c == "\x7f" else c) for c in s) + '"'
+
+
 def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else '"' + k + '"'
+    """A TOML key: bare where the spec allows it (ASCII letters, digits, _ and -), else a quoted basic string."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _string(k)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:

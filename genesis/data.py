@@ -10,6 +10,7 @@ batches.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -52,9 +53,15 @@ def split_verses(verses: list[Verse], cfg: DataConfig, origin_of=None) -> dict[s
     out: dict[str, list[Verse]] = {s: [] for s in SPLITS}
     for v in verses:
         out["heldout" if is_heldout(v.book, v.chapter, cfg) else "train"].append(v)
-    unknown = set(cfg.heldout_books) - {v.book for v in verses}
+    books = list(dict.fromkeys(v.book for v in verses))
+    unknown = sorted(set(cfg.heldout_books) - set(books))
     if unknown:
-        fail("data.heldout_books", f"not in the corpus: {', '.join(sorted(unknown))}")
+        named = []
+        for book in unknown:  # the KJV's "Revelation of John", not "Revelation": suggest the corpus's spelling
+            close = [repr(b) for b in difflib.get_close_matches(book, books)]
+            options = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+            named.append(book + (f" (did you mean {options}?)" if close else ""))
+        fail("data.heldout_books", f"not in the corpus: {', '.join(named)}")
     if not out["train"] or not out["heldout"]:
         chapters = len({(v.book, v.chapter) for v in verses})
         counts = f"{cfg.corpus} has {len(verses)} verses in {chapters} chapters"

@@ -137,3 +137,153 @@ def test_show_config_lists_keys_with_docs():
     proc = run_cli("genesis.train", "--config", "cpu.toml", "--show-config")
     assert "[masking]" in proc.stdout
     assert "# masking.strategy = 'weighted'  # uniform | weighted | structural" in proc.stdout
+
+
+@pytest.mark.parametrize("text, key", [
+    ("training.seed=-1", "training.seed"),
+    ("training.seed=9223372036854775808", "training.seed"),
+    ("training.seed=18446744073709551616", "training.seed"),
+    ("masking.seed=-1", "masking.seed"),
+    ("masking.seed=9223372036854775808", "masking.seed"),
+])
+def test_seeds_out_of_range_fail_in_config(text, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu.toml", overrides=[text])
+    assert str(err.value).startswith(f"--set {text}: {key}: must be in [0, 2**63) (got "), str(err.value)
+
+
+def test_seed_range_is_what_every_consumer_accepts():
+    """[0, 2**63): numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64, the masking Philox key < 2**63."""
+    import numpy as np
+    import torch
+
+    top = 2**63 - 1
+    cfg = load_config("cpu.toml", overrides=[f"training.seed={top}", f"masking.seed={top}"])
+    assert cfg.training.seed == cfg.masking.seed == top
+    assert load_config("cpu.toml", overrides=["training.seed=0", "masking.seed=0"]).masking.seed == 0
+    torch.manual_seed(top)
+    np.random.SeedSequence([top, 0, 0, 0, 0x6E5])
+
+
+@pytest.mark.parametrize("mode, overrides, where, rest", [
+    (None, ["trainin.steps=1"], "--set trainin.steps=1", "trainin: unknown section"),
+    (None, ["masking.rules=[{p=2}]"], "--set masking.rules=[{p=2}]", "masking.rules[0].p: must be in [0, 1]"),
+    (None, ["masking.rules[0].p=0.5"], "--set masking.rules[0].p=0.5", "masking.rules[0]: unknown key"),
+    (None, ["masking.connectives.hence.class=x"], "--set masking.connectives.hence.class=x",
+     "masking.connectives.hence.class: must be one of"),
+    # cross-field checks: every --set or --mode that set one of the keys involved
+    (None, ["training.steps=5", "training.lr=1e-4"], "--set training.lr=1e-4",
+     "training.min_lr: must be in [0, lr=0.0001]"),
+    (None, ["model.n_heads=5"], "--set model.n_heads=5", "model.dim: must be divisible by n_heads"),
+    ("tiny", ["model.n_heads=5"], "--mode tiny, --set model.n_heads=5", "model.dim: must be divisible by n_heads"),
+    (None, ["masking.strategy=structural", "masking.rules=[]"],
+     "--set masking.strategy=structural, --set masking.rules=[]", "masking.rules: structural masking needs"),
+    (None, ["model.n_kv_heads=3"], "--set model.n_kv_heads=3", "model.n_kv_heads: must divide n_heads=4"),
+])
+def test_set_errors_name_the_set(mode, overrides, where, rest):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu.toml", mode=mode, overrides=overrides)
+    assert str(err.value).startswith(f"{where}: {rest}"), str(err.value)
+
+
+def test_errors_the_set_did_not_cause_name_the_file(tmp_path):
+    path = write(tmp_path, "[training]\nlr = 1e-5\n[trainin]\nsteps = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides=["training.steps=3", "training.seed=1"])
+    assert str(err.value).startswith(f"{path}: trainin: unknown section"), str(err.value)
+    path = write(tmp_path, "[training]\nlr = 1e-5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides=["training.steps=3", "training.seed=1"])
+    assert str(err.value).startswith(f"{path}: training.min_lr: must be in [0, lr=1e-05]"), str(err.value)
+
+
+def test_a_later_set_of_a_table_replaces_the_origins_inside_it():
+    first, second = "masking.connectives.hence.weight=0.9", "masking.connectives={hence = {weight = 0.5}}"
+    cfg = load_config("cpu.toml", overrides=[first, second])
+    assert cfg.origin_of("masking.connectives.hence.weight") == f"--set {second}"
+    assert cfg.origin_of("masking.rules[1].p").endswith("cpu.toml")
+    cfg = load_config("cpu.toml", overrides=["masking.rules=[{p=0.5}]"])
+    assert cfg.origin_of("masking.rules[0].p") == "--set masking.rules=[{p=0.5}]"
+
+
+def test_presets_are_never_changed_by_overrides():
+    import copy
+
+    from genesis.config import MODES
+
+    before = copy.deepcopy(MODES)
+    assert load_config(None, "tiny", ["model.dim=64", "training.micro_batch=2"]).model.dim == 64
+    assert load_config(None, "tiny").model.dim == 128
+    assert load_config(None, "microscope", ["model.n_layers=2"]).model.n_layers == 2
+    assert MODES == before
+
+
+@pytest.mark.parametrize("text, key, reason", [
+    ("[modes.foo.model]\nbogus = 1\n", "modes.foo.model.bogus", "unknown key (valid keys: dim, ffn_dim"),
+    ("[modes.foo.training]\nsteps = 'many'\n", "modes.foo.training.steps", "expected an integer, got 'many'"),
+    ("[modes.foo.training]\ncompile = 1\n", "modes.foo.training.compile", "expected true or false, got 1"),
+])
+@pytest.mark.parametrize("mode", [None, "tiny", "foo"])
+def test_every_file_preset_is_checked_when_the_file_loads(tmp_path, text, key, reason, mode):
+    path = write(tmp_path, "[modes.ok.model]\ndim = 64\n" + text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, mode=mode)
+    assert str(err.value).startswith(f"{path}: {key}: {reason}"), str(err.value)
+
+
+def test_bad_values_in_a_used_file_preset_name_the_file(tmp_path):
+    path = write(tmp_path, "[model]\nn_heads = 4\n[modes.foo.training]\nsteps = 0\n[modes.bar.model]\ndim = 90\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, mode="foo")
+    assert str(err.value) == f"{path}: modes.foo.training.steps: must be >= 1 (got 0)"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, mode="bar")
+    assert str(err.value).startswith(f"{path}: modes.bar.model.dim: must be divisible by n_heads"), str(err.value)
+    with pytest.raises(ConfigError) as err:  # the --set is involved: it is named
+        load_config(path, mode="bar", overrides=["model.n_heads=18"])
+    assert str(err.value).startswith("--set model.n_heads=18: model.dim: dim / n_heads must be even"), str(err.value)
+    assert load_config(path, mode="bar", overrides=["model.n_heads=5"]).origin_of("model.dim") == path
+
+
+CONTROL = "".join(map(chr, range(0x20))) + "\x7f"
+
+
+def test_resolved_config_round_trips_any_string_and_key(tmp_path):
+    from genesis.config import ConnectiveEntry
+
+    cfg = load_config("cpu.toml", overrides=['masking.verse_separator="\\r\\n"'])
+    assert cfg.masking.verse_separator == "\r\n"
+    path = write(tmp_path, to_toml(cfg), "resolved.toml")
+    assert load_config(path).masking.verse_separator == "\r\n"
+
+    text = CONTROL + '"quoted" \'single\' back\\slash \\n \\u0041 """ naïve ἀρχῇ 🕊 \u2028 end'
+    cfg.masking.verse_separator = text
+    cfg.masking.clause_punctuation = "\\" + CONTROL
+    cfg.tokenizer.mask_token = '"'
+    cfg.training.out_dir = "C:\\runs\\" + "\t"
+    keys = ['say "so"', "a.b", "", "naïve", "back\\slash", "tab\tkey", "two words", "so", "x-y_1", "[", "#"]
+    keys += list(CONTROL)
+    cfg.masking.connectives = {k: ConnectiveEntry(weight=0.25, cls="additive") for k in keys}
+    path = write(tmp_path, to_toml(cfg), "resolved.toml")
+    again = load_config(path)
+    for section in ("data", "tokenizer", "model", "training", "masking"):
+        assert getattr(again, section) == getattr(cfg, section)
+    assert list(again.masking.connectives) == keys
+    assert " x-y_1 = { weight = 0.25" in to_toml(cfg)  # bare where TOML allows it
+
+
+def test_unknown_heldout_book_suggests_close_corpus_names():
+    from genesis.config import DataConfig
+    from genesis.corpus import Verse
+    from genesis.data import split_verses
+
+    verses = [Verse(book, c, 1, "text") for book in ("Genesis", "Jude", "Revelation of John") for c in range(1, 30)]
+    cfg = DataConfig(heldout_books=["Revelation", "Zzyzx", "genesis"])
+    with pytest.raises(ConfigError) as err:
+        split_verses(verses, cfg, lambda key: "mine.toml")
+    assert str(err.value) == ("mine.toml: data.heldout_books: not in the corpus: Revelation (did you mean "
+                              "'Revelation of John'?), Zzyzx, genesis (did you mean 'Genesis'?)")
+    verses += [Verse(book, 1, 1, "text") for book in ("Judges", "James")]
+    with pytest.raises(ConfigError, match=r"^data.heldout_books: not in the corpus: Judas \(did you mean "
+                                          r"'Judges', 'Jude' or 'James'\?\)$"):
+        split_verses(verses, DataConfig(heldout_books=["Judas"]))
