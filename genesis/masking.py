@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genesis.config import MaskingConfig, _Invalid, build, to_dict
+from genesis.config import STRATEGIES, MaskingConfig, _Invalid, build, to_dict
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
 
@@ -58,7 +59,46 @@ IMPLS = ("auto", "triton", "torch")
 
 
 class MaskingError(ValueError):
-    """Bad input to the masker (shape, dtype, ids, device), phrased as one line."""
+    """Bad input to the masker (an argument, a shape, dtype, id or device), phrased as one line that names it."""
+
+
+class TritonUnavailableError(MaskingError, RuntimeError):
+    """impl='triton' asked for where the kernel cannot run. A MaskingError, like every other bad setting; also a
+    RuntimeError, which it was before, so handlers written against that keep working."""
+
+
+def _counter_word(value: Any, name: str, bits: int = 32, range_name: str | None = None) -> int:
+    """`value` as an int in [0, 2**bits): Python, numpy and one-element torch integers (operator.index). Not a bool,
+    float or str: int(1.9) would repeat step 1's masks, and 2**32 or -1 would wrap onto another counter word."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise MaskingError(f"{name} must be an integer, not a bool (got {value!r})")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise MaskingError(f"{name} must be an integer (got {type(value).__name__} {value!r:.60})") from None
+    if not 0 <= number < 2**bits:
+        word = "a 32-bit Philox counter word" if bits == 32 else "a Philox key (passed as a signed 64-bit int)"
+        raise MaskingError(f"{range_name or name} must be in [0, 2**{bits}), the range of {word} (got {name}={number})")
+    return number
+
+
+def _check_options(check_ids: Any, enabled: Any, log: Any) -> None:
+    for name, flag in (("check_ids", check_ids), ("enabled", enabled)):
+        if not isinstance(flag, bool):
+            raise MaskingError(f"{name} must be True or False (got {flag!r:.60})")
+    if log is not None and not callable(log):
+        raise MaskingError(f"log must be a callable or None (got {type(log).__name__} {log!r:.60})")
+
+
+def _connective_table(word: str, value: Any) -> Any:
+    """A [masking.connectives] value as the table `build` reads: (weight, class) pairs, as DEFAULT_CONNECTIVES
+    writes them, become {weight, class}; tables pass; anything else is an error that says what is accepted."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return {"weight": value[0], "class": value[1]}
+    raise MaskingError(f"masking.connectives.{word}: expected a (weight, class) pair or a table "
+                       f"{{weight = .., class = ..}}, got {value!r:.80}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,24 +710,33 @@ def triton_status(device: torch.device) -> str | None:
             f"TRITON_INTERPRET=1")
 
 
+def _impl_source(configured: str) -> tuple[Any, str]:
+    """The raw impl value asked for and where it came from: GENESIS_MASK_IMPL unless unset or blank."""
+    env = os.environ.get("GENESIS_MASK_IMPL", "")
+    return (env, "GENESIS_MASK_IMPL") if env.strip() else (configured, "masking.impl")
+
+
 def requested_impl(configured: str) -> str:
-    """The impl asked for: GENESIS_MASK_IMPL if set, else the configured one ('auto' if empty)."""
-    return os.environ.get("GENESIS_MASK_IMPL", configured) or "auto"
+    """The impl asked for, stripped and lowercased: GENESIS_MASK_IMPL if set and not blank, else the configured one
+    ('auto' if empty)."""
+    raw, _ = _impl_source(configured)
+    return str(raw or "").strip().lower() or "auto"
 
 
 def choose_impl(requested: str, device: torch.device, log: Callable[[str], None] | None = None) -> str:
-    """'triton' or 'torch' for `device`. GENESIS_MASK_IMPL overrides `requested`. 'triton' where it cannot run
-    is an error that says why; 'auto' falls back to torch with one log line (on CUDA, or when asked on CPU)."""
-    requested = requested_impl(requested)
-    if requested not in IMPLS:
-        raise MaskingError(f"mask impl must be one of {', '.join(IMPLS)} (got {requested!r}, from GENESIS_MASK_IMPL "
-                           f"or masking.impl)")
-    if requested == "torch":
+    """'triton' or 'torch' for `device`. GENESIS_MASK_IMPL (any case) overrides `requested`. 'triton' where it
+    cannot run is a TritonUnavailableError (a MaskingError) that says why; 'auto' falls back to torch with one log
+    line (on CUDA, or when asked on CPU)."""
+    impl = requested_impl(requested)
+    if impl not in IMPLS:
+        raw, source = _impl_source(requested)
+        raise MaskingError(f"mask impl must be one of {', '.join(IMPLS)} (got {raw!r}, from {source})")
+    if impl == "torch":
         return "torch"
     reason = triton_status(device)
-    if requested == "triton":
+    if impl == "triton":
         if reason is not None:
-            raise RuntimeError(f"masking impl 'triton' cannot run: {reason}. Use impl='torch' or 'auto'")
+            raise TritonUnavailableError(f"masking impl 'triton' cannot run: {reason}. Use impl='torch' or 'auto'")
         return "triton"
     # auto: the kernel on CUDA; the torch path elsewhere (the interpreter is for tests, far too slow to train with)
     if device.type == "cuda" and reason is None:
@@ -711,19 +760,46 @@ class MaskOutput:
 
 
 class ConnectiveMasker:
-    """Masks logical connectives in (B, T) token batches on the batch's device. See the module docstring."""
+    """Masks logical connectives in (B, T) token batches on the batch's device. See the module docstring.
+
+    `seed` (in [0, 2**63)) and `rank` (in [0, 2**32), one key per process) may be set after construction, as the
+    README's Trainer and Lightning examples set `masker.rank`; both are checked when set. With `enabled=False` the
+    masker is a pass-through: each call checks its input as usual and returns it unchanged, nothing masked."""
 
     def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, seed: int = 0,
-                 rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print):
-        if not 0 <= seed < 2**63:
-            raise MaskingError(f"seed must be in [0, 2**63) (got {seed})")
-        self.lexicon, self.config, self.seed, self.rank = lexicon, config, int(seed), int(rank)
-        self.check_ids, self.log = check_ids, log
+                 rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print,
+                 enabled: bool = True):
+        if not isinstance(config, MaskingConfig):
+            raise MaskingError(f"config must be a MaskingConfig (got {type(config).__name__}); "
+                               f"ConnectiveMasker.from_tokenizer also takes a mapping of [masking] keys")
+        _check_options(check_ids=check_ids, enabled=enabled, log=log)
+        self.seed, self.rank = seed, rank  # checked by the setters below
+        self.lexicon, self.config = lexicon, config
+        self.check_ids, self.log, self.enabled = check_ids, log, enabled
         self.mask_id = mask_id
         self._host_tables = build_tables(lexicon, config, mask_id)
         self._tables: dict[torch.device, MaskTables] = {}
         self._impl: dict[torch.device, str] = {}
         self._kernel_ran: set[torch.device] = set()  # devices where the kernel compiled and ran once
+
+    @property
+    def seed(self) -> int:
+        """The Philox key: an integer in [0, 2**63)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = _counter_word(value, "seed", bits=63)
+
+    @property
+    def rank(self) -> int:
+        """The process's counter word (one key per process): an integer in [0, 2**32). Out of that range a rank
+        would wrap onto another one's masks (2**32 onto rank 0's), so it is an error."""
+        return self._rank
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self._rank = _counter_word(value, "rank")
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, config: MaskingConfig | Mapping[str, Any] | None = None, *,
@@ -731,24 +807,51 @@ class ConnectiveMasker:
                        log: Callable[[str], None] | None = print, **overrides) -> ConnectiveMasker:
         """Build from a `tokenizers.Tokenizer` or a transformers fast tokenizer.
 
-        `config` is a MaskingConfig, a dict of its keys (as in the [masking] TOML section) or None for defaults;
-        keyword overrides (strategy="structural", lookback=20, ...) apply on top. Bad keys or values raise
-        ValueError naming them."""
-        table = to_dict(config) if isinstance(config, MaskingConfig) else dict(config or {})
-        table.update(overrides)
+        `config` is a MaskingConfig, a mapping of its keys (the [masking] TOML table) or None for defaults; keyword
+        overrides (strategy="structural", lookback=20, ...) apply on top. A connective is a {weight, class} table or
+        a (weight, class) pair, as in DEFAULT_CONNECTIVES. `enabled = false`, given as a key of the mapping or as a
+        keyword, makes the masker a pass-through (inputs returned unchanged, nothing masked; one log line says so).
+        Not given, the masker masks: MaskingConfig's default enabled = false is the trainer's switch, so the
+        `enabled` of a MaskingConfig instance is not read (genesis.train builds no masker when it is false).
+        Bad arguments, keys or values raise ValueError naming them (MaskingError; TokenizerError for the tokenizer
+        or its mask token), before the lexicon is resolved."""
+        if config is not None and not isinstance(config, (MaskingConfig, Mapping)):
+            hint = ""
+            if isinstance(config, str):
+                names = repr(config) if config in STRATEGIES else "'uniform', 'weighted' or 'structural'"
+                hint = f"; to choose a strategy, pass strategy={names}"
+            raise MaskingError(f"config must be a MaskingConfig or a mapping of [masking] keys, or None (got "
+                               f"{type(config).__name__} {config!r:.60}){hint}")
+        if not isinstance(mask_token, str):
+            raise MaskingError(f"mask_token must be a str, the mask token's name (got {mask_token!r:.60})")
+        if seed is not None:
+            _counter_word(seed, "seed", bits=63)
+        _counter_word(rank, "rank")
+        # to_dict: dataclass values (MaskRule, ConnectiveEntry) become the tables `build` reads
+        table = to_dict(config) if isinstance(config, MaskingConfig) else to_dict(dict(config or {}))
+        table.update(to_dict(overrides))
+        enabled_given = "enabled" in overrides or (isinstance(config, Mapping) and "enabled" in config)
+        if isinstance(table.get("connectives"), Mapping):
+            table["connectives"] = {word: _connective_table(word, value)
+                                    for word, value in table["connectives"].items()}
         try:
             cfg = build(MaskingConfig, table, "masking")
         except _Invalid as e:
             raise MaskingError(f"{e.key}: {e.reason}") from None
+        enabled = cfg.enabled or not enabled_given
+        _check_options(check_ids=check_ids, enabled=enabled, log=log)
+        mask_id = find_mask_id(tokenizer, mask_token)  # before the lexicon (~1 s): a missing token fails at once
         connectives: dict[str, tuple[float, str]] = dict(DEFAULT_CONNECTIVES) if cfg.default_connectives else {}
         for word, entry in cfg.connectives.items():
             connectives[word.lower()] = (entry.weight, entry.cls)
         lex = resolve(tokenizer, connectives, clause_punctuation=cfg.clause_punctuation,
                       verse_separator=cfg.verse_separator)
-        mask_id = find_mask_id(tokenizer, mask_token)
         if seed is None:
             seed = cfg.seed if cfg.seed is not None else 0
-        return cls(lex, cfg, mask_id, seed=seed, rank=rank, check_ids=check_ids, log=log)
+        masker = cls(lex, cfg, mask_id, seed=seed, rank=rank, check_ids=check_ids, log=log, enabled=enabled)
+        if not enabled and log is not None:
+            log("masking: disabled (enabled = false): the masker returns its inputs unchanged")
+        return masker
 
     # -- tables and dispatch ----------------------------------------------------------------------------------
 
@@ -783,6 +886,9 @@ class ConnectiveMasker:
             raise MaskingError(f"input_ids must be 2-D (B, T) (got shape {tuple(input_ids.shape)})")
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise MaskingError(f"input_ids must be int32 or int64 (got {input_ids.dtype})")
+        if input_ids.device.type == "meta":
+            raise MaskingError(f"input_ids is on the meta device ({input_ids.device}), which holds no token ids to "
+                               f"mask; pass the batch on the device it will run on")
         if verse_start is not None:
             if not isinstance(verse_start, torch.Tensor) or verse_start.shape != input_ids.shape:
                 got = tuple(verse_start.shape) if isinstance(verse_start, torch.Tensor) else type(verse_start).__name__
@@ -800,10 +906,20 @@ class ConnectiveMasker:
     def __call__(self, input_ids: torch.Tensor, step: int, verse_start: torch.Tensor | None = None,
                  row_offset: int = 0) -> MaskOutput:
         """Mask one batch. `step` keys the random draws (with seed, rank, row_offset + row and column); pass the
-        optimizer step, and with gradient accumulation a row_offset of micro_step * micro_batch."""
+        optimizer step, and with gradient accumulation a row_offset of micro_step * micro_batch. Both are integers
+        in [0, 2**32) (Python, numpy or one-element torch integers). A disabled masker returns the batch unchanged,
+        nothing masked."""
         self._validate(input_ids, verse_start)
-        if not 0 <= int(step) < 2**32 or not 0 <= int(row_offset) < 2**32:
-            raise MaskingError(f"step and row_offset must be in [0, 2**32) (got {step}, {row_offset})")
+        step_and_offset = "step and row_offset"
+        step = _counter_word(step, "step", range_name=step_and_offset)
+        row_offset = _counter_word(row_offset, "row_offset", range_name=step_and_offset)
+        if not self.enabled:
+            B, T = input_ids.shape
+            device = input_ids.device
+            return MaskOutput(input_ids.clone(memory_format=torch.contiguous_format),
+                              torch.zeros((B, T), dtype=torch.bool, device=device),
+                              torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
+                              torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device))
         if verse_start is not None and verse_start.dtype != torch.bool:
             verse_start = verse_start != 0
         device = input_ids.device
@@ -812,8 +928,8 @@ class ConnectiveMasker:
             try:
                 from genesis.kernels.mask import connective_mask_triton
 
-                result = connective_mask_triton(input_ids, verse_start, tables, self.seed, int(step), self.rank,
-                                                int(row_offset))
+                result = connective_mask_triton(input_ids, verse_start, tables, self.seed, step, self.rank,
+                                                row_offset)
             except Exception as e:
                 # 'auto' means the fastest path that works: a kernel that fails to compile or launch on its first
                 # call (a broken Triton install, an unsupported card) falls back, with one log line. Asked for by
@@ -828,7 +944,7 @@ class ConnectiveMasker:
                 return self(input_ids, step, verse_start, row_offset)
             self._kernel_ran.add(device)
         else:
-            result = mask_torch(input_ids, verse_start, tables, self.seed, int(step), self.rank, int(row_offset),
+            result = mask_torch(input_ids, verse_start, tables, self.seed, step, self.rank, row_offset,
                                 ids_checked=self.check_ids)
         return MaskOutput(*result)
 
@@ -847,6 +963,9 @@ class ConnectiveMasker:
 
     def report(self) -> str:
         """What each connective word resolved to in this tokenizer, and what did not resolve."""
+        if not self.enabled:
+            return ("masking is disabled (enabled = false): the masker returns its inputs unchanged; the words "
+                    "below would be masked with it enabled\n" + self.lexicon.report())
         return self.lexicon.report()
 
     def describe(self) -> str:
@@ -859,6 +978,7 @@ class ConnectiveMasker:
         else:
             rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
         unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""
-        return (f"masking: {c.strategy} ({rule}) | {len(lex.words)} connectives -> {n_patterns} token patterns"
-                f"{unresolved} | replacement {c.replacement} | "
+        disabled = "" if self.enabled else "disabled (enabled = false): inputs pass through unchanged | configured: "
+        return (f"masking: {disabled}{c.strategy} ({rule}) | {len(lex.words)} connectives -> {n_patterns} token "
+                f"patterns{unresolved} | replacement {c.replacement} | "
                 f"seed {self.seed} | classes {', '.join(CLASSES)}")

@@ -20,8 +20,9 @@ PAD_NAMES = ("<pad>", "[PAD]")
 TRAINER_VERSION = "bpe-v1"  # bump when the training recipe changes, so cached tokenizers are rebuilt
 
 
-class TokenizerError(Exception):
-    """A tokenizer that cannot be used, phrased as one line."""
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used, phrased as one line. A ValueError, as the masker's MaskingError is, so a
+    plug-in caller catches bad input to `ConnectiveMasker.from_tokenizer` with one type."""
 
 
 def as_tokenizers(tokenizer: Any) -> Tokenizer:
@@ -49,23 +50,37 @@ def special_ids(tokenizer: Any) -> set[int]:
 def find_mask_id(tokenizer: Any, name: str = "") -> int:
     """The id of the mask token: `name` if given, else the transformers tokenizer's mask token, else [MASK]/<mask>."""
     tok = as_tokenizers(tokenizer)
+    transformers = tok is not tokenizer  # a transformers fast tokenizer: its add_special_tokens takes a dict
     if name:
         tid = tok.token_to_id(name)
         if tid is None:
             raise TokenizerError(
-                f"the tokenizer has no token {name!r} (tokenizer.mask_token); add it with "
-                f"tokenizer.add_special_tokens([{name!r}]) and save, or name a token it has"
+                f"the tokenizer has no token {name!r} (the mask token asked for: mask_token= or tokenizer.mask_token "
+                f"in config); add it with {_add_mask_call(name, transformers)} and save it, or name a token it has"
             )
         return tid
-    hf_name = getattr(tokenizer, "mask_token", None)
+    hf_name = getattr(tokenizer, "mask_token", None) if transformers else None
     for cand in ([hf_name] if isinstance(hf_name, str) else []) + list(MASK_NAMES):
         tid = tok.token_to_id(cand)
         if tid is not None:
             return tid
-    raise TokenizerError(
-        "the tokenizer has no mask token ([MASK] or <mask>); add one with "
-        "tokenizer.add_special_tokens(['[MASK]']) and save it, or set tokenizer.mask_token to the name it uses"
-    )
+    if transformers and isinstance(hf_name, str):
+        unknown = f"tokenizer.mask_token is {hf_name!r}, which is not in its vocabulary, and it has no [MASK] or <mask>"
+    else:
+        unknown = "the tokenizer has no mask token ([MASK] or <mask>)"
+    if transformers:
+        name_it = "set tokenizer.mask_token (or pass mask_token=) to the name of the one it has"
+    else:  # a tokenizers.Tokenizer has no mask_token attribute
+        name_it = "name the one it has with mask_token= (from_tokenizer) or tokenizer.mask_token (config)"
+    raise TokenizerError(f"{unknown}; add one with {_add_mask_call('[MASK]', transformers)} and save it, or {name_it}")
+
+
+def _add_mask_call(name: str, transformers: bool) -> str:
+    """The call that adds mask token `name`: a transformers tokenizer takes a dict (a list raises ValueError
+    there), a tokenizers.Tokenizer a list."""
+    if transformers:
+        return f"tokenizer.add_special_tokens({{'mask_token': {name!r}}})"
+    return f"tokenizer.add_special_tokens([{name!r}])"
 
 
 def find_pad_id(tokenizer: Any) -> int | None:
