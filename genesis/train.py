@@ -8,13 +8,15 @@
 
 A run directory (default runs/<config name>) receives config.toml (resolved), tokenizer.json, metrics.jsonl (one
 JSON record per log step and per evaluation; it ends with the held-out loss of the last step) and checkpoint.pt
-(model, optimizer, step; written atomically, also on Ctrl-C or SIGTERM, at any point of the run).
+(model, optimizer, step, config; written atomically, also on Ctrl-C or SIGTERM during training). --resume continues
+it with the same settings (run length, logging and the device may change: RESUME_MAY_CHANGE).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -87,9 +89,9 @@ def interrupts_handled():
 def signals_held():
     """Hold SIGINT and SIGTERM (as handled by `handle_interrupts`) until the block ends, then raise `Interrupted`.
 
-    Around the optimizer step and the step counter, so that a checkpoint never pairs the weights after step N with
-    the count N - 1 (a resume would then train step N twice); around a checkpoint save, so that a second Ctrl-C
-    does not cut it short."""
+    Around the optimizer step, the step counter and the step's log record, so that a checkpoint never pairs the
+    weights after step N with the count N - 1 (a resume would then train step N twice) nor lacks step N's record;
+    around a checkpoint save, so that a second Ctrl-C does not cut it short."""
     global _held
     outer, _held = _held, (_held if _held is not None else [])
     try:
@@ -130,6 +132,10 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     if device.type == "cpu" and t.expected_device == "cuda":
         warn(f"{cfg.source} is sized for a CUDA GPU and none is in use: running on the CPU in fp32 "
              f"without torch.compile (slow). For a CPU-sized run use --config cpu.toml")
+    elif device.type == "cpu" and (t.dtype == "bf16" or t.compile):
+        asked = " and ".join(x for x, on in (("training.dtype = 'bf16'", t.dtype == "bf16"),
+                                              ("training.compile = true", t.compile)) if on)
+        warn(f"{asked}: CUDA only; this run is on the CPU in fp32 without torch.compile")
     if device.type == "cuda" and t.dtype in ("auto", "bf16"):
         props = torch.cuda.get_device_properties(device)
         if torch.version.hip or props.major >= 8:  # bf16 tensor cores: Ampere (sm_80) and later, and ROCm
@@ -237,6 +243,78 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config) -> Non
     os.replace(tmp, path)
 
 
+# Settings a resumed run may change: how long it runs, how often it logs, evaluates and saves, and where and how
+# fast it runs. Anything else (data, tokenizer, model, optimizer, masking, seeds) would make the resumed run train
+# something other than what the checkpoint trained.
+RESUME_MAY_CHANGE = frozenset({
+    "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
+    "training.checkpoint_every", "training.compile", "training.grad_checkpointing", "training.device",
+    "training.dtype", "training.expected_device", "training.out_dir", "data.cache_dir", "masking.impl",
+})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """section.key -> value of a config dict's sections."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "connectives":  # a connectives table compares whole
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif prefix:
+            out[prefix + key] = value
+    return out
+
+
+def resume_changes(saved: dict, now: dict, path: Path) -> list[str]:
+    """Lines naming the settings a resumed run changes (those in RESUME_MAY_CHANGE); a RunError naming every other
+    setting that differs from the checkpoint's config."""
+    sections = ("data", "tokenizer", "model", "training", "masking")
+    was, new = (_flatten({k: d[k] for k in sections if k in d}) for d in (saved, now))
+    changed = sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k))
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+
+    def show(key: str) -> str:
+        return f"{key} {was.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+
+    if refused:
+        raise RunError(f"{path}: --resume with other settings than the run's: {', '.join(map(show, refused))} "
+                       f"(a resumed run continues the same training; use --out DIR for a new run)")
+    lines = [f"resume: {show(k)}" for k in changed if k != "training.out_dir"]  # out_dir: the run's own config.toml
+    if "training.steps" in changed:
+        lines.append(f"resume: the learning-rate schedule now ends at step {new['training.steps']}")
+    return lines
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Written to a temporary file, then renamed over `path`: never a half-written file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def trim_metrics(path: Path, step: int) -> set[int]:
+    """On resume: drop the records past the checkpoint's `step` from metrics.jsonl (a run killed without a chance
+    to save, e.g. SIGKILL or out of memory, logged steps it will train again) and lines cut short by a kill.
+    Returns the steps that keep a held-out evaluation (a resumed run does not repeat them)."""
+    kept, evaluated = [], set()
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] > step:
+                continue
+            kept.append(line)
+            if rec.get("kind") == "eval" and "heldout_loss" in rec:
+                evaluated.add(rec["step"])
+    write_atomic(path, "".join(line + "\n" for line in kept))
+    return evaluated
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -325,20 +403,6 @@ def check_windows(corpus: Corpus, cfg: Config) -> None:
                               f"in each split, but the {name} split of {cfg.data.corpus} has {n}")
 
 
-def eval_steps(path: Path) -> set[int]:
-    """Steps that already have a held-out evaluation in metrics.jsonl (a resumed run does not repeat them)."""
-    steps = set()
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if isinstance(rec, dict) and rec.get("kind") == "eval" and "heldout_loss" in rec:
-                steps.add(rec.get("step"))
-    return steps
-
-
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """The training loop. Returns a summary (first and last held-out loss, steps, run directory).
 
@@ -354,17 +418,28 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
     device, amp_dtype = resolve_device(cfg)
     amp = autocast(device, amp_dtype)
     torch.manual_seed(t.seed)
-    ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step")) if resume else None
+    ckpt = None
+    if resume:
+        ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step"))
+        if "config" in ckpt:  # checkpoints from before configs were saved in them are not checked
+            for line in resume_changes(ckpt["config"], to_dict(cfg), run_dir / CHECKPOINT):
+                log(line)
 
     corpus: Corpus = prepare(cfg, log=log)
     check_windows(corpus, cfg)
-    make_run_dir(run_dir)
     tok = corpus.tokenizer
-    tok.save(str(run_dir / "tokenizer.json"))
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    masker = None
+    if cfg.masking.enabled:  # built before the run directory: a masking setting that cannot run leaves nothing
+        from genesis.masking import ConnectiveMasker
+
+        masker = ConnectiveMasker.from_tokenizer(tok, cfg.masking, mask_token=cfg.tokenizer.mask_token,
+                                                 seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
+                                                 check_ids=False, log=log).to(device)  # .to: impl chosen now
+        log(masker.describe())
+    make_run_dir(run_dir)
     train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
     log(f"data: {cfg.data.corpus} | train {len(train_data):,} tokens | held-out {len(heldout):,} tokens "
-        f"| vocab {tok.get_vocab_size():,} | cache {corpus.cache_dir}")
+        f"| vocab {tok.get_vocab_size(with_added_tokens=True):,} | cache {corpus.cache_dir}")
 
     args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
     model = Llama(args).to(device)
@@ -373,8 +448,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
         f"{args.n_heads} heads | seq {args.seq_len} | device {device} | {str(amp_dtype).replace('torch.', '')}")
     optimizer = make_optimizer(model, t, device)
 
-    start = 0
-    if ckpt is not None:
+    start, resumed = 0, ckpt is not None
+    if resumed:
         try:
             model.load_state_dict(ckpt["model"])
         except Exception as e:  # RuntimeError: other shapes; TypeError/AttributeError: not a state dict
@@ -386,6 +461,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
                            f"({_first_line(e)})") from None
         start = ckpt["step"]
         del ckpt  # the weights now live in the model; do not keep a second copy for the whole run
+    # written once the checkpoint (if any) is known to fit: a refused --resume leaves the run as it was
+    write_atomic(run_dir / "tokenizer.json", tok.to_str(pretty=True))  # what tok.save writes
+    # with the run directory as out_dir: `--config runs/x/config.toml --resume` finds the run it came from
+    ran = dataclasses.replace(cfg, training=dataclasses.replace(t, out_dir=str(run_dir)))
+    write_atomic(run_dir / "config.toml", to_toml(ran))
+    if resumed:
         log(f"resumed from {run_dir / CHECKPOINT} at step {start}")
         if start >= t.steps:
             log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}")
@@ -393,17 +474,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
     if t.compile and device.type == "cuda":
         step_model = torch.compile(model)
 
-    masker = None
-    if cfg.masking.enabled:
-        from genesis.masking import ConnectiveMasker
-
-        masker = ConnectiveMasker.from_tokenizer(tok, cfg.masking, mask_token=cfg.tokenizer.mask_token,
-                                                 seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
-                                                 check_ids=False, log=log).to(device)
-        log(masker.describe())
-
-    evaluated = eval_steps(run_dir / "metrics.jsonl") if resume else set()
-    metrics = (run_dir / "metrics.jsonl").open("a" if resume else "w")
+    evaluated = trim_metrics(run_dir / "metrics.jsonl", start) if resumed else set()
+    try:
+        metrics = (run_dir / "metrics.jsonl").open("a" if resumed else "w", encoding="utf-8")
+    except OSError as e:
+        raise RunError(f"{run_dir / 'metrics.jsonl'}: cannot write ({e.strerror or e})") from None
 
     def record(rec: dict) -> None:
         metrics.write(json.dumps(rec) + "\n")
@@ -420,12 +495,42 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
         log(f"eval step {step} | held-out loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
 
     B, T, k = t.micro_batch, cfg.model.seq_len, t.grad_accum
+    t_last, steps_since = time.time(), 0  # the steps since the last log line, and when that was (less evaluations)
+
+    def log_step(done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, masked: list) -> None:
+        """The train record and console line of a log step."""
+        nonlocal t_last, steps_since
+        steps_since += 1
+        if not (done % t.log_every == 0 or done == t.steps):
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.time() - t_last) / steps_since
+        rec = {"kind": "train", "step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+               "tokens_per_s": B * T * k / dt, "ms_per_step": dt * 1000}
+        line = (f"step {done:>6}/{t.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad {rec['grad_norm']:.3f}"
+                f" | {rec['tokens_per_s'] / 1e3:8.1f}k tok/s | {rec['ms_per_step']:7.1f} ms/step")
+        if masker is not None:
+            mask_stats = [masker.stats(out, ids) for out, ids in masked]
+            stats = {key: sum(s[key] for s in mask_stats).item() for key in mask_stats[0]}
+            rec["masked_fraction"] = stats["masked_tokens"] / (B * T * k)
+            rec["masked_connectives"] = stats["masked_words"]
+            line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, "
+                     f"{rec['masked_connectives']} connectives")
+        if device.type == "cuda":
+            rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            line += f" | mem {rec['mem_gb']:.1f} GB"
+        progress.clear()
+        log(line)
+        record(rec)
+        t_last, steps_since = time.time(), 0
+
     progress = Progress(t.steps)
     completed = start  # optimizer steps taken so far: what a checkpoint records
     try:
         if t.eval_every and start % t.eval_every == 0 and start < t.steps and start not in evaluated:
             run_eval(start)  # step 0; or the step a resumed run was stopped at, during its evaluation
-        t_last, steps_since = time.time(), 0
+        t_last = time.time()
         for step in range(start, t.steps):
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
@@ -441,51 +546,37 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
                 micro_batches.append((x, batch.y))
             loss = accumulate_gradients(step_model, micro_batches, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-            with signals_held():  # the weights and the step count change together
+            # the weights, the step count and the step's record change together: a checkpoint at step N always
+            # comes with step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
+            with signals_held():
                 optimizer.step()
                 completed = step + 1
-            optimizer.zero_grad(set_to_none=True)
-            steps_since += 1
-            done = completed
-            if done % t.log_every == 0 or done == t.steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.time() - t_last) / steps_since
-                rec = {"kind": "train", "step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                       "tokens_per_s": B * T * k / dt, "ms_per_step": dt * 1000}
-                line = (f"step {done:>6}/{t.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad {rec['grad_norm']:.3f}"
-                        f" | {rec['tokens_per_s'] / 1e3:8.1f}k tok/s | {rec['ms_per_step']:7.1f} ms/step")
-                if masker is not None:
-                    mask_stats = [masker.stats(out, ids) for out, ids in masked]
-                    stats = {key: sum(s[key] for s in mask_stats).item() for key in mask_stats[0]}
-                    rec["masked_fraction"] = stats["masked_tokens"] / (B * T * k)
-                    rec["masked_connectives"] = stats["masked_words"]
-                    line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, "
-                             f"{rec['masked_connectives']} connectives")
-                if device.type == "cuda":
-                    rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                    line += f" | mem {rec['mem_gb']:.1f} GB"
+                optimizer.zero_grad(set_to_none=True)
+                log_step(completed, loss, lr, grad_norm, masked)
+            if t.eval_every and (completed % t.eval_every == 0 or completed == t.steps):
                 progress.clear()
-                log(line)
-                record(rec)
-                t_last, steps_since = time.time(), 0
-            if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-                progress.clear()
-                run_eval(done)
-                t_last = time.time()
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, done, cfg)
-            progress.update(done, start)
+                t_eval = time.time()
+                run_eval(completed)
+                t_last += time.time() - t_eval  # ms_per_step counts training steps only
+            if t.checkpoint_every and completed % t.checkpoint_every == 0 and completed != t.steps:
+                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+            progress.update(completed, start)
         progress.clear()
         if completed not in evaluated:  # eval_every = 0, or a resumed run that was stopped during this evaluation
             run_eval(completed)
         with signals_held():
             save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted) as e:
         progress.clear()
-        with signals_held():  # a second Ctrl-C does not cut the save short
-            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
-            log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume")
+        try:
+            with signals_held():  # a second Ctrl-C does not cut the save short (it is raised after it)
+                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+                log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; "
+                    f"continue with --resume")
+        except (KeyboardInterrupt, Interrupted) as again:
+            again.checkpoint_saved = True  # main() tells an interrupt before the loop (nothing saved) from these
+            raise
+        e.checkpoint_saved = True
         raise
     finally:
         metrics.close()
@@ -495,6 +586,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    from genesis.masking import MaskingError
+
     args = parse_args(argv)
     handle_interrupts()
     try:
@@ -502,16 +595,24 @@ def main(argv=None) -> int:
         if args.show_config:
             print(to_toml(cfg))
             print("# all keys, with defaults:\n" + "\n".join("# " + line for line in describe()))
+            sys.stdout.flush()
             return 0
         run_dir = setup_run_dir(cfg, args.out, args.resume)
         train(cfg, run_dir, resume=args.resume)
-    except (ConfigError, CorpusError, TokenizerError, RunError) as e:
+    except (ConfigError, CorpusError, TokenizerError, RunError, MaskingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:  # `--show-config | head`: the reader is gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # a cache or run directory that cannot be written, a full disk
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if not getattr(e, "checkpoint_saved", False):
+            print("interrupted before the first training step: nothing to save; run the same command again",
+                  file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Interrupted) else 130
     return 0
 
 

@@ -85,6 +85,9 @@ def test_resume_continues_the_step_count(tmp_path):
     assert "resumed from" in proc.stdout and "at step 10" in proc.stdout
     assert [r["step"] for r in records(out, "train")] == [5, 10, 15, 20]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 20
+    # the run's own config.toml names its directory: resuming from it needs no --out
+    again = run_cli("genesis.train", "--config", str(out / "config.toml"), "--set", "training.steps=25", "--resume")
+    assert "at step 20" in again.stdout and [r["step"] for r in records(out, "train")][-1] == 25
     missing = run_cli("genesis.train", "--config", "cpu.toml", "--out", str(tmp_path / "none"), "--resume", check=False)
     assert missing.returncode == 2 and "no checkpoint.pt to resume from" in missing.stderr
 
@@ -168,6 +171,19 @@ def test_gpu_config_runs_on_cpu_after_one_warning(tmp_path):
     assert "float32" in proc.stdout and "done: 2 steps" in proc.stdout
 
 
+def test_cuda_only_settings_on_the_cpu_warn_once(capsys):
+    """cpu.toml with bf16 or compile asked for: they are CUDA-only, so the run says it ignores them."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device(small_config('training.dtype="bf16"', "training.compile=true")) == \
+        (torch.device("cpu"), torch.float32)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: training.dtype = 'bf16' and training.compile = true: CUDA only; this run is on the CPU "
+                   "in fp32 without torch.compile"]
+    resolve_device(small_config())
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_high_vram_two_steps_full_size_on_cpu(tmp_path):
     """The README command `python -m genesis.train --config high_vram.toml --set training.steps=2` on a CPU."""
@@ -244,7 +260,7 @@ def test_signal_during_the_optimizer_step_keeps_step_count_and_weights_together(
     """SIGTERM arriving while the second optimizer step runs is held until the step count has caught up: the
     checkpoint says step 2 with the weights after step 2, so resuming to 4 steps gives the uninterrupted weights
     (a checkpoint one step behind its weights would train step 2 twice)."""
-    cfg = small_config("training.steps=4", "training.eval_every=0")
+    cfg = small_config("training.steps=4", "training.eval_every=0", "training.log_every=1")
     train(cfg, tmp_path / "straight")
     real_make_optimizer = trainer.make_optimizer
 
@@ -260,6 +276,78 @@ def test_signal_during_the_optimizer_step_keeps_step_count_and_weights_together(
     monkeypatch.setattr(trainer, "make_optimizer", real_make_optimizer)
     train(cfg, tmp_path / "stopped", resume=True)
     assert same_weights(tmp_path / "straight", tmp_path / "stopped")
+    # and step 2's record was written with the step (the signal was held until it was)
+    assert untimed(records(tmp_path / "straight")) == untimed(records(tmp_path / "stopped"))
+    assert [r["step"] for r in records(tmp_path / "stopped", "train")] == [1, 2, 3, 4]
+
+
+def untimed(recs):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "ms_per_step")} for r in recs]
+
+
+def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, monkeypatch, signal_handlers):
+    """A run killed without a chance to save (SIGKILL, out of memory; here an error in step 4) logged steps past
+    its last checkpoint, and maybe half a line: the resumed run drops them and logs those steps again, so its
+    metrics.jsonl equals the uninterrupted run's."""
+    cfg = small_config("training.steps=5", "training.eval_every=2", "training.log_every=1",
+                       "training.checkpoint_every=2")
+    train(cfg, tmp_path / "straight")
+    real_make_optimizer = trainer.make_optimizer
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        real_step, calls = optimizer.step, []
+
+        def step(*a, **k):
+            calls.append(1)
+            if len(calls) == 4:
+                raise MemoryError("out of memory")
+            return real_step(*a, **k)
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    with pytest.raises(MemoryError):
+        train(cfg, tmp_path / "killed")
+    monkeypatch.undo()
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"kind": "train", "st')  # a line cut short
+    assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=True)["step"] == 2
+    assert [r["step"] for r in records(tmp_path / "straight")][:6] != \
+        [json.loads(line)["step"] for line in metrics.read_text().splitlines()[:-1]]  # step 3 logged past it
+    train(cfg, tmp_path / "killed", resume=True)
+    assert untimed(records(tmp_path / "straight")) == untimed(records(tmp_path / "killed"))
+
+
+def test_ms_per_step_counts_training_steps_only(tmp_path, monkeypatch, signal_handlers):
+    """On a clock that advances 1 s per optimizer step and 100 s per evaluation, every record says 1000 ms/step,
+    also at log steps after an evaluation that is not on a log step (eval_every = 6, log_every = 4)."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    real_make_optimizer, real_evaluate = trainer.make_optimizer, trainer.evaluate_loss
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        real_step = optimizer.step
+
+        def step(*a, **k):
+            clock[0] += 1.0
+            return real_step(*a, **k)
+
+        optimizer.step = step
+        return optimizer
+
+    def evaluate_loss(*args, **kwargs):
+        clock[0] += 100.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(trainer, "evaluate_loss", evaluate_loss)
+    train(small_config("training.steps=12", "training.eval_every=6", "training.log_every=4"), tmp_path / "run")
+    assert [(r["step"], r["ms_per_step"]) for r in records(tmp_path / "run", "train")] == \
+        [(4, 1000.0), (8, 1000.0), (12, 1000.0)]
 
 
 @pytest.mark.parametrize("eval_every", [0, 3])
@@ -358,9 +446,70 @@ def test_out_that_is_a_file_fails_with_one_line(tmp_path, capsys, signal_handler
     assert err.startswith(f"error: {path / 'run'}: cannot create the run directory")
 
 
+def test_resume_with_other_settings_is_refused_and_changes_nothing(finished_run, tmp_path, capsys,
+                                                                  signal_handlers):
+    """--resume must continue the same training: other model, tokenizer or data settings are refused (naming each)
+    before anything in the run directory is rewritten; run length and logging may change, and say so."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    err = main_error(capsys, "--out", str(run_dir), "--set", "training.steps=3", "--set", "training.eval_every=0",
+                     "--set", "model.n_layers=1", "--set", "tokenizer.min_frequency=3", "--resume")
+    assert err == (f"error: {run_dir / CHECKPOINT}: --resume with other settings than the run's: model.n_layers 2 -> "
+                   f"1, tokenizer.min_frequency 2 -> 3 (a resumed run continues the same training; use --out DIR for "
+                   f"a new run)"), err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert trainer.main(["--config", "cpu.toml", *SMALL, "--out", str(run_dir), "--set", "training.steps=3",
+                         "--set", "training.eval_every=0", "--set", "training.log_every=1", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: training.log_every 5 -> 1" in out and "resume: training.steps 2 -> 3" in out
+    assert "resume: the learning-rate schedule now ends at step 3" in out
+
+
+def test_interrupt_before_the_first_step_says_nothing_was_saved(tmp_path, monkeypatch, capsys, signal_handlers):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "prepare", interrupted)
+    assert trainer.main(["--config", "cpu.toml", *SMALL, "--out", str(tmp_path / "run")]) == 130
+    assert "interrupted before the first training step: nothing to save" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_masking_impl_that_cannot_run_is_one_line(tmp_path, capsys, monkeypatch, signal_handlers):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter would let the kernel run on CPU
+    err = main_error(capsys, "--out", str(tmp_path / "run"), "--set", "masking.enabled=true",
+                     "--set", "masking.impl=\"triton\"")
+    assert err.startswith("error: masking impl 'triton' cannot run: "), err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("GENESIS_MASK_IMPL", "foo")
+    err = main_error(capsys, "--out", str(tmp_path / "run2"), "--set", "masking.enabled=true")
+    assert err.startswith("error: mask impl must be one of auto, triton, torch (got 'foo', from GENESIS_MASK_IMPL)")
+
+
+def test_unwritable_cache_is_one_line(tmp_path, capsys, signal_handlers):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = main_error(capsys, "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={json.dumps(str(blocker))}",
+                     "--set", "tokenizer.vocab_size=300")
+    assert err.startswith("error: ") and str(blocker) in err, err
+
+
+def test_show_config_into_a_closed_pipe_ends_quietly():
+    """`--show-config | head -1`: no BrokenPipeError traceback."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "genesis.train", "--config", "cpu.toml", "--show-config"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", "not a readable checkpoint"),
-    ("garbage", "not a readable checkpoint"),
+    ("truncate", "not a checkpoint (not the zip archive torch.save writes"),
+    ("garbage", "not a checkpoint (not the zip archive torch.save writes"),
     ("drop optimizer", "not a Genesis checkpoint (missing optimizer)"),
     ("not a dict", "not a Genesis checkpoint (a list, not a dict)"),
     ("foreign optimizer", "its optimizer state does not fit this config's model"),
