@@ -428,6 +428,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = (s.strip() for s in text.split("=", 1))
     if "." not in key:
         raise _Invalid(key, "an override key needs a section, like training.steps")
+    if "[" in key:  # masking.rules[0].p: a --set names a key; a list is set whole
+        whole = key.split("[", 1)[0]
+        raise _Invalid(key, f"a --set cannot index into a list; set the whole list, e.g. {whole}=[...]")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -558,18 +561,7 @@ def to_dict(cfg: Any) -> Any:
 def to_toml(cfg: Config) -> str:
     """Serialise the sections of a Config back to TOML (enough for our value types)."""
     lines: list[str] = [f"# resolved from {cfg.source}"]
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return _string(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{_key(k)} = {value(x)}" for k, x in v.items()) + " }"
-        return repr(v)
-
+    value = _toml_value
     for section in SECTIONS:
         table = to_dict(getattr(cfg, section))
         lines.append(f"\n[{section}]")
@@ -584,6 +576,19 @@ def to_toml(cfg: Config) -> str:
                 lines.append(f"\n[[{section}.{k}]]")
                 lines += [f"{_key(rk)} = {value(rv)}" for rk, rv in row.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    """A value of a config field (after to_dict) as TOML."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return _string(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return repr(v)
 
 
 _ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
@@ -610,7 +615,8 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
             out += describe(hints[f.name], f.name)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append(f"{prefix}.{f.name} = {to_dict(default)!r}  # {f.metadata.get('doc', '')}")
+        shown = "(unset)" if default is None else _toml_value(to_dict(default))  # TOML, as the file would say it
+        out.append(f"{prefix}.{f.name} = {shown}  # {f.metadata.get('doc', '')}")
     return out
 
 

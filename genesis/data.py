@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from genesis.config import Config, DataConfig, cache_root
+from genesis.config import Config, ConfigError, DataConfig, cache_root
 from genesis.corpus import Verse, corpus_hash, load_corpus
-from genesis.tokenizer import get_tokenizer, tokenizer_hash
+from genesis.tokenizer import TokenizerError, get_tokenizer, tokenizer_hash
 
 CACHE_FORMAT = "tokens-v1"  # bump when the cache layout or the text joining changes
 SPLITS = ("train", "heldout")
@@ -168,7 +168,13 @@ def prepare(cfg: Config, log=print) -> Corpus:
     books = list(dict.fromkeys(v.book for v in verses))
     root = cache_root(cfg.data)
     train_digest = corpus_hash(split["train"])
-    tok = get_tokenizer(cfg.tokenizer, [v.text + "\n" for v in split["train"]], train_digest, root)
+    try:
+        tok = get_tokenizer(cfg.tokenizer, [v.text + "\n" for v in split["train"]], train_digest, root)
+    except TokenizerError as e:  # no such mask token: name where the setting came from
+        key = "tokenizer.mask_token" if cfg.tokenizer.mask_token else "tokenizer.path"
+        if not cfg.tokenizer.mask_token and not cfg.tokenizer.path:
+            raise
+        raise ConfigError(f"{cfg.origin_of(key)}: {key}: {e}") from None
     key = _cache_key(corpus_hash(verses), tok, cfg.data)
     cache = root / "tokens" / key
     if not (cache / "meta.json").is_file():

@@ -136,7 +136,8 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path):
 def test_show_config_lists_keys_with_docs():
     proc = run_cli("genesis.train", "--config", "cpu.toml", "--show-config")
     assert "[masking]" in proc.stdout
-    assert "# masking.strategy = 'weighted'  # uniform | weighted | structural" in proc.stdout
+    assert '# masking.strategy = "weighted"  # uniform | weighted | structural' in proc.stdout
+    assert "# masking.default_connectives = true  # " in proc.stdout and "# masking.seed = (unset)  # " in proc.stdout
 
 
 @pytest.mark.parametrize("text, key", [
@@ -168,7 +169,8 @@ def test_seed_range_is_what_every_consumer_accepts():
 @pytest.mark.parametrize("mode, overrides, where, rest", [
     (None, ["trainin.steps=1"], "--set trainin.steps=1", "trainin: unknown section"),
     (None, ["masking.rules=[{p=2}]"], "--set masking.rules=[{p=2}]", "masking.rules[0].p: must be in [0, 1]"),
-    (None, ["masking.rules[0].p=0.5"], "--set masking.rules[0].p=0.5", "masking.rules[0]: unknown key"),
+    (None, ["masking.rules[0].p=0.5"], "--set masking.rules[0].p=0.5",
+     "masking.rules[0].p: a --set cannot index into a list; set the whole list, e.g. masking.rules=[...]"),
     (None, ["masking.connectives.hence.class=x"], "--set masking.connectives.hence.class=x",
      "masking.connectives.hence.class: must be one of"),
     # cross-field checks: every --set or --mode that set one of the keys involved

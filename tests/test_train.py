@@ -487,6 +487,12 @@ def test_masking_impl_that_cannot_run_is_one_line(tmp_path, capsys, monkeypatch,
     assert err.startswith("error: mask impl must be one of auto, triton, torch (got 'foo', from GENESIS_MASK_IMPL)")
 
 
+def test_a_mask_token_the_tokenizer_lacks_names_the_setting(tmp_path, capsys, signal_handlers):
+    err = main_error(capsys, "--out", str(tmp_path / "run"), "--set", 'tokenizer.mask_token="FOO"')
+    assert err.startswith('error: --set tokenizer.mask_token="FOO": tokenizer.mask_token: the tokenizer has no token '
+                          "'FOO'"), err
+
+
 def test_unwritable_cache_is_one_line(tmp_path, capsys, signal_handlers):
     blocker = tmp_path / "file"
     blocker.write_text("x")
