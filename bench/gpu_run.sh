@@ -6,6 +6,9 @@
 # 520 s, so `all` fits one 600 s device call with the install and start-up (BENCH_S, TESTS_S, TRAIN_S change them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+what=${1:-all}
+case $what in all | bench | tests | train) ;; *) echo "usage: bench/gpu_run.sh [bench|tests|train|all]" >&2; exit 2 ;; esac
+failed=0
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -18,26 +21,30 @@ export PYTHONUNBUFFERED=1 GENESIS_CACHE=${GENESIS_CACHE:-$PWD/.cache/genesis}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"; } \
   2>&1 | tee "$OUT/env.txt"
-what=${1:-all}
 # Output goes to files, not through a pipe: a command killed by `timeout` can leave worker processes (torch.compile)
 # that would hold a pipe open until the machine's own limit.
 run() {  # run NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   echo "== $name ($(date -u +%T), limit ${limit}s): $*"
-  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "== $name rc=$? ($(date -u +%T))"
+  local rc=0
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+  echo "== $name rc=$rc ($(date -u +%T))"
   tail -n "${TAIL:-40}" "$OUT/$name.log"
+  [[ $rc == 0 ]] || failed=1
 }
 if [[ $what == all || $what == bench ]]; then
   run bench "${BENCH_S:-270}" python3 bench/mask_throughput.py --device cuda --profile --json "$OUT/cuda.json" \
     ${BENCH_ARGS:---sizes 4x1024,64x1024,1024x1024 --budget 1}
 fi
 if [[ $what == all || $what == tests ]]; then
-  run tests "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_masking.py}
+  run tests "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+    ${TESTS:-tests/test_masking.py tests/test_train.py::test_bf16_on_this_gpu}
 fi
 if [[ $what == all || $what == train ]]; then
+  rm -rf /tmp/hv  # a rerun on a warm machine starts a new run, not a refused --resume
   run train "${TRAIN_S:-100}" python3 -m genesis.train --config high_vram.toml --out /tmp/hv --set training.steps=40 \
     --set training.log_every=10 --set training.eval_every=40 --set training.checkpoint_every=0 \
     --set masking.enabled=true --set masking.strategy=structural ${TRAIN_ARGS:-}
 fi
+exit $failed

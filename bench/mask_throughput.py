@@ -63,14 +63,31 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from genesis.config import load_config  # noqa: E402
+from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.data import Batch, gather_windows, get_batch, prepare, window_starts  # noqa: E402
 from genesis.lexicon import find_matches  # noqa: E402
 from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
 
-# The masking code is under active work: record which version this process imported (hashed now, not at the end).
-SOURCE_HASHES = {rel: hashlib.sha256((ROOT / rel).read_bytes()).hexdigest()[:12]
-                 for rel in ("genesis/masking.py", "kernels/mask.py") if (ROOT / rel).is_file()}
+
+def _source_hashes() -> dict[str, str]:
+    """sha256 (12 hex digits) of the masking code this process imports, hashed now, not at the end, and read from
+    the imported modules' own files (a second checkout beside an editable install can import another copy)."""
+    import genesis.masking as masking_module
+
+    files = {"genesis/masking.py": masking_module.__file__}
+    spec = importlib.util.find_spec("genesis.kernels.mask")  # located, not imported (Triton may be missing)
+    if spec is not None and spec.origin:
+        files["kernels/mask.py"] = spec.origin
+    hashes = {}
+    for name, file in files.items():
+        path = Path(file).resolve()
+        hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        if path != (ROOT / name).resolve():
+            hashes[name + " (imported from)"] = str(path)
+    return hashes
+
+
+SOURCE_HASHES = _source_hashes()
 
 DEFAULT_SIZES = "4x1024,64x1024,256x1024,1024x1024"
 STRATEGIES = ("uniform", "weighted", "structural")
@@ -792,8 +809,8 @@ def print_kernel_table(rows: list[dict], copy_bw: dict) -> None:
 
 def step_share(config: str, device: str, strategy: str, steps: int, warmup: int) -> dict:
     """Training steps of `config` with masking off and on, alternating in one process, plus the masking calls alone
-    on the same batches: the step as genesis.train runs it (get_batch per micro-batch, masker + stats, forward and
-    backward, clip, AdamW)."""
+    on the same batches: the step as genesis.train runs it (get_batch per micro-batch, the masker, forward and
+    backward, clip, AdamW; masker.stats runs only at log steps there, so not here)."""
     from genesis.masking import ConnectiveMasker as Masker
     from genesis.model import Llama, ModelArgs
     from genesis.train import accumulate_gradients, autocast, make_optimizer, resolve_device
@@ -1149,9 +1166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default="weighted,structural", help=f"comma list of {', '.join(STRATEGIES)}")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma list of BxT (default {DEFAULT_SIZES})")
     p.add_argument("--repeats", type=int, default=50, help="most timed calls per provider and size")
-    p.add_argument("--min-repeats", type=int, default=5, help="fewest timed calls, whatever the budget")
+    p.add_argument("--min-repeats", type=int, default=5, help="fewest timed calls, whatever the budget (at most --repeats)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per provider and size")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per provider and size")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls per provider and size (>= 1: the last one sizes the repeats to the budget)")
     p.add_argument("--order", choices=("shuffled", "blocked"), default="shuffled",
                    help="shuffled: providers interleaved in a new random order every round (a call may follow "
                         "another provider's, on cold caches); blocked: each provider's calls back to back (warm)")
@@ -1181,17 +1199,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [s for s in args.strategies if s not in STRATEGIES]
     if bad or not args.strategies:
         p.error(f"--strategies: unknown {bad} (choose from {', '.join(STRATEGIES)})")
-    try:
-        args.sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
-        args.kernel_sizes = [parse_size(s.strip()) for s in args.kernel_sizes.split(",") if s.strip()]
-        args.kernel_blocks = [int(b) for b in args.kernel_blocks.split(",") if b.strip()]
-        args.kernel_windows = [int(b) for b in args.kernel_windows.split(",") if b.strip()]
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        p.error(str(e))
+    for option in ("sizes", "kernel_sizes"):
+        try:
+            setattr(args, option, [parse_size(s.strip()) for s in getattr(args, option).split(",") if s.strip()])
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--{option.replace('_', '-')}: {e}")
+    for option in ("kernel_blocks", "kernel_windows"):
+        text = getattr(args, option)
+        try:
+            values = [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            p.error(f"--{option.replace('_', '-')}: expected a comma list of integers (got {text!r})")
+        if any(v < 16 or v & (v - 1) for v in values):  # Triton blocks and windows are powers of two
+            p.error(f"--{option.replace('_', '-')}: each value must be a power of two >= 16 (got {text!r})")
+        setattr(args, option, values)
+    if not args.sizes:
+        p.error("--sizes: no size given")
+    for option, low in (("threads", 1), ("repeats", 1), ("batches", 1), ("steps", 1), ("warmup", 1),
+                        ("min_repeats", 1)):
+        if getattr(args, option) < low:
+            p.error(f"--{option.replace('_', '-')}: must be >= {low} (got {getattr(args, option)})")
+    args.min_repeats = min(args.min_repeats, args.repeats)  # --repeats 2 means at most 2, as its help says
+    if not args.budget >= 0:
+        p.error(f"--budget: must be >= 0 seconds (got {args.budget})")
+    if args.json:  # fail now, not after the timing
+        target = Path(args.json)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot create its directory ({e.strerror or e})")
+        if target.is_dir() or not os.access(target.parent, os.W_OK):
+            p.error(f"--json {args.json}: not a writable file path")
     if args.quick:
         args.budget, args.steps, args.warmup = min(args.budget, 0.3), min(args.steps, 2), min(args.warmup, 1)
     if args.step_share is None:
         args.step_share = "high_vram.toml" if args.device == "cuda" else "cpu.toml"
+    if args.step_share != "none":
+        try:
+            load_config(args.step_share)  # a missing or bad config fails now, not after the timing
+        except ConfigError as e:
+            p.error(f"--step-share: {e}")
     return args
 
 
@@ -1270,7 +1317,7 @@ def main(argv=None) -> int:
     if not checks["passed"]:
         print("error: a check failed; nothing was timed", file=sys.stderr)
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+            write_report(args.json, report)
         return 1
 
     # ---- timing
@@ -1326,11 +1373,23 @@ def main(argv=None) -> int:
           f"{fmt_load(info['loadavg_end'])} on {info['cpu_count']} cores; masking sources {SOURCE_HASHES}")
     report.update(results=rows, kernel_only=kernel_rows, copy_bandwidth=copy_bw, step_share=share, profile=prof,
                   targets=targets)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.json and write_report(args.json, report):
         log(f"wrote {args.json}")
     return 0
+
+
+def write_report(path: str, report: dict) -> bool:
+    """The JSON report; if it cannot be written, it goes to stdout instead, so that a long run is never lost."""
+    text = json.dumps(report, indent=1, default=str)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    except OSError as e:
+        print(f"error: --json {path}: cannot write ({e.strerror or e}); the report follows on stdout",
+              file=sys.stderr)
+        print(text)
+        return False
+    return True
 
 
 if __name__ == "__main__":

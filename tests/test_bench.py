@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT
 
 SCRIPT = ROOT / "bench" / "mask_throughput.py"
@@ -55,6 +57,28 @@ def test_bad_arguments_fail_with_a_message():
     assert proc.returncode == 2 and "expected BxT" in proc.stderr
     proc = run_bench("--strategies", "random", timeout=60)
     assert proc.returncode == 2 and "unknown" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads: must be >= 1 (got 0)"),
+    (["--repeats", "0"], "--repeats: must be >= 1"),
+    (["--batches", "0"], "--batches: must be >= 1"),
+    (["--warmup", "0"], "--warmup: must be >= 1"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--min-repeats", "0"], "--min-repeats: must be >= 1"),
+    (["--budget", "-1"], "--budget: must be >= 0 seconds"),
+    (["--sizes", ","], "--sizes: no size given"),
+    (["--sizes", "0x5"], "--sizes: size '0x5'"),
+    (["--kernel-windows", "300"], "--kernel-windows: each value must be a power of two"),
+    (["--kernel-blocks", "abc"], "--kernel-blocks: expected a comma list of integers"),
+    (["--step-share", "nosuch.toml"], "--step-share: nosuch.toml: config not found"),
+    (["--json", "/proc/nosuch/out.json"], "--json /proc/nosuch/out.json: cannot create its directory"),
+])
+def test_bad_options_fail_before_any_work(argv, message, capsys):
+    """Every option is checked when parsed, not after minutes of timing."""
+    with pytest.raises(SystemExit) as exit_:
+        load_bench().parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def load_bench():
