@@ -72,7 +72,7 @@ from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, find_
 from genesis.masking import clause_length
 from genesis.model import Llama
 from genesis.tokenizer import TokenizerError, load_tokenizer_file
-from genesis.train import RunError, load_model
+from genesis.train import RunError, load_model, write_atomic
 
 VERSE_SEPARATOR = "\n"  # genesis.data joins verses with it; the cloze sequences start with it
 TIE_TOLERANCE = 1e-6  # nats; cloze scores closer than this share the credit (sums are float64, so only true ties)
@@ -971,9 +971,7 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Atomic, so a reader (or an interrupted comparison) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(result, indent=1))
 
 
 @contextlib.contextmanager

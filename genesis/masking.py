@@ -399,9 +399,7 @@ def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables
     device = input_ids.device
     out = input_ids.clone(memory_format=torch.contiguous_format)
     if B * T == 0:
-        return (out, torch.zeros((B, T), dtype=torch.bool, device=device),
-                torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
-                torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device))
+        return (out, *_unmasked(B, T, device))
     layout = layout or ("sparse" if device.type == "cpu" else "dense")
     if layout == "sparse":
         if device.type != "cpu":
@@ -528,10 +526,11 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     return out, mask, classes, connectives
 
 
-def _unmasked(B: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mask, classes and connectives of a (B, T) CPU batch where nothing is masked."""
-    return (torch.zeros((B, T), dtype=torch.bool), torch.full((B, T), IGNORE_INDEX, dtype=torch.int64),
-            torch.full((B, T), IGNORE_INDEX, dtype=torch.int64))
+def _unmasked(B: int, T: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mask, classes and connectives of a (B, T) batch where nothing is masked."""
+    return (torch.zeros((B, T), dtype=torch.bool, device=device),
+            torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
+            torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device))
 
 
 _NEIGHBOURS_NP = np.array([[-1], [0], [1]])
@@ -914,12 +913,8 @@ class ConnectiveMasker:
         step = _counter_word(step, "step", range_name=step_and_offset)
         row_offset = _counter_word(row_offset, "row_offset", range_name=step_and_offset)
         if not self.enabled:
-            B, T = input_ids.shape
-            device = input_ids.device
             return MaskOutput(input_ids.clone(memory_format=torch.contiguous_format),
-                              torch.zeros((B, T), dtype=torch.bool, device=device),
-                              torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
-                              torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device))
+                              *_unmasked(*input_ids.shape, input_ids.device))
         if verse_start is not None and verse_start.dtype != torch.bool:
             verse_start = verse_start != 0
         device = input_ids.device
