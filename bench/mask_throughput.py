@@ -70,11 +70,15 @@ from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
 
 
 def _source_hashes() -> dict[str, str]:
-    """sha256 (12 hex digits) of the masking code this process imports, hashed now, not at the end, and read from
-    the imported modules' own files (a second checkout beside an editable install can import another copy)."""
+    """sha256 (12 hex digits) of the code this process times (masking, lexicon, batches, kernel, this script), hashed
+    now, not at the end, and read from the imported modules' own files (a second checkout beside an editable install
+    can import another copy)."""
+    import genesis.data as data_module
+    import genesis.lexicon as lexicon_module
     import genesis.masking as masking_module
 
-    files = {"genesis/masking.py": masking_module.__file__}
+    files = {"genesis/masking.py": masking_module.__file__, "genesis/lexicon.py": lexicon_module.__file__,
+             "genesis/data.py": data_module.__file__, "bench/mask_throughput.py": __file__}
     spec = importlib.util.find_spec("genesis.kernels.mask")  # located, not imported (Triton may be missing)
     if spec is not None and spec.origin:
         files["kernels/mask.py"] = spec.origin
@@ -582,7 +586,10 @@ def kernel_check_interpreter(strategies: list[str], quick: bool) -> dict:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--interpret-check", str(path),
                "--strategies", ",".join(strategies)] + (["--quick"] if quick else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "note": "interpreter subprocess did not finish in 1200 s", "cases": []}
         if proc.returncode != 0 or not path.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             return {"status": "failed", "note": f"interpreter subprocess exited {proc.returncode}: {' | '.join(tail)}",
@@ -999,6 +1006,10 @@ def machine_info(args, device: str) -> dict:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                             text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10)
+        if status.returncode == 0:  # uncommitted edits: the commit alone does not say what ran
+            info["git_dirty"] = sorted(line[3:] for line in status.stdout.splitlines())
     info["sha256"] = SOURCE_HASHES
     return info
 
@@ -1166,7 +1177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default="weighted,structural", help=f"comma list of {', '.join(STRATEGIES)}")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma list of BxT (default {DEFAULT_SIZES})")
     p.add_argument("--repeats", type=int, default=50, help="most timed calls per provider and size")
-    p.add_argument("--min-repeats", type=int, default=5, help="fewest timed calls, whatever the budget (at most --repeats)")
+    p.add_argument("--min-repeats", type=int, default=5,
+                   help="fewest timed calls, whatever the budget (at most --repeats)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per provider and size")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed calls per provider and size (>= 1: the last one sizes the repeats to the budget)")
@@ -1256,7 +1268,7 @@ def main(argv=None) -> int:
         log("note: GENESIS_MASK_IMPL ignored: each provider names its impl")
     info = machine_info(args, args.device)
     log(f"machine: {info['cpu']} ({info['cpu_count']} cores), {args.threads} torch thread(s), "
-        f"load {info['loadavg_start']}" + (f", GPU {info['gpu']}" if args.device == "cuda" else ""))
+        f"load {fmt_load(info['loadavg_start'])}" + (f", GPU {info['gpu']}" if args.device == "cuda" else ""))
 
     cfg = load_config("cpu.toml")
     corpus = prepare(cfg, log=log)
