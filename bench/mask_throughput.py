@@ -496,13 +496,18 @@ def check_loop(ds, x: np.ndarray, y: np.ndarray, vs: np.ndarray, out, vocab_size
         tally.errors.append("targets changed")
 
 
-def check_hf(collator, x: torch.Tensor, out: dict, selection: Tally, replacement: Tally) -> None:
+def check_hf(collator, x: torch.Tensor, out: dict, selection: Tally, replacement: Tally, kept: Tally) -> None:
     special = torch.tensor(sorted(collator.tokenizer.all_special_ids))
     eligible = ~torch.isin(x, special)
     selected = out["labels"] != IGNORE_INDEX
     selection.add(selected.sum().item(), np.full(int(eligible.sum()), 0.15))
     mask_id = collator.tokenizer.mask_token_id
-    replacement.add((out["input_ids"][selected] == mask_id).sum().item(), np.full(int(selected.sum()), 0.8))
+    masked = out["input_ids"] == mask_id
+    replacement.add((masked & selected).sum().item(), np.full(int(selected.sum()), 0.8))
+    # the other 20%: half get a uniformly random id (which is the original with probability 1/V), half are kept
+    rest = selected & ~masked
+    keep_p = 0.5 + 0.5 / len(collator.tokenizer)
+    kept.add((rest & (out["input_ids"] == x)).sum().item(), np.full(int(rest.sum()), keep_p))
     if (selected & ~eligible).any():
         selection.errors.append("a special token was selected")
     if not torch.equal(out["labels"][selected], x[selected]):
@@ -516,14 +521,14 @@ def rate_checks(providers: dict, loop_datasets: dict, check_work: Workload, voca
     """Run every provider on the check batches and compare its masking with what its configuration implies."""
     results = []
     for (name, strategy), provider in providers.items():
-        tallies = [Tally()] if name != "hf-collator" else [Tally(), Tally()]
+        tallies = [Tally()] if name != "hf-collator" else [Tally(), Tally(), Tally()]
         for i, batch in enumerate(check_work.cpu):  # call(i) masks batch i of the workload
             if name == "loop":
                 out = provider.call(i)
                 check_loop(loop_datasets[strategy], batch.x.numpy(), batch.y.numpy(), batch.verse_start.numpy(),
                            out, vocab_size, tallies[0])
             elif name == "hf-collator":
-                check_hf(collator, batch.x, provider.call(i), tallies[0], tallies[1])
+                check_hf(collator, batch.x, provider.call(i), *tallies)
             else:
                 out = provider.call(i)
                 check_genesis(maskers[name, strategy], batch.x, batch.verse_start, out, tallies[0])
@@ -532,6 +537,8 @@ def rate_checks(providers: dict, loop_datasets: dict, check_work: Workload, voca
         elif name == "hf-collator":
             results.append(tallies[0].result(name, strategy, "selected tokens vs 15% of non-special tokens"))
             results.append(tallies[1].result(name, strategy, "[MASK] replacements vs 80% of selected tokens"))
+            results.append(tallies[2].result(name, strategy, "kept vs random ids: half of the other selected tokens "
+                                                             "kept (+ random ids equal to the original)"))
         else:
             results.append(tallies[0].result(name, strategy, "masked words vs the configured rule probabilities; "
                                                              "positions vs lexicon.find_matches"))

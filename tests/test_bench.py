@@ -110,3 +110,23 @@ def test_rate_check_fails_when_masking_differs_from_the_configuration(kjv_corpus
         bench.check_loop(claimed, *args, wrong)
     assert honest.result("loop", "uniform", "")["passed"]
     assert not wrong.result("loop", "uniform", "")["passed"] and wrong.z < -bench.Z_MAX
+
+
+def test_hf_check_fails_when_the_collator_keeps_more_than_its_defaults(kjv_corpus):
+    """The HF collator's rate checks cover its whole 80/10/10 rule: a collator that never draws random ids
+    (random_replace_prob=0, so the last 20% of selected tokens are all kept) passes the selection and [MASK] checks
+    and fails the kept-vs-random one."""
+    pytest.importorskip("transformers")
+    from transformers import DataCollatorForLanguageModeling
+
+    bench = load_bench()
+    honest, _ = bench.make_hf_collator(kjv_corpus.tokenizer)
+    biased = DataCollatorForLanguageModeling(honest.tokenizer, mlm=True, mlm_probability=0.15, mask_replace_prob=0.8,
+                                             random_replace_prob=0.0, seed=1, return_tensors="pt")
+    work = bench.make_workload(kjv_corpus.splits["train"], 8, 1024, 4, 1, "cpu", "view", True)
+    for collator, ok in ((honest, True), (biased, False)):
+        tallies = [bench.Tally() for _ in range(3)]
+        for i, batch in enumerate(work.cpu):
+            bench.check_hf(honest, batch.x, collator(work.hf_rows[i]), *tallies)
+        passed = [t.result("hf-collator", "mlm-15%", "")["passed"] for t in tallies]
+        assert passed == [True, True, ok], passed
