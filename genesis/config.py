@@ -551,7 +551,7 @@ def to_dict(cfg: Any) -> Any:
                 continue
             out["class" if f.name == "cls" else f.name] = to_dict(v)
         return out
-    if isinstance(cfg, list):
+    if isinstance(cfg, (list, tuple)):  # tuples from Python callers (bert_split=(0.8, 0.1, 0.1)) read as TOML arrays
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}

@@ -295,3 +295,10 @@ def test_tokenizer_errors_are_value_errors_as_from_tokenizer_says():
         ConnectiveMasker.from_tokenizer(_word_level(["<pad>"]), log=None)
     with pytest.raises(ValueError, match="expected a tokenizers.Tokenizer"):
         ConnectiveMasker.from_tokenizer("gpt2", log=None)
+
+
+def test_tuples_are_taken_for_lists(tok):
+    """Python callers write sequences as tuples: bert_split=(0.8, 0.1, 0.1) and rules as a tuple of tables."""
+    m = ConnectiveMasker.from_tokenizer(tok, log=None, replacement="bert", bert_split=(0.7, 0.2, 0.1),
+                                        strategy="structural", rules=({"p": 0.5},), **FEW)
+    assert m.config.bert_split == [0.7, 0.2, 0.1] and [r.p for r in m.config.rules] == [0.5]
