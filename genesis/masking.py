@@ -95,7 +95,7 @@ def _connective_table(word: str, value: Any) -> Any:
     writes them, become {weight, class}; tables pass; anything else is an error that says what is accepted."""
     if isinstance(value, Mapping):
         return dict(value)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
+    if isinstance(value, list) and len(value) == 2:  # to_dict has made tuples lists
         return {"weight": value[0], "class": value[1]}
     raise MaskingError(f"masking.connectives.{word}: expected a (weight, class) pair or a table "
                        f"{{weight = .., class = ..}}, got {value!r:.80}")

@@ -396,17 +396,22 @@ def connective_mask_triton(input_ids: torch.Tensor, verse_start: torch.Tensor | 
     bench/mask_throughput.py on a GPU.
     """
     B, T = input_ids.shape
-    # outputs row-major whatever the input's layout: the kernel writes column c of row r at r * T + c
-    out = torch.empty((B, T), dtype=input_ids.dtype, device=input_ids.device)
-    mask = torch.empty((B, T), dtype=torch.bool, device=input_ids.device)
-    classes = torch.empty((B, T), dtype=torch.int64, device=input_ids.device)
-    connectives = torch.empty((B, T), dtype=torch.int64, device=input_ids.device)
+    out, mask, classes, connectives = _empty_outputs(input_ids)
     if B == 0 or T == 0:
         return out, mask, classes, connectives
     kernel, args, meta, columns, options = _launch(input_ids, verse_start, (out, mask, classes, connectives), tables,
                                                    seed, step, rank, row_offset, block, version, window)
     kernel[(triton.cdiv(T, columns), B)](*args, **meta, **options)
     return out, mask, classes, connectives
+
+
+def _empty_outputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernel's four (B, T) outputs, uninitialised, on the input's device: ids (its dtype), mask, classes and
+    connectives. Row-major whatever the input's layout: the kernel writes column c of row r at r * T + c."""
+    shape, device = input_ids.shape, input_ids.device
+    return (torch.empty(shape, dtype=input_ids.dtype, device=device),
+            torch.empty(shape, dtype=torch.bool, device=device),
+            torch.empty(shape, dtype=torch.int64, device=device), torch.empty(shape, dtype=torch.int64, device=device))
 
 
 def _launch(input_ids, verse_start, outputs, tables, seed, step, rank, row_offset, block, version, window):
@@ -466,10 +471,8 @@ def compile_for(capability: int, input_ids: torch.Tensor, verse_start: torch.Ten
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    outputs = (torch.empty(input_ids.shape, dtype=input_ids.dtype), torch.empty(input_ids.shape, dtype=torch.bool),
-               torch.empty(input_ids.shape, dtype=torch.int64), torch.empty(input_ids.shape, dtype=torch.int64))
-    kernel, args, meta, _, options = _launch(input_ids, verse_start, outputs, tables, 0, 0, 0, 0, block, version,
-                                             window)
+    kernel, args, meta, _, options = _launch(input_ids, verse_start, _empty_outputs(input_ids), tables, 0, 0, 0, 0,
+                                             block, version, window)
     signature = {}
     for name, value in zip(kernel.arg_names, args):
         if isinstance(value, torch.Tensor):
