@@ -57,7 +57,7 @@ from genesis.evaluate import (
     write_json,
 )
 from genesis.tokenizer import TokenizerError
-from genesis.train import CHECKPOINT, Interrupted, RunError, handle_interrupts, train
+from genesis.train import CHECKPOINT, Interrupted, RunError, handle_interrupts, refuse_several_processes, train
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -518,6 +518,7 @@ def main(argv=None) -> int:
 def _main(args: argparse.Namespace, command: str) -> int:
     t0 = time.time()
     try:
+        refuse_several_processes("python -m genesis.compare")
         if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
             raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
         resolve_device(args.device)  # a bad --device fails now, not after the first run's training

@@ -72,7 +72,7 @@ from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, find_
 from genesis.masking import clause_length
 from genesis.model import Llama
 from genesis.tokenizer import TokenizerError, load_tokenizer_file
-from genesis.train import RunError, load_model, write_atomic
+from genesis.train import RunError, load_model, refuse_several_processes, write_atomic
 
 VERSE_SEPARATOR = "\n"  # genesis.data joins verses with it; the cloze sequences start with it
 TIE_TOLERANCE = 1e-6  # nats; cloze scores closer than this share the credit (sums are float64, so only true ties)
@@ -1052,6 +1052,7 @@ def main(argv=None) -> int:
 
 def _main(args: argparse.Namespace, argv) -> int:
     try:
+        refuse_several_processes("python -m genesis.evaluate")
         if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1:
             raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens >= 1")
         result, ctx = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.max_items,

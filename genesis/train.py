@@ -5,6 +5,7 @@
     python -m genesis.train --config cpu.toml --set masking.enabled=true --set masking.strategy=structural
     python -m genesis.train --config cpu.toml --out runs/a --resume   # continue runs/a from its checkpoint
     python -m genesis.train --config cpu.toml --show-config        # print the resolved config and exit
+    torchrun --standalone --nproc_per_node=2 -m genesis.train --config high_vram.toml   # one process per GPU (DDP)
 
 A run directory (default runs/<config name>) receives config.toml (resolved), tokenizer.json, metrics.jsonl (one
 JSON record per log step and per evaluation; it ends with the held-out loss of the last step) and checkpoint.pt
@@ -53,9 +54,11 @@ class Interrupted(Exception):
 
 
 _held: list[int] | None = None  # inside `signals_held()`: the signals that arrived, raised when it ends
+_signals_seen: list[int] = []  # every SIGINT/SIGTERM handled in this process
 
 
 def _interrupt(signum, frame):
+    _signals_seen.append(signum)
     if _held is not None:
         _held.append(signum)
         return
@@ -102,22 +105,126 @@ def signals_held():
         raise Interrupted(pending[0])
 
 
+_quiet = False  # set on processes other than rank 0 of a torchrun launch: one process speaks for the run
+
+
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if not _quiet:
+        print(msg, flush=True)
 
 
 def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    if not _quiet:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data-parallel training, one process per GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place in a launch: rank, local rank (its GPU on this machine) and the number of processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that logs and writes the run directory."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env(environ=os.environ) -> World:
+    """The World torchrun describes in WORLD_SIZE, RANK and LOCAL_RANK; one process when WORLD_SIZE is unset."""
+    if "WORLD_SIZE" not in environ:
+        return World()
+    values = {}
+    for name, default in (("WORLD_SIZE", None), ("RANK", None), ("LOCAL_RANK", "0")):
+        raw = environ.get(name, default)
+        try:
+            values[name] = int(raw)
+        except (TypeError, ValueError):
+            raise RunError(f"{name}={raw!r}: not an integer (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with "
+                           f"WORLD_SIZE set, RANK must be set too)") from None
+    world = World(rank=values["RANK"], local_rank=values["LOCAL_RANK"], size=values["WORLD_SIZE"])
+    if world.size < 1 or not 0 <= world.rank < world.size or world.local_rank < 0:
+        raise RunError(f"WORLD_SIZE={world.size}, RANK={world.rank}, LOCAL_RANK={world.local_rank}: not a valid "
+                       f"launch (need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)")
+    return world
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device):
+    """torch.distributed set up for the block (NCCL on CUDA, gloo on the CPU) when there are several processes and
+    no process group yet; taken down after it."""
+    import torch.distributed as dist
+
+    if not world.distributed or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, rank=world.rank, world_size=world.size,
+                                device_id=device if device.type == "cuda" else None)
+    except (ValueError, RuntimeError) as e:  # no MASTER_ADDR/MASTER_PORT, an unreachable rendezvous
+        raise RunError(f"cannot start {world.size} processes ({backend}): {_first_line(e)} (start several "
+                       f"processes with torchrun, e.g. torchrun --standalone --nproc_per_node=2 -m genesis.train "
+                       f"...)") from None
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def refuse_several_processes(command: str) -> None:
+    """A RunError when started as one of several processes (torchrun): `command` runs as one."""
+    world = world_from_env()
+    if world.distributed:
+        raise RunError(f"{command} runs as one process, but it was started as one of {world.size} "
+                       f"(WORLD_SIZE={world.size}, as torchrun sets): run it with python -m, without torchrun")
+
+
+def _all_sum(values: list[torch.Tensor], world: World) -> list[torch.Tensor]:
+    """The sums over all processes of 0-d tensors (one collective), or the values themselves in one process."""
+    if not world.distributed:
+        return values
+    import torch.distributed as dist
+
+    stacked = torch.stack([v.detach().double() for v in values])
+    dist.all_reduce(stacked)
+    return list(stacked.unbind(0))
+
+
+def _broadcast_steps(steps: set[int], world: World) -> set[int]:
+    """Rank 0's set of steps, on every process."""
+    import torch.distributed as dist
+
+    box = [sorted(steps)]
+    dist.broadcast_object_list(box, src=0)
+    return set(box[0])
+
+
+def _barrier(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
 
 
-def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+def resolve_device(cfg: Config, world: World = World()) -> tuple[torch.device, torch.dtype]:
     """The device and the autocast dtype. A GPU-sized config on a machine without CUDA runs in fp32, with one
     warning line that points to cpu.toml; a bf16 (or auto) config on a GPU without bf16 (before sm_80) runs in fp32,
-    with one warning line."""
+    with one warning line. Under torchrun each process takes the GPU of its LOCAL_RANK."""
     t = cfg.training
     want = t.device
     if want == "auto":
@@ -125,6 +232,16 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{cfg.source}: training.device: {want!r} requested but CUDA is not available")
     device = torch.device(want)
+    if device.type == "cuda" and world.distributed:
+        if device.index is not None:
+            raise ConfigError(f"{cfg.origin_of('training.device')}: training.device: {want!r} names one GPU, but "
+                              f"{world.size} processes share this run: use 'cuda' or 'auto' (each process takes "
+                              f"the GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses which GPUs)")
+        if world.local_rank >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK={world.local_rank}, but this machine shows {torch.cuda.device_count()} "
+                           f"CUDA device(s): start at most that many processes per machine (--nproc_per_node)")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     if device.type == "cpu":
         # Denormal floats (tiny AdamW moments late in a run) cost x86 CPUs up to 10x per step: a cpu.toml step took
         # 4.3 s instead of 0.45 s on a 2-core machine, with the same losses. Flush them to zero.
@@ -175,39 +292,44 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def accumulate_gradients(model, micro_batches, amp) -> torch.Tensor:
     """Forward/backward over the micro-batches of one optimizer step; gradients equal those of one batch made of
     all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
-    Returns the mean loss as a 0-d tensor (no host sync)."""
+    Under DDP the processes' gradients are averaged, once per step. Returns this process's mean loss as a 0-d tensor
+    (no host sync)."""
     total = None
     k = len(micro_batches)
-    for x, y in micro_batches:
-        with amp:
-            _, loss = model(x, y)
-        (loss / k).backward()
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: all-reduce once, in the last backward
+    for i, (x, y) in enumerate(micro_batches):
+        with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
+            with amp:
+                _, loss = model(x, y)
+            (loss / k).backward()
         total = loss.detach() / k if total is None else total + loss.detach() / k
     return total
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp) -> float:
-    """Mean next-token loss over evenly spaced held-out windows (the same windows at every evaluation)."""
+def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: World = World()) -> float:
+    """Mean next-token loss over evenly spaced held-out windows (the same windows at every evaluation). Several
+    processes share the windows out, batch by batch, and sum their totals."""
     model.eval()
     T, B = cfg.model.seq_len, cfg.training.micro_batch
     starts = eval_starts(len(data), T, cfg.training.eval_batches * B)
-    total, count = torch.zeros((), device=device), 0
-    for i in range(0, len(starts), B):
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in range(world.rank * B, len(starts), B * world.size):
         batch = gather_windows(data, starts[i : i + B], T, device)
         with amp:
             _, loss = model(batch.x, batch.y)
         total += loss.float() * batch.x.numel()
         count += batch.x.numel()
     model.train()
+    total, count = _all_sum([total, count], world)
     return (total / count).item()
 
 
 class Progress:
     """A one-line progress bar on stderr, only when attached to a terminal."""
 
-    def __init__(self, total: int):
-        self.total, self.enabled, self.t0 = total, sys.stderr.isatty(), time.time()
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled, self.t0 = total, enabled and sys.stderr.isatty(), time.time()
 
     def update(self, step: int, start: int) -> None:
         if not self.enabled:
@@ -228,8 +350,11 @@ class Progress:
 # Checkpoints
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config) -> None:
-    """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world: World = World()) -> None:
+    """Atomic: written to a temporary file, then renamed over the old checkpoint. Rank 0 writes it (every process
+    holds the same weights); the others return at once."""
+    if not world.main:
+        return
     raw = getattr(model, "_orig_mod", model)
     state = {
         "model": raw.state_dict(),
@@ -237,6 +362,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config) -> Non
         "step": step,
         "model_args": vars(raw.args),
         "config": to_dict(cfg),
+        "processes": world.size,
     }
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(state, tmp)
@@ -264,20 +390,30 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(saved: dict, now: dict, path: Path) -> list[str]:
+def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1, processes: int = 1) -> list[str]:
     """Lines naming the settings a resumed run changes (those in RESUME_MAY_CHANGE); a RunError naming every other
-    setting that differs from the checkpoint's config."""
+    setting that differs from the checkpoint's config.
+
+    The number of processes may change with training.grad_accum when their product, the micro-batches of a step,
+    stays the same: micro-batch j of a step is the same data and the same masks whichever process takes it."""
     sections = ("data", "tokenizer", "model", "training", "masking")
     was, new = (_flatten({k: d[k] for k in sections if k in d}) for d in (saved, now))
+    was["processes"], new["processes"] = saved_processes, processes
     changed = sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k))
-    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    accum = "training.grad_accum"
+    same_step = was.get(accum, 1) * saved_processes == new.get(accum, 1) * processes
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE and not (k in ("processes", accum) and same_step)]
 
     def show(key: str) -> str:
         return f"{key} {was.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
 
     if refused:
+        hint = ""
+        if any(k in ("processes", accum) for k in refused):
+            hint = (f"; the processes x training.grad_accum, the micro-batches of a step, must stay "
+                    f"{was.get(accum, 1) * saved_processes}")
         raise RunError(f"{path}: --resume with other settings than the run's: {', '.join(map(show, refused))} "
-                       f"(a resumed run continues the same training; use --out DIR for a new run)")
+                       f"(a resumed run continues the same training; use --out DIR for a new run){hint}")
     lines = [f"resume: {show(k)}" for k in changed if k != "training.out_dir"]  # out_dir: the run's own config.toml
     if "training.steps" in changed:
         lines.append(f"resume: the learning-rate schedule now ends at step {new['training.steps']}")
@@ -408,24 +544,46 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     SIGINT and SIGTERM save a checkpoint at any point (`Interrupted` is then raised): in a training step, in an
     evaluation, after the last step. A resumed run continues the step count; one that finds every step done but no
-    evaluation of the last step writes it, so metrics.jsonl always ends with the held-out loss of the last step."""
-    with interrupts_handled():
-        return _train(cfg, Path(run_dir), resume)
+    evaluation of the last step writes it, so metrics.jsonl always ends with the held-out loss of the last step.
+
+    Under torchrun (WORLD_SIZE > 1) the processes train one model data-parallel (DDP): micro-batch j of a step goes
+    to process j // grad_accum, its data and masks the same as micro-batch j of a one-process run with grad_accum
+    x processes micro-batches; rank 0 logs and writes the run directory."""
+    global _quiet
+    world = world_from_env()
+    quiet, _quiet = _quiet, _quiet or not world.main
+    try:
+        with interrupts_handled():
+            return _train(cfg, Path(run_dir), resume, world)
+    finally:
+        _quiet = quiet
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
+    device, amp_dtype = resolve_device(cfg, world)
+    with process_group(world, device):
+        return _train_in(cfg, run_dir, resume, world, device, amp_dtype)
+
+
+def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.device,
+              amp_dtype: torch.dtype) -> dict:
     t = cfg.training
-    device, amp_dtype = resolve_device(cfg)
     amp = autocast(device, amp_dtype)
     torch.manual_seed(t.seed)
+    _signals_seen.clear()
     ckpt = None
     if resume:
         ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step"))
         if "config" in ckpt:  # checkpoints from before configs were saved in them are not checked
-            for line in resume_changes(ckpt["config"], to_dict(cfg), run_dir / CHECKPOINT):
+            for line in resume_changes(ckpt["config"], to_dict(cfg), run_dir / CHECKPOINT,
+                                       ckpt.get("processes", 1), world.size):
                 log(line)
 
+    if not world.main:
+        _barrier(world)  # rank 0 tokenizes and builds the caches; the others then read them
     corpus: Corpus = prepare(cfg, log=log)
+    if world.main:
+        _barrier(world)
     check_windows(corpus, cfg)
     tok = corpus.tokenizer
     masker = None
@@ -436,7 +594,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
                                                  seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
                                                  check_ids=False, log=log).to(device)  # .to: impl chosen now
         log(masker.describe())
-    make_run_dir(run_dir)
+    if world.main:
+        make_run_dir(run_dir)
     train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
     log(f"data: {cfg.data.corpus} | train {len(train_data):,} tokens | held-out {len(heldout):,} tokens "
         f"| vocab {tok.get_vocab_size(with_added_tokens=True):,} | cache {corpus.cache_dir}")
@@ -444,8 +603,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
     args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
     model = Llama(args).to(device)
     model.grad_checkpointing = t.grad_checkpointing
+    processes = f" x {world.size} processes (DDP)" if world.distributed else ""
     log(f"model: {model.num_params() / 1e6:.2f} M parameters | {args.n_layers} layers x {args.dim} | "
-        f"{args.n_heads} heads | seq {args.seq_len} | device {device} | {str(amp_dtype).replace('torch.', '')}")
+        f"{args.n_heads} heads | seq {args.seq_len} | device {device}{processes} | "
+        f"{str(amp_dtype).replace('torch.', '')}")
     optimizer = make_optimizer(model, t, device)
 
     start, resumed = 0, ckpt is not None
@@ -462,32 +623,45 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
         start = ckpt["step"]
         del ckpt  # the weights now live in the model; do not keep a second copy for the whole run
     # written once the checkpoint (if any) is known to fit: a refused --resume leaves the run as it was
-    write_atomic(run_dir / "tokenizer.json", tok.to_str(pretty=True))  # what tok.save writes
-    # with the run directory as out_dir: `--config runs/x/config.toml --resume` finds the run it came from
-    ran = dataclasses.replace(cfg, training=dataclasses.replace(t, out_dir=str(run_dir)))
-    write_atomic(run_dir / "config.toml", to_toml(ran))
+    if world.main:
+        write_atomic(run_dir / "tokenizer.json", tok.to_str(pretty=True))  # what tok.save writes
+        # with the run directory as out_dir: `--config runs/x/config.toml --resume` finds the run it came from
+        ran = dataclasses.replace(cfg, training=dataclasses.replace(t, out_dir=str(run_dir)))
+        write_atomic(run_dir / "config.toml", to_toml(ran))
     if resumed:
         log(f"resumed from {run_dir / CHECKPOINT} at step {start}")
         if start >= t.steps:
             log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}")
-    step_model = model
+    eval_model = model
     if t.compile and device.type == "cuda":
-        step_model = torch.compile(model)
+        eval_model = torch.compile(model)
+    step_model = eval_model
+    if world.distributed:  # after torch.compile, as nanoGPT does; it broadcasts rank 0's weights to the others
+        from torch.nn.parallel import DistributedDataParallel
 
-    evaluated = trim_metrics(run_dir / "metrics.jsonl", start) if resumed else set()
-    try:
-        metrics = (run_dir / "metrics.jsonl").open("a" if resumed else "w", encoding="utf-8")
-    except OSError as e:
-        raise RunError(f"{run_dir / 'metrics.jsonl'}: cannot write ({e.strerror or e})") from None
+        step_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             broadcast_buffers=False)  # the buffers (RoPE tables) never change
+
+    evaluated = set()
+    metrics = None  # rank 0's metrics.jsonl; the other processes write nothing
+    if world.main:
+        evaluated = trim_metrics(run_dir / "metrics.jsonl", start) if resumed else set()
+        try:
+            metrics = (run_dir / "metrics.jsonl").open("a" if resumed else "w", encoding="utf-8")
+        except OSError as e:
+            raise RunError(f"{run_dir / 'metrics.jsonl'}: cannot write ({e.strerror or e})") from None
+    if resumed and world.distributed:  # every process must agree on which evaluations are still to come
+        evaluated = _broadcast_steps(evaluated, world)
 
     def record(rec: dict) -> None:
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
+        if world.main:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
 
     summary: dict = {"run_dir": str(run_dir)}
 
     def run_eval(step: int) -> None:
-        loss = evaluate_loss(step_model, heldout, cfg, device, amp)
+        loss = evaluate_loss(eval_model, heldout, cfg, device, amp, world)
         summary.setdefault("first_heldout_loss", loss)
         summary["last_heldout_loss"] = loss
         record({"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))})
@@ -503,18 +677,22 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
         steps_since += 1
         if not (done % t.log_every == 0 or done == t.steps):
             return
+        values = [loss]  # this process's; summed over the processes in one collective
+        if masker is not None:
+            mask_stats = [masker.stats(out, ids) for out, ids in masked]
+            values += [sum(s[key] for s in mask_stats) for key in ("masked_tokens", "masked_words")]
+        values = [v.item() for v in _all_sum(values, world)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = (time.time() - t_last) / steps_since
-        rec = {"kind": "train", "step": done, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-               "tokens_per_s": B * T * k / dt, "ms_per_step": dt * 1000}
+        tokens = B * T * k * world.size
+        rec = {"kind": "train", "step": done, "loss": values[0] / world.size, "lr": lr,
+               "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "ms_per_step": dt * 1000}
         line = (f"step {done:>6}/{t.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad {rec['grad_norm']:.3f}"
                 f" | {rec['tokens_per_s'] / 1e3:8.1f}k tok/s | {rec['ms_per_step']:7.1f} ms/step")
         if masker is not None:
-            mask_stats = [masker.stats(out, ids) for out, ids in masked]
-            stats = {key: sum(s[key] for s in mask_stats).item() for key in mask_stats[0]}
-            rec["masked_fraction"] = stats["masked_tokens"] / (B * T * k)
-            rec["masked_connectives"] = stats["masked_words"]
+            rec["masked_fraction"] = values[1] / tokens
+            rec["masked_connectives"] = round(values[2])
             line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, "
                      f"{rec['masked_connectives']} connectives")
         if device.type == "cuda":
@@ -525,7 +703,21 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
         record(rec)
         t_last, steps_since = time.time(), 0
 
-    progress = Progress(t.steps)
+    def save_and_raise(e: BaseException, cause: BaseException | None = None) -> None:
+        """Save the checkpoint of step `completed` after an interrupt, then raise it (marked as saved)."""
+        progress.clear()
+        try:
+            with signals_held():  # a second Ctrl-C does not cut the save short (it is raised after it)
+                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
+                log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; "
+                    f"continue with --resume")
+        except (KeyboardInterrupt, Interrupted) as again:
+            again.checkpoint_saved = True  # main() tells an interrupt before the loop (nothing saved) from these
+            raise
+        e.checkpoint_saved = True
+        raise e from cause
+
+    progress = Progress(t.steps, enabled=world.main)
     completed = start  # optimizer steps taken so far: what a checkpoint records
     try:
         if t.eval_every and start % t.eval_every == 0 and start < t.steps and start not in evaluated:
@@ -536,7 +728,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches, masked = [], []
-            for micro in range(k):
+            for micro in range(world.rank * k, (world.rank + 1) * k):  # this process's micro-batches of the step
                 batch = get_batch(train_data, B, T, t.seed, step, rank=0, micro=micro, device=device)
                 x = batch.x
                 if masker is not None:
@@ -559,27 +751,24 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict:
                 run_eval(completed)
                 t_last += time.time() - t_eval  # ms_per_step counts training steps only
             if t.checkpoint_every and completed % t.checkpoint_every == 0 and completed != t.steps:
-                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
             progress.update(completed, start)
         progress.clear()
         if completed not in evaluated:  # eval_every = 0, or a resumed run that was stopped during this evaluation
             run_eval(completed)
         with signals_held():
-            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
+            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
     except (KeyboardInterrupt, Interrupted) as e:
-        progress.clear()
-        try:
-            with signals_held():  # a second Ctrl-C does not cut the save short (it is raised after it)
-                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg)
-                log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; "
-                    f"continue with --resume")
-        except (KeyboardInterrupt, Interrupted) as again:
-            again.checkpoint_saved = True  # main() tells an interrupt before the loop (nothing saved) from these
+        save_and_raise(e)
+    except Exception as e:
+        if not (world.distributed and _signals_seen):
             raise
-        e.checkpoint_saved = True
-        raise
+        # another process, stopped by the same Ctrl-C or SIGTERM, broke a collective before this one's signal
+        # handler ran: the weights are still those of step `completed`
+        save_and_raise(Interrupted(_signals_seen[0]), cause=e)
     finally:
-        metrics.close()
+        if world.main:
+            metrics.close()
     summary["steps"] = completed
     log(f"done: {summary['steps']} steps | checkpoint {run_dir / CHECKPOINT}")
     return summary
@@ -590,28 +779,35 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     handle_interrupts()
+    rank = os.environ.get("RANK", "0")
+    speaks = not rank.isdigit() or int(rank) == 0  # under torchrun rank 0 speaks for the run (an invalid RANK: all)
+
+    def say(msg: str) -> None:
+        if speaks:
+            print(msg, file=sys.stderr)
+
     try:
         cfg = load_config(args.config, args.mode, args.set)
         if args.show_config:
-            print(to_toml(cfg))
-            print("# all keys, with defaults:\n" + "\n".join("# " + line for line in describe()))
-            sys.stdout.flush()
+            if speaks:
+                print(to_toml(cfg))
+                print("# all keys, with defaults:\n" + "\n".join("# " + line for line in describe()))
+                sys.stdout.flush()
             return 0
         run_dir = setup_run_dir(cfg, args.out, args.resume)
         train(cfg, run_dir, resume=args.resume)
     except (ConfigError, CorpusError, TokenizerError, RunError, MaskingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except BrokenPipeError:  # `--show-config | head`: the reader is gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # a cache or run directory that cannot be written, a full disk
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        say(f"error: {e.filename or ''}: {e.strerror or e}")
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         if not getattr(e, "checkpoint_saved", False):
-            print("interrupted before the first training step: nothing to save; run the same command again",
-                  file=sys.stderr)
+            say("interrupted before the first training step: nothing to save; run the same command again")
         return 128 + e.signum if isinstance(e, Interrupted) else 130
     return 0
 
