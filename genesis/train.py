@@ -124,11 +124,13 @@ def warn(msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """This process's place in a launch: rank, local rank (its GPU on this machine) and the number of processes."""
+    """This process's place in a launch: rank, local rank (its GPU on this machine), the number of processes, and
+    the number on this machine."""
 
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    local_size: int = 1
 
     @property
     def main(self) -> bool:
@@ -141,28 +143,50 @@ class World:
 
 
 def world_from_env(environ=os.environ) -> World:
-    """The World torchrun describes in WORLD_SIZE, RANK and LOCAL_RANK; one process when WORLD_SIZE is unset."""
+    """The World torchrun describes in WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE; one process when
+    WORLD_SIZE is unset."""
     if "WORLD_SIZE" not in environ:
         return World()
     values = {}
-    for name, default in (("WORLD_SIZE", None), ("RANK", None), ("LOCAL_RANK", "0")):
+    for name, default in (("WORLD_SIZE", None), ("RANK", None), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
         raw = environ.get(name, default)
         try:
             values[name] = int(raw)
         except (TypeError, ValueError):
             raise RunError(f"{name}={raw!r}: not an integer (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with "
                            f"WORLD_SIZE set, RANK must be set too)") from None
-    world = World(rank=values["RANK"], local_rank=values["LOCAL_RANK"], size=values["WORLD_SIZE"])
+    world = World(rank=values["RANK"], local_rank=values["LOCAL_RANK"], size=values["WORLD_SIZE"],
+                  local_size=max(values["LOCAL_WORLD_SIZE"], values["LOCAL_RANK"] + 1))
     if world.size < 1 or not 0 <= world.rank < world.size or world.local_rank < 0:
         raise RunError(f"WORLD_SIZE={world.size}, RANK={world.rank}, LOCAL_RANK={world.local_rank}: not a valid "
                        f"launch (need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0)")
     return world
 
 
+def error_prefix(environ=os.environ) -> str | None:
+    """How this process prints an error of a torchrun launch: rank 0 plainly, the first process on each other
+    machine as "[rank N] " (an error only that machine has: a missing file, fewer GPUs), any other not at all (None).
+    Errors every process meets, such as a bad config, are raised by all of them, so rank 0's line tells it."""
+    rank, local_rank = environ.get("RANK", "0"), environ.get("LOCAL_RANK", "0")
+    if not (rank.isdigit() and local_rank.isdigit()) or int(rank) == 0:
+        return ""
+    return f"[rank {rank}] " if int(local_rank) == 0 else None
+
+
+class PeerStopped(RunError):
+    """A collective failed: another process of the launch has stopped (an error, a kill, out of memory)."""
+
+
+_cpu_group = None  # a gloo process group (long timeout) for the prepare barrier and the per-step stop vote
+
+
 @contextlib.contextmanager
 def process_group(world: World, device: torch.device):
     """torch.distributed set up for the block (NCCL on CUDA, gloo on the CPU) when there are several processes and
     no process group yet; taken down after it."""
+    global _cpu_group
+    import datetime
+
     import torch.distributed as dist
 
     if not world.distributed or dist.is_initialized():
@@ -172,6 +196,8 @@ def process_group(world: World, device: torch.device):
     try:
         dist.init_process_group(backend, rank=world.rank, world_size=world.size,
                                 device_id=device if device.type == "cuda" else None)
+        # on the CPU, so that a vote never waits for the GPU; long, for rank 0 tokenizing a large corpus meanwhile
+        _cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     except (ValueError, RuntimeError) as e:  # no MASTER_ADDR/MASTER_PORT, an unreachable rendezvous
         raise RunError(f"cannot start {world.size} processes ({backend}): {_first_line(e)} (start several "
                        f"processes with torchrun, e.g. torchrun --standalone --nproc_per_node=2 -m genesis.train "
@@ -179,15 +205,28 @@ def process_group(world: World, device: torch.device):
     try:
         yield
     finally:
+        _cpu_group = None
         dist.destroy_process_group()
 
 
 def refuse_several_processes(command: str) -> None:
-    """A RunError when started as one of several processes (torchrun): `command` runs as one."""
+    """A RunError when started as one of several processes (torchrun): `command` runs as one. Rank 0 says so; the
+    other processes exit with the same status, silently."""
     world = world_from_env()
     if world.distributed:
+        if error_prefix() is None:
+            raise SystemExit(2)
         raise RunError(f"{command} runs as one process, but it was started as one of {world.size} "
                        f"(WORLD_SIZE={world.size}, as torchrun sets): run it with python -m, without torchrun")
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another process is gone (gloo: the connection closed)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and ("gloo" in text and "onnection" in text or "NCCL" in text))
 
 
 def _all_sum(values: list[torch.Tensor], world: World) -> list[torch.Tensor]:
@@ -201,12 +240,21 @@ def _all_sum(values: list[torch.Tensor], world: World) -> list[torch.Tensor]:
     return list(stacked.unbind(0))
 
 
+def _any_process(flag: bool, world: World) -> bool:
+    """Whether `flag` is true in any process (a vote on the CPU: no GPU sync)."""
+    import torch.distributed as dist
+
+    vote = torch.tensor([int(flag)])
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(vote.item())
+
+
 def _broadcast_steps(steps: set[int], world: World) -> set[int]:
     """Rank 0's set of steps, on every process."""
     import torch.distributed as dist
 
     box = [sorted(steps)]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_cpu_group)
     return set(box[0])
 
 
@@ -214,7 +262,27 @@ def _barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=_cpu_group)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Several processes: SIGINT and SIGTERM are only recorded (in `_held`) for the block, and the processes vote at
+    every step (`stop_vote`), so that all of them stop at the same point and none is left waiting in a collective
+    for one that has gone: the GPUs of NCCL processes run ahead of their host threads by different amounts, and a
+    process that left mid-step would hang the others inside CUDA, where no Python signal handler runs."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+    finally:
+        _held = outer
+
+
+def stop_vote(world: World) -> None:
+    """Raise Interrupted in every process when any of them has received a signal (inside `signals_deferred`)."""
+    if world.distributed and _any_process(bool(_held), world):
+        raise Interrupted(_held[0] if _held else signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,9 +305,10 @@ def resolve_device(cfg: Config, world: World = World()) -> tuple[torch.device, t
             raise ConfigError(f"{cfg.origin_of('training.device')}: training.device: {want!r} names one GPU, but "
                               f"{world.size} processes share this run: use 'cuda' or 'auto' (each process takes "
                               f"the GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses which GPUs)")
-        if world.local_rank >= torch.cuda.device_count():
-            raise RunError(f"LOCAL_RANK={world.local_rank}, but this machine shows {torch.cuda.device_count()} "
-                           f"CUDA device(s): start at most that many processes per machine (--nproc_per_node)")
+        if world.local_size > torch.cuda.device_count():  # every process checks: rank 0 then says it
+            raise RunError(f"{world.local_size} processes on this machine (LOCAL_WORLD_SIZE), but it shows "
+                           f"{torch.cuda.device_count()} CUDA device(s): start at most that many processes per machine "
+                           f"(--nproc_per_node)")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if device.type == "cpu":
@@ -309,12 +378,17 @@ def accumulate_gradients(model, micro_batches, amp) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: World = World()) -> float:
     """Mean next-token loss over evenly spaced held-out windows (the same windows at every evaluation). Several
-    processes share the windows out, batch by batch, and sum their totals."""
+    processes share the windows out, batch by batch, vote on stopping before each round and sum their totals."""
     model.eval()
     T, B = cfg.model.seq_len, cfg.training.micro_batch
     starts = eval_starts(len(data), T, cfg.training.eval_batches * B)
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(world.rank * B, len(starts), B * world.size):
+    n_batches = math.ceil(len(starts) / B)
+    for first in range(0, n_batches, world.size):  # a round: a batch per process, the last ones maybe none
+        stop_vote(world)
+        i = (first + world.rank) * B
+        if i >= len(starts):
+            continue
         batch = gather_windows(data, starts[i : i + B], T, device)
         with amp:
             _, loss = model(batch.x, batch.y)
@@ -562,7 +636,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
     device, amp_dtype = resolve_device(cfg, world)
     with process_group(world, device):
-        return _train_in(cfg, run_dir, resume, world, device, amp_dtype)
+        try:
+            return _train_in(cfg, run_dir, resume, world, device, amp_dtype)
+        except Exception as e:
+            if world.distributed and _collective_failed(e):  # while starting: nothing to save yet
+                raise PeerStopped(f"another process of this run stopped ({_first_line(e)[:160]})") from None
+            raise
 
 
 def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.device,
@@ -639,8 +718,7 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     if world.distributed:  # after torch.compile, as nanoGPT does; it broadcasts rank 0's weights to the others
         from torch.nn.parallel import DistributedDataParallel
 
-        step_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             broadcast_buffers=False)  # the buffers (RoPE tables) never change
+        step_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     evaluated = set()
     metrics = None  # rank 0's metrics.jsonl; the other processes write nothing
@@ -671,17 +749,23 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     B, T, k = t.micro_batch, cfg.model.seq_len, t.grad_accum
     t_last, steps_since = time.time(), 0  # the steps since the last log line, and when that was (less evaluations)
 
-    def log_step(done: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, masked: list) -> None:
-        """The train record and console line of a log step."""
-        nonlocal t_last, steps_since
-        steps_since += 1
+    def step_values(done: int, loss: torch.Tensor, masked: list) -> list[float] | None:
+        """At a log step, the loss and the masked counts summed over the processes (their one collective: before
+        the optimizer step, so that a failed one leaves the weights of step `completed`); None at other steps."""
         if not (done % t.log_every == 0 or done == t.steps):
-            return
-        values = [loss]  # this process's; summed over the processes in one collective
+            return None
+        values = [loss]
         if masker is not None:
             mask_stats = [masker.stats(out, ids) for out, ids in masked]
             values += [sum(s[key] for s in mask_stats) for key in ("masked_tokens", "masked_words")]
-        values = [v.item() for v in _all_sum(values, world)]
+        return [v.item() for v in _all_sum(values, world)]
+
+    def log_step(done: int, values: list[float] | None, lr: float, grad_norm: torch.Tensor) -> None:
+        """The train record and console line of a log step (`values` from `step_values`)."""
+        nonlocal t_last, steps_since
+        steps_since += 1
+        if values is None:
+            return
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = (time.time() - t_last) / steps_since
@@ -703,7 +787,7 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
         record(rec)
         t_last, steps_since = time.time(), 0
 
-    def save_and_raise(e: BaseException, cause: BaseException | None = None) -> None:
+    def save_and_raise(e: BaseException) -> None:
         """Save the checkpoint of step `completed` after an interrupt, then raise it (marked as saved)."""
         progress.clear()
         try:
@@ -715,57 +799,82 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
             again.checkpoint_saved = True  # main() tells an interrupt before the loop (nothing saved) from these
             raise
         e.checkpoint_saved = True
-        raise e from cause
+        raise e
+
+    def save_after_error(e: Exception) -> str:
+        """After an error outside the optimizer step (the weights are those of step `completed`): save them, so that
+        --resume continues once the cause is fixed. What to tell the user."""
+        progress.clear()
+        if not world.main:
+            return ""
+        try:
+            with signals_held():
+                save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
+        except Exception as again:  # a full disk, a dead GPU
+            return f"the checkpoint of step {completed} could not be saved ({_first_line(again)})"
+        return f"checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume"
 
     progress = Progress(t.steps, enabled=world.main)
     completed = start  # optimizer steps taken so far: what a checkpoint records
+    updating = False  # inside optimizer.step: an error there may leave the weights half-updated
     try:
-        if t.eval_every and start % t.eval_every == 0 and start < t.steps and start not in evaluated:
-            run_eval(start)  # step 0; or the step a resumed run was stopped at, during its evaluation
-        t_last = time.time()
-        for step in range(start, t.steps):
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches, masked = [], []
-            for micro in range(world.rank * k, (world.rank + 1) * k):  # this process's micro-batches of the step
-                batch = get_batch(train_data, B, T, t.seed, step, rank=0, micro=micro, device=device)
-                x = batch.x
-                if masker is not None:
-                    out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
-                    x = out.input_ids
-                    masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per micro-step
-                micro_batches.append((x, batch.y))
-            loss = accumulate_gradients(step_model, micro_batches, amp)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-            # the weights, the step count and the step's record change together: a checkpoint at step N always
-            # comes with step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
-            with signals_held():
-                optimizer.step()
-                completed = step + 1
-                optimizer.zero_grad(set_to_none=True)
-                log_step(completed, loss, lr, grad_norm, masked)
-            if t.eval_every and (completed % t.eval_every == 0 or completed == t.steps):
-                progress.clear()
-                t_eval = time.time()
+        # several processes vote on stopping at every step (and evaluation round) instead of stopping where the
+        # signal finds each of them; one process stops at once
+        with signals_deferred() if world.distributed else contextlib.nullcontext():
+            if t.eval_every and start % t.eval_every == 0 and start < t.steps and start not in evaluated:
+                run_eval(start)  # step 0; or the step a resumed run was stopped at, during its evaluation
+            t_last = time.time()
+            for step in range(start, t.steps):
+                stop_vote(world)
+                lr = lr_at(step, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro_batches, masked = [], []
+                for micro in range(world.rank * k, (world.rank + 1) * k):  # this process's micro-batches
+                    batch = get_batch(train_data, B, T, t.seed, step, rank=0, micro=micro, device=device)
+                    x = batch.x
+                    if masker is not None:
+                        out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
+                        x = out.input_ids
+                        masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per step
+                    micro_batches.append((x, batch.y))
+                loss = accumulate_gradients(step_model, micro_batches, amp)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           t.grad_clip if t.grad_clip > 0 else 1e30)
+                values = step_values(step + 1, loss, masked)
+                # the weights, the step count and the step's record change together: a checkpoint at step N always
+                # comes with step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
+                with signals_held():
+                    updating = True
+                    optimizer.step()
+                    completed, updating = step + 1, False
+                    optimizer.zero_grad(set_to_none=True)
+                    log_step(completed, values, lr, grad_norm)
+                if t.eval_every and (completed % t.eval_every == 0 or completed == t.steps):
+                    progress.clear()
+                    t_eval = time.time()
+                    run_eval(completed)
+                    t_last += time.time() - t_eval  # ms_per_step counts training steps only
+                if t.checkpoint_every and completed % t.checkpoint_every == 0 and completed != t.steps:
+                    save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
+                progress.update(completed, start)
+            progress.clear()
+            if completed not in evaluated:  # eval_every = 0, or a resumed run stopped during this evaluation
                 run_eval(completed)
-                t_last += time.time() - t_eval  # ms_per_step counts training steps only
-            if t.checkpoint_every and completed % t.checkpoint_every == 0 and completed != t.steps:
+            with signals_held():
                 save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
-            progress.update(completed, start)
-        progress.clear()
-        if completed not in evaluated:  # eval_every = 0, or a resumed run that was stopped during this evaluation
-            run_eval(completed)
-        with signals_held():
-            save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
     except (KeyboardInterrupt, Interrupted) as e:
         save_and_raise(e)
     except Exception as e:
-        if not (world.distributed and _signals_seen):
+        if updating:
             raise
-        # another process, stopped by the same Ctrl-C or SIGTERM, broke a collective before this one's signal
-        # handler ran: the weights are still those of step `completed`
-        save_and_raise(Interrupted(_signals_seen[0]), cause=e)
+        saved = save_after_error(e)
+        if world.distributed and _collective_failed(e):
+            raise PeerStopped(f"another process of this run stopped ({_first_line(e)[:160]})"
+                              + (f"; {saved}" if saved else "")) from None
+        if saved:
+            warn(f"training stopped after step {completed} by the error below; {saved}")
+        raise
     finally:
         if world.main:
             metrics.close()
@@ -779,17 +888,16 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     handle_interrupts()
-    rank = os.environ.get("RANK", "0")
-    speaks = not rank.isdigit() or int(rank) == 0  # under torchrun rank 0 speaks for the run (an invalid RANK: all)
+    prefix = error_prefix()  # under torchrun rank 0 speaks for the run
 
     def say(msg: str) -> None:
-        if speaks:
-            print(msg, file=sys.stderr)
+        if prefix is not None:
+            print(prefix + msg, file=sys.stderr)
 
     try:
         cfg = load_config(args.config, args.mode, args.set)
         if args.show_config:
-            if speaks:
+            if prefix == "":
                 print(to_toml(cfg))
                 print("# all keys, with defaults:\n" + "\n".join("# " + line for line in describe()))
                 sys.stdout.flush()

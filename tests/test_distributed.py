@@ -115,6 +115,52 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_p
     assert_same_training(ddp, tmp_path / "one")
 
 
+def worker_pid(out: Path, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` training into `out` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = "\0" + (proc / "environ").read_text()
+            if str(out) in (proc / "cmdline").read_text() and f"\0RANK={rank}\0" in environ:
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(tmp_path):
+    """SIGTERM to rank 1 alone (a scheduler's signals reach the machines of a job at different times): the processes
+    vote at every step, so all stop after the same step and rank 0 saves it, with that step's record."""
+    ddp = tmp_path / "ddp"
+    args = ["--config", "cpu.toml", "--out", str(ddp), *RUN, "--set", "training.steps=300",
+            "--set", "training.log_every=1", "--set", "training.eval_every=0"]
+    proc = subprocess.Popen(torchrun_cmd(*args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, metrics = time.time() + 120, ddp / "metrics.jsonl"
+        while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "no train record before the deadline"
+            time.sleep(0.05)
+        os.kill(worker_pid(ddp, 1), signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = checkpoint(ddp)["step"]
+    assert 3 <= stopped < 300 and records(ddp, "train")[-1]["step"] == stopped, output
+    assert [r["step"] for r in records(ddp, "train")] == list(range(1, stopped + 1))
+    assert output.count(f"interrupted: checkpoint at step {stopped} saved") == 1, output
+
+
+def test_an_error_on_rank_0_is_one_line_and_the_others_stay_silent(tmp_path):
+    proc = subprocess.run(torchrun_cmd("--config", "cpu.toml", "--out", str(tmp_path / "run"), *SMALL,
+                                       "--set", f"data.corpus={tmp_path / 'missing.txt'}"),
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+    assert errors == [f"error: {tmp_path / 'missing.txt'}: corpus file not found"], proc.stderr
+    assert "Connection closed" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_evaluate_and_compare_refuse_several_processes(tmp_path):
     for module, args in (("genesis.evaluate", ["--checkpoint", str(tmp_path / "none.pt")]),
                          ("genesis.compare", ["--out", str(tmp_path / "cmp")])):
@@ -133,16 +179,21 @@ def test_train_without_a_rendezvous_is_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot start 2 processes (gloo): ")
     assert "MASTER_ADDR" in proc.stderr and "torchrun" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "run").exists()
-    # a process other than rank 0 stays silent: rank 0 says it once for the launch
+    # another process on rank 0's machine stays silent: rank 0 says it once for the launch; the first process on
+    # another machine says it too (an error may be that machine's own: a missing file, fewer GPUs)
     quiet = run_cli("genesis.train", "--config", "cpu.toml", "--out", str(tmp_path / "run"), *SMALL, check=False,
-                    env={"WORLD_SIZE": "2", "RANK": "1"})
+                    env={"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1"})
     assert quiet.returncode == 2 and quiet.stderr == ""
+    other = run_cli("genesis.train", "--config", "cpu.toml", "--out", str(tmp_path / "run"), *SMALL, check=False,
+                    env={"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    assert other.returncode == 2 and other.stderr.startswith("[rank 2] error: cannot start 4 processes (gloo): ")
 
 
 @pytest.mark.parametrize("environ, world", [
     ({}, World()),
     ({"WORLD_SIZE": "1", "RANK": "0"}, World(0, 0, 1)),
-    ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, World(3, 1, 4)),
+    ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, World(3, 1, 4, 2)),
+    ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, World(3, 1, 4, 2)),  # at least LOCAL_RANK + 1 here
 ])
 def test_world_from_env(environ, world):
     assert world_from_env(environ) == world

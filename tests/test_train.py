@@ -321,6 +321,33 @@ def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, mon
     assert untimed(records(tmp_path / "straight")) == untimed(records(tmp_path / "killed"))
 
 
+def test_an_error_outside_the_optimizer_step_saves_the_last_step(tmp_path, monkeypatch, signal_handlers, capsys):
+    """An error in step 4's forward pass (out of memory, a bug) leaves the weights of step 3: they are saved, with
+    a warning that says so, the error is raised as it was, and --resume continues to the uninterrupted run's
+    weights and records. (An error inside the optimizer step saves nothing: the test above.)"""
+    cfg = small_config("training.steps=5", "training.eval_every=0", "training.log_every=1")
+    train(cfg, tmp_path / "straight")
+    real, calls = trainer.accumulate_gradients, []
+
+    def accumulate_gradients(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", accumulate_gradients)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, tmp_path / "failed")
+    assert capsys.readouterr().err == (f"warning: training stopped after step 3 by the error below; checkpoint at "
+                                       f"step 3 saved to {tmp_path / 'failed' / CHECKPOINT}; continue with --resume\n")
+    assert torch.load(tmp_path / "failed" / CHECKPOINT, weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    train(cfg, tmp_path / "failed", resume=True)
+    assert same_weights(tmp_path / "straight", tmp_path / "failed")
+    assert untimed(records(tmp_path / "straight")) == untimed(records(tmp_path / "failed"))
+
+
 def test_ms_per_step_counts_training_steps_only(tmp_path, monkeypatch, signal_handlers):
     """On a clock that advances 1 s per optimizer step and 100 s per evaluation, every record says 1000 ms/step,
     also at log steps after an evaluation that is not on a log step (eval_every = 6, log_every = 4)."""
