@@ -9,8 +9,9 @@
 
 A run directory (default runs/<config name>) receives config.toml (resolved), tokenizer.json, metrics.jsonl (one
 JSON record per log step and per evaluation; it ends with the held-out loss of the last step) and checkpoint.pt
-(model, optimizer, step, config; written atomically, also on Ctrl-C or SIGTERM during training). --resume continues
-it with the same settings (run length, logging and the device may change: RESUME_MAY_CHANGE).
+(model, optimizer, step, config; written atomically, also on Ctrl-C or SIGTERM during training and on an error
+outside the optimizer step). --resume continues it with the same settings (run length, logging and the device may
+change: RESUME_MAY_CHANGE; the number of processes with grad_accum, keeping their product).
 """
 
 from __future__ import annotations
