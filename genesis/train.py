@@ -55,11 +55,10 @@ class Interrupted(Exception):
 
 
 _held: list[int] | None = None  # inside `signals_held()`: the signals that arrived, raised when it ends
-_signals_seen: list[int] = []  # every SIGINT/SIGTERM handled in this process
+_saved = False  # the running training's checkpoint has been saved for the way it is stopping
 
 
 def _interrupt(signum, frame):
-    _signals_seen.append(signum)
     if _held is not None:
         _held.append(signum)
         return
@@ -221,6 +220,14 @@ def refuse_several_processes(command: str) -> None:
                        f"(WORLD_SIZE={world.size}, as torchrun sets): run it with python -m, without torchrun")
 
 
+def _peer_failure(e: BaseException) -> str:
+    """A collective's error in a few words: gloo's text without its source path, to the end of its first sentence."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0].rstrip(".")[:160]
+
+
 def _collective_failed(e: BaseException) -> bool:
     """Whether `e` is a collective that failed because another process is gone (gloo: the connection closed)."""
     import torch.distributed as dist
@@ -275,7 +282,7 @@ def signals_deferred():
     global _held
     outer, _held = _held, []
     try:
-        yield
+        yield _held  # what is still in it when the block ends normally arrived after the last vote
     finally:
         _held = outer
 
@@ -636,21 +643,27 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
     device, amp_dtype = resolve_device(cfg, world)
-    with process_group(world, device):
-        try:
-            return _train_in(cfg, run_dir, resume, world, device, amp_dtype)
-        except Exception as e:
-            if world.distributed and _collective_failed(e):  # while starting: nothing to save yet
-                raise PeerStopped(f"another process of this run stopped ({_first_line(e)[:160]})") from None
-            raise
+    try:
+        with process_group(world, device):
+            try:
+                return _train_in(cfg, run_dir, resume, world, device, amp_dtype)
+            except Exception as e:
+                if isinstance(e, Interrupted) or not (world.distributed and _collective_failed(e)):
+                    raise
+                raise PeerStopped(f"another process of this run stopped ({_peer_failure(e)})") from None  # starting
+    except (KeyboardInterrupt, Interrupted) as e:
+        if _saved:  # e.g. torchrun's own SIGINT after the terminal's, during the teardown: the checkpoint is saved
+            e.checkpoint_saved = True
+        raise
 
 
 def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.device,
               amp_dtype: torch.dtype) -> dict:
+    global _saved
     t = cfg.training
+    _saved = False
     amp = autocast(device, amp_dtype)
     torch.manual_seed(t.seed)
-    _signals_seen.clear()
     ckpt = None
     if resume:
         ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step"))
@@ -762,8 +775,9 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
         return [v.item() for v in _all_sum(values, world)]
 
     def log_step(done: int, values: list[float] | None, lr: float, grad_norm: torch.Tensor) -> None:
-        """The train record and console line of a log step (`values` from `step_values`)."""
-        nonlocal t_last, steps_since
+        """The train record and console line of a log step (`values` from `step_values`). The record first: once it
+        is written, step `done` is complete (`updating` ends), even if the console line fails (a closed pipe)."""
+        nonlocal t_last, steps_since, updating
         steps_since += 1
         if values is None:
             return
@@ -783,17 +797,24 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
         if device.type == "cuda":
             rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             line += f" | mem {rec['mem_gb']:.1f} GB"
+        record(rec)
+        updating = False
+        t_last, steps_since = time.time(), 0
         progress.clear()
         log(line)
-        record(rec)
-        t_last, steps_since = time.time(), 0
 
     def save_and_raise(e: BaseException) -> None:
         """Save the checkpoint of step `completed` after an interrupt, then raise it (marked as saved)."""
+        global _saved
         progress.clear()
+        if world.distributed and device.type == "cuda":
+            # every process's queued GPU work, collectives included, finishes before any of them leaves: rank 0's
+            # save needs the last all-reduce, which needs everyone
+            torch.cuda.synchronize()
         try:
             with signals_held():  # a second Ctrl-C does not cut the save short (it is raised after it)
                 save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
+                _saved = True
                 log(f"interrupted: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; "
                     f"continue with --resume")
         except (KeyboardInterrupt, Interrupted) as again:
@@ -805,23 +826,33 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     def save_after_error(e: Exception) -> str:
         """After an error outside the optimizer step (the weights are those of step `completed`): save them, so that
         --resume continues once the cause is fixed. What to tell the user."""
+        global _saved
         progress.clear()
         if not world.main:
             return ""
+        if world.distributed and device.type == "cuda" and _collective_failed(e):
+            # NCCL does not stop the host: this process may have queued later steps behind an all-reduce that will
+            # never finish, or that was aborted half-way. Those weights cannot be trusted, nor waited for.
+            return "the last checkpoint saved before is kept (after a failed NCCL collective the weights are not)"
         try:
             with signals_held():
                 save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
+                _saved = True
+        except (KeyboardInterrupt, Interrupted):  # raised once the save is done (torchrun stopping the others)
+            pass
         except Exception as again:  # a full disk, a dead GPU
             return f"the checkpoint of step {completed} could not be saved ({_first_line(again)})"
         return f"checkpoint at step {completed} saved to {run_dir / CHECKPOINT}; continue with --resume"
 
     progress = Progress(t.steps, enabled=world.main)
     completed = start  # optimizer steps taken so far: what a checkpoint records
-    updating = False  # inside optimizer.step: an error there may leave the weights half-updated
-    try:
-        # several processes vote on stopping at every step (and evaluation round) instead of stopping where the
-        # signal finds each of them; one process stops at once
-        with signals_deferred() if world.distributed else contextlib.nullcontext():
+    # from optimizer.step until the step's record is written: an error there may leave half-updated weights, or
+    # weights without their record; nothing is saved then (the last checkpoint stays, with all its records)
+    updating = False
+    # Several processes vote on stopping at every step (and evaluation round) instead of stopping where the signal
+    # finds each of them, and save while signals stay deferred; one process stops at once.
+    with signals_deferred() if world.distributed else contextlib.nullcontext([]) as late:
+        try:
             if t.eval_every and start % t.eval_every == 0 and start < t.steps and start not in evaluated:
                 run_eval(start)  # step 0; or the step a resumed run was stopped at, during its evaluation
             t_last = time.time()
@@ -843,14 +874,15 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                            t.grad_clip if t.grad_clip > 0 else 1e30)
                 values = step_values(step + 1, loss, masked)
-                # the weights, the step count and the step's record change together: a checkpoint at step N always
+                # the step's record, the weights and the step count change together: a checkpoint at step N always
                 # comes with step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
                 with signals_held():
                     updating = True
                     optimizer.step()
-                    completed, updating = step + 1, False
+                    completed = step + 1
                     optimizer.zero_grad(set_to_none=True)
                     log_step(completed, values, lr, grad_norm)
+                    updating = False
                 if t.eval_every and (completed % t.eval_every == 0 or completed == t.steps):
                     progress.clear()
                     t_eval = time.time()
@@ -864,21 +896,28 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
                 run_eval(completed)
             with signals_held():
                 save_checkpoint(run_dir / CHECKPOINT, model, optimizer, completed, cfg, world)
-    except (KeyboardInterrupt, Interrupted) as e:
-        save_and_raise(e)
-    except Exception as e:
-        if updating:
+                _saved = True
+        except (KeyboardInterrupt, Interrupted) as e:
+            save_and_raise(e)
+        except Exception as e:
+            if updating:
+                raise
+            saved = save_after_error(e)
+            if world.distributed and _collective_failed(e):
+                raise PeerStopped(f"another process of this run stopped ({_peer_failure(e)})"
+                                  + (f"; {saved}" if saved else "")) from None
+            if saved:
+                warn(f"training stopped after step {completed} by the error below; {saved}")
             raise
-        saved = save_after_error(e)
-        if world.distributed and _collective_failed(e):
-            raise PeerStopped(f"another process of this run stopped ({_first_line(e)[:160]})"
-                              + (f"; {saved}" if saved else "")) from None
-        if saved:
-            warn(f"training stopped after step {completed} by the error below; {saved}")
-        raise
-    finally:
-        if world.main:
-            metrics.close()
+        finally:
+            if world.main:
+                with contextlib.suppress(OSError):  # every record is flushed: nothing is lost
+                    metrics.close()
+    if late:  # several processes: a signal after the last vote, during the final evaluation or save
+        interrupted = Interrupted(late[0])
+        interrupted.checkpoint_saved = True
+        log(f"interrupted after the last step: checkpoint at step {completed} saved to {run_dir / CHECKPOINT}")
+        raise interrupted
     summary["steps"] = completed
     log(f"done: {summary['steps']} steps | checkpoint {run_dir / CHECKPOINT}")
     return summary
@@ -910,6 +949,8 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:  # `--show-config | head`: the reader is gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not args.show_config:
+            say("error: standard output was closed (broken pipe): training stopped")
         return 141
     except OSError as e:  # a cache or run directory that cannot be written, a full disk
         say(f"error: {e.filename or ''}: {e.strerror or e}")

@@ -90,6 +90,8 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_p
             assert proc.poll() is None and time.time() < deadline, "no train record before the deadline"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.03)  # torchrun forwards a terminal's Ctrl-C to its workers: each gets a second SIGINT
+        os.killpg(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -98,6 +100,7 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_p
     stopped = ckpt["step"]
     assert 5 <= stopped < 100 and ckpt["processes"] == 2, output
     assert output.count(f"interrupted: checkpoint at step {stopped} saved") == 1, output
+    assert "nothing to save" not in output, output  # the second SIGINT must not deny the saved checkpoint
     assert [r["step"] for r in records(ddp, "train")] == list(range(5, stopped + 1, 5))
 
     # one process must take both micro-batches of a step: grad_accum 1 is refused, before anything is written

@@ -348,6 +348,53 @@ def test_an_error_outside_the_optimizer_step_saves_the_last_step(tmp_path, monke
     assert untimed(records(tmp_path / "straight")) == untimed(records(tmp_path / "failed"))
 
 
+def test_a_signal_during_the_save_after_an_error_does_not_deny_the_save(tmp_path, monkeypatch, signal_handlers,
+                                                                        capsys):
+    """torchrun sends SIGTERM to the other processes when one fails: arriving while the error's save runs, it is
+    held until the save is done, and the warning still says the checkpoint was saved."""
+    cfg = small_config("training.steps=5", "training.eval_every=0", "training.log_every=1")
+    real_accumulate, real_save, calls = trainer.accumulate_gradients, trainer.save_checkpoint, []
+
+    def accumulate_gradients(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated failure")
+        return real_accumulate(*args, **kwargs)
+
+    def save_checkpoint(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", accumulate_gradients)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, tmp_path / "failed")
+    assert "checkpoint at step 3 saved" in capsys.readouterr().err
+    assert torch.load(tmp_path / "failed" / CHECKPOINT, weights_only=True)["step"] == 3
+
+
+def test_a_closed_output_pipe_keeps_the_checkpoint_and_its_records_together(tmp_path):
+    """`python -m genesis.train ... | head`: the console line that fails comes after its step's record, so the
+    checkpoint saved for the error is that step's, with that step's record; the error is one line."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "genesis.train", "--config", "cpu.toml", "--out", str(out), *SMALL,
+                             "--set", "training.steps=200", "--set", "training.log_every=1",
+                             "--set", "training.eval_every=0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    while not proc.stdout.readline().startswith("step      3/"):
+        assert proc.poll() is None
+    proc.stdout.close()  # as `head -n N` does once it has its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    stopped = torch.load(out / CHECKPOINT, weights_only=True)["step"]
+    assert [r["step"] for r in records(out, "train")] == list(range(1, stopped + 1)), err
+    assert err.splitlines() == [f"warning: training stopped after step {stopped} by the error below; checkpoint at "
+                                f"step {stopped} saved to {out / CHECKPOINT}; continue with --resume",
+                                "error: standard output was closed (broken pipe): training stopped"]
+
+
 def test_ms_per_step_counts_training_steps_only(tmp_path, monkeypatch, signal_handlers):
     """On a clock that advances 1 s per optimizer step and 100 s per evaluation, every record says 1000 ms/step,
     also at log steps after an evaluation that is not on a log step (eval_every = 6, log_every = 4)."""
