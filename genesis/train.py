@@ -248,7 +248,7 @@ def _all_sum(values: list[torch.Tensor], world: World) -> list[torch.Tensor]:
     return list(stacked.unbind(0))
 
 
-def _any_process(flag: bool, world: World) -> bool:
+def _any_process(flag: bool) -> bool:
     """Whether `flag` is true in any process (a vote on the CPU: no GPU sync)."""
     import torch.distributed as dist
 
@@ -257,7 +257,7 @@ def _any_process(flag: bool, world: World) -> bool:
     return bool(vote.item())
 
 
-def _broadcast_steps(steps: set[int], world: World) -> set[int]:
+def _broadcast_steps(steps: set[int]) -> set[int]:
     """Rank 0's set of steps, on every process."""
     import torch.distributed as dist
 
@@ -289,7 +289,7 @@ def signals_deferred():
 
 def stop_vote(world: World) -> None:
     """Raise Interrupted in every process when any of them has received a signal (inside `signals_deferred`)."""
-    if world.distributed and _any_process(bool(_held), world):
+    if world.distributed and _any_process(bool(_held)):
         raise Interrupted(_held[0] if _held else signal.SIGTERM)
 
 
@@ -743,7 +743,7 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
         except OSError as e:
             raise RunError(f"{run_dir / 'metrics.jsonl'}: cannot write ({e.strerror or e})") from None
     if resumed and world.distributed:  # every process must agree on which evaluations are still to come
-        evaluated = _broadcast_steps(evaluated, world)
+        evaluated = _broadcast_steps(evaluated)
 
     def record(rec: dict) -> None:
         if world.main:
