@@ -285,6 +285,19 @@ def untimed(recs):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "ms_per_step")} for r in recs]
 
 
+def raising_on_call(fn, n: int, error: Exception):
+    """`fn`, except that its n-th call raises `error`."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, monkeypatch, signal_handlers):
     """A run killed without a chance to save (SIGKILL, out of memory; here an error in step 4) logged steps past
     its last checkpoint, and maybe half a line: the resumed run drops them and logs those steps again, so its
@@ -296,15 +309,7 @@ def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, mon
 
     def make_optimizer(*args, **kwargs):
         optimizer = real_make_optimizer(*args, **kwargs)
-        real_step, calls = optimizer.step, []
-
-        def step(*a, **k):
-            calls.append(1)
-            if len(calls) == 4:
-                raise MemoryError("out of memory")
-            return real_step(*a, **k)
-
-        optimizer.step = step
+        optimizer.step = raising_on_call(optimizer.step, 4, MemoryError("out of memory"))
         return optimizer
 
     monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
@@ -327,15 +332,8 @@ def test_an_error_outside_the_optimizer_step_saves_the_last_step(tmp_path, monke
     weights and records. (An error inside the optimizer step saves nothing: the test above.)"""
     cfg = small_config("training.steps=5", "training.eval_every=0", "training.log_every=1")
     train(cfg, tmp_path / "straight")
-    real, calls = trainer.accumulate_gradients, []
-
-    def accumulate_gradients(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "accumulate_gradients", accumulate_gradients)
+    monkeypatch.setattr(trainer, "accumulate_gradients", raising_on_call(
+        trainer.accumulate_gradients, 4, RuntimeError("CUDA out of memory (simulated)")))
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="simulated"):
         train(cfg, tmp_path / "failed")
@@ -353,19 +351,14 @@ def test_a_signal_during_the_save_after_an_error_does_not_deny_the_save(tmp_path
     """torchrun sends SIGTERM to the other processes when one fails: arriving while the error's save runs, it is
     held until the save is done, and the warning still says the checkpoint was saved."""
     cfg = small_config("training.steps=5", "training.eval_every=0", "training.log_every=1")
-    real_accumulate, real_save, calls = trainer.accumulate_gradients, trainer.save_checkpoint, []
-
-    def accumulate_gradients(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated failure")
-        return real_accumulate(*args, **kwargs)
+    real_save = trainer.save_checkpoint
 
     def save_checkpoint(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "accumulate_gradients", accumulate_gradients)
+    monkeypatch.setattr(trainer, "accumulate_gradients", raising_on_call(
+        trainer.accumulate_gradients, 4, RuntimeError("simulated failure")))
     monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="simulated"):
