@@ -176,6 +176,16 @@ def error_prefix(environ=os.environ) -> str | None:
 class PeerStopped(RunError):
     """A collective failed: another process of the launch has stopped (an error, a kill, out of memory)."""
 
+    @classmethod
+    def after(cls, e: BaseException, saved: str = "") -> PeerStopped:
+        """From the collective's error: in a few words (gloo's text without its source path, to the end of its
+        first sentence), then what was saved."""
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if text.startswith("[") and "] " in text:
+            text = text.split("] ", 1)[1]
+        text = text.split(". ")[0].rstrip(".")[:160]
+        return cls(f"another process of this run stopped ({text})" + (f"; {saved}" if saved else ""))
+
 
 _cpu_group = None  # a gloo process group (long timeout) for the prepare barrier and the per-step stop vote
 
@@ -218,14 +228,6 @@ def refuse_several_processes(command: str) -> None:
             raise SystemExit(2)
         raise RunError(f"{command} runs as one process, but it was started as one of {world.size} "
                        f"(WORLD_SIZE={world.size}, as torchrun sets): run it with python -m, without torchrun")
-
-
-def _peer_failure(e: BaseException) -> str:
-    """A collective's error in a few words: gloo's text without its source path, to the end of its first sentence."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if text.startswith("[") and "] " in text:
-        text = text.split("] ", 1)[1]
-    return text.split(". ")[0].rstrip(".")[:160]
 
 
 def _collective_failed(e: BaseException) -> bool:
@@ -650,7 +652,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
             except Exception as e:
                 if isinstance(e, Interrupted) or not (world.distributed and _collective_failed(e)):
                     raise
-                raise PeerStopped(f"another process of this run stopped ({_peer_failure(e)})") from None  # starting
+                raise PeerStopped.after(e) from None  # while starting: nothing to save yet
     except (KeyboardInterrupt, Interrupted) as e:
         if _saved:  # e.g. torchrun's own SIGINT after the terminal's, during the teardown: the checkpoint is saved
             e.checkpoint_saved = True
@@ -904,8 +906,7 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
                 raise
             saved = save_after_error(e)
             if world.distributed and _collective_failed(e):
-                raise PeerStopped(f"another process of this run stopped ({_peer_failure(e)})"
-                                  + (f"; {saved}" if saved else "")) from None
+                raise PeerStopped.after(e, saved) from None
             if saved:
                 warn(f"training stopped after step {completed} by the error below; {saved}")
             raise
