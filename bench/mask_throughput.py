@@ -850,9 +850,13 @@ def step_share(config: str, device: str, strategy: str, steps: int, warmup: int)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def mask(batch, step: int, micro: int) -> torch.Tensor:
+    def mask(batch, step: int, micro: int):
         # the trainer counts masked tokens (masker.stats) only at log steps: not part of every step
-        return masker(batch.x, step=step, verse_start=batch.verse_start, row_offset=micro * B).input_ids
+        return masker(batch.x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
+
+    # a config with the class head: it runs in both kinds of step (with nothing labelled when masking is off), so
+    # that the ratio is masking's alone
+    unlabelled = torch.full((B, T), -100, dtype=torch.long, device=dev)
 
     def one_step(step: int, masked: bool) -> float:
         sync()
@@ -860,8 +864,10 @@ def step_share(config: str, device: str, strategy: str, steps: int, warmup: int)
         micro_batches = []
         for micro in range(k):
             batch = get_batch(split, B, T, t.seed, step, rank=0, micro=micro, device=dev)
-            micro_batches.append((mask(batch, step, micro) if masked else batch.x, batch.y))
-        accumulate_gradients(step_model, micro_batches, amp)
+            out = mask(batch, step, micro) if masked else None
+            x, classes = (out.input_ids, out.classes) if masked else (batch.x, unlabelled)
+            micro_batches.append((x, batch.y) if model.class_head is None else (x, batch.y, classes))
+        accumulate_gradients(step_model, micro_batches, amp, t.class_loss_weight)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """Compare masking strategies: train each over several seeds, evaluate every run, write a Markdown report.
 
-    python -m genesis.compare                        # CPU defaults: ~9 min on 2 cores (see DEFAULTS)
+    python -m genesis.compare                        # CPU defaults: ~11 min on 2 cores (see DEFAULTS)
     python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
     python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
 
@@ -36,7 +36,7 @@ import platform
 import shlex
 import sys
 import time
-from contextlib import redirect_stdout
+from contextlib import redirect_stdout, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genesis.config import ConfigError, load_config, to_toml
+from genesis.config import ConfigError, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
 from genesis.evaluate import (
     EvalContext,
@@ -57,7 +57,16 @@ from genesis.evaluate import (
     write_json,
 )
 from genesis.tokenizer import TokenizerError
-from genesis.train import CHECKPOINT, Interrupted, RunError, handle_interrupts, refuse_several_processes, train
+from genesis.train import (
+    CHECKPOINT,
+    Interrupted,
+    RunError,
+    flat_settings,
+    handle_interrupts,
+    read_checkpoint,
+    refuse_several_processes,
+    train,
+)
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -65,6 +74,8 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
     "uniform": ("masking.enabled=true", "masking.strategy=uniform"),
     "weighted": ("masking.enabled=true", "masking.strategy=weighted"),
     "structural": ("masking.enabled=true", "masking.strategy=structural"),
+    # the design notes' multi-task strategy: structural masking plus the connective-type head at masked positions
+    "structural_head": ("masking.enabled=true", "masking.strategy=structural", "model.class_head=true"),
 }
 BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
@@ -240,18 +251,36 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_items": args.max_items, "context_verses": args.context_verses, "corpus": args.corpus}
 
 
+def _same_settings(saved: dict, cfg) -> bool:
+    """Whether a config dict saved by an earlier invocation describes `cfg`'s run: the same value for every key, a
+    key it lacks counting as that key's default (added to Genesis since; the run had the default)."""
+    ignore = {"training.out_dir"}
+    was, now = flat_settings(saved), flat_settings(to_dict(cfg))
+    return {k: v for k, v in was.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
+
+
 def check_run_dir(spec: RunSpec, args: argparse.Namespace):
-    """The run's Config; the run directory is claimed for these settings (run.json), or must already hold them."""
+    """The run's Config; the run directory is claimed for these settings (run.json), or must already hold them.
+
+    run.json records the resolved config and its fingerprint. Where the fingerprint differs, the settings are
+    compared key by key (keys Genesis added since count as their defaults); a run.json from before configs were
+    recorded in it is compared through the config in its run's checkpoint, when there is one."""
     cfg = load_config(args.config, None, spec.overrides)
     fingerprint = _fingerprint(to_toml(cfg))
     info_path = spec.run_dir / "run.json"
     info = _read_json(info_path)
     if info is not None and info.get("fingerprint") != fingerprint:
-        raise CompareError(f"{spec.run_dir}: holds a run with other settings; use another --out (or remove it)")
+        saved = info.get("config")
+        if saved is None and (spec.run_dir / CHECKPOINT).is_file():
+            with suppress(RunError):
+                saved = read_checkpoint(spec.run_dir / CHECKPOINT, need=("config",)).get("config")
+        if saved is None or not _same_settings(saved, cfg):
+            raise CompareError(f"{spec.run_dir}: holds a run with other settings; use another --out (or remove it)")
+        info = None  # the same run, recorded by an older Genesis: record it again, as this one writes it
     if info is None:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         write_json({"strategy": spec.strategy, "seed": spec.seed, "overrides": spec.overrides,
-                    "fingerprint": fingerprint}, info_path)
+                    "fingerprint": fingerprint, "config": to_dict(cfg)}, info_path)
     return cfg
 
 
@@ -327,6 +356,33 @@ def _pct_interval(ci: tuple[float, float], signed: bool = True) -> str:
         return "n/a"
     sign = "+" if signed else ""
     return f"[{100 * ci[0]:{sign}.1f}%, {100 * ci[1]:{sign}.1f}%]"
+
+
+def class_head_section(strategies: list[str], seeds: list[int], evaluated: dict[str, dict]) -> list[str]:
+    """The class head's accuracy (the connective's type from the mask token, every held-out slot) of the
+    strategies that train one, per class, against the majority class; nothing when none does."""
+    heads = [s for s in strategies if all("class_head" in evaluated[f"{s}-seed{seed}"] for seed in seeds)]
+    if not heads:
+        return []
+    sample = evaluated[f"{heads[0]}-seed{seeds[0]}"]["class_head"]
+    labels = list(sample["model"]["breakdowns"]["class"])
+    by_class = sample["model"]["breakdowns"]["class"]
+    lines = ["", "## Class head: the connective's type from the mask token", "",
+             f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more; every "
+             f"held-out connective slot ({sample['model']['n']}), its first token masked.", "",
+             "| strategy | all | " + " | ".join(f"{c} (n={by_class[c]['n']})" for c in labels) + " |",
+             "|---" * (len(labels) + 2) + "|"]
+    for strategy in heads:
+        results = [evaluated[f"{strategy}-seed{seed}"]["class_head"]["model"] for seed in seeds]
+        cells = [_fmt_ci(*mean_ci([r["accuracy"] for r in results]), bounds=(0.0, 1.0))]
+        for c in labels:
+            values = [r["breakdowns"]["class"].get(c, {}).get("accuracy", float("nan")) for r in results]
+            cells.append("n/a" if any(math.isnan(v) for v in values) else _fmt_ci(*mean_ci(values), bounds=(0.0, 1.0)))
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    majority = sample["majority_class"]
+    lines.append(f"| *majority class ({majority['class']})* | {100 * majority['accuracy']:.1f} | "
+                 + " | ".join(f"{100 * majority['breakdowns']['class'][c]['accuracy']:.1f}" for c in labels) + " |")
+    return lines
 
 
 def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
@@ -460,6 +516,7 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
                  for d, g in groups]
         lines.append(f"| *{name}* | " + " | ".join(cells) + " |")
 
+    lines += class_head_section(strategies, seeds, evaluated)
     lines += ["", "## Runs", "", "| run | steps | held-out loss | next-token % | cloze % (verse) | train s | eval s |",
               "|---|---|---|---|---|---|---|"]
     for r in runs:

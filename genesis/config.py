@@ -126,6 +126,8 @@ class ModelConfig:
     tie_embeddings: bool = doc(True, "share the input embedding and the output projection")
     rope_theta: float = doc(10000.0, "RoPE base")
     norm_eps: float = doc(1e-5, "RMSNorm epsilon")
+    class_head: bool = doc(False, "a connective-type head (causal, contrastive, additive, temporal) on the final "
+                                  "hidden state, trained only at masked positions; needs masking.enabled")
 
     def __post_init__(self):
         for key in ("n_layers", "dim", "n_heads", "seq_len"):
@@ -153,6 +155,7 @@ class TrainingConfig:
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.95, "AdamW beta2")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this; 0 disables")
+    class_loss_weight: float = doc(0.3, "model.class_head: loss = LM loss + this x the head's cross-entropy; > 0")
     dtype: str = doc("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
     compile: bool = doc(False, "torch.compile the model")
     grad_checkpointing: bool = doc(False, "recompute block activations in backward to save memory")
@@ -177,6 +180,7 @@ class TrainingConfig:
         for key in ("beta1", "beta2"):
             _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1) (got {getattr(self, key)})")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _check(self.class_loss_weight > 0, "class_loss_weight", f"must be > 0 (got {self.class_loss_weight})")
         _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"must be auto, bf16 or fp32 (got {self.dtype!r})")
         ok_device = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(ok_device, "device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})")
@@ -228,6 +232,7 @@ class ConnectiveEntry:
 
 
 STRATEGIES = ("uniform", "weighted", "structural")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -252,6 +257,10 @@ class MaskingConfig:
     bert_split: list[float] = doc([0.8, 0.1, 0.1], "replacement='bert': fractions for mask, random token, keep")
     default_connectives: bool = doc(True, "start from the built-in lexicon; false uses only [masking.connectives]")
     connectives: dict[str, ConnectiveEntry] = doc({}, "[masking.connectives] word = {weight = .., class = ..}")
+    schedule: str = doc("constant", "constant | linear | cosine: every masking probability x a factor that ramps "
+                                    "from schedule_start at step 0 to 1 at schedule_steps (then stays 1)")
+    schedule_start: float = doc(0.0, "the schedule's factor at step 0, in [0, 1]")
+    schedule_steps: int = doc(0, "steps of the ramp (>= 1 for linear and cosine)")
     impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
     seed: int | None = doc(None, f"masking seed, in {SEED_RANGE}; default training.seed")
 
@@ -269,6 +278,16 @@ class MaskingConfig:
         _check(all(x >= 0 for x in self.bert_split), "bert_split", "fractions must be >= 0")
         _check(abs(sum(self.bert_split) - 1.0) < 1e-6, "bert_split", f"must sum to 1 (got {sum(self.bert_split)})")
         _check(self.impl in ("auto", "triton", "torch"), "impl", f"must be auto, triton or torch (got {self.impl!r})")
+        _check(self.schedule in SCHEDULES, "schedule",
+               f"must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        _check(0.0 <= self.schedule_start <= 1.0, "schedule_start", f"must be in [0, 1] (got {self.schedule_start})")
+        _check(self.schedule_steps >= 0, "schedule_steps", f"must be >= 0 (got {self.schedule_steps})")
+        _check(self.schedule == "constant" or self.schedule_steps >= 1, "schedule_steps",
+               f"a {self.schedule} schedule needs schedule_steps >= 1 (got {self.schedule_steps})", also=("schedule",))
+        for key, default in (("schedule_steps", 0), ("schedule_start", 0.0)):
+            _check(self.schedule != "constant" or getattr(self, key) == default, key,
+                   "has no effect with schedule = \"constant\" (set schedule = \"linear\" or \"cosine\")",
+                   also=("schedule",))
         _check(bool(self.verse_separator), "verse_separator", "must not be empty")
         _check(bool(self.rules) or self.strategy != "structural", "rules", "structural masking needs at least one rule",
                also=("strategy",))
@@ -508,6 +527,7 @@ def load_config(name: str | None = None, mode: str | None = None,
             if not isinstance(table[section], dict):
                 raise _Invalid(section, "expected a table")
         parts = {s: build(tp, table.get(s, {}), s) for s, tp in SECTIONS.items()}
+        check_sections(parts)
     except _Invalid as e:
         # Name every --mode / --set that set one of the keys involved (the key itself, a table holding it, a key
         # inside it, or another key of a cross-field check). If none did, name the file, and a key that the file's
@@ -521,6 +541,22 @@ def load_config(name: str | None = None, mode: str | None = None,
         raise ConfigError(f"{where}: {key}: {e.reason}") from None
     stem = Path(source).stem if name is not None else "default"
     return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source, origins=origin)
+
+
+def check_config(cfg: Config) -> None:
+    """The checks across sections for a Config built in code (load_config runs them as it loads): a ConfigError
+    naming the config's source, the key and the reason."""
+    try:
+        check_sections({name: getattr(cfg, name) for name in SECTIONS})
+    except _Invalid as e:
+        raise ConfigError(f"{cfg.origin_of(e.key)}: {e.key}: {e.reason}") from None
+
+
+def check_sections(parts: dict[str, Any]) -> None:
+    """Checks across sections (raise _Invalid with the dotted keys involved)."""
+    _check(not parts["model"].class_head or parts["masking"].enabled, "model.class_head",
+           "the class head is trained only at masked positions: it needs masking.enabled = true",
+           also=("masking.enabled",))
 
 
 def _check_modes(file_modes: Any) -> None:

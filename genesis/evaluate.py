@@ -5,7 +5,8 @@
     python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt --max-items 300 --out /tmp/eval --json /tmp/e.json
 
 Writes OUT/eval.json (or --json), OUT/hardest_connectives.png, OUT/accuracy_by_clause_length.png,
-OUT/confusion.png and OUT/accuracy_by_genre.png, and prints the tables. OUT defaults to <run dir>/eval-<corpus>-<split>.
+OUT/confusion.png and OUT/accuracy_by_genre.png (and OUT/class_head_confusion.png for a model with a class head),
+and prints the tables. OUT defaults to <run dir>/eval-<corpus>-<split>.
 
 Items. A connective slot is a whole-word occurrence of a lexicon word (the run's [masking] lexicon) in a verse of the
 split, found by `genesis.lexicon.find_matches`, the same oracle the masker is tested against. Verses are encoded one
@@ -71,7 +72,7 @@ from genesis.data import split_verses
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, find_matches, resolve
 from genesis.masking import clause_length
 from genesis.model import Llama
-from genesis.tokenizer import TokenizerError, load_tokenizer_file
+from genesis.tokenizer import TokenizerError, find_mask_id, load_tokenizer_file
 from genesis.train import RunError, load_model, refuse_several_processes, write_atomic
 
 VERSE_SEPARATOR = "\n"  # genesis.data joins verses with it; the cloze sequences start with it
@@ -381,6 +382,50 @@ def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slo
         if bar:
             bar.update(done)
     return NextTokenScores(credit, first_piece_credit, logprob)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The class head: the connective's type from the mask token
+
+
+@dataclass
+class ClassHeadScores:
+    credit: np.ndarray  # (n,) share of the true class (ties split, as above); nan where skipped
+    shares: np.ndarray  # (n, K) the prediction's shares over the classes (one-hot unless tied); nan rows where skipped
+
+
+@torch.inference_mode()
+def score_class_head(model: torch.nn.Module, stream: np.ndarray, slots: list[Slot], classes: np.ndarray, mask_id: int,
+                     device: torch.device | str = "cpu", batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                     progress: bool = True) -> ClassHeadScores:
+    """The class head's prediction at each slot, as in training: the word's first token is replaced by the mask
+    token and the head reads the final hidden state there. One window per slot, ending at that token, holding the
+    seq_len // 2 tokens before it (the next-token metric's minimum context; fewer at the start of the stream) and
+    nothing else masked; the model is causal, so the word's later pieces and what follows cannot matter. Slots at
+    stream position 0 are skipped (nan), as for next-token accuracy. `classes` (n,): each slot's true class id."""
+    n, K = len(slots), model.class_head.out_features
+    credit, shares = np.full(n, np.nan), np.full((n, K), np.nan)
+    window = min(model_max_len(model) // 2 + 1, len(stream))
+    todo = [i for i, slot in enumerate(slots) if slot.stream_pos >= 1]
+    per_batch = max(1, batch_tokens // window)
+    batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
+    bar = Progress("class head", len(batches)) if progress else None
+    for done, batch in enumerate(batches, start=1):
+        pos = np.array([slots[i].stream_pos for i in batch])
+        starts = np.clip(pos - (window - 1), 0, len(stream) - window)
+        cols = pos - starts
+        x = torch.from_numpy(stream[starts[:, None] + np.arange(window)]).to(device)
+        rows = torch.arange(len(batch), device=device)
+        cols_t = torch.from_numpy(cols).to(device)
+        x[rows, cols_t] = mask_id
+        logits = model.class_head(model.hidden(x)[rows, cols_t]).float()
+        best = logits == logits.max(dim=-1, keepdim=True).values
+        share = (best.double() / best.sum(dim=-1, keepdim=True)).cpu().numpy()
+        shares[batch] = share
+        credit[batch] = share[np.arange(len(batch)), classes[batch]]
+        if bar:
+            bar.update(done)
+    return ClassHeadScores(credit, shares)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -811,8 +856,14 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
     next_items = [{"id": s.item_id, "word": lex.words[s.entry], "credit": round(float(c), 6),
                    "logprob": round(float(lp), 4)}
                   for s, c, lp in zip(ctx.slots, nt.credit, nt.logprob) if not math.isnan(c)]
+    head = {}
+    if getattr(model, "class_head", None) is not None:
+        t0 = time.time()
+        head = {"class_head": class_head_result(model, ctx, device, batch_tokens, progress)}
+        timings["class_head_s"] = time.time() - t0
     return {
         "next_token": next_token,
+        **head,
         "cloze": {
             "n_items": n, "n_candidates": K, "candidates": words, "skipped": cloze.skipped,
             "context_verses": ctx.context_verses, "scorers": scorers,
@@ -820,6 +871,33 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         },
         "items": {"next_token": next_items, "cloze": cloze_items},
         "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+
+
+def class_head_result(model: torch.nn.Module, ctx: EvalContext, device: torch.device | str = "cpu",
+                      batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> dict[str, Any]:
+    """The class head's accuracy at every slot (`score_class_head`), its breakdowns and confusion matrix, and the
+    majority-class baseline: the class most frequent among the connectives of the run's training split."""
+    lex = ctx.lex
+    if model.class_head.out_features != len(CLASSES):
+        raise EvalError(f"the model's class head has {model.class_head.out_features} outputs; Genesis's classes "
+                        f"are {len(CLASSES)} ({', '.join(CLASSES)})")
+    mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
+    truth = np.array([int(lex.entry_class[s.entry]) for s in ctx.slots], dtype=np.int64)
+    scores = score_class_head(model, ctx.eval_split.stream, ctx.slots, truth, mask_id, device, batch_tokens, progress)
+    scored = ~np.isnan(scores.credit)
+    per_class = np.zeros(len(CLASSES))
+    for (entry, _), count in ctx.train_counts.items():
+        per_class[int(lex.entry_class[entry])] += count
+    majority = int(np.argmax(per_class))
+    confusion = np.zeros((len(CLASSES), len(CLASSES)))
+    np.add.at(confusion, truth[scored], scores.shares[scored])
+    baseline = np.where(scored, (truth == majority).astype(np.float64), np.nan)
+    return {
+        "model": summarize(scores.credit, ctx.slots, lex),
+        "majority_class": {"class": CLASSES[majority], **summarize(baseline, ctx.slots, lex)},
+        "labels": list(CLASSES),
+        "confusion": {"rows": "true class", "columns": "predicted", "matrix": confusion.round(6).tolist()},
     }
 
 
@@ -862,11 +940,29 @@ def format_tables(result: dict[str, Any]) -> str:
             n_cloze = sc["model_verse"]["breakdowns"][dim].get(label, {"n": 0})["n"]
             cells = "".join(f"{_pct(m['breakdowns'][dim].get(label, {}).get('accuracy')):>8}" for _, m in columns)
             lines.append(f"{label:<24}{n_next:>7}{n_cloze:>8}{cells}")
+    if "class_head" in result:
+        lines += ["", *format_class_head(result["class_head"])]
     return "\n".join(lines)
 
 
+def format_class_head(head: dict[str, Any]) -> list[str]:
+    model, majority = head["model"], head["majority_class"]
+    lines = [f"{'class head (mask token -> type)':<32}{'n':>7}{'head':>8}{'major.':>8}   "
+             f"(majority class: {majority['class']})",
+             f"{'all connectives':<32}{model['n']:>7}{_pct(model['accuracy']):>8}{_pct(majority['accuracy']):>8}"]
+    for label, group in model["breakdowns"]["class"].items():
+        base = majority["breakdowns"]["class"].get(label, {}).get("accuracy")
+        lines.append(f"{label:<32}{group['n']:>7}{_pct(group['accuracy']):>8}{_pct(base):>8}")
+    labels = head["labels"]
+    lines += ["", f"{'confusion (rows: true class)':<32}" + "".join(f"{c[:8]:>12}" for c in labels)]
+    for label, row in zip(labels, head["confusion"]["matrix"]):
+        lines.append(f"{label:<32}" + "".join(f"{v:>12.1f}" for v in row))
+    return lines
+
+
 def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Four PNGs; matplotlib is imported here, with the Agg backend, so the metrics never need a display."""
+    """Four PNGs (five with a class head); matplotlib is imported here, with the Agg backend, so the metrics never
+    need a display."""
     try:
         import matplotlib
 
@@ -965,6 +1061,28 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "accuracy_by_genre.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    if "class_head" in result:  # the class head's confusion matrix, row-normalised
+        head = result["class_head"]
+        matrix = np.array(head["confusion"]["matrix"])
+        rows = matrix.sum(axis=1, keepdims=True)
+        norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        labels = head["labels"]
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), [f"{c} ({int(round(r))})" for c, r in zip(labels, rows[:, 0])])
+        for (i, j), share in np.ndenumerate(norm):
+            ax.text(j, i, f"{100 * share:.0f}%", ha="center", va="center", color="white" if share > 0.5 else "black")
+        ax.set_xlabel("predicted class (class head)")
+        ax.set_ylabel("true class (held-out connectives)")
+        ax.set_title(f"Class head: {100 * head['model']['accuracy']:.1f}% (majority "
+                     f"{100 * head['majority_class']['accuracy']:.1f}%) — {title_tail}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+        fig.tight_layout()
+        paths.append(out_dir / "class_head_confusion.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
 
 

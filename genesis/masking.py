@@ -18,8 +18,9 @@ Semantics (the Triton kernel in `genesis.kernels.mask` and `mask_torch` below im
   precedes); with "since_boundary": the distance from s back to the nearest clause-boundary token (1 right after a
   comma), the row start counting as a boundary before column 0, capped at `lookback`.
   p = prob_table[verse_initial, clause_len] (x the connective's weight for `weighted`, and for `structural` with
-  structural_weights), clamped to [0, 1]. The strategies only differ in the table: uniform = mask_prob
-  everywhere, weighted = base_probability everywhere (x weight), structural = the ordered rules.
+  structural_weights), clamped to [0, 1]. The strategies only differ in the table: uniform = mask_prob everywhere,
+  weighted = base_probability everywhere (x weight), structural = the ordered rules. A masking schedule
+  (masking.schedule) multiplies the table by the step's factor (`ConnectiveMasker.schedule_factor`) before the call.
 * Randomness. One Philox-4x32-10 draw per match, counter (s, row_offset + b, step, rank), key = seed — the same
   generator as Triton's tl.rand. A mask is thus a pure function of (seed, step, rank, row, column, tokens): it does
   not depend on the batch size, the device or the code path, and a resumed run reproduces it. Word 0 decides
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import os
 from collections.abc import Callable, Mapping
@@ -112,9 +114,10 @@ class MaskTables:
 
     Per-vocab arrays have V + 1 entries: the last is a neutral slot the torch path maps invalid ids to. The
     probability table and the entry weights are plain tensors: a schedule or an adaptive scheme may update them in
-    place between steps without rebuilding anything, within the shape the configuration gave them: the cells are
-    read only where `use_cells` (the built table varies over verse_initial / clause_len; else every match reads
-    cell 1) and the weights only where `use_weight` (weighted, or structural_weights)."""
+    place between steps without rebuilding anything (with masking.schedule other than "constant" the masker itself
+    rewrites prob_table as the configured table x the step's factor), within the shape the configuration gave them:
+    the cells are read only where `use_cells` (the built table varies over verse_initial / clause_len; else every
+    match reads cell 1) and the weights only where `use_weight` (weighted, or structural_weights)."""
 
     token_flags: torch.Tensor  # (V+1,) uint8: GLUE_LEFT | WORD_END | CLAUSE_BOUNDARY | VERSE_SEPARATOR (kernel)
     glue_left: torch.Tensor  # (V+1,) bool, the same bits unpacked for the torch path
@@ -163,6 +166,13 @@ class MaskTables:
     @property
     def device(self) -> torch.device:
         return self.token_flags.device
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the numpy views: a copy's views must share its own tensors' memory (else the
+        in-place table updates a schedule makes would never reach the CPU path of a copied masker)."""
+        state = dict(self.__dict__)
+        state.pop("_host", None)
+        return state
 
     def host(self) -> SimpleNamespace:
         """numpy views of the CPU tables (shared memory: in-place updates show), built once."""
@@ -778,6 +788,8 @@ class ConnectiveMasker:
         self.mask_id = mask_id
         self._host_tables = build_tables(lexicon, config, mask_id)
         self._tables: dict[torch.device, MaskTables] = {}
+        self._prob_base: dict[torch.device, torch.Tensor] = {}  # the configured table, where a schedule scales it
+        self._factor: dict[torch.device, float] = {}  # the schedule factor each device's prob_table holds now
         self._impl: dict[torch.device, str] = {}
         self._kernel_ran: set[torch.device] = set()  # devices where the kernel compiled and ran once
 
@@ -860,8 +872,24 @@ class ConnectiveMasker:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._tables:
-            self._tables[device] = self._host_tables.to(device)
+            tables = self._host_tables.to(device)
+            if self.config.schedule != "constant":  # its own table to scale (CPU tables share the host's tensors)
+                self._prob_base[device] = tables.prob_table
+                tables.prob_table = tables.prob_table.clone()
+                self._factor[device] = 1.0
+            self._tables[device] = tables
         return self._tables[device]
+
+    def schedule_factor(self, step: int) -> float:
+        """The factor masking.schedule puts on every masking probability at `step` (1 for "constant"): from
+        schedule_start at step 0 to 1 at schedule_steps, linearly or on a half cosine, then 1. Rounded to float32,
+        the precision the probabilities are multiplied in."""
+        c = self.config
+        if c.schedule == "constant" or step >= c.schedule_steps:
+            return 1.0
+        progress = step / c.schedule_steps
+        ramp = progress if c.schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
+        return float(np.float32(c.schedule_start + (1.0 - c.schedule_start) * ramp))
 
     def impl(self, device: torch.device | str) -> str:
         """'triton' or 'torch' for `device`, chosen once per device."""
@@ -919,6 +947,11 @@ class ConnectiveMasker:
             verse_start = verse_start != 0
         device = input_ids.device
         tables = self.tables(device)
+        if device in self._factor:  # a schedule: the table is the configured one x the step's factor
+            factor = self.schedule_factor(step)
+            if factor != self._factor[device]:
+                torch.mul(self._prob_base[device], factor, out=tables.prob_table)  # on the device: no host sync
+                self._factor[device] = factor
         if self.impl(device) == "triton":
             try:
                 from genesis.kernels.mask import connective_mask_triton
@@ -972,6 +1005,8 @@ class ConnectiveMasker:
             rule = f"p={c.base_probability} x weight"
         else:
             rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
+        if c.schedule != "constant":
+            rule += f", x {c.schedule} ramp {c.schedule_start:g} -> 1 over {c.schedule_steps} steps"
         unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""
         disabled = "" if self.enabled else "disabled (enabled = false): inputs pass through unchanged | configured: "
         return (f"masking: {disabled}{c.strategy} ({rule}) | {len(lex.words)} connectives -> {n_patterns} token "

@@ -1,12 +1,15 @@
-"""A Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, causal SDPA attention.
+"""A Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, causal SDPA attention, and an optional
+connective-type classification head.
 
-Reads top to bottom in forward-pass order. Shapes: B batch, T time, C = dim, H heads, D = C / H head dim.
+Reads top to bottom in forward-pass order. Shapes: B batch, T time, C = dim, H heads, D = C / H head dim,
+K connective classes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from genesis.config import ModelConfig
+from genesis.lexicon import CLASSES
 
 IGNORE_INDEX = -100
 
@@ -30,13 +34,15 @@ class ModelArgs:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_classes: int = 0  # connective classes of the classification head; 0: no head (checkpoints before it had none)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int) -> ModelArgs:
         ffn = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
         return cls(vocab_size=vocab_size, n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads,
                    n_kv_heads=cfg.n_kv_heads or cfg.n_heads, ffn_dim=ffn, seq_len=cfg.seq_len,
-                   tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps)
+                   tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                   n_classes=len(CLASSES) if cfg.class_head else 0)
 
 
 class RMSNorm(nn.Module):
@@ -108,6 +114,27 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class ClassLoss(NamedTuple):
+    """The classification head's loss on one batch: 0-d tensors, no host sync."""
+
+    loss: torch.Tensor  # mean cross-entropy over the labelled positions (0 when there are none)
+    correct: torch.Tensor  # labelled positions whose argmax is the label
+    count: torch.Tensor  # labelled positions (labels != -100)
+
+
+def class_loss(class_logits: torch.Tensor, classes: torch.Tensor) -> ClassLoss:
+    """Cross-entropy of (B, T, K) class logits against (B, T) labels, -100 where there is none. Dense over every
+    position, so the same ops run whatever is masked (no data-dependent shapes for torch.compile, and the head is
+    in the graph of every batch, as DistributedDataParallel needs, if with a zero gradient)."""
+    logits = class_logits.float().view(-1, class_logits.size(-1))
+    labels = classes.reshape(-1)
+    labelled = labels != IGNORE_INDEX
+    count = labelled.sum()
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = ((logits.argmax(-1) == labels) & labelled).sum()
+    return ClassLoss(total / count.clamp(min=1), correct, count)
+
+
 class Llama(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -127,6 +154,15 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w_down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * a.n_layers))
+        # the connective type (genesis.lexicon.CLASSES) of a masked token, from the hidden state at its position;
+        # built last, on a forked generator: the trunk, and every draw after the model, are those of a model without
+        # it, so a run with the head is paired with one without (the same seed, the same initial weights)
+        self.class_head = None
+        if a.n_classes:
+            with torch.random.fork_rng(devices=[]):
+                self.class_head = nn.Linear(a.dim, a.n_classes)
+                nn.init.normal_(self.class_head.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(self.class_head.bias)  # uniform over the classes at the start
 
     @staticmethod
     def _init(m):
@@ -149,10 +185,19 @@ class Llama(nn.Module):
                 x = block(x, self.rope_cos, self.rope_sin)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, V); with targets (B, T), also the mean cross-entropy over non-ignored targets."""
-        logits = self.lm_head(self.hidden(idx))  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, classes: torch.Tensor | None = None):
+        """Logits (B, T, V); with targets (B, T), also the mean cross-entropy over non-ignored targets. With classes
+        (B, T) (the masker's `out.classes`: a class id at masked positions, -100 elsewhere), also the class head's
+        `ClassLoss` at the labelled positions, from the hidden state there (which sees the mask token and what
+        precedes it): (logits, loss, class_loss)."""
+        h = self.hidden(idx)
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        if classes is None:
+            return logits, loss
+        if self.class_head is None:
+            raise ValueError("classes given, but this model has no class head (model.class_head = false)")
+        return logits, loss, class_loss(self.class_head(h), classes)  # (B, T, K) logits: K x C per token, cheap

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from genesis.config import Config, ConfigError, describe, load_config, to_dict, to_toml
+from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
 from genesis.data import SPLITS, Corpus, TokenSplit, eval_starts, gather_windows, get_batch, prepare
 from genesis.model import Llama, ModelArgs
@@ -367,32 +367,52 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------------------------
 # The step
 
+HELDOUT_MASK_STEP = 2**32 - 1  # the masker's step for held-out windows: a counter no training step uses
 
-def accumulate_gradients(model, micro_batches, amp) -> torch.Tensor:
-    """Forward/backward over the micro-batches of one optimizer step; gradients equal those of one batch made of
-    all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
-    Under DDP the processes' gradients are averaged, once per step. Returns this process's mean loss as a 0-d tensor
-    (no host sync)."""
-    total = None
+
+def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches of one optimizer step; the LM gradients equal those of one batch made
+    of all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
+    Under DDP the processes' gradients are averaged, once per step.
+
+    A micro-batch is (x, y), or (x, y, classes) for a model with a class head: its loss is then the LM loss plus
+    class_weight x the head's mean cross-entropy at that micro-batch's labelled (masked) positions. That term is a
+    mean per micro-batch, also divided by their number: its gradient depends on how a step is split into
+    micro-batches (not on how they are shared out among processes), as the masked counts differ between them.
+
+    Returns this process's mean LM loss as a 0-d tensor and the class head's (cross-entropy sum, correct, labelled)
+    over the micro-batches as a (3,) tensor (zeros without a head), with no host sync."""
+    total, class_stats = None, None
     k = len(micro_batches)
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: all-reduce once, in the last backward
-    for i, (x, y) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
             with amp:
-                _, loss = model(x, y)
-            (loss / k).backward()
+                _, loss, *head = model(*batch)
+            objective = loss if not head else loss + class_weight * head[0].loss
+            (objective / k).backward()
         total = loss.detach() / k if total is None else total + loss.detach() / k
-    return total
+        if head:
+            c = head[0]
+            stats = torch.stack([c.loss.detach() * c.count, c.correct.float(), c.count.float()])
+            class_stats = stats if class_stats is None else class_stats + stats
+    return total, class_stats if class_stats is not None else torch.zeros(3, device=total.device)
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: World = World()) -> float:
-    """Mean next-token loss over evenly spaced held-out windows (the same windows at every evaluation). Several
-    processes share the windows out, batch by batch, vote on stopping before each round and sum their totals."""
+def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: World = World(), masker=None) -> dict:
+    """{"loss": mean next-token loss} over evenly spaced held-out windows (the same windows at every evaluation).
+    Several processes share the windows out, batch by batch, vote on stopping before each round and sum their totals.
+
+    For a model with a class head (and the run's masker), also the head's mean cross-entropy and accuracy at the
+    masked tokens of the same windows masked by the masker — at a fixed step, so the same tokens at every evaluation
+    ("class_loss", "class_accuracy", "class_tokens"): a second forward pass over each batch. The loss is always
+    that of the unmasked text."""
     model.eval()
     T, B = cfg.model.seq_len, cfg.training.micro_batch
     starts = eval_starts(len(data), T, cfg.training.eval_batches * B)
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    head = masker is not None and getattr(model, "class_head", None) is not None
+    sums = torch.zeros(5 if head else 2, device=device)  # loss x tokens, tokens[, class loss sum, correct, labelled]
     n_batches = math.ceil(len(starts) / B)
     for first in range(0, n_batches, world.size):  # a round: a batch per process, the last ones maybe none
         stop_vote(world)
@@ -402,11 +422,22 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
         batch = gather_windows(data, starts[i : i + B], T, device)
         with amp:
             _, loss = model(batch.x, batch.y)
-        total += loss.float() * batch.x.numel()
-        count += batch.x.numel()
+        sums[0] += loss.float() * batch.x.numel()
+        sums[1] += batch.x.numel()
+        if head:
+            out = masker(batch.x, step=HELDOUT_MASK_STEP, verse_start=batch.verse_start, row_offset=i)
+            with amp:
+                _, _, c = model(out.input_ids, None, out.classes)
+            sums[2:] += torch.stack([c.loss * c.count, c.correct, c.count])
     model.train()
-    total, count = _all_sum([total, count], world)
-    return (total / count).item()
+    (sums,) = _all_sum([sums], world)
+    sums = sums.tolist()  # divided in Python: the same numbers from one process as from several
+    result = {"loss": sums[0] / sums[1]}
+    if head:
+        labelled = sums[4]
+        result.update(class_loss=sums[2] / labelled if labelled else None,
+                      class_accuracy=sums[3] / labelled if labelled else None, class_tokens=round(labelled))
+    return result
 
 
 class Progress:
@@ -474,14 +505,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def flat_settings(config: dict) -> dict:
+    """section.key -> value of a config dict (genesis.config.to_dict form), every key Genesis has now included: a key
+    the dict lacks was added to Genesis after it was written, and the run that wrote it had its default."""
+    sections = ("data", "tokenizer", "model", "training", "masking")
+    defaults = _flatten({k: v for k, v in to_dict(Config()).items() if k in sections})
+    return {**defaults, **_flatten({k: config[k] for k in sections if k in config})}
+
+
 def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1, processes: int = 1) -> list[str]:
     """Lines naming the settings a resumed run changes (those in RESUME_MAY_CHANGE); a RunError naming every other
     setting that differs from the checkpoint's config.
 
     The number of processes may change with training.grad_accum when their product, the micro-batches of a step,
     stays the same: micro-batch j of a step is the same data and the same masks whichever process takes it."""
-    sections = ("data", "tokenizer", "model", "training", "masking")
-    was, new = (_flatten({k: d[k] for k in sections if k in d}) for d in (saved, now))
+    was, new = flat_settings(saved), flat_settings(now)
     was["processes"], new["processes"] = saved_processes, processes
     changed = sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k))
     accum = "training.grad_accum"
@@ -634,6 +672,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     to process j // grad_accum, its data and masks the same as micro-batch j of a one-process run with grad_accum
     x processes micro-batches; rank 0 logs and writes the run directory."""
     global _quiet
+    check_config(cfg)  # a Config built in code has not been through load_config's checks across sections
     world = world_from_env()
     quiet, _quiet = _quiet, _quiet or not world.main
     try:
@@ -755,25 +794,36 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     summary: dict = {"run_dir": str(run_dir)}
 
     def run_eval(step: int) -> None:
-        loss = evaluate_loss(eval_model, heldout, cfg, device, amp, world)
+        result = evaluate_loss(eval_model, heldout, cfg, device, amp, world, masker)
+        loss = result["loss"]
         summary.setdefault("first_heldout_loss", loss)
         summary["last_heldout_loss"] = loss
-        record({"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))})
+        rec = {"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))}
+        line = f"eval step {step} | held-out loss {loss:.4f} | ppl {rec['heldout_ppl']:.2f}"
+        if "class_loss" in result:
+            rec.update({f"heldout_{key}": result[key] for key in ("class_loss", "class_accuracy", "class_tokens")})
+            if result["class_tokens"]:
+                line += (f" | class head: loss {result['class_loss']:.3f}, accuracy "
+                         f"{100 * result['class_accuracy']:.1f}% at {result['class_tokens']} masked tokens")
+        record(rec)
         evaluated.add(step)
-        log(f"eval step {step} | held-out loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}")
+        log(line)
 
     B, T, k = t.micro_batch, cfg.model.seq_len, t.grad_accum
     t_last, steps_since = time.time(), 0  # the steps since the last log line, and when that was (less evaluations)
 
-    def step_values(done: int, loss: torch.Tensor, masked: list) -> list[float] | None:
-        """At a log step, the loss and the masked counts summed over the processes (their one collective: before
-        the optimizer step, so that a failed one leaves the weights of step `completed`); None at other steps."""
+    def step_values(done: int, loss: torch.Tensor, class_stats: torch.Tensor, masked: list) -> list[float] | None:
+        """At a log step, the loss, the masked counts and the class head's statistics summed over the processes
+        (their one collective: before the optimizer step, so that a failed one leaves the weights of step
+        `completed`); None at other steps."""
         if not (done % t.log_every == 0 or done == t.steps):
             return None
         values = [loss]
         if masker is not None:
             mask_stats = [masker.stats(out, ids) for out, ids in masked]
             values += [sum(s[key] for s in mask_stats) for key in ("masked_tokens", "masked_words")]
+        if model.class_head is not None:
+            values += list(class_stats.unbind())
         return [v.item() for v in _all_sum(values, world)]
 
     def log_step(done: int, values: list[float] | None, lr: float, grad_norm: torch.Tensor) -> None:
@@ -796,6 +846,12 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
             rec["masked_connectives"] = round(values[2])
             line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, "
                      f"{rec['masked_connectives']} connectives")
+        if model.class_head is not None:  # over this step's masked tokens (every piece of a masked word)
+            labelled = values[5]
+            rec["class_loss"] = values[3] / labelled if labelled else None
+            rec["class_accuracy"] = values[4] / labelled if labelled else None
+            if labelled:
+                line += f" | class loss {rec['class_loss']:.3f} acc {100 * rec['class_accuracy']:.1f}%"
         if device.type == "cuda":
             rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             line += f" | mem {rec['mem_gb']:.1f} GB"
@@ -871,11 +927,11 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
                         out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
                         x = out.input_ids
                         masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per step
-                    micro_batches.append((x, batch.y))
-                loss = accumulate_gradients(step_model, micro_batches, amp)
+                    micro_batches.append((x, batch.y) if model.class_head is None else (x, batch.y, out.classes))
+                loss, class_stats = accumulate_gradients(step_model, micro_batches, amp, t.class_loss_weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                            t.grad_clip if t.grad_clip > 0 else 1e30)
-                values = step_values(step + 1, loss, masked)
+                values = step_values(step + 1, loss, class_stats, masked)
                 # the step's record, the weights and the step count change together: a checkpoint at step N always
                 # comes with step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
                 with signals_held():

@@ -70,7 +70,7 @@ def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \
-                                              "structural)"
+                                              "structural, structural_head)"
     assert compare.main(["--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
 
@@ -160,3 +160,21 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     # the same directory with other settings is refused, not silently reused
     assert compare.main([*argv[:5], "6", *argv[6:]]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
+
+    # a run recorded by an older Genesis — its run.json has no config, and the config in its checkpoint lacks a key
+    # added since — is the same run when every key it has agrees and the missing one has its default: reused
+    info = json.loads((done / "run.json").read_text())
+    (done / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "config"} | {"fingerprint": "0"}))
+    ckpt = torch.load(done / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["masking"]["schedule"], ckpt["config"]["model"]["class_head"]
+    torch.save(ckpt, done / "checkpoint.pt")
+    assert compare.main(argv) == 0
+    seventh = capsys.readouterr().out
+    assert "[1/2] none-seed1: training done, skipping" in seventh
+    assert json.loads((done / "run.json").read_text())["fingerprint"] == info["fingerprint"]  # recorded again
+    # but not when a key it has differs
+    (done / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "config"} | {"fingerprint": "0"}))
+    ckpt["config"]["model"]["dim"] = 32
+    torch.save(ckpt, done / "checkpoint.pt")
+    assert compare.main(argv) == 2
+    assert "none-seed1: holds a run with other settings" in capsys.readouterr().err

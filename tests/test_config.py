@@ -221,7 +221,7 @@ def test_presets_are_never_changed_by_overrides():
 
 
 @pytest.mark.parametrize("text, key, reason", [
-    ("[modes.foo.model]\nbogus = 1\n", "modes.foo.model.bogus", "unknown key (valid keys: dim, ffn_dim"),
+    ("[modes.foo.model]\nbogus = 1\n", "modes.foo.model.bogus", "unknown key (valid keys: class_head, dim, ffn_dim"),
     ("[modes.foo.training]\nsteps = 'many'\n", "modes.foo.training.steps", "expected an integer, got 'many'"),
     ("[modes.foo.training]\ncompile = 1\n", "modes.foo.training.compile", "expected true or false, got 1"),
 ])

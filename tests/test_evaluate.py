@@ -550,6 +550,7 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "cloze, whole-verse score" in proc.stdout and "clause length" in proc.stdout
     assert "cloze/model:" in proc.stderr  # progress on long work
+    assert "class_head" not in result and "class head" not in proc.stdout  # a model without one
 
 
 def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
@@ -601,3 +602,71 @@ def test_output_head_path_equals_the_full_forward_on_a_llama(ctx):
     assert np.allclose(head.logprob, full.logprob, atol=1e-4)
     with pytest.raises(ValueError, match="path must be one of"):
         ev.score_cloze_model(llama, cloze, progress=False, path="fast")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The class head
+
+
+class RecordingHead(torch.nn.Module):
+    """A model with a class head whose hidden state is zero and whose head always says class `favourite`; it keeps
+    every batch it is given."""
+
+    def __init__(self, seq_len: int, favourite: int):
+        super().__init__()
+        self.args = SimpleNamespace(seq_len=seq_len)
+        self.class_head = torch.nn.Linear(8, len(CLASSES))
+        with torch.no_grad():
+            self.class_head.weight.zero_()
+            self.class_head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(favourite), len(CLASSES)))
+        self.seen = []
+
+    def hidden(self, idx):
+        self.seen.append(idx.clone())
+        return torch.zeros(*idx.shape, 8)
+
+
+def test_class_head_reads_the_mask_token_after_half_a_window_of_true_context(ctx):
+    """Each slot gets one window ending at its first token, which is the mask token; before it the seq_len // 2
+    tokens of the stream, unmasked (fewer only at the stream's start); slots at position 0 are skipped."""
+    slots, stream = ctx.slots[:40], ctx.eval_split.stream
+    truth = np.array([int(ctx.lex.entry_class[s.entry]) for s in slots])
+    model = RecordingHead(SEQ_LEN, favourite=1)
+    scores = ev.score_class_head(model, stream, slots, truth, mask_id=7, batch_tokens=65 * 16, progress=False)
+    windows = torch.cat(model.seen).numpy()
+    assert windows.shape == (len([s for s in slots if s.stream_pos >= 1]), SEQ_LEN // 2 + 1)
+    rows = iter(windows)
+    for slot, credit in zip(slots, scores.credit):
+        if slot.stream_pos < 1:
+            assert math.isnan(credit)
+            continue
+        row, start = next(rows), max(0, slot.stream_pos - SEQ_LEN // 2)
+        col = slot.stream_pos - start
+        assert row[col] == 7 and np.array_equal(row[:col], stream[start:slot.stream_pos])
+        assert credit == (1.0 if CLASSES[int(ctx.lex.entry_class[slot.entry])] == "contrastive" else 0.0)
+    assert np.array_equal(scores.shares[~np.isnan(scores.credit)].argmax(1), np.ones(len(windows)))
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("head") / "run"
+    run_cli("genesis.train", "--config", "cpu.toml", "--out", str(out), *TINY, "--set", "masking.enabled=true",
+            "--set", "model.class_head=true")
+    return out
+
+
+def test_evaluate_cli_reports_the_class_head_against_the_majority_class(head_run, tmp_path):
+    proc = run_cli("genesis.evaluate", "--checkpoint", str(head_run), "--max-items", "12", "--no-plots",
+                   "--json", str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    head = result["class_head"]
+    n, by_class = head["model"]["n"], head["model"]["breakdowns"]["class"]
+    assert n == result["next_token"]["n"] > 1000  # the same slots: every one with context
+    matrix = np.array(head["confusion"]["matrix"])
+    assert head["labels"] == list(CLASSES) and matrix.sum() == pytest.approx(n)
+    for label, row in zip(CLASSES, matrix):
+        assert row.sum() == pytest.approx(by_class.get(label, {"n": 0})["n"])
+    assert head["model"]["accuracy"] == pytest.approx(np.trace(matrix) / n)
+    majority = head["majority_class"]
+    assert majority["class"] == "causal" and majority["accuracy"] == pytest.approx(by_class["causal"]["n"] / n)
+    assert "class head (mask token -> type)" in proc.stdout and "confusion (rows: true class)" in proc.stdout

@@ -4,11 +4,13 @@ the random keys, bad input and dispatch.
 Kernel tests run the real Triton kernel: under TRITON_INTERPRET=1 on the CPU (set by conftest.py on machines
 without CUDA), compiled on a GPU where there is one (the `cuda` tests at the end)."""
 
+import dataclasses
 import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -899,6 +901,75 @@ def test_masks_are_keyed_by_seed_step_rank_row_column(tok, kjv_rows):
     y = x.clone()
     y[0] = torch.flip(y[0], [0])
     assert torch.equal(masker(y, step=5, verse_start=vs).mask[1:], a[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masking schedules
+
+
+def test_schedule_factors():
+    def factor(schedule, step, start=0.25, steps=8):
+        return ConnectiveMasker.schedule_factor(SimpleNamespace(config=SimpleNamespace(
+            schedule=schedule, schedule_start=start, schedule_steps=steps)), step)
+
+    assert [factor("linear", s) for s in (0, 2, 4, 8, 9, 2**32 - 1)] == [0.25, 0.4375, 0.625, 1.0, 1.0, 1.0]
+    assert factor("cosine", 0) == 0.25 and factor("cosine", 4) == 0.625 and factor("cosine", 8) == 1.0
+    assert factor("cosine", 2) == pytest.approx(0.25 + 0.75 * 0.5 * (1 - math.cos(math.pi / 4)), abs=1e-7)
+    assert factor("constant", 0, start=0.0) == 1.0
+    assert factor("linear", 3, start=0.1, steps=7) == float(np.float32(0.1 + 0.9 * 3 / 7))  # float32, as multiplied
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "structural_weighted"])
+def test_a_schedule_scales_every_probability_with_the_same_draws(base_masker, kjv_rows, strategy):
+    """A linear ramp from 0.25 over 8 steps: at each step the masks are those of the constant masker with every
+    probability x the factor — the same random draws, so a subset of the constant masker's masks at that step, at
+    about the factor's share of them — and exactly the constant masker's from step 8 on. The kernel, reading the
+    scaled table, agrees with the torch path mid-ramp."""
+    x, vs = kjv_rows[0][:48], kjv_rows[1][:48]
+    const = variant(base_masker, **STRATEGIES[strategy])
+    ramp = variant(base_masker, **STRATEGIES[strategy], schedule="linear", schedule_start=0.25, schedule_steps=8)
+    assert "x linear ramp 0.25 -> 1 over 8 steps" in ramp.describe()
+    for step in (0, 4, 6, 8, 9, 0):  # back to step 0: the table follows the step, in either direction
+        a, b = ramp(x, step, vs), const(x, step, vs)
+        assert not (a.mask & ~b.mask).any(), step
+        if step >= 8:
+            assert_same(dataclasses.astuple(a), dataclasses.astuple(b), f"step {step}")
+        else:
+            share = a.mask.sum().item() / b.mask.sum().item()
+            assert share == pytest.approx(ramp.schedule_factor(step), abs=0.08), step
+    assert torch.equal(ramp.tables("cpu").prob_table, const.tables("cpu").prob_table * 0.25)
+    if KERNEL_RUNS:
+        small, small_vs = x[:2, :300].contiguous(), vs[:2, :300].contiguous()
+        expected = dataclasses.astuple(ramp(small, 4, small_vs))
+        assert_same(kernel(ramp, small, 4, small_vs), expected, "kernel mid-ramp")
+
+
+@pytest.mark.parametrize("copy", ["deepcopy", "pickle"])
+def test_a_copied_masker_follows_its_schedule(base_masker, kjv_rows, copy):
+    """A masker copied after it ran (a module deep-copied, a spawned worker) reads the table it scales: its numpy
+    views are rebuilt on its own tensors, not carried over as copies of the original's."""
+    import copy as copying
+    import pickle
+
+    x, vs = kjv_rows[0][:16], kjv_rows[1][:16]
+    ramp = variant(base_masker, strategy="uniform", mask_prob=0.9, schedule="linear", schedule_start=0.1,
+                   schedule_steps=100)
+    fresh = variant(base_masker, strategy="uniform", mask_prob=0.9, schedule="linear", schedule_start=0.1,
+                    schedule_steps=100)
+    ramp(x, 0, vs)
+    twin = copying.deepcopy(ramp) if copy == "deepcopy" else pickle.loads(pickle.dumps(ramp))
+    for step in (50, 99, 100):
+        assert torch.equal(twin(x, step, vs).mask, fresh(x, step, vs).mask), step
+
+
+def test_a_schedule_without_steps_is_a_one_line_error(tok):
+    with pytest.raises(MaskingError, match=r"^masking.schedule_steps: a cosine schedule needs schedule_steps >= 1 "
+                                           r"\(got 0\)$"):
+        make_masker(tok, schedule="cosine")
+    with pytest.raises(MaskingError, match=r"^masking.schedule: must be one of constant, linear, cosine"):
+        make_masker(tok, schedule="step")
+    with pytest.raises(MaskingError, match=r'^masking.schedule_steps: has no effect with schedule = "constant"'):
+        make_masker(tok, schedule_steps=200)
 
 
 def test_seed_comes_from_config_or_argument(tok):

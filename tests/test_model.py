@@ -67,7 +67,7 @@ def test_gradient_accumulation_matches_one_big_batch(kjv_corpus):
     big, small = tiny(vocab_size=vocab), tiny(vocab_size=vocab)
     fp32 = contextlib.nullcontext()  # what the trainer uses for fp32
     accumulate_gradients(big, [(x, y)], fp32)
-    loss = accumulate_gradients(small, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], fp32)
+    loss, _ = accumulate_gradients(small, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], fp32)
     assert torch.allclose(loss, big(x, y)[1].detach(), atol=1e-6, rtol=0)
     for (name, p), q in zip(big.named_parameters(), small.parameters()):
         assert p.grad.abs().max() > 0, name  # real text reaches every parameter
@@ -126,3 +126,77 @@ def test_the_model_is_a_llama_as_transformers_computes_it(tie):
         theirs_logits = theirs(idx).logits
     assert ours_logits.abs().max() > 1  # not a degenerate comparison
     torch.testing.assert_close(ours_logits, theirs_logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The connective-type classification head
+
+
+def labels_at(shape, positions: dict[tuple[int, int], int]) -> torch.Tensor:
+    classes = torch.full(shape, -100, dtype=torch.long)
+    for (b, t), c in positions.items():
+        classes[b, t] = c
+    return classes
+
+
+def test_class_head_loss_is_the_cross_entropy_at_the_labelled_positions_only():
+    from genesis.lexicon import CLASSES
+    from genesis.model import ClassLoss
+
+    m = tiny(class_head=True)
+    assert m.args.n_classes == len(CLASSES) and torch.equal(m.class_head.bias, torch.zeros(len(CLASSES)))
+    with torch.no_grad():
+        m.class_head.weight.normal_(0, 1.0)  # a head with opinions, so that argmax and loss are not degenerate
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    where = {(0, 3): 0, (0, 9): 2, (1, 0): 1, (1, 15): 3}
+    logits, loss, c = m(x, y, labels_at((2, 16), where))
+    assert isinstance(c, ClassLoss) and torch.equal(loss, m(x, y)[1])  # the LM loss is unchanged by the head
+    with torch.no_grad():
+        head = m.class_head(m.hidden(x))  # (B, T, K)
+    rows, cols = zip(*where)
+    picked, truth = head[list(rows), list(cols)], torch.tensor(list(where.values()))
+    torch.testing.assert_close(c.loss, torch.nn.functional.cross_entropy(picked, truth))
+    assert c.count.item() == 4 and c.correct.item() == (picked.argmax(-1) == truth).sum().item()
+    # nothing labelled: loss 0 (not nan), and the head still gets a (zero) gradient, as DDP needs every parameter to
+    _, _, none = m(x, y, labels_at((2, 16), {}))
+    assert none.loss.item() == 0 and none.count.item() == 0
+    none.loss.backward()
+    assert m.class_head.weight.grad is not None and m.class_head.weight.grad.abs().max() == 0
+    with pytest.raises(ValueError, match="no class head"):
+        tiny()(x, y, labels_at((2, 16), where))
+
+
+def test_accumulate_gradients_adds_the_weighted_class_loss():
+    """With (x, y, classes) micro-batches the objective is LM loss + class_weight x class loss: the head's
+    gradient is class_weight x that of the class loss alone, the returned loss is the LM loss, and the statistics
+    are (cross-entropy sum, correct, labelled) over the micro-batches."""
+    x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    classes = labels_at((4, 16), {(0, 2): 0, (1, 5): 1, (2, 7): 0, (3, 1): 3, (3, 11): 2})
+    fp32 = contextlib.nullcontext()
+    m = tiny(class_head=True)
+    loss, stats = accumulate_gradients(m, [(x[:2], y[:2], classes[:2]), (x[2:], y[2:], classes[2:])], fp32, 0.25)
+    ref = tiny(class_head=True)
+    parts = [ref(x[i:i + 2], y[i:i + 2], classes[i:i + 2]) for i in (0, 2)]
+    (sum(c.loss for _, _, c in parts) / 2).backward()
+    torch.testing.assert_close(m.class_head.weight.grad, 0.25 * ref.class_head.weight.grad)
+    torch.testing.assert_close(loss, sum(lm for _, lm, _ in parts).detach() / 2)
+    expected = torch.stack([sum(c.loss * c.count for _, _, c in parts), sum(c.correct for _, _, c in parts).float(),
+                            torch.tensor(5.0)]).detach()
+    torch.testing.assert_close(stats, expected)
+    # a model without a head: plain (x, y) micro-batches, zero statistics
+    _, stats = accumulate_gradients(tiny(), [(x, y)], fp32, 0.25)
+    assert torch.equal(stats, torch.zeros(3))
+
+
+def test_the_class_head_leaves_the_trunk_and_the_random_stream_alone():
+    """The same seed gives the same trunk with and without the head, and the same draws after the model is built:
+    a run with the head is paired with one without."""
+    with_head = tiny(class_head=True)
+    draw_after_head = torch.rand(3)
+    without = tiny()
+    assert torch.equal(draw_after_head, torch.rand(3))
+    heads = {k for k in with_head.state_dict() if k.startswith("class_head.")}
+    assert heads == {"class_head.weight", "class_head.bias"}
+    trunk = with_head.state_dict()
+    for name, weight in without.state_dict().items():
+        assert torch.equal(trunk[name], weight), name

@@ -20,6 +20,41 @@ def test_plugin_example_runs(tmp_path):
     assert "words resolved into" in proc.stdout and "masked tokens" in proc.stdout
 
 
+def test_class_head_example_trains_a_head_of_your_own(kjv_tokenizer):
+    """The README's class-head snippet, in the loop of a model that is not Genesis's (its hidden state: an embedding
+    of the token before): the snippet builds the head once, then its loss lines run every step; the head learns the
+    masked connectives' classes from the punctuation before them (its loss falls) and counts the masked tokens."""
+    import torch
+
+    from genesis.masking import ConnectiveMasker
+
+    block = re.search(r"<!-- class-head-example -->\n```python\n(.*?)```\n<!-- /class-head-example -->", README, re.S)
+    assert block, "the README lost its class-head example markers"
+    lines = block.group(1).splitlines()
+    build = next(i for i, line in enumerate(lines) if line.startswith("head = "))
+    setup, per_step = "\n".join(lines[: build + 1]), "\n".join(lines[build + 1 :])
+    text = "And he said, Therefore ye shall go; but they would not, for they feared. Then they went.\n" * 6
+    x = torch.tensor([kjv_tokenizer.encode(text).ids[:96]] * 4)
+    masker = ConnectiveMasker.from_tokenizer(kjv_tokenizer, strategy="uniform", mask_prob=0.5, log=None)
+    torch.manual_seed(0)
+    trunk = torch.nn.Embedding(kjv_tokenizer.get_vocab_size(), 32)
+    namespace = {"torch": torch, "hidden_size": 32}
+    exec(setup, namespace)
+    optimizer = torch.optim.Adam([*trunk.parameters(), *namespace["head"].parameters()], lr=0.05)
+    losses = []
+    for step in range(30):
+        out = masker(x, step=step)
+        namespace.update(hidden=trunk(out.input_ids.roll(1, dims=1)), out=out, lm_loss=torch.zeros(()))
+        exec(per_step, namespace)
+        namespace["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        c = namespace["c"]
+        assert c.count.item() == out.mask.sum().item() > 0
+        losses.append(c.loss.item())
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
 def test_readme_commands_name_shipped_configs():
     for name in set(re.findall(r"--config (\w+\.toml)", README)):
         assert (ROOT / "configs" / name).is_file(), name
