@@ -39,7 +39,8 @@ if [[ $what == all || $what == bench ]]; then
 fi
 if [[ $what == all || $what == tests ]]; then
   run tests "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-    ${TESTS:-tests/test_masking.py tests/test_train.py::test_bf16_on_this_gpu}
+    ${TESTS:-tests/test_masking.py tests/test_train.py::test_bf16_on_this_gpu \
+      tests/test_train.py::test_class_head_and_schedule_train_on_this_gpu}
 fi
 if [[ $what == all || $what == train ]]; then
   rm -rf /tmp/hv  # a rerun on a warm machine starts a new run, not a refused --resume

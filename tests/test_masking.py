@@ -941,6 +941,7 @@ def test_a_schedule_scales_every_probability_with_the_same_draws(base_masker, kj
     if KERNEL_RUNS:
         small, small_vs = x[:2, :300].contiguous(), vs[:2, :300].contiguous()
         expected = dataclasses.astuple(ramp(small, 4, small_vs))
+        ramp(small.to(KERNEL_DEVICE), 4, small_vs.to(KERNEL_DEVICE))  # a call scales that device's table too
         assert_same(kernel(ramp, small, 4, small_vs), expected, "kernel mid-ramp")
 
 

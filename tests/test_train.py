@@ -580,6 +580,21 @@ def test_a_masking_schedule_ramps_the_masked_share_in_training(tmp_path, capsys)
     assert ramp[0] == 0 and all(a <= b for a, b in zip(ramp, const)) and sum(ramp) < 0.7 * sum(const)
 
 
+@pytest.mark.cuda
+def test_class_head_and_schedule_train_on_this_gpu(tmp_path):
+    """The CUDA twin of the two tests above: the head under bf16 autocast (the masker on the GPU, the kernel where
+    Triton is installed) and a ramp scaling the GPU's table; losses finite, the head's statistics recorded."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    cfg = small_config("training.device=cuda", "training.dtype=auto", "masking.enabled=true", "model.class_head=true",
+                       "masking.schedule=cosine", "masking.schedule_start=0.5", "masking.schedule_steps=10",
+                       "training.steps=10", "training.eval_every=5")
+    train(cfg, tmp_path / "run")
+    steps, evals = records(tmp_path / "run", "train"), records(tmp_path / "run", "eval")
+    assert all(math.isfinite(r["loss"]) for r in steps) and any(r["class_loss"] is not None for r in steps)
+    assert evals[-1]["heldout_class_tokens"] > 0 and math.isfinite(evals[-1]["heldout_class_loss"])
+
+
 def test_class_head_without_masking_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set model.class_head=true: model.class_head: the class head is "
                                           r"trained only at masked positions: it needs masking.enabled = true$"):
