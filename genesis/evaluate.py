@@ -69,8 +69,8 @@ from tokenizers import Tokenizer
 from genesis.config import SECTIONS, Config, ConfigError, MaskingConfig, _Invalid, build
 from genesis.corpus import GENRES, CorpusError, Verse, genre_of, load_corpus
 from genesis.data import split_verses
-from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, find_matches, resolve
-from genesis.masking import clause_length
+from genesis.lexicon import CLASSES, ResolvedLexicon, find_matches, resolve
+from genesis.masking import clause_length, connectives_of
 from genesis.model import Llama
 from genesis.tokenizer import TokenizerError, find_mask_id, load_tokenizer_file
 from genesis.train import RunError, load_model, refuse_several_processes, write_atomic
@@ -132,10 +132,7 @@ def config_from_dict(table: dict, source: str) -> Config:
 
 def run_connectives(masking: MaskingConfig) -> dict[str, tuple[float, str]]:
     """The run's lexicon, built as `ConnectiveMasker.from_tokenizer` builds it."""
-    connectives = dict(DEFAULT_CONNECTIVES) if masking.default_connectives else {}
-    for word, entry in masking.connectives.items():
-        connectives[word.lower()] = (entry.weight, entry.cls)
-    return connectives
+    return connectives_of(masking)
 
 
 @dataclass

@@ -103,6 +103,20 @@ def _connective_table(word: str, value: Any) -> Any:
                        f"{{weight = .., class = ..}}, got {value!r:.80}")
 
 
+def connectives_of(cfg: MaskingConfig) -> dict[str, tuple[float, str]]:
+    """The lexicon a [masking] config describes: word -> (weight, class)."""
+    connectives: dict[str, tuple[float, str]] = dict(DEFAULT_CONNECTIVES) if cfg.default_connectives else {}
+    for word, entry in cfg.connectives.items():
+        connectives[word.lower()] = (entry.weight, entry.cls)
+    return connectives
+
+
+def resolve_lexicon(tokenizer: Any, cfg: MaskingConfig) -> ResolvedLexicon:
+    """The [masking] config's lexicon resolved against `tokenizer`, as the masker resolves it (~0.7 s)."""
+    return resolve(tokenizer, connectives_of(cfg), clause_punctuation=cfg.clause_punctuation,
+                   verse_separator=cfg.verse_separator)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 
@@ -852,11 +866,7 @@ class ConnectiveMasker:
         enabled = cfg.enabled or not enabled_given
         _check_options(check_ids=check_ids, enabled=enabled, log=log)
         mask_id = find_mask_id(tokenizer, mask_token)  # before the lexicon (~1 s): a missing token fails at once
-        connectives: dict[str, tuple[float, str]] = dict(DEFAULT_CONNECTIVES) if cfg.default_connectives else {}
-        for word, entry in cfg.connectives.items():
-            connectives[word.lower()] = (entry.weight, entry.cls)
-        lex = resolve(tokenizer, connectives, clause_punctuation=cfg.clause_punctuation,
-                      verse_separator=cfg.verse_separator)
+        lex = resolve_lexicon(tokenizer, cfg)
         if seed is None:
             seed = cfg.seed if cfg.seed is not None else 0
         masker = cls(lex, cfg, mask_id, seed=seed, rank=rank, check_ids=check_ids, log=log, enabled=enabled)

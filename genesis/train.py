@@ -28,8 +28,10 @@ import sys
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
@@ -399,20 +401,63 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -
     return total, class_stats if class_stats is not None else torch.zeros(3, device=total.device)
 
 
+@dataclass
+class HeldoutConnectives:
+    """The connective words in the held-out evaluation windows (fixed for a run), found by
+    `genesis.lexicon.find_matches` on each window as the masker sees a row, for a per-connective next-token accuracy
+    at every evaluation. One entry per piece of every word that has a token before it in its window."""
+
+    words: list[str]  # the lexicon's words, by entry
+    window: np.ndarray  # (P,) int64: the window (index into eval_starts) of each piece
+    col: np.ndarray  # (P,) int64: the input column that predicts the piece (the piece's column - 1)
+    occurrence: np.ndarray  # (P,) int64: the word occurrence the piece belongs to, 0..N-1 in window order
+    entry: np.ndarray  # (N,) int64: the lexicon entry of each occurrence
+
+    @classmethod
+    def find(cls, data: TokenSplit, cfg: Config, lexicon) -> HeldoutConnectives:
+        from genesis.lexicon import find_matches
+
+        T, B = cfg.model.seq_len, cfg.training.micro_batch
+        window, col, occurrence, entry = [], [], [], []
+        for w, start in enumerate(eval_starts(len(data), T, cfg.training.eval_batches * B).tolist()):
+            for s, length, e in find_matches(np.asarray(data.tokens[start : start + T], dtype=np.int64), lexicon):
+                if s < 1:
+                    continue  # nothing before it in the window to predict it from
+                window += [w] * length
+                col += range(s - 1, s - 1 + length)
+                occurrence += [len(entry)] * length
+                entry.append(e)
+        arrays = (np.array(a, dtype=np.int64) for a in (window, col, occurrence, entry))
+        return cls(list(lexicon.words), *arrays)
+
+    def batch(self, first: int, count: int) -> slice:
+        """The pieces of windows first .. first + count - 1 (contiguous: the pieces are in window order)."""
+        lo, hi = np.searchsorted(self.window, [first, first + count])
+        return slice(int(lo), int(hi))
+
+
 @torch.no_grad()
-def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: World = World(), masker=None) -> dict:
+def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: World = World(), masker=None,
+                  connectives: HeldoutConnectives | None = None) -> dict:
     """{"loss": mean next-token loss} over evenly spaced held-out windows (the same windows at every evaluation).
     Several processes share the windows out, batch by batch, vote on stopping before each round and sum their totals.
 
     For a model with a class head (and the run's masker), also the head's mean cross-entropy and accuracy at the
     masked tokens of the same windows masked by the masker — at a fixed step, so the same tokens at every evaluation
     ("class_loss", "class_accuracy", "class_tokens"): a second forward pass over each batch. The loss is always
-    that of the unmasked text."""
+    that of the unmasked text.
+
+    With `connectives`, also the next-token accuracy at every connective word of the windows (unmasked), per lexicon
+    entry, scored as genesis.evaluate scores it: a word counts when every piece is the argmax (teacher-forced), ties
+    sharing the credit, and the mean log-probability of the word ("connective_accuracy", "connective_logprob",
+    "connective_words", "by_connective": word -> {accuracy, logprob, n})."""
     model.eval()
     T, B = cfg.model.seq_len, cfg.training.micro_batch
     starts = eval_starts(len(data), T, cfg.training.eval_batches * B)
     head = masker is not None and getattr(model, "class_head", None) is not None
     sums = torch.zeros(5 if head else 2, device=device)  # loss x tokens, tokens[, class loss sum, correct, labelled]
+    E = len(connectives.words) if connectives is not None else 0
+    per_entry = torch.zeros(3, E, dtype=torch.float64, device=device)  # credit, log p, words
     n_batches = math.ceil(len(starts) / B)
     for first in range(0, n_batches, world.size):  # a round: a batch per process, the last ones maybe none
         stop_vote(world)
@@ -421,23 +466,63 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
             continue
         batch = gather_windows(data, starts[i : i + B], T, device)
         with amp:
-            _, loss = model(batch.x, batch.y)
+            logits, loss = model(batch.x, batch.y)
         sums[0] += loss.float() * batch.x.numel()
         sums[1] += batch.x.numel()
+        if E:
+            per_entry += _connective_credit(logits, batch.y, connectives, i, B, E)
         if head:
             out = masker(batch.x, step=HELDOUT_MASK_STEP, verse_start=batch.verse_start, row_offset=i)
             with amp:
                 _, _, c = model(out.input_ids, None, out.classes)
             sums[2:] += torch.stack([c.loss * c.count, c.correct, c.count])
     model.train()
-    (sums,) = _all_sum([sums], world)
-    sums = sums.tolist()  # divided in Python: the same numbers from one process as from several
+    (packed,) = _all_sum([torch.cat([sums.double(), per_entry.flatten()])], world)  # one collective
+    sums, per_entry = packed[: len(sums)].tolist(), packed[len(sums) :].view(3, E)
+    # divided in Python: the same numbers from one process as from several
     result = {"loss": sums[0] / sums[1]}
+    if E:
+        credit, logprob, words = per_entry.tolist()
+        n = round(sum(words))
+        result.update(connective_accuracy=sum(credit) / n if n else None,
+                      connective_logprob=sum(logprob) / n if n else None, connective_words=n, by_connective={
+                          connectives.words[e]: {"accuracy": credit[e] / words[e], "logprob": logprob[e] / words[e],
+                                                 "n": round(words[e])}
+                          for e in range(E) if words[e]})
     if head:
         labelled = sums[4]
         result.update(class_loss=sums[2] / labelled if labelled else None,
                       class_accuracy=sums[3] / labelled if labelled else None, class_tokens=round(labelled))
     return result
+
+
+def _connective_credit(logits: torch.Tensor, targets: torch.Tensor, connectives: HeldoutConnectives, first: int,
+                       count: int, E: int) -> torch.Tensor:
+    """(3, E) float64: the credit, the summed log-probability and the number of connective words per lexicon entry
+    in windows first .. first + count - 1 of an evaluation, from their logits (B, T, V) and targets (B, T)."""
+    pieces = connectives.batch(first, count)
+    if pieces.start == pieces.stop:
+        return torch.zeros(3, E, dtype=torch.float64, device=logits.device)
+    rows = torch.from_numpy(connectives.window[pieces] - first).to(logits.device)
+    cols = torch.from_numpy(connectives.col[pieces]).to(logits.device)
+    picked = logits[rows, cols].float()  # (P, V): the positions that predict the pieces
+    true = picked.gather(1, targets[rows, cols][:, None]).squeeze(1)
+    best = picked.max(dim=-1).values
+    piece_credit = (true == best).double() / (picked == best[:, None]).sum(dim=-1).double()
+    piece_logprob = (true - torch.logsumexp(picked, dim=-1)).double()
+    occurrence = connectives.occurrence[pieces]
+    local = torch.from_numpy(occurrence - occurrence[0]).to(logits.device)
+    n_words = int(occurrence[-1] - occurrence[0] + 1)
+    # the product over a word's pieces, as a sum of logs (a credit of 0 gives -inf, hence 0)
+    word_credit = torch.zeros(n_words, dtype=torch.float64, device=logits.device).index_add_(
+        0, local, piece_credit.log()).exp()
+    word_logprob = torch.zeros(n_words, dtype=torch.float64, device=logits.device).index_add_(0, local, piece_logprob)
+    entry = torch.from_numpy(connectives.entry[occurrence[0] : occurrence[-1] + 1]).to(logits.device)
+    out = torch.zeros(3, E, dtype=torch.float64, device=logits.device)
+    out[0].index_add_(0, entry, word_credit)
+    out[1].index_add_(0, entry, word_logprob)
+    out[2].index_add_(0, entry, torch.ones_like(word_credit))
+    return out
 
 
 class Progress:
@@ -731,6 +816,11 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     if world.main:
         make_run_dir(run_dir)
     train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
+    # the connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation
+    from genesis.masking import resolve_lexicon
+
+    lexicon = masker.lexicon if masker is not None else resolve_lexicon(tok, cfg.masking)
+    heldout_connectives = HeldoutConnectives.find(heldout, cfg, lexicon)
     log(f"data: {cfg.data.corpus} | train {len(train_data):,} tokens | held-out {len(heldout):,} tokens "
         f"| vocab {tok.get_vocab_size(with_added_tokens=True):,} | cache {corpus.cache_dir}")
 
@@ -794,12 +884,17 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     summary: dict = {"run_dir": str(run_dir)}
 
     def run_eval(step: int) -> None:
-        result = evaluate_loss(eval_model, heldout, cfg, device, amp, world, masker)
+        result = evaluate_loss(eval_model, heldout, cfg, device, amp, world, masker, heldout_connectives)
         loss = result["loss"]
         summary.setdefault("first_heldout_loss", loss)
         summary["last_heldout_loss"] = loss
         rec = {"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))}
         line = f"eval step {step} | held-out loss {loss:.4f} | ppl {rec['heldout_ppl']:.2f}"
+        if result.get("connective_words"):
+            rec.update({f"heldout_{key}": result[key]
+                        for key in ("connective_accuracy", "connective_logprob", "connective_words", "by_connective")})
+            line += (f" | {result['connective_words']} connectives: next-token "
+                     f"{100 * result['connective_accuracy']:.1f}%, log p {result['connective_logprob']:.2f}")
         if "class_loss" in result:
             rec.update({f"heldout_{key}": result[key] for key in ("class_loss", "class_accuracy", "class_tokens")})
             if result["class_tokens"]:

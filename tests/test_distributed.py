@@ -50,11 +50,12 @@ def assert_same_training(a: Path, b: Path) -> None:
     ra, rb = records(a), records(b)
     assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
     for x, y in zip(ra, rb):
-        for key in ("loss", "grad_norm", "heldout_loss", "class_loss", "heldout_class_loss"):
+        for key in ("loss", "grad_norm", "heldout_loss", "class_loss", "heldout_class_loss",
+                    "heldout_connective_accuracy", "heldout_connective_logprob"):
             if x.get(key) is not None:
                 assert x[key] == pytest.approx(y[key], rel=1e-5), (key, x, y)
         for key in ("masked_fraction", "masked_connectives", "class_accuracy", "heldout_class_accuracy",
-                    "heldout_class_tokens"):
+                    "heldout_class_tokens", "heldout_connective_words"):
             assert x.get(key) == y.get(key), (key, x, y)
     wa, wb = checkpoint(a)["model"], checkpoint(b)["model"]
     assert wa.keys() == wb.keys()

@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m genesis.train`, as a user runs it."""
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -593,6 +595,54 @@ def test_class_head_and_schedule_train_on_this_gpu(tmp_path):
     steps, evals = records(tmp_path / "run", "train"), records(tmp_path / "run", "eval")
     assert all(math.isfinite(r["loss"]) for r in steps) and any(r["class_loss"] is not None for r in steps)
     assert evals[-1]["heldout_class_tokens"] > 0 and math.isfinite(evals[-1]["heldout_class_loss"])
+
+
+class TargetLM(torch.nn.Module):
+    """model(x, y) -> (logits, loss): logits `scale` at the true next token and 0 elsewhere (scale 0: uniform)."""
+
+    def __init__(self, vocab_size: int, scale: float):
+        super().__init__()
+        self.vocab_size, self.scale = vocab_size, scale
+
+    def forward(self, x, y):
+        logits = torch.nn.functional.one_hot(y, self.vocab_size).float() * self.scale
+        return logits, torch.nn.functional.cross_entropy(logits.view(-1, self.vocab_size), y.reshape(-1))
+
+
+def test_heldout_connective_accuracy_is_scored_as_the_evaluator_scores_it(kjv_corpus):
+    """Every evaluation scores the connective words of its held-out windows: a model that always ranks the true
+    token first gets 100% and log p ~0, a uniform one (every token tied) 1/V per piece and -log V per piece. The
+    words are those the masker finds: a masker with p = 1 marks the same word starts, entry by entry."""
+    from genesis.masking import ConnectiveMasker
+
+    cfg = small_config("training.eval_batches=4")
+    heldout, tok = kjv_corpus.splits["heldout"], kjv_corpus.tokenizer
+    V = tok.get_vocab_size(with_added_tokens=True)
+    masker = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", mask_prob=1.0, log=None)
+    found = trainer.HeldoutConnectives.find(heldout, cfg, masker.lexicon)
+    fp32 = contextlib.nullcontext()
+    oracle = trainer.evaluate_loss(TargetLM(V, 100.0), heldout, cfg, "cpu", fp32, connectives=found)
+    uniform = trainer.evaluate_loss(TargetLM(V, 0.0), heldout, cfg, "cpu", fp32, connectives=found)
+    n = oracle["connective_words"]
+    assert n == len(found.entry) > 30 and uniform["connective_words"] == n
+    assert oracle["connective_accuracy"] == 1.0 and oracle["connective_logprob"] == pytest.approx(0, abs=1e-6)
+    pieces = np.bincount(found.occurrence)  # pieces per word
+    assert uniform["connective_accuracy"] == pytest.approx(np.mean(V ** -pieces.astype(float)))
+    assert uniform["connective_logprob"] == pytest.approx(-np.mean(pieces) * math.log(V))
+    assert sum(g["n"] for g in oracle["by_connective"].values()) == n
+    # the masker's word starts at columns >= 1, per entry, in the same windows
+    from genesis.data import eval_starts, gather_windows
+
+    starts = eval_starts(len(heldout), cfg.model.seq_len, cfg.training.eval_batches * cfg.training.micro_batch)
+    batch = gather_windows(heldout, starts, cfg.model.seq_len)
+    out = masker(batch.x, step=0)
+    glued = torch.zeros_like(out.mask)
+    glued[:, 1:] = out.mask[:, :-1] & (out.connectives[:, 1:] == out.connectives[:, :-1])
+    word_start = out.mask & ~glued
+    word_start[:, 0] = False
+    counts = np.bincount(out.connectives[word_start].numpy(), minlength=len(found.words))
+    assert {found.words[e]: int(c) for e, c in enumerate(counts) if c} == \
+        {w: g["n"] for w, g in oracle["by_connective"].items()}
 
 
 def test_class_head_without_masking_is_a_config_error(tmp_path):
