@@ -1,6 +1,6 @@
 """Compare masking strategies: train each over several seeds, evaluate every run, write a Markdown report.
 
-    python -m genesis.compare                        # CPU defaults: ~11 min on 2 cores (see DEFAULTS)
+    python -m genesis.compare                        # CPU defaults: ~12 min on 2 cores (see DEFAULTS)
     python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
     python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
 
@@ -80,9 +80,9 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
 BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
 
-# CPU defaults, sized for the 2-core dev machine (denormals flushed, see main): 4 strategies x 3 seeds of 120
+# CPU defaults, sized for the 2-core dev machine (denormals flushed, see main): 5 strategies x 3 seeds of 120
 # cpu.toml steps, each run evaluated on next-token prediction at all ~1,130 held-out slots and 300 cloze items x 26
-# candidates, took 8.5 min in all there (2026-12-01, docs/compare-cpu.md); a busy machine takes longer. Held-out
+# candidates, took 12.3 min in all there (2026-12-02); a busy machine takes longer. Held-out
 # loss is evaluated once, at the end (training.eval_every=0 saves ~10 s a run). More steps, seeds or items: pass
 # them, and expect proportionally longer.
 DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,
@@ -251,11 +251,16 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_items": args.max_items, "context_verses": args.context_verses, "corpus": args.corpus}
 
 
-def _same_settings(saved: dict, cfg) -> bool:
+def _same_settings(saved: dict, cfg, source: Path) -> bool:
     """Whether a config dict saved by an earlier invocation describes `cfg`'s run: the same value for every key, a
-    key it lacks counting as that key's default (added to Genesis since; the run had the default)."""
+    key it lacks counting as that key's default (added to Genesis since; the run had the default). A CompareError
+    if the saved dict is damaged."""
     ignore = {"training.out_dir"}
-    was, now = flat_settings(saved), flat_settings(to_dict(cfg))
+    try:
+        was = flat_settings(saved, source)
+    except RunError as e:
+        raise CompareError(f"{e}; remove the run directory or use another --out") from None
+    now = flat_settings(to_dict(cfg))
     return {k: v for k, v in was.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
 
 
@@ -269,12 +274,18 @@ def check_run_dir(spec: RunSpec, args: argparse.Namespace):
     fingerprint = _fingerprint(to_toml(cfg))
     info_path = spec.run_dir / "run.json"
     info = _read_json(info_path)
+    if info is not None and not isinstance(info, dict):
+        raise CompareError(f"{info_path}: not a run record (damaged?); remove the run directory or use another --out")
     if info is not None and info.get("fingerprint") != fingerprint:
-        saved = info.get("config")
+        saved, source = info.get("config"), info_path
         if saved is None and (spec.run_dir / CHECKPOINT).is_file():
+            source = spec.run_dir / CHECKPOINT
             with suppress(RunError):
-                saved = read_checkpoint(spec.run_dir / CHECKPOINT, need=("config",)).get("config")
-        if saved is None or not _same_settings(saved, cfg):
+                saved = read_checkpoint(source, need=("config",)).get("config")
+        if saved is None:
+            raise CompareError(f"{spec.run_dir}: holds a run whose settings cannot be read (its run.json records "
+                               f"none and its checkpoint is missing or unreadable); use another --out (or remove it)")
+        if not _same_settings(saved, cfg, source):
             raise CompareError(f"{spec.run_dir}: holds a run with other settings; use another --out (or remove it)")
         info = None  # the same run, recorded by an older Genesis: record it again, as this one writes it
     if info is None:

@@ -123,6 +123,8 @@ class Progress:
 
 def config_from_dict(table: dict, source: str) -> Config:
     """The Config stored in a checkpoint (genesis.config.to_dict form), validated like a TOML file."""
+    if not isinstance(table, dict) or any(not isinstance(table.get(name, {}), dict) for name in SECTIONS):
+        raise ConfigError(f"{source}: its recorded config is not a table of [data], [model], ... tables (damaged?)")
     try:
         parts = {name: build(tp, table.get(name, {}), name) for name, tp in SECTIONS.items()}
     except _Invalid as e:

@@ -404,8 +404,9 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -
 @dataclass
 class HeldoutConnectives:
     """The connective words in the held-out evaluation windows (fixed for a run), found by
-    `genesis.lexicon.find_matches` on each window as the masker sees a row, for a per-connective next-token accuracy
-    at every evaluation. One entry per piece of every word that has a token before it in its window."""
+    `genesis.lexicon.find_matches` on each window and the token after it (so a word that continues past the window
+    is no match, as in the whole stream), for a per-connective next-token accuracy at every evaluation. One entry
+    per piece of every word that lies in its window with a token before it."""
 
     words: list[str]  # the lexicon's words, by entry
     window: np.ndarray  # (P,) int64: the window (index into eval_starts) of each piece
@@ -415,20 +416,27 @@ class HeldoutConnectives:
 
     @classmethod
     def find(cls, data: TokenSplit, cfg: Config, lexicon) -> HeldoutConnectives:
-        from genesis.lexicon import find_matches
-
         T, B = cfg.model.seq_len, cfg.training.micro_batch
         window, col, occurrence, entry = [], [], [], []
         for w, start in enumerate(eval_starts(len(data), T, cfg.training.eval_batches * B).tolist()):
-            for s, length, e in find_matches(np.asarray(data.tokens[start : start + T], dtype=np.int64), lexicon):
-                if s < 1:
-                    continue  # nothing before it in the window to predict it from
+            for s, length, e in cls.in_window(np.asarray(data.tokens[start : start + T + 1], dtype=np.int64), lexicon):
                 window += [w] * length
                 col += range(s - 1, s - 1 + length)
                 occurrence += [len(entry)] * length
                 entry.append(e)
         arrays = (np.array(a, dtype=np.int64) for a in (window, col, occurrence, entry))
         return cls(list(lexicon.words), *arrays)
+
+    @staticmethod
+    def in_window(tokens: np.ndarray, lexicon) -> list[tuple[int, int, int]]:
+        """(start, length, entry) of the connectives scored in a window of T = len(tokens) - 1 inputs: matched with
+        the window's last target token after it, so that a word going on past the window is no connective (for|ged),
+        as in the whole stream genesis.evaluate matches on; a word needs a token before it and all its pieces in
+        the window."""
+        from genesis.lexicon import find_matches
+
+        T = len(tokens) - 1
+        return [(s, n, e) for s, n, e in find_matches(tokens, lexicon) if s >= 1 and s + n <= T]
 
     def batch(self, first: int, count: int) -> slice:
         """The pieces of windows first .. first + count - 1 (contiguous: the pieces are in window order)."""
@@ -590,10 +598,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def flat_settings(config: dict) -> dict:
+def flat_settings(config: dict, source: str | os.PathLike = "the config") -> dict:
     """section.key -> value of a config dict (genesis.config.to_dict form), every key Genesis has now included: a key
-    the dict lacks was added to Genesis after it was written, and the run that wrote it had its default."""
+    the dict lacks was added to Genesis after it was written, and the run that wrote it had its default (a key it
+    has that Genesis no longer has stays, and counts as a difference). A RunError naming `source` if the dict is
+    not a table of section tables (a damaged file)."""
     sections = ("data", "tokenizer", "model", "training", "masking")
+    if not isinstance(config, dict) or any(not isinstance(config.get(k, {}), dict) for k in sections):
+        raise RunError(f"{source}: its recorded config is not a table of [data], [model], ... tables (damaged?)")
     defaults = _flatten({k: v for k, v in to_dict(Config()).items() if k in sections})
     return {**defaults, **_flatten({k: config[k] for k in sections if k in config})}
 
@@ -604,7 +616,7 @@ def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1,
 
     The number of processes may change with training.grad_accum when their product, the micro-batches of a step,
     stays the same: micro-batch j of a step is the same data and the same masks whichever process takes it."""
-    was, new = flat_settings(saved), flat_settings(now)
+    was, new = flat_settings(saved, path), flat_settings(now)
     was["processes"], new["processes"] = saved_processes, processes
     changed = sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k))
     accum = "training.grad_accum"

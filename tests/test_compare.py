@@ -178,3 +178,14 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     torch.save(ckpt, done / "checkpoint.pt")
     assert compare.main(argv) == 2
     assert "none-seed1: holds a run with other settings" in capsys.readouterr().err
+    # damaged records are one-line errors that say so, never a traceback or a silent reuse
+    for record, needle in ((info | {"fingerprint": "0", "config": "model masking"},
+                            "run.json: its recorded config is not a table"),
+                           ([1], "run.json: not a run record (damaged?)"),
+                           ({"fingerprint": "0"}, "holds a run whose settings cannot be read")):
+        (done / "run.json").write_text(json.dumps(record))
+        if needle.startswith("holds"):
+            (done / "checkpoint.pt").write_text("not a checkpoint")
+        assert compare.main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

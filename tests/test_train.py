@@ -17,6 +17,7 @@ import torch
 
 import genesis.train as trainer
 from genesis.config import ConfigError, load_config
+from genesis.masking import ConnectiveMasker
 from genesis.train import CHECKPOINT, Interrupted, lr_at, resolve_device, train
 
 from .helpers import ROOT, run_cli
@@ -645,6 +646,29 @@ def test_heldout_connective_accuracy_is_scored_as_the_evaluator_scores_it(kjv_co
         {w: g["n"] for w, g in oracle["by_connective"].items()}
 
 
+def test_heldout_connectives_are_whole_words_of_the_stream(kjv_corpus):
+    """A window's words are those of the whole stream that lie in it: "for" in its last column is no connective
+    when the stream goes on with "ged" (forged), and is one before "ever"; a word in column 0 has nothing to be
+    predicted from."""
+    tok = kjv_corpus.tokenizer
+    lex = ConnectiveMasker.from_tokenizer(tok, log=None).lexicon
+    forged, forever = (np.array(tok.encode(text).ids) for text in ("And they forged a lie.", "And they for ever"))
+    assert tok.id_to_token(int(forged[2])) == "Ġfor" and tok.id_to_token(int(forged[3])) == "ged"
+    assert trainer.HeldoutConnectives.in_window(forged[:4], lex) == []  # T = 3: "for" last, "ged" after it
+    assert [m[:2] for m in trainer.HeldoutConnectives.in_window(forever[:4], lex)] == [(2, 1)]
+    assert trainer.HeldoutConnectives.in_window(forever[2:4], lex) == []  # "for" in column 0
+    # and over real windows: the stream's own matches, restricted to each window
+    from genesis.data import eval_starts
+    from genesis.lexicon import find_matches
+
+    heldout = kjv_corpus.splits["heldout"]
+    tokens = np.asarray(heldout.tokens, dtype=np.int64)
+    stream = find_matches(tokens, lex)
+    for start in eval_starts(len(tokens), 64, 400)[::7].tolist():
+        expected = [(s - start, n, e) for s, n, e in stream if start + 1 <= s and s + n <= start + 64]
+        assert trainer.HeldoutConnectives.in_window(tokens[start : start + 65], lex) == expected, start
+
+
 def test_class_head_without_masking_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set model.class_head=true: model.class_head: the class head is "
                                           r"trained only at masked positions: it needs masking.enabled = true$"):
@@ -713,6 +737,7 @@ def test_show_config_into_a_closed_pipe_ends_quietly():
     ("not a dict", "not a Genesis checkpoint (a list, not a dict)"),
     ("foreign optimizer", "its optimizer state does not fit this config's model"),
     ("other model", "does not fit this config's model"),
+    ("config not a table", "its recorded config is not a table of [data], [model], ... tables (damaged?)"),
 ])
 def test_resume_from_a_damaged_checkpoint_fails_with_one_line(finished_run, tmp_path, capsys, signal_handlers,
                                                               damage, message):
@@ -731,11 +756,18 @@ def test_resume_from_a_damaged_checkpoint_fails_with_one_line(finished_run, tmp_
             del ckpt["optimizer"]
         elif damage == "foreign optimizer":
             ckpt["optimizer"] = {"lr": 1.0}
+        elif damage == "config not a table":
+            ckpt["config"] = 5
         else:
             ckpt["model"] = {"embed.weight": torch.zeros(3, 3)}
         torch.save(ckpt, path)
     err = main_error(capsys, "--out", str(run_dir), "--set", "training.steps=3", "--resume")
     assert err.startswith(f"error: {path}: {message}"), err
-    if "optimizer" not in damage:  # the evaluator loads the weights alone, with the same one-line errors
+    if damage == "config not a table":  # the evaluator reads the config too
+        from genesis.evaluate import load_run
+
+        with pytest.raises(ConfigError, match=f"^{path}: its recorded config is not a table"):
+            load_run(path)
+    elif "optimizer" not in damage:  # the evaluator loads the weights alone, with the same one-line errors
         with pytest.raises(trainer.RunError, match=f"^{path}: "):
             trainer.load_model(path)
