@@ -355,8 +355,13 @@ def _fmt_ci(m: float, lo: float, hi: float, scale: float = 100.0, digits: int = 
 def breakdown_cell(results: list[dict], dim: str, group: str, scorer: str = "model_verse") -> str:
     """One cell of the class/position table: the group's cloze accuracy, mean over the seeds' eval.json results
     with its 95% t-interval (clipped to [0, 100]); "n/a" where a seed has no item in the group."""
-    values = [r["cloze"]["scorers"][scorer]["breakdowns"][dim].get(group, {}).get("accuracy", float("nan"))
-              for r in results]
+    return _accuracy_cell([r["cloze"]["scorers"][scorer]["breakdowns"][dim].get(group, {}).get("accuracy",
+                                                                                             float("nan"))
+                           for r in results])
+
+
+def _accuracy_cell(values: list[float]) -> str:
+    """An accuracy's mean over seeds with its 95% t-interval, clipped to [0, 100]; "n/a" where a seed has none."""
     if any(math.isnan(v) for v in values):
         return "n/a"
     return _fmt_ci(*mean_ci(values), bounds=(0.0, 1.0))
@@ -385,10 +390,9 @@ def class_head_section(strategies: list[str], seeds: list[int], evaluated: dict[
              "|---" * (len(labels) + 2) + "|"]
     for strategy in heads:
         results = [evaluated[f"{strategy}-seed{seed}"]["class_head"]["model"] for seed in seeds]
-        cells = [_fmt_ci(*mean_ci([r["accuracy"] for r in results]), bounds=(0.0, 1.0))]
-        for c in labels:
-            values = [r["breakdowns"]["class"].get(c, {}).get("accuracy", float("nan")) for r in results]
-            cells.append("n/a" if any(math.isnan(v) for v in values) else _fmt_ci(*mean_ci(values), bounds=(0.0, 1.0)))
+        cells = [_accuracy_cell([r["accuracy"] for r in results])]
+        cells += [_accuracy_cell([r["breakdowns"]["class"].get(c, {}).get("accuracy", float("nan")) for r in results])
+                  for c in labels]
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     majority = sample["majority_class"]
     lines.append(f"| *majority class ({majority['class']})* | {100 * majority['accuracy']:.1f} | "

@@ -73,7 +73,7 @@ from genesis.lexicon import CLASSES, ResolvedLexicon, find_matches, resolve
 from genesis.masking import clause_length, connectives_of
 from genesis.model import Llama
 from genesis.tokenizer import TokenizerError, find_mask_id, load_tokenizer_file
-from genesis.train import RunError, load_model, refuse_several_processes, write_atomic
+from genesis.train import RunError, load_model, piece_scores, refuse_several_processes, write_atomic
 
 VERSE_SEPARATOR = "\n"  # genesis.data joins verses with it; the cloze sequences start with it
 TIE_TOLERANCE = 1e-6  # nats; cloze scores closer than this share the credit (sums are float64, so only true ties)
@@ -367,11 +367,7 @@ def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slo
         col = target_pos - 1 - starts[row]  # the input position that predicts the piece
         picked = logits_at(model, x, torch.from_numpy(row).to(device), torch.from_numpy(col).to(device), path)
         target = torch.from_numpy(stream[target_pos]).to(device)
-        best = picked.max(dim=-1).values
-        true = picked.gather(1, target[:, None]).squeeze(1)
-        ties = (picked == best[:, None]).sum(dim=-1)
-        piece_credit = ((true == best).double() / ties.double()).cpu().numpy()
-        piece_logprob = torch.log_softmax(picked, dim=-1).gather(1, target[:, None]).squeeze(1).double().cpu().numpy()
+        piece_credit, piece_logprob = (t.cpu().numpy() for t in piece_scores(picked, target))
         word_first = np.cumsum([0] + [slots[i].n_pieces for _, i in owner])
         for k, (_, i) in enumerate(owner):
             pieces = slice(word_first[k], word_first[k + 1])

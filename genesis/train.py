@@ -504,6 +504,17 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
     return result
 
 
+def piece_scores(picked: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits (P, V) and their true tokens (P,): each piece's credit — 1/m when the true token is one of m tokens
+    sharing the maximal logit, else 0 (the expected accuracy of a random tie-break) — and its log-probability, both
+    float64. genesis.evaluate's next-token metric and the trainer's held-out connectives score with it."""
+    best = picked.max(dim=-1).values
+    true = picked.gather(1, target[:, None]).squeeze(1)
+    ties = (picked == best[:, None]).sum(dim=-1)
+    credit = (true == best).double() / ties.double()
+    return credit, torch.log_softmax(picked, dim=-1).gather(1, target[:, None]).squeeze(1).double()
+
+
 def _connective_credit(logits: torch.Tensor, targets: torch.Tensor, connectives: HeldoutConnectives, first: int,
                        count: int, E: int) -> torch.Tensor:
     """(3, E) float64: the credit, the summed log-probability and the number of connective words per lexicon entry
@@ -513,11 +524,7 @@ def _connective_credit(logits: torch.Tensor, targets: torch.Tensor, connectives:
         return torch.zeros(3, E, dtype=torch.float64, device=logits.device)
     rows = torch.from_numpy(connectives.window[pieces] - first).to(logits.device)
     cols = torch.from_numpy(connectives.col[pieces]).to(logits.device)
-    picked = logits[rows, cols].float()  # (P, V): the positions that predict the pieces
-    true = picked.gather(1, targets[rows, cols][:, None]).squeeze(1)
-    best = picked.max(dim=-1).values
-    piece_credit = (true == best).double() / (picked == best[:, None]).sum(dim=-1).double()
-    piece_logprob = (true - torch.logsumexp(picked, dim=-1)).double()
+    piece_credit, piece_logprob = piece_scores(logits[rows, cols].float(), targets[rows, cols])
     occurrence = connectives.occurrence[pieces]
     local = torch.from_numpy(occurrence - occurrence[0]).to(logits.device)
     n_words = int(occurrence[-1] - occurrence[0] + 1)
