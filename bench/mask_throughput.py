@@ -864,8 +864,11 @@ def step_share(config: str, device: str, strategy: str, steps: int, warmup: int)
         micro_batches = []
         for micro in range(k):
             batch = get_batch(split, B, T, t.seed, step, rank=0, micro=micro, device=dev)
-            out = mask(batch, step, micro) if masked else None
-            x, classes = (out.input_ids, out.classes) if masked else (batch.x, unlabelled)
+            if masked:
+                out = mask(batch, step, micro)
+                x, classes = out.input_ids, out.classes
+            else:
+                x, classes = batch.x, unlabelled
             micro_batches.append((x, batch.y) if model.class_head is None else (x, batch.y, classes))
         accumulate_gradients(step_model, micro_batches, amp, t.class_loss_weight)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)

@@ -37,7 +37,7 @@ import torch
 from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
 from genesis.data import SPLITS, Corpus, TokenSplit, eval_starts, gather_windows, get_batch, prepare
-from genesis.model import Llama, ModelArgs
+from genesis.model import Llama, ModelArgs, class_loss
 from genesis.tokenizer import TokenizerError
 
 CHECKPOINT = "checkpoint.pt"
@@ -452,8 +452,8 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
 
     For a model with a class head (and the run's masker), also the head's mean cross-entropy and accuracy at the
     masked tokens of the same windows masked by the masker — at a fixed step, so the same tokens at every evaluation
-    ("class_loss", "class_accuracy", "class_tokens"): a second forward pass over each batch. The loss is always
-    that of the unmasked text.
+    ("class_loss", "class_accuracy", "class_tokens"): a second pass over each batch, through the trunk and the head
+    only. The loss is always that of the unmasked text.
 
     With `connectives`, also the next-token accuracy at every connective word of the windows (unmasked), per lexicon
     entry, scored as genesis.evaluate scores it: a word counts when every piece is the argmax (teacher-forced), ties
@@ -481,8 +481,8 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
             per_entry += _connective_credit(logits, batch.y, connectives, i, B, E)
         if head:
             out = masker(batch.x, step=HELDOUT_MASK_STEP, verse_start=batch.verse_start, row_offset=i)
-            with amp:
-                _, _, c = model(out.input_ids, None, out.classes)
+            with amp:  # the head alone: the output head's (B, T, V) logits are not needed in this pass
+                c = class_loss(model.class_head(model.hidden(out.input_ids)), out.classes)
             sums[2:] += torch.stack([c.loss * c.count, c.correct, c.count])
     model.train()
     (packed,) = _all_sum([torch.cat([sums.double(), per_entry.flatten()])], world)  # one collective
