@@ -4,6 +4,7 @@ Public entry points: `python -m genesis.train`, `python -m genesis.evaluate`, an
 `genesis.masking.ConnectiveMasker`.
 """
 
+import importlib.machinery as _machinery
 import importlib.util as _util
 import sys as _sys
 from pathlib import Path as _Path
@@ -12,18 +13,20 @@ __version__ = "0.1.0"
 
 
 def _map_checkout_kernels() -> None:
-    """Installed, `kernels/` lives at genesis/kernels. Run from a source checkout without installing, it sits
-    beside genesis/: register it as `genesis.kernels` so the same imports work (never as a top-level `kernels`)."""
-    if "genesis.kernels" in _sys.modules or _util.find_spec("genesis.kernels") is not None:
+    """Installed, `kernels/` lives at genesis/kernels. In a source checkout it sits beside genesis/ with no
+    `__init__.py` (so it can never shadow another distribution's top-level `kernels`, such as the one transformers
+    imports): register it here as `genesis.kernels`, so the same imports work from a checkout."""
+    here = _Path(__file__).resolve().parent
+    checkout = here.parent
+    if "genesis.kernels" in _sys.modules or (here / "kernels").is_dir():
         return
-    kernels = _Path(__file__).resolve().parent.parent / "kernels"
-    if not (kernels / "__init__.py").is_file():
+    if not ((checkout / "kernels" / "mask.py").is_file() and (checkout / "pyproject.toml").is_file()):
         return
-    spec = _util.spec_from_file_location("genesis.kernels", kernels / "__init__.py",
-                                         submodule_search_locations=[str(kernels)])
+    spec = _machinery.ModuleSpec("genesis.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(checkout / "kernels")]
     module = _util.module_from_spec(spec)
+    module.__doc__ = "Triton kernels (one op per file; the pure-torch twin lives in genesis/)."
     _sys.modules["genesis.kernels"] = module
-    spec.loader.exec_module(module)
     globals()["kernels"] = module  # what the import system does for any submodule
 
 

@@ -9,11 +9,18 @@ from .helpers import ROOT
 README = (ROOT / "README.md").read_text()
 
 
+def example_block(name: str) -> str:
+    """The Python block between `<!-- name -->` and `<!-- /name -->`, in the README or a page of docs/."""
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        block = re.search(rf"<!-- {name} -->\n```python\n(.*?)```\n<!-- /{name} -->", page.read_text(), re.S)
+        if block:
+            return block.group(1)
+    raise AssertionError(f"no page holds the {name} markers")
+
+
 def test_plugin_example_runs(tmp_path):
-    block = re.search(r"<!-- plugin-example -->\n```python\n(.*?)```\n<!-- /plugin-example -->", README, re.S)
-    assert block, "the README lost its plug-in example markers"
     script = tmp_path / "example.py"
-    script.write_text(block.group(1))
+    script.write_text(example_block("plugin-example"))
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
@@ -28,9 +35,7 @@ def test_class_head_example_trains_a_head_of_your_own(kjv_tokenizer):
 
     from genesis.masking import ConnectiveMasker
 
-    block = re.search(r"<!-- class-head-example -->\n```python\n(.*?)```\n<!-- /class-head-example -->", README, re.S)
-    assert block, "the README lost its class-head example markers"
-    lines = block.group(1).splitlines()
+    lines = example_block("class-head-example").splitlines()
     build = next(i for i, line in enumerate(lines) if line.startswith("head = "))
     setup, per_step = "\n".join(lines[: build + 1]), "\n".join(lines[build + 1 :])
     text = "And he said, Therefore ye shall go; but they would not, for they feared. Then they went.\n" * 6
