@@ -65,6 +65,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.data import Batch, gather_windows, get_batch, prepare, window_starts  # noqa: E402
+from genesis.flags import IGNORE_INDEX  # noqa: E402
 from genesis.lexicon import find_matches  # noqa: E402
 from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
 
@@ -98,7 +99,6 @@ STRATEGIES = ("uniform", "weighted", "structural")
 SEED = 1234  # masking seed of every Genesis masker (and the loop's / HF's RNG seeds derive from it)
 DATA_SEED = 7  # window starts of the timed batches
 Z_MAX = 5.0  # |z| above this fails a rate check (the draws are seeded, so a pass is reproducible, not luck)
-IGNORE_INDEX = -100
 
 
 def log(msg: str) -> None:

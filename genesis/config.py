@@ -31,7 +31,7 @@ class ConfigError(Exception):
     """A configuration problem, already phrased as one line: `<file>: <key>: <reason>`."""
 
 
-class _Invalid(ValueError):
+class ConfigValueError(ValueError):
     """Raised by `__post_init__` validators: the key (relative to its section) and the reason; `also`: the other
     keys a cross-field check involves, so that the error can name whoever set any of them."""
 
@@ -59,7 +59,7 @@ def _copy(value: Any) -> Any:
 
 def _check(cond: bool, key: str, reason: str, also: tuple[str, ...] = ()) -> None:
     if not cond:
-        raise _Invalid(key, reason, also)
+        raise ConfigValueError(key, reason, also)
 
 
 # Seeds go to torch.manual_seed (accepts [-2**63, 2**64)), numpy's SeedSequence (>= 0) and the masking Philox key
@@ -98,7 +98,7 @@ class DataConfig:
         try:
             pattern = re.compile(self.reference_pattern)
         except re.error as e:
-            raise _Invalid("reference_pattern", f"not a valid regex: {e}") from None
+            raise ConfigValueError("reference_pattern", f"not a valid regex: {e}") from None
         missing = {"book", "chapter", "verse", "text"} - set(pattern.groupindex)
         _check(not missing, "reference_pattern", f"needs named groups {sorted(missing)}")
 
@@ -358,35 +358,35 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _convert(value, inner[0], key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise _Invalid(key, f"expected true or false, got {value!r}")
+            raise ConfigValueError(key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(key, f"expected an integer, got {value!r}")
+            raise ConfigValueError(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(key, f"expected a number, got {value!r}")
+            raise ConfigValueError(key, f"expected a number, got {value!r}")
         if not math.isfinite(value):
-            raise _Invalid(key, f"expected a finite number, got {value!r}")
+            raise ConfigValueError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise _Invalid(key, f"expected a string, got {value!r}")
+            raise ConfigValueError(key, f"expected a string, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise _Invalid(key, f"expected a list, got {value!r}")
+            raise ConfigValueError(key, f"expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise _Invalid(key, f"expected a table, got {value!r}")
+            raise ConfigValueError(key, f"expected a table, got {value!r}")
         _, item = typing.get_args(tp)
         return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise _Invalid(key, f"expected a table, got {value!r}")
+            raise ConfigValueError(key, f"expected a table, got {value!r}")
         return build(tp, value, key)
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
 
@@ -405,7 +405,7 @@ def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
         dotted = f"{prefix}.{raw_key}" if prefix else raw_key
         if name not in names:
             valid = ", ".join(sorted({k for k, v in _ALIASES.items() if v in names} | names - set(_ALIASES.values())))
-            raise _Invalid(dotted, f"unknown key (valid keys: {valid})")
+            raise ConfigValueError(dotted, f"unknown key (valid keys: {valid})")
         kwargs[name] = _convert(value, hints[name], dotted)
     return kwargs
 
@@ -415,10 +415,10 @@ def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     kwargs = _fields(cls, table, prefix)
     try:
         return cls(**kwargs)
-    except _Invalid as e:
+    except ConfigValueError as e:
         if e.key.startswith(prefix + ".") or not prefix:
             raise
-        raise _Invalid(f"{prefix}.{e.key}", e.reason, tuple(f"{prefix}.{k}" for k in e.also)) from None
+        raise ConfigValueError(f"{prefix}.{e.key}", e.reason, tuple(f"{prefix}.{k}" for k in e.also)) from None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -436,20 +436,20 @@ def _set_dotted(table: dict, dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise _Invalid(dotted, f"'{p}' is not a table")
+            raise ConfigValueError(dotted, f"'{p}' is not a table")
     node[parts[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`section.key=value`; the value is read as TOML (numbers, true/false, [lists], "strings"), else as a string."""
     if "=" not in text:
-        raise _Invalid(text, "an override must look like section.key=value")
+        raise ConfigValueError(text, "an override must look like section.key=value")
     key, raw = (s.strip() for s in text.split("=", 1))
     if "." not in key:
-        raise _Invalid(key, "an override key needs a section, like training.steps")
+        raise ConfigValueError(key, "an override key needs a section, like training.steps")
     if "[" in key:  # masking.rules[0].p: a --set names a key; a list is set whole
         whole = key.split("[", 1)[0]
-        raise _Invalid(key, f"a --set cannot index into a list; set the whole list, e.g. {whole}=[...]")
+        raise ConfigValueError(key, f"a --set cannot index into a list; set the whole list, e.g. {whole}=[...]")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -496,7 +496,7 @@ def load_config(name: str | None = None, mode: str | None = None,
     try:
         file_modes = table.pop("modes", {})
         _check_modes(file_modes)  # every preset in the file, used or not: a mistake there is the file's
-    except _Invalid as e:
+    except ConfigValueError as e:
         raise ConfigError(f"{source}: {e.key}: {e.reason}") from None
     modes = {**MODES, **file_modes}
     origin: dict[str, str] = {}  # dotted key -> the --mode or --set its value came from (in the order applied)
@@ -515,7 +515,7 @@ def load_config(name: str | None = None, mode: str | None = None,
         try:
             key, value = parse_override(text)
             _set_dotted(table, key, value)
-        except _Invalid as e:
+        except ConfigValueError as e:
             raise ConfigError(f"--set {text}: {e.key}: {e.reason}") from None
         for k in [k for k in origin if k == key or _inside(k, key)]:
             del origin[k]  # replaced by this --set (and re-added last: the order stays the order applied)
@@ -523,12 +523,12 @@ def load_config(name: str | None = None, mode: str | None = None,
     try:
         for section in table:
             if section not in SECTIONS:
-                raise _Invalid(section, f"unknown section (valid sections: {', '.join(SECTIONS)}, modes)")
+                raise ConfigValueError(section, f"unknown section (valid sections: {', '.join(SECTIONS)}, modes)")
             if not isinstance(table[section], dict):
-                raise _Invalid(section, "expected a table")
+                raise ConfigValueError(section, "expected a table")
         parts = {s: build(tp, table.get(s, {}), s) for s, tp in SECTIONS.items()}
         check_sections(parts)
-    except _Invalid as e:
+    except ConfigValueError as e:
         # Name every --mode / --set that set one of the keys involved (the key itself, a table holding it, a key
         # inside it, or another key of a cross-field check). If none did, name the file, and a key that the file's
         # own [modes.NAME] preset set by its place there.
@@ -548,12 +548,12 @@ def check_config(cfg: Config) -> None:
     naming the config's source, the key and the reason."""
     try:
         check_sections({name: getattr(cfg, name) for name in SECTIONS})
-    except _Invalid as e:
+    except ConfigValueError as e:
         raise ConfigError(f"{cfg.origin_of(e.key)}: {e.key}: {e.reason}") from None
 
 
 def check_sections(parts: dict[str, Any]) -> None:
-    """Checks across sections (raise _Invalid with the dotted keys involved)."""
+    """Checks across sections (raise ConfigValueError with the dotted keys involved)."""
     _check(not parts["model"].class_head or parts["masking"].enabled, "model.class_head",
            "the class head is trained only at masked positions: it needs masking.enabled = true",
            also=("masking.enabled",))
@@ -563,17 +563,17 @@ def _check_modes(file_modes: Any) -> None:
     """`[modes.NAME]` presets: tables of model and training tables, with known keys and values of the right type.
     Range and cross-field checks need the file's sections under the preset: they run when the preset is used."""
     if not isinstance(file_modes, dict):
-        raise _Invalid("modes", "expected a table of [modes.NAME] presets")
+        raise ConfigValueError("modes", "expected a table of [modes.NAME] presets")
     for name, preset in file_modes.items():
         if not isinstance(preset, dict):
-            raise _Invalid(f"modes.{name}", f"expected a table with [modes.{name}.model] and/or "
+            raise ConfigValueError(f"modes.{name}", f"expected a table with [modes.{name}.model] and/or "
                                             f"[modes.{name}.training], got {preset!r}")
         bad = set(preset) - {"model", "training"}
         if bad:
-            raise _Invalid(f"modes.{name}", f"presets may set model and training keys only (got {sorted(bad)})")
+            raise ConfigValueError(f"modes.{name}", f"presets may set model and training keys only (got {sorted(bad)})")
         for section, keys in preset.items():
             if not isinstance(keys, dict):
-                raise _Invalid(f"modes.{name}.{section}", f"expected a table of {section} keys, got {keys!r}")
+                raise ConfigValueError(f"modes.{name}.{section}", f"expected a table of {section} keys, got {keys!r}")
             _fields(SECTIONS[section], keys, f"modes.{name}.{section}")
 
 

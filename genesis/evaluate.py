@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from genesis.config import SECTIONS, Config, ConfigError, MaskingConfig, _Invalid, build
+from genesis.config import SECTIONS, Config, ConfigError, ConfigValueError, MaskingConfig, build
 from genesis.corpus import GENRES, CorpusError, Verse, genre_of, load_corpus
 from genesis.data import split_verses
 from genesis.lexicon import CLASSES, ResolvedLexicon, find_matches, resolve
@@ -127,7 +127,7 @@ def config_from_dict(table: dict, source: str) -> Config:
         raise ConfigError(f"{source}: its recorded config is not a table of [data], [model], ... tables (damaged?)")
     try:
         parts = {name: build(tp, table.get(name, {}), name) for name, tp in SECTIONS.items()}
-    except _Invalid as e:
+    except ConfigValueError as e:
         raise ConfigError(f"{source}: {e.key}: {e.reason}") from None
     return Config(**parts, name=Path(source).parent.name, source=source)
 

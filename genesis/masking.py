@@ -49,12 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from genesis.config import STRATEGIES, MaskingConfig, _Invalid, build, to_dict
+from genesis.config import STRATEGIES, ConfigValueError, MaskingConfig, build, to_dict
+from genesis.flags import CLAUSE_BOUNDARY, GLUE_LEFT, IGNORE_INDEX, VERSE_SEPARATOR, WORD_END
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
 
-IGNORE_INDEX = -100
-GLUE_LEFT, WORD_END, CLAUSE_BOUNDARY, VERSE_SEPARATOR = 1, 2, 4, 8
 MASK32 = 0xFFFFFFFF
 SCAN_START, SCAN_STOP = 1, 2  # scan_code bits (the sparse torch path)
 IMPLS = ("auto", "triton", "torch")
@@ -861,7 +860,7 @@ class ConnectiveMasker:
                                     for word, value in table["connectives"].items()}
         try:
             cfg = build(MaskingConfig, table, "masking")
-        except _Invalid as e:
+        except ConfigValueError as e:
             raise MaskingError(f"{e.key}: {e.reason}") from None
         enabled = cfg.enabled or not enabled_given
         _check_options(check_ids=check_ids, enabled=enabled, log=log)

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from genesis.config import ModelConfig
+from genesis.flags import IGNORE_INDEX
 from genesis.lexicon import CLASSES
-
-IGNORE_INDEX = -100
 
 
 @dataclass

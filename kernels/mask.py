@@ -29,16 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from genesis import masking as _m
+from genesis import flags
 
 # Module-level values a compiled @triton.jit function reads must be tl.constexpr (the interpreter accepts plain
-# globals; the compiler does not). Token flag bits of `token_flags`: see genesis.masking.MaskTables.
-GLUE_LEFT = tl.constexpr(_m.GLUE_LEFT)
-WORD_END = tl.constexpr(_m.WORD_END)
-CLAUSE_BOUNDARY = tl.constexpr(_m.CLAUSE_BOUNDARY)
-STOP = tl.constexpr(_m.CLAUSE_BOUNDARY | _m.VERSE_SEPARATOR)  # where the preceding clause stops
-VERSE_SEPARATOR = tl.constexpr(_m.VERSE_SEPARATOR)
-IGNORE_INDEX = tl.constexpr(_m.IGNORE_INDEX)
+# globals; the compiler does not). Token flag bits of `token_flags`: see genesis.flags.
+GLUE_LEFT = tl.constexpr(flags.GLUE_LEFT)
+WORD_END = tl.constexpr(flags.WORD_END)
+CLAUSE_BOUNDARY = tl.constexpr(flags.CLAUSE_BOUNDARY)
+STOP = tl.constexpr(flags.CLAUSE_BOUNDARY | flags.VERSE_SEPARATOR)  # where the preceding clause stops
+VERSE_SEPARATOR = tl.constexpr(flags.VERSE_SEPARATOR)
+IGNORE_INDEX = tl.constexpr(flags.IGNORE_INDEX)
 UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)  # tl.rand's int32 -> [0, 1) scale
 
 # Positions per program. 128 keeps the widest (BLOCK, 32) look-around tile in registers (157 registers, no spills

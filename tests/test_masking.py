@@ -412,7 +412,8 @@ def test_tokens_that_start_a_connective_and_end_a_clause(tok, base_masker, kjv_r
     {0, 1} (where the edit changes the mask) and for the default rules with weights and BERT replacement."""
     import dataclasses
 
-    from genesis.masking import CLAUSE_BOUNDARY, SCAN_STOP
+    from genesis.flags import CLAUSE_BOUNDARY
+    from genesis.masking import SCAN_STOP
 
     deterministic = variant(base_masker, strategy="structural", clause_length=mode, lookback=12,
                             rules=[dict(p=1.0, clause_len_gt=0, clause_len_lt=6), dict(p=0.0)])
