@@ -405,7 +405,7 @@ class Tally:
 
 def genesis_probability(masker: ConnectiveMasker, row: list[int], verse_row: list[bool] | None, start: int,
                         entry: int, flags: dict[str, list[bool]]) -> float:
-    """The masking probability of the match at `start`, from the module docstring of genesis.masking, in plain
+    """The masking probability of the match at `start`, as docs/masking.md defines it, in plain
     Python (independent of the tables the torch path and the kernel read)."""
     cfg, lex = masker.config, masker.lexicon
     weight = float(lex.entry_weight[entry])

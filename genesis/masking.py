@@ -4,34 +4,8 @@
     out = masker(input_ids, step=step, verse_start=None)     # (B, T) ids on any device
     logits = model(out.input_ids)                            # targets stay as they are
 
-Semantics (the Triton kernel in `genesis.kernels.mask` and `mask_torch` below implement exactly this):
-
-* Matching. The lexicon (`genesis.lexicon`) turns every connective word into the token patterns the tokenizer
-  produces for it. A pattern matches at column s when the tokens agree and the match stands as a whole word: the
-  token at s does not glue onto the previous token, and the token after the match does not glue onto it. The row
-  edges count as word boundaries: the masker sees only the window, so a single-token connective in the last column
-  whose word continues in the next, unseen token is still matched; a multi-token word cut by an edge is not.
-* Rules, at the match start s. verse_initial = `verse_start[b, s]` when the batch carries verse_start flags, else
-  "the token at s-1 is a verse separator" (False in column 0). clause_len, with clause_length="preceding" (the
-  default): skip the run of clause-boundary/verse-separator tokens just before s, then count the tokens of the
-  clause before it, back to the previous boundary, separator or row start (at most `lookback`; 0 when nothing
-  precedes); with "since_boundary": the distance from s back to the nearest clause-boundary token (1 right after a
-  comma), the row start counting as a boundary before column 0, capped at `lookback`.
-  p = prob_table[verse_initial, clause_len] (x the connective's weight for `weighted`, and for `structural` with
-  structural_weights), clamped to [0, 1]. The strategies only differ in the table: uniform = mask_prob everywhere,
-  weighted = base_probability everywhere (x weight), structural = the ordered rules. A masking schedule
-  (masking.schedule) multiplies the table by the step's factor (`ConnectiveMasker.schedule_factor`) before the call.
-* Randomness. One Philox-4x32-10 draw per match, counter (s, row_offset + b, step, rank), key = seed — the same
-  generator as Triton's tl.rand. A mask is thus a pure function of (seed, step, rank, row, column, tokens): it does
-  not depend on the batch size, the device or the code path, and a resumed run reproduces it. Word 0 decides
-  masking (u < p); word 1 picks the BERT replacement; word 2 of the draw at each piece's own column picks its
-  random token.
-* Replacement. Every piece of a selected word becomes the mask token; with replacement="bert" the word is instead
-  masked / replaced by random non-special tokens / kept, by bert_split. Targets are never touched: inputs are
-  masked, next-token targets stay, and labels that already hold -100 stay -100.
-* Outputs. `input_ids` (masked copy, input dtype), `mask` (bool, every piece of a selected word, kept ones
-  included), `classes` and `connectives` (int64 class id / lexicon index at masked positions, -100 elsewhere:
-  ready for F.cross_entropy).
+`mask_torch` here and the Triton kernel in `genesis.kernels.mask` implement the same semantics bit for bit.
+Semantics: docs/masking.md.
 """
 
 from __future__ import annotations
@@ -782,11 +756,12 @@ class MaskOutput:
 
 
 class ConnectiveMasker:
-    """Masks logical connectives in (B, T) token batches on the batch's device. See the module docstring.
+    """Masks logical connectives in (B, T) token batches on the batch's device. Semantics: docs/masking.md.
 
     `seed` (in [0, 2**63)) and `rank` (in [0, 2**32), one key per process) may be set after construction, as the
-    README's Trainer and Lightning examples set `masker.rank`; both are checked when set. With `enabled=False` the
-    masker is a pass-through: each call checks its input as usual and returns it unchanged, nothing masked."""
+    Trainer and Lightning examples in docs/integrations.md set `masker.rank`; both are checked when set. With
+    `enabled=False` the masker is a pass-through: each call checks its input as usual and returns it unchanged,
+    nothing masked."""
 
     def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, seed: int = 0,
                  rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print,

@@ -1,26 +1,11 @@
 """The fused connective-masking kernel (Triton) and its launcher.
 
-One program handles BLOCK positions of one row. Every position finds the lexicon match that covers it (its word
-starts at most MAX_PIECES-1 tokens earlier), evaluates the rules at the match's start (verse-initial flag, clause
-length by a bounded backward scan, probability from the rule table times the optional weight), draws the start's
-Philox numbers and writes the masked token, the mask flag, the class and the connective index. No position
-depends on another position's output, so the result is independent of BLOCK and of the launch grid, and it equals
-`genesis.masking.mask_torch` bit for bit (tests compare them with `torch.equal` under TRITON_INTERPRET=1).
+One program handles BLOCK positions of one row; no position depends on another position's output, so the result is
+independent of BLOCK and of the launch grid, and it equals `genesis.masking.mask_torch` bit for bit (tests compare
+them with `torch.equal` under TRITON_INTERPRET=1). Version 2 (`connective_mask_triton(..., version=2)`) scans one
+window per program instead of gathering per position; version 1 stays the default until the benchmark has timed both.
 
-Bytes per token: read ids (4 or 8) and verse_start (1, optional); write ids, mask (1), class (8) and connective
-(8): 22-34 B/token. The tables (a few KB per vocab array) stay in L1/L2.
-
-Each look-around (the glued tokens before a position, the tokens after a match start, the clause before it) is one
-2-D (BLOCK, width) load of independent addresses rather than a loop of dependent loads. Loops stay runtime loops:
-unrolling them made each variant take minutes to compile. On an H100 the kernel is bound by these per-lane gathers
-(load instructions), at 6-8% of copy bandwidth; bench/RESULTS.md has the numbers.
-
-Version 2 (`_connective_mask_kernel_v2`, `connective_mask_triton(..., version=2)`) is the next step RESULTS.md
-describes: each program loads one window of tokens (its output columns plus a halo) and its shifts by -2, -1 and
-+1 once, and derives word starts, run lengths, clause lengths and each piece's decision from scans over the window
-instead of per-lane gathers: ~8 loads per window position instead of 200+ per token. It equals version 1 bit for
-bit (every kernel test runs both) and compiles for sm_89 to 80 registers without spills; it has not been timed on a
-GPU yet, so version 1 stays the default until `bench/mask_throughput.py --device cuda` has timed both.
+Semantics, and how both versions work: docs/masking.md. Timings: bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -249,11 +249,11 @@ def test_meta_tensors_raise_a_masking_error_naming_the_device(masker):
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.uint16, torch.int8, torch.float32, torch.bool])
-def test_only_int32_and_int64_ids_are_accepted_as_the_readme_says(masker, dtype):
+def test_only_int32_and_int64_ids_are_accepted_as_the_docs_say(masker, dtype):
     with pytest.raises(MaskingError, match=rf"input_ids must be int32 or int64 \(got {dtype}\)"):
         masker(torch.zeros(2, 3, dtype=dtype), step=0)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    bad_input = readme[readme.index("- **Bad input**"):].split("\n\n")[0]  # the bullet
+    semantics = (ROOT / "docs" / "masking.md").read_text(encoding="utf-8")
+    bad_input = semantics[semantics.index("- **Bad input**"):].split("\n\n")[0]  # the bullet
     assert "non-integer dtypes" not in bad_input and "`int32`/`int64`" in bad_input and "`uint16`" in bad_input
 
 

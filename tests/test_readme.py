@@ -1,4 +1,5 @@
-"""The README stays true: its plug-in example runs, its commands name real configs, CI runs its test command."""
+"""The README and docs/ stay true: their examples run, their commands name real configs, CI runs the README's test
+command, and their relative links lead to files and headings that exist."""
 
 import re
 import subprocess
@@ -7,11 +8,12 @@ import sys
 from .helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def example_block(name: str) -> str:
     """The Python block between `<!-- name -->` and `<!-- /name -->`, in the README or a page of docs/."""
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for page in PAGES:
         block = re.search(rf"<!-- {name} -->\n```python\n(.*?)```\n<!-- /{name} -->", page.read_text(), re.S)
         if block:
             return block.group(1)
@@ -60,9 +62,33 @@ def test_class_head_example_trains_a_head_of_your_own(kjv_tokenizer):
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
 
 
-def test_readme_commands_name_shipped_configs():
-    for name in set(re.findall(r"--config (\w+\.toml)", README)):
-        assert (ROOT / "configs" / name).is_file(), name
+def test_readme_and_docs_commands_name_shipped_configs():
+    for page in PAGES:
+        for name in set(re.findall(r"--config (\w+\.toml)", page.read_text())):
+            assert (ROOT / "configs" / name).is_file(), f"{page.name}: {name}"
+
+
+def _anchors(page) -> set[str]:
+    """The heading anchors GitHub gives a Markdown page (headings inside code blocks do not count)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    headings = re.findall(r"^#{1,6} +(.+?) *$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    broken = []
+    for page in [*PAGES, ROOT / "bench" / "RESULTS.md"]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 def test_ci_runs_the_readme_test_command():
