@@ -6,10 +6,14 @@ Public entry points: `python -m genesis.train`, `python -m genesis.evaluate`, an
 
 import importlib.machinery as _machinery
 import importlib.util as _util
+import logging as _logging
 import sys as _sys
 from pathlib import Path as _Path
 
 __version__ = "0.1.0"
+
+# a library's loggers get no handler but this one: the application decides where "genesis.*" records go
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
 def _map_checkout_kernels() -> None:
