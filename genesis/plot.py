@@ -90,19 +90,26 @@ def plot_curves(runs: list[Curves], out: Path) -> Path:
     rows = (len(panels) + cols - 1) // cols
     fig = Figure(figsize=(6.4 * cols, 3.8 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
+    # colour, marker and dash pattern all differ by run: runs that coincide (0% accuracy early on) stay visible
+    styles = [dict(color=f"C{i % 10}", marker="osD^vPX*"[i % 8], linestyle=("-", "--", "-.", ":")[i % 4])
+              for i in range(len(runs))]
+    handles = {}
     for i, (_, key, title, scale) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for run, color in zip(runs, colors):
+        for run, style in zip(runs, styles):
             if key in run.series:
                 steps, values = run.series[key]
-                ax.plot(steps, [v * scale for v in values], color=color, label=run.label,
-                        marker="o" if len(steps) <= 30 else None, markersize=3, linewidth=1.4)
+                (line,) = ax.plot(steps, [v * scale for v in values], label=run.label, linewidth=1.4,
+                                  markersize=4 if len(steps) <= 30 else 0, markerfacecolor="none", **style)
+                handles.setdefault(run.label, line)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=8)
+        if scale == 100.0:  # percentages: from just below 0 (a flat 0% line stays visible), not from -0.04
+            top = max(ax.get_ylim()[1], 1.0)
+            ax.set_ylim(-0.03 * top, top)
+    fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncols=min(len(handles), 4),
+               fontsize=9, frameon=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
