@@ -6,7 +6,7 @@
 
 The same checkpoint, prompt, settings and --seed give the same text (on the same device). --temperature 0 is
 greedy decoding; --top-k K samples among the K most likely tokens (0: all). The prompt is encoded as it is (verses
-in the training text are joined with a newline: "\\n" in the prompt starts a new verse). The context is cropped to
+in the training text are joined with a newline: a newline in the prompt starts a new verse). The context is cropped to
 the model's seq_len (a plain loop without a KV cache: the models are small). --mask-connectives replaces every
 connective of the prompt that the run's lexicon knows by the mask token first (the run's masker with probability 1)
 and prints the masked prompt: what the model writes after a masked connective.
