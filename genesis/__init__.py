@@ -1,7 +1,8 @@
 """Genesis: small Llama-style models on the Bible, trained with GPU-side dynamic masking of logical connectives.
 
-Public entry points: `python -m genesis.train`, `python -m genesis.evaluate`, and the plug-in
-`genesis.masking.ConnectiveMasker`.
+Public entry points: `python -m genesis.train`, `genesis.evaluate`, `genesis.compare`, `genesis.export`,
+`genesis.sample` and `genesis.plot` (also console scripts, genesis-train ...), and the plug-in
+`genesis.masking.ConnectiveMasker`. Library code logs to the "genesis" logger (`logging`), never to stdout.
 """
 
 import importlib.machinery as _machinery
