@@ -2,7 +2,7 @@
 
 Public entry points: `python -m genesis.train`, `genesis.evaluate`, `genesis.compare`, `genesis.export`,
 `genesis.sample` and `genesis.plot` (also console scripts, genesis-train ...), and the plug-in
-`genesis.masking.ConnectiveMasker`. Library code logs to the "genesis" logger (`logging`), never to stdout.
+`genesis.masking.ConnectiveMasker`, which logs to the "genesis.masking" logger (`logging`) by default.
 """
 
 import importlib.machinery as _machinery
