@@ -1,15 +1,20 @@
 """Genesis: small Llama-style models on the Bible, trained with GPU-side dynamic masking of logical connectives.
 
-Public entry points: `python -m genesis.train`, `python -m genesis.evaluate`, and the plug-in
-`genesis.masking.ConnectiveMasker`.
+Public entry points: `python -m genesis.train`, `genesis.evaluate`, `genesis.compare`, `genesis.export`,
+`genesis.sample` and `genesis.plot` (also console scripts, genesis-train ...), and the plug-in
+`genesis.masking.ConnectiveMasker`, which logs to the "genesis.masking" logger (`logging`) by default.
 """
 
 import importlib.machinery as _machinery
 import importlib.util as _util
+import logging as _logging
 import sys as _sys
 from pathlib import Path as _Path
 
 __version__ = "0.1.0"
+
+# a library's loggers get no handler but this one: the application decides where "genesis.*" records go
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 
 def _map_checkout_kernels() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import operator
 import os
@@ -31,6 +32,9 @@ from genesis.tokenizer import find_mask_id
 MASK32 = 0xFFFFFFFF
 SCAN_START, SCAN_STOP = 1, 2  # scan_code bits (the sparse torch path)
 IMPLS = ("auto", "triton", "torch")
+# the masker's default `log`: its few lines (the path chosen, a fallback, a disabled masker) go to logging at INFO,
+# as a library's should; the trainer passes its own console `log`, and log=None silences them
+logger = logging.getLogger(__name__)
 
 
 class MaskingError(ValueError):
@@ -764,7 +768,7 @@ class ConnectiveMasker:
     nothing masked."""
 
     def __init__(self, lexicon: ResolvedLexicon, config: MaskingConfig, mask_id: int, seed: int = 0,
-                 rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = print,
+                 rank: int = 0, check_ids: bool = True, log: Callable[[str], None] | None = logger.info,
                  enabled: bool = True):
         if not isinstance(config, MaskingConfig):
             raise MaskingError(f"config must be a MaskingConfig (got {type(config).__name__}); "
@@ -803,7 +807,7 @@ class ConnectiveMasker:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, config: MaskingConfig | Mapping[str, Any] | None = None, *,
                        mask_token: str = "", seed: int | None = None, rank: int = 0, check_ids: bool = True,
-                       log: Callable[[str], None] | None = print, **overrides) -> ConnectiveMasker:
+                       log: Callable[[str], None] | None = logger.info, **overrides) -> ConnectiveMasker:
         """Build from a `tokenizers.Tokenizer` or a transformers fast tokenizer.
 
         `config` is a MaskingConfig, a mapping of its keys (the [masking] TOML table) or None for defaults; keyword
@@ -812,6 +816,8 @@ class ConnectiveMasker:
         keyword, makes the masker a pass-through (inputs returned unchanged, nothing masked; one log line says so).
         Not given, the masker masks: MaskingConfig's default enabled = false is the trainer's switch, so the
         `enabled` of a MaskingConfig instance is not read (genesis.train builds no masker when it is false).
+        `log` receives the masker's few lines (the path chosen, a fallback, a disabled masker): by default the
+        "genesis.masking" logger at INFO; any callable (log=print) or None (silent) instead.
         Bad arguments, keys or values raise ValueError naming them (MaskingError; TokenizerError for the tokenizer
         or its mask token), before the lexicon is resolved."""
         if config is not None and not isinstance(config, (MaskingConfig, Mapping)):

@@ -42,3 +42,25 @@ def kjv_corpus():
 @pytest.fixture(scope="session")
 def kjv_tokenizer(kjv_corpus):
     return kjv_corpus.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Two finished 4-step runs of a small model on the session's token cache (evaluations at steps 0, 2 and 4),
+    for the tools that read runs: "tied" (tied embeddings, no masking) and "untied-head" (untied embeddings,
+    grouped-query attention, rope_theta 500, masking and the class head)."""
+    from genesis.config import load_config
+    from genesis.train import train
+
+    small = ["model.n_layers=2", "model.dim=64", "model.ffn_dim=128", "model.seq_len=64", "training.micro_batch=8",
+             "training.eval_batches=2", "training.steps=4", "training.eval_every=2", "training.log_every=1",
+             "training.warmup_steps=2"]
+    variants = {
+        "tied": ["model.n_heads=2"],
+        "untied-head": ["model.n_heads=4", "model.n_kv_heads=2", "model.rope_theta=500.0",
+                        "model.tie_embeddings=false", "model.class_head=true", "masking.enabled=true"],
+    }
+    root = tmp_path_factory.mktemp("tiny-runs")
+    for name, sets in variants.items():
+        train(load_config("cpu.toml", overrides=[*small, *sets]), root / name)
+    return {name: root / name for name in variants}

@@ -99,3 +99,24 @@ def test_readme_trainer_example_trains_from_the_checkout_root(tmp_path):
     seen = eval(proc.stdout.split("seen", 1)[1])
     assert [(step, offset) for step, offset, _ in seen] == [(0, 0), (0, 4), (1, 0), (1, 4), (2, 0), (2, 4)]
     assert all(sum(masked for s, _, masked in seen if s == step) > 0 for step in range(3))
+
+
+def test_triton_is_an_extra_and_every_console_script_names_a_main():
+    """A CPU install needs no Triton (~1 GB; torch's CUDA wheels bring it where it can run); [dev] keeps it for
+    the kernel tests. Each console script points at a callable."""
+    import importlib
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("triton")]
+    for extra in ("triton", "dev"):
+        assert [d for d in project["optional-dependencies"][extra] if d.startswith("triton")], extra
+    scripts = project["scripts"]
+    assert set(scripts) == {f"genesis-{name}" for name in ("train", "evaluate", "compare", "export", "sample", "plot")}
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

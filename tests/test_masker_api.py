@@ -302,3 +302,25 @@ def test_tuples_are_taken_for_lists(tok):
     m = ConnectiveMasker.from_tokenizer(tok, log=None, replacement="bert", bert_split=(0.7, 0.2, 0.1),
                                         strategy="structural", rules=({"p": 0.5},), **FEW)
     assert m.config.bert_split == [0.7, 0.2, 0.1] and [r.p for r in m.config.rules] == [0.5]
+
+
+def test_the_masker_logs_through_logging_by_default_and_prints_nothing(tok, caplog, capsys):
+    """A library user's logging configuration receives the masker's lines ("genesis.masking", INFO); nothing goes
+    to stdout or stderr. log=print still prints them, log=None silences them."""
+    import logging
+
+    rows = torch.tensor([tok.encode("and it was so: for he said it, but they did not").ids])
+    with caplog.at_level(logging.INFO, logger="genesis"):
+        off = ConnectiveMasker.from_tokenizer(tok, enabled=False, **FEW)
+        on = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", mask_prob=1.0, impl="auto", **FEW)
+        assert on(rows, step=0).mask.any() and not off(rows, step=0).mask.any()
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [("genesis.masking", "INFO", "masking: disabled (enabled = false): the masker returns its inputs "
+                                                 "unchanged"),
+                     ("genesis.masking", "INFO", "masking: using the torch path (cpu tensors use the torch path)")]
+    assert capsys.readouterr() == ("", "")
+    caplog.clear()
+    ConnectiveMasker.from_tokenizer(tok, enabled=False, log=print, **FEW)
+    ConnectiveMasker.from_tokenizer(tok, enabled=False, log=None, **FEW)
+    assert capsys.readouterr().out == "masking: disabled (enabled = false): the masker returns its inputs unchanged\n"
+    assert not caplog.records

@@ -93,33 +93,22 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_model_is_a_llama_as_transformers_computes_it(tie):
-    """The same weights in transformers' LlamaForCausalLM give the same logits: RMSNorm, rotate-half RoPE (with a
-    non-default theta), grouped-query attention, SwiGLU, tied or untied head. Every weight is perturbed, the norm
-    gains too, so a swapped or misnamed tensor shows."""
-    transformers = pytest.importorskip("transformers")
+    """The same weights in transformers' LlamaForCausalLM give the same logits: RMSNorm (with a non-default eps),
+    rotate-half RoPE (with a non-default theta), grouped-query attention, SwiGLU, tied or untied head. Every weight
+    is perturbed, the norm gains too, so a swapped or misnamed tensor shows."""
+    pytest.importorskip("transformers")
+    from genesis.export import to_transformers
+
     torch.manual_seed(1)
     a = ModelArgs(vocab_size=101, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, seq_len=32,
-                  tie_embeddings=tie, rope_theta=500.0, norm_eps=1e-5)
+                  tie_embeddings=tie, rope_theta=500.0, norm_eps=1e-3)
     ours = Llama(a).eval()
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tie, attention_bias=False, mlp_bias=False,
-                                   rope_theta=500.0)
-    theirs = transformers.LlamaForCausalLM(cfg).eval()
-    names = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-             "attn.wo": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
-             "mlp.w_down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    state = {"model.embed_tokens.weight": ours.embed.weight, "model.norm.weight": ours.norm.weight,
-             "lm_head.weight": ours.lm_head.weight}
-    for i, block in enumerate(ours.blocks):
-        for name, module in block.named_modules():
-            if name in names:
-                state[f"model.layers.{i}.{names[name]}.weight"] = module.weight
-    missing, unexpected = theirs.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    assert not missing and not unexpected
+    theirs = to_transformers(ours)  # genesis.export: the one Genesis -> transformers mapping
+    tied_there = theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    assert theirs.config.tie_word_embeddings == tie == tied_there
     idx = torch.randint(0, 101, (3, 32))
     with torch.no_grad():
         ours_logits, _ = ours(idx)
