@@ -96,39 +96,13 @@ def genesis_model(args: ModelArgs) -> Llama:
 
 
 def hf_model(args: ModelArgs, genesis: Llama):
-    """transformers' LlamaForCausalLM with Genesis's dimensions (SDPA attention) and a copy of its weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' LlamaForCausalLM with Genesis's dimensions and a copy of its weights (genesis.export's mapping),
+    with SDPA attention, as Genesis's."""
+    from genesis.export import to_transformers
 
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                         num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.seq_len,
-                         rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
-                         tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False)
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(hf_state_dict(genesis), strict=False)
-    if args.tie_embeddings:
-        model.tie_weights()
+    model = to_transformers(genesis)
+    model.config._attn_implementation = "sdpa"
     return model
-
-
-def hf_state_dict(genesis: Llama) -> dict[str, torch.Tensor]:
-    """Genesis parameter names -> LlamaForCausalLM's (both use the rotate-half RoPE, so no permutation)."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    per_block = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-                 "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
-                 "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
-                 "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
-                 "mlp.w_down.weight": "mlp.down_proj.weight"}
-    out = {}
-    for name, tensor in genesis.state_dict().items():
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            out[f"model.layers.{i}.{per_block[rest]}"] = tensor.clone()
-        elif name in names:
-            out[names[name]] = tensor.clone()
-    return out
 
 
 def matmul_params(model: torch.nn.Module) -> int:
