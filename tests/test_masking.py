@@ -491,7 +491,7 @@ from genesis.masking import ConnectiveMasker
 tok = Tokenizer.from_file(sys.argv[1])
 if sys.argv[2] == "everything":
     masker = ConnectiveMasker.from_tokenizer(tok, strategy="structural", structural_weights=True, replacement="bert",
-                                             log=None)
+                                             chain=True, log=None)
     x, vs = torch.zeros(2, 100, dtype=torch.int64), torch.zeros(2, 100, dtype=torch.bool)
 else:
     masker = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", clause_length="since_boundary", log=None)
@@ -506,8 +506,8 @@ for version in (1, 2):
 def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
     """The interpreter runs Python the compiler rejects (it read a plain module-level constant that compiled
     kernels cannot, and only the first GPU run found out). Triton's compiler and ptxas need no GPU: compile the
-    kernel (both versions) for an RTX 40xx (sm_89) with every branch on, and with every branch off, as the launcher
-    would."""
+    kernel (both versions) for an RTX 40xx (sm_89) with every branch on (chains too), and with every branch off, as
+    the launcher would."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
