@@ -1041,7 +1041,9 @@ class ConnectiveMasker:
         if self.config.chain and tokens is not None:
             stats = self.chain_statistics(tokens)
             per_million = 1e6 / max(1, stats["tokens"])
-            lengths = ", ".join(f"{n}: {count}" for n, count in stats["histogram"].items())
+            histogram = stats["histogram"]
+            lengths = ", ".join([f"{n}: {count}" for n, count in histogram.items() if n < 10]
+                                + [f"10+: {sum(count for n, count in histogram.items() if n >= 10)}"])
             report += (f"\nchains (chain_gap {self.config.chain_gap}) in {stats['tokens']:,} tokens: "
                        f"{stats['chains']} chains ({stats['chains'] * per_million:.0f} per 1M tokens), "
                        f"{stats['members']} members ({stats['members'] * per_million:.0f} per 1M) of "
@@ -1055,7 +1057,7 @@ class ConnectiveMasker:
         """The chains of a token stream (1-D ids, e.g. the training split's, read as one row), found with this
         masker's matcher and chain_gap: {"tokens", "causal" (causal matches), "chains", "members" (matches in a
         chain, heads included), "histogram" ({members: chains}, by length)}."""
-        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).view(1, -1)
+        ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).view(1, -1)  # a copy: memmaps are read-only
         every = dataclasses.replace(self._host_tables, prob_table=torch.ones_like(self._host_tables.prob_table),
                                     use_cells=False, use_weight=False, bert=False, chain=False)
         _, _, _, entry, matched = mask_torch(ids, None, every, 0, 0, layout="sparse")  # p = 1: every match
@@ -1081,6 +1083,8 @@ class ConnectiveMasker:
             rule = f"p={c.base_probability} x weight"
         else:
             rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
+        if c.chain:
+            rule += f", causal chains (gap {c.chain_gap})"
         if c.schedule != "constant":
             rule += f", x {c.schedule} ramp {c.schedule_start:g} -> 1 over {c.schedule_steps} steps"
         unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""
