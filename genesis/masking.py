@@ -1057,7 +1057,10 @@ class ConnectiveMasker:
         """The chains of a token stream (1-D ids, e.g. the training split's, read as one row), found with this
         masker's matcher and chain_gap: {"tokens", "causal" (causal matches), "chains", "members" (matches in a
         chain, heads included), "histogram" ({members: chains}, by length)}."""
-        ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).view(1, -1)  # a copy: memmaps are read-only
+        if isinstance(tokens, torch.Tensor):
+            ids = tokens.detach().to("cpu", torch.int64).reshape(1, -1)
+        else:
+            ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).view(1, -1)  # a copy: memmaps are read-only
         every = dataclasses.replace(self._host_tables, prob_table=torch.ones_like(self._host_tables.prob_table),
                                     use_cells=False, use_weight=False, bert=False, chain=False)
         _, _, _, entry, matched = mask_torch(ids, None, every, 0, 0, layout="sparse")  # p = 1: every match
