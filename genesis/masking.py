@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genesis.config import STRATEGIES, ConfigValueError, MaskingConfig, build, to_dict
+from genesis.config import DEFAULT_CHAIN_GAP, STRATEGIES, ConfigValueError, MaskingConfig, build, to_dict
 from genesis.flags import CLAUSE_BOUNDARY, GLUE_LEFT, IGNORE_INDEX, VERSE_SEPARATOR, WORD_END
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
@@ -169,7 +169,7 @@ class MaskTables:
     p_mask_or_random: float
     start_can_stop: bool = False  # some token both starts a pattern and stops a clause (the sparse path's count)
     chain: bool = False  # masking.chain: causal matches within chain_gap of each other share their head's draw
-    chain_gap: int = 48  # the most tokens from one chained match's start to the next one's
+    chain_gap: int = DEFAULT_CHAIN_GAP  # the most tokens from one chained match's start to the next one's
     chain_class: int = 0  # the class id whose matches chain (CLASSES.index("causal"))
 
     def to(self, device: torch.device | str) -> MaskTables:
@@ -528,19 +528,17 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     #    after the candidate stage, which then finds the batch and its lookups still in the cache)
     mask, classes, connectives, matched = _unmasked(B, T)
     if plen is None:
-        pos = s
+        pieces = s
         chosen = selected.nonzero()[0]
+        pos = s[chosen]
     else:  # pieces of longer words: repeat each start (and its draw) over its pieces
         owner = np.arange(s.size).repeat(plen)
-        pos = s[owner] + np.arange(owner.size) - (plen.cumsum() - plen).repeat(plen)
-        chosen = owner[selected[owner]]
-    matched.view(-1).numpy()[pos] = True
+        pieces = s[owner] + np.arange(owner.size) - (plen.cumsum() - plen).repeat(plen)
+        chosen_piece = selected[owner]
+        chosen, pos = owner[chosen_piece], pieces[chosen_piece]
+    matched.view(-1).numpy()[pieces] = True
     if chosen.size == 0:
         return out, mask, classes, connectives, matched
-    if plen is not None:
-        pos = pos[selected[owner]]
-    else:
-        pos = pos[chosen]
     entry, w1 = entry[chosen], w1[chosen]
     out_np = out.view(-1).numpy()
     if tables.bert:
