@@ -5,6 +5,7 @@
     python bench/mask_throughput.py --profile                           # + torch.profiler breakdown of one call
     python bench/mask_throughput.py --device cuda --json /tmp/cuda.json   # + torch path and kernel on the GPU
     python bench/mask_throughput.py --quick --sizes 2x64 --json /tmp/b.json   # smoke run (tests/test_bench.py)
+    python bench/mask_throughput.py --chain --no-hf --sizes 64x1024       # + the Genesis rows with masking.chain on
 
 Run from the repository root; the script puts the checkout on sys.path itself.
 
@@ -18,6 +19,8 @@ Providers, all fed the same windows of the token cache (`genesis.data`, cpu.toml
 * torch-cpu / torch-cuda   `ConnectiveMasker` with impl="torch", called as the trainer calls it (check_ids=False).
 * triton-cuda `ConnectiveMasker` with impl="triton" (the fused kernel). Interpreter runs (TRITON_INTERPRET=1) are
               correctness checks only, never timed.
+* NAME+chain  with --chain: each Genesis provider again with masking.chain = true (causal chains share their
+              head's draw), checked like the others (a chained match's probability is its head's).
 
 Checks run before anything is timed; the script exits 1 if one fails:
 * kernel == torch path exactly (`torch.equal` on all four outputs): compiled on CUDA (against the torch path on CUDA,
@@ -66,7 +69,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.data import Batch, gather_windows, get_batch, prepare, window_starts  # noqa: E402
 from genesis.flags import IGNORE_INDEX  # noqa: E402
-from genesis.lexicon import find_matches  # noqa: E402
+from genesis.lexicon import CLASSES, find_matches  # noqa: E402
 from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
 
 
@@ -293,7 +296,7 @@ class Workload:
 
 @dataclass
 class Provider:
-    name: str  # loop | hf-collator | torch-cpu | torch-cuda | triton-cuda
+    name: str  # loop | hf-collator | torch-cpu | torch-cuda | triton-cuda, + "+chain" with masking.chain
     strategy: str  # uniform | weighted | structural | mlm-15% (HF: one measurement shown under every strategy)
     device: str
     call: Callable[[int], Any]  # call(i): mask batch i (cycling through the workload's batches), step i
@@ -453,12 +456,21 @@ def check_genesis(masker: ConnectiveMasker, x: torch.Tensor, verse_start: torch.
     M, Out = out.mask.cpu().numpy(), out.input_ids.cpu().numpy()
     C, K = out.connectives.cpu().numpy(), out.classes.cpu().numpy()
     want_conn = np.full(X.shape, IGNORE_INDEX, dtype=np.int64)
+    want_matched = np.zeros(X.shape, dtype=bool)
     probs, masked = [], 0
+    causal, gap = CLASSES.index("causal"), masker.config.chain_gap
     for b in range(X.shape[0]):
         row = X[b].tolist()
         verse_row = V[b].tolist() if V is not None else None
+        last_causal, head_p = None, 0.0
         for start, length, entry in find_matches(row, lex):
-            probs.append(genesis_probability(masker, row, verse_row, start, entry, flags))
+            p = genesis_probability(masker, row, verse_row, start, entry, flags)
+            if masker.config.chain and lex.entry_class[entry] == causal:  # a chain is drawn at its head's p
+                if last_causal is None or start - last_causal > gap:
+                    head_p = p
+                p, last_causal = head_p, start
+            probs.append(p)
+            want_matched[b, start : start + length] = True
             if M[b, start]:
                 masked += 1
                 want_conn[b, start : start + length] = entry
@@ -467,6 +479,8 @@ def check_genesis(masker: ConnectiveMasker, x: torch.Tensor, verse_start: torch.
     if not np.array_equal(M, want_mask):
         bad = np.argwhere(M != want_mask)[:3].tolist()
         tally.errors.append(f"mask is not the union of whole selected matches (first (row, col): {bad})")
+    if not np.array_equal(out.matched.cpu().numpy(), want_matched):
+        tally.errors.append("matched is not every piece of every match")
     if masker.config.replacement == "mask" and not (Out[M] == masker.mask_id).all():
         tally.errors.append("a masked position does not hold the mask id")
     if not np.array_equal(Out[~M], X[~M]):
@@ -563,7 +577,9 @@ def interpret_check(path: str, strategies: list[str], quick: bool) -> int:
         variants += [("uniform", {"mask_prob": 1.0}, (2, 300), torch.int64, True),  # every match masked
                      ("structural", {"replacement": "bert"}, (2, 300), torch.int64, True),
                      ("weighted", {}, (2, 300), torch.int32, True),
-                     ("structural", {"clause_length": "since_boundary"}, (1, 257), torch.int64, True)]
+                     ("structural", {"clause_length": "since_boundary"}, (1, 257), torch.int64, True),
+                     ("weighted", {"chain": True}, (2, 300), torch.int64, True),  # one program walks each row
+                     ("structural", {"chain": True, "replacement": "bert"}, (1, 257), torch.int32, False)]
     for strategy, overrides, (B, T), dtype, with_flags in variants:
         masker = make_masker(tok, masking_cfg, strategy, "torch", **overrides)
         batch = gather_windows(split, window_starts(len(split), T, B, DATA_SEED, 3), T)
@@ -612,7 +628,7 @@ def kernel_check_cuda(tokenizer, masking_cfg, strategies: list[str], workloads: 
     from genesis.kernels.mask import connective_mask_triton
 
     cases = []
-    variants = [(s, {}) for s in strategies] + [("structural", {"replacement": "bert"})]
+    variants = [(s, {}) for s in strategies] + [("structural", {"replacement": "bert"}), ("weighted", {"chain": True})]
     for strategy, overrides in variants:
         triton_m = make_masker(tokenizer, masking_cfg, strategy, "triton", **overrides)
         torch_m = make_masker(tokenizer, masking_cfg, strategy, "torch", **overrides)
@@ -624,7 +640,7 @@ def kernel_check_cuda(tokenizer, masking_cfg, strategies: list[str], workloads: 
                 c = torch_m(cpu.x, step=5, verse_start=cpu.verse_start if with_flags else None)
                 v2 = connective_mask_triton(gpu.x, gpu.verse_start if with_flags else None, triton_m.tables("cuda"),
                                             triton_m.seed, 5, triton_m.rank, 0, version=2)
-                fields_ = ("input_ids", "mask", "classes", "connectives")
+                fields_ = ("input_ids", "mask", "classes", "connectives", "matched")
                 equal = all(torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()) for f in fields_)
                 equal &= all(torch.equal(getattr(a, f).cpu(), getattr(c, f)) for f in fields_)
                 equal &= all(torch.equal(getattr(a, f), v) for f, v in zip(fields_, v2))
@@ -1039,7 +1055,8 @@ def build_rows(workloads: list[Workload], strategies: list[str], timings: dict, 
         for strategy in strategies:
             loop = timing.get(("loop", strategy))
             hf = timing.get(hf_key)
-            names = ["loop", "hf-collator", "torch-cpu"] + (["torch-cuda", "triton-cuda"] if device == "cuda" else [])
+            genesis = ["torch-cpu"] + (["torch-cuda", "triton-cuda"] if device == "cuda" else [])
+            names = ["loop", "hf-collator"] + genesis + [name + "+chain" for name in genesis]
             for name in names:
                 key = hf_key if name == "hf-collator" else (name, strategy)
                 if key not in timing:
@@ -1050,7 +1067,7 @@ def build_rows(workloads: list[Workload], strategies: list[str], timings: dict, 
                 row = {
                     "size": work.name, "B": work.B, "T": work.T, "tokens": work.tokens, "strategy": strategy,
                     "provider": name, "masking": "mlm-15%" if name == "hf-collator" else strategy,
-                    "device": "cuda" if name.endswith("cuda") else "cpu",
+                    "device": "cuda" if "cuda" in name else "cpu",
                     "timing": "cuda-events (L2 flushed)" if t["device"] else "wall",
                     "repeats": primary["n"], "ms_median": ms, "ms_p10": primary["p10"], "ms_p25": primary["p25"],
                     "ms_p75": primary["p75"], "ms_p90": primary["p90"], "ms_min": primary["min"],
@@ -1077,7 +1094,7 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def print_table(rows: list[dict], device: str) -> None:
-    head = (f"{'size':>10} {'strategy':<10} {'provider':<12} {'ms/batch median [p10, p90]':>30} {'n':>4} "
+    head = (f"{'size':>10} {'strategy':<10} {'provider':<17} {'ms/batch median [p10, p90]':>30} {'n':>4} "
             f"{'Mtok/s':>8} {'x loop':>7} {'x HF':>7}")
     if device == "cuda":
         head += f" {'GB/s':>7} {'% copy':>6}"
@@ -1089,7 +1106,7 @@ def print_table(rows: list[dict], device: str) -> None:
             print()
         last = (r["size"], r["strategy"])
         spread = f"{r['ms_median']:.3f} [{r['ms_p10']:.3f}, {r['ms_p90']:.3f}]"
-        line = (f"{r['size']:>10} {r['strategy']:<10} {r['provider']:<12} {spread:>30} {r['repeats']:>4} "
+        line = (f"{r['size']:>10} {r['strategy']:<10} {r['provider']:<17} {spread:>30} {r['repeats']:>4} "
                 f"{r['tokens_per_s'] / 1e6:>8.2f} {fmt_ratio(r['ratio_to_loop']):>7} {fmt_ratio(r['ratio_to_hf']):>7}")
         if device == "cuda":
             gb = f"{r['gb_per_s']:.0f}" if r["gb_per_s"] else "-"
@@ -1218,6 +1235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the torch path")
     p.add_argument("--profile-size", type=parse_size, default=(64, 1024), help="BxT for --profile")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face collator")
+    p.add_argument("--chain", action="store_true",
+                   help="also time every Genesis provider with masking.chain = true (rows NAME+chain)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: small check set, short interpreter check, 2 steps, budget <= 0.3 s")
     p.add_argument("--json", metavar="PATH", help="write the results, checks and machine info as JSON")
@@ -1302,6 +1321,10 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             maskers["torch-cuda", s] = maskers["torch-cpu", s]
             maskers["triton-cuda", s] = make_masker(tok, cfg.masking, s, "triton")
+        if args.chain:
+            for name in [n for n, strategy in maskers if strategy == s]:
+                impl = "triton" if name.startswith("triton") else "torch"
+                maskers[name + "+chain", s] = make_masker(tok, cfg.masking, s, impl, chain=True)
     punctuation = set(np.flatnonzero(maskers["torch-cpu", args.strategies[0]].lexicon.clause_boundary).tolist())
 
     def loop_dataset(strategy: str, T: int):
@@ -1318,7 +1341,7 @@ def main(argv=None) -> int:
         if collator is not None:
             out["hf-collator", "mlm-15%"] = hf_provider(collator, work)
         for (name, s), masker in maskers.items():
-            out[name, s] = genesis_provider(name, masker, s, work, "cuda" if name.endswith("cuda") else "cpu")
+            out[name, s] = genesis_provider(name, masker, s, work, "cuda" if "cuda" in name else "cpu")
         return out
 
     # ---- checks, before any timing

@@ -65,6 +65,7 @@ def _check(cond: bool, key: str, reason: str, also: tuple[str, ...] = ()) -> Non
 # Seeds go to torch.manual_seed (accepts [-2**63, 2**64)), numpy's SeedSequence (>= 0) and the masking Philox key
 # (two 32-bit words of a non-negative int64, see ConnectiveMasker): [0, 2**63) is what all of them accept.
 SEED_RANGE = "[0, 2**63)"
+DEFAULT_CHAIN_GAP = 48  # masking.chain_gap: tokens from one causal match's start to the next's (a verse is ~33)
 
 
 def _check_seed(seed: int | None, key: str) -> None:
@@ -261,6 +262,11 @@ class MaskingConfig:
                                     "from schedule_start at step 0 to 1 at schedule_steps (then stays 1)")
     schedule_start: float = doc(0.0, "the schedule's factor at step 0, in [0, 1]")
     schedule_steps: int = doc(0, "steps of the ramp (>= 1 for linear and cosine)")
+    chain: bool = doc(False, "causal chains: causal connectives whose starts lie at most chain_gap tokens apart "
+                             "(transitively, within a row) are masked all together or not at all, by the draw of "
+                             "the chain's first member (docs/masking-chains.md)")
+    chain_gap: int = doc(DEFAULT_CHAIN_GAP, "chain = true: the most tokens from one causal match's start to the "
+                                            "next one's for both to be in one chain")
     impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
     seed: int | None = doc(None, f"masking seed, in {SEED_RANGE}; default training.seed")
 
@@ -288,6 +294,9 @@ class MaskingConfig:
             _check(self.schedule != "constant" or getattr(self, key) == default, key,
                    "has no effect with schedule = \"constant\" (set schedule = \"linear\" or \"cosine\")",
                    also=("schedule",))
+        _check(1 <= self.chain_gap <= 2**20, "chain_gap", f"must be in [1, 2**20] (got {self.chain_gap})")
+        _check(self.chain or self.chain_gap == DEFAULT_CHAIN_GAP, "chain_gap",
+               "has no effect with chain = false (set chain = true)", also=("chain",))
         _check(bool(self.verse_separator), "verse_separator", "must not be empty")
         _check(bool(self.rules) or self.strategy != "structural", "rules", "structural masking needs at least one rule",
                also=("strategy",))

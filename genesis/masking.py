@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genesis.config import STRATEGIES, ConfigValueError, MaskingConfig, build, to_dict
+from genesis.config import DEFAULT_CHAIN_GAP, STRATEGIES, ConfigValueError, MaskingConfig, build, to_dict
 from genesis.flags import CLAUSE_BOUNDARY, GLUE_LEFT, IGNORE_INDEX, VERSE_SEPARATOR, WORD_END
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
@@ -146,6 +146,9 @@ class MaskTables:
     p_mask: float
     p_mask_or_random: float
     start_can_stop: bool = False  # some token both starts a pattern and stops a clause (the sparse path's count)
+    chain: bool = False  # masking.chain: causal matches within chain_gap of each other share their head's draw
+    chain_gap: int = DEFAULT_CHAIN_GAP  # the most tokens from one chained match's start to the next one's
+    chain_class: int = 0  # the class id whose matches chain (CLASSES.index("causal"))
 
     def to(self, device: torch.device | str) -> MaskTables:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -266,6 +269,7 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
         bert=cfg.replacement == "bert", p_mask=float(cfg.bert_split[0]),
         p_mask_or_random=float(cfg.bert_split[0] + cfg.bert_split[1]),
         start_can_stop=bool((scan_code == SCAN_START | SCAN_STOP).any()),
+        chain=cfg.chain, chain_gap=cfg.chain_gap, chain_class=CLASSES.index("causal"),
     )
 
 
@@ -492,24 +496,28 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
         prob = prob * h.entry_weight.take(entry)
     prob = np.minimum(np.maximum(prob, np.float32(0.0)), np.float32(1.0))
 
-    # 4. one draw per match
+    # 4. one draw per match (a chained match takes its chain head's decision)
     w0, w1, _, _ = _philox_numpy(seed, col, (row + row_offset) & MASK32, step & MASK32, rank & MASK32)
-    chosen = (uniform_from_bits_numpy(w0) < prob).nonzero()[0]
-    if chosen.size == 0:
-        return (out, *_unmasked(B, T))
-    s, entry = s[chosen], entry[chosen]
+    selected = uniform_from_bits_numpy(w0) < prob
+    if tables.chain:
+        selected = _chain_decisions(selected, s, h.entry_class.take(entry) == tables.chain_class, tables.chain_gap, T)
 
-    # 5. write every piece of every chosen word (the outputs are made here, after the candidate stage, which then
-    #    finds the batch and its lookups still in the cache)
-    mask, classes, connectives = _unmasked(B, T)
-    w1 = w1[chosen]
+    # 5. every piece of every match is matched; write every piece of every chosen word (the outputs are made here,
+    #    after the candidate stage, which then finds the batch and its lookups still in the cache)
+    mask, classes, connectives, matched = _unmasked(B, T)
     if plen is None:
-        pos = s
+        pieces = s
+        chosen = selected.nonzero()[0]
+        pos = s[chosen]
     else:  # pieces of longer words: repeat each start (and its draw) over its pieces
-        n_pieces = plen[chosen]
-        owner = np.arange(s.size).repeat(n_pieces)
-        pos = s[owner] + np.arange(owner.size) - (n_pieces.cumsum() - n_pieces).repeat(n_pieces)
-        entry, w1 = entry[owner], w1[owner]
+        owner = np.arange(s.size).repeat(plen)
+        pieces = s[owner] + np.arange(owner.size) - (plen.cumsum() - plen).repeat(plen)
+        chosen_piece = selected[owner]
+        chosen, pos = owner[chosen_piece], pieces[chosen_piece]
+    matched.view(-1).numpy()[pieces] = True
+    if chosen.size == 0:
+        return out, mask, classes, connectives, matched
+    entry, w1 = entry[chosen], w1[chosen]
     out_np = out.view(-1).numpy()
     if tables.bert:
         choice = uniform_from_bits_numpy(w1)
@@ -524,14 +532,32 @@ def _mask_sparse(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Ma
     mask.view(-1).numpy()[pos] = True
     classes.view(-1).numpy()[pos] = h.entry_class.take(entry)
     connectives.view(-1).numpy()[pos] = entry
-    return out, mask, classes, connectives
+    return out, mask, classes, connectives, matched
 
 
-def _unmasked(B: int, T: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mask, classes and connectives of a (B, T) batch where nothing is masked."""
+def _chain_decisions(selected: np.ndarray, s: np.ndarray, chains: np.ndarray, gap: int, T: int) -> np.ndarray:
+    """Every chained match's decision replaced by its chain head's (sparse layout). `s` holds the matches' flat
+    positions in order, `chains` marks the matches of the chaining class: one whose start lies at most `gap` tokens
+    after the previous such match's in its row is a member, and takes the decision of the latest non-member before
+    it (the head)."""
+    c = chains.nonzero()[0]
+    if c.size < 2:
+        return selected
+    start = s.take(c)
+    member = np.zeros(c.size, dtype=bool)
+    member[1:] = (start[1:] - start[:-1] <= gap) & (start[1:] // T == start[:-1] // T)
+    head = np.maximum.accumulate(np.where(member, 0, np.arange(c.size)))
+    selected = selected.copy()
+    selected[c] = selected.take(c.take(head))
+    return selected
+
+
+def _unmasked(B: int, T: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """mask, classes, connectives and matched of a (B, T) batch where nothing is masked (or matched)."""
     return (torch.zeros((B, T), dtype=torch.bool, device=device),
             torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
-            torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device))
+            torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
+            torch.zeros((B, T), dtype=torch.bool, device=device))
 
 
 _NEIGHBOURS_NP = np.array([[-1], [0], [1]])
@@ -653,11 +679,18 @@ def _mask_dense(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Mas
                                torch.full((B * T,), step & MASK32, device=device),
                                torch.full((B * T,), rank & MASK32, device=device))
     selected = matched & (uniform_from_bits(w0).view(B, T) < prob)
+    if tables.chain:  # a chained match takes the decision of its chain's head: the latest unchained match before it
+        chains = matched & (_take(tables.entry_class, entry.clamp(min=0)) == tables.chain_class)
+        last = _shift_right(torch.where(chains, column, -1).cummax(1).values, -1)  # the previous one's start
+        member = chains & (last >= 0) & (column - last <= tables.chain_gap)
+        head = torch.where(chains & ~member, column * 2 + selected.long(), -1).cummax(1).values  # column, decision
+        selected = torch.where(chains, (head & 1) == 1, selected)
 
     # 4. every piece follows its word's start
     start = torch.where(word_start, column, 0).cummax(1).values
     mask = selected.gather(1, start)
     entry = entry.gather(1, start)
+    matched = entry >= 0
     if tables.bert:
         choice = uniform_from_bits(w1).view(B, T).gather(1, start)
         random_tok = _take(tables.random_pool, w2.view(B, T) % tables.random_pool.numel())
@@ -668,7 +701,7 @@ def _mask_dense(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Mas
         out = out.masked_fill(mask, tables.mask_id)
     classes = torch.where(mask, _take(tables.entry_class, entry.clamp(min=0)), IGNORE_INDEX)
     connectives = torch.where(mask, entry, IGNORE_INDEX)
-    return out, mask, classes, connectives
+    return out, mask, classes, connectives, matched
 
 
 def _clause_lengths_dense(tables: MaskTables, ids: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
@@ -757,6 +790,7 @@ class MaskOutput:
     mask: torch.Tensor  # (B, T) bool: positions of selected connectives (every piece)
     classes: torch.Tensor  # (B, T) int64: class id at masked positions, -100 elsewhere
     connectives: torch.Tensor  # (B, T) int64: lexicon entry index at masked positions, -100 elsewhere
+    matched: torch.Tensor  # (B, T) bool: every piece of every lexicon match found, masked or not
 
 
 class ConnectiveMasker:
@@ -979,12 +1013,48 @@ class ConnectiveMasker:
 
     # -- reporting --------------------------------------------------------------------------------------------
 
-    def report(self) -> str:
-        """What each connective word resolved to in this tokenizer, and what did not resolve."""
+    def report(self, tokens: Any = None) -> str:
+        """What each connective word resolved to in this tokenizer, and what did not resolve; with chain = true and
+        a token stream `tokens` (e.g. the training split's ids), also its chains (see `chain_statistics`)."""
+        report = self.lexicon.report()
+        if self.config.chain and tokens is not None:
+            stats = self.chain_statistics(tokens)
+            per_million = 1e6 / max(1, stats["tokens"])
+            histogram = stats["histogram"]
+            lengths = ", ".join([f"{n}: {count}" for n, count in histogram.items() if n < 10]
+                                + [f"10+: {sum(count for n, count in histogram.items() if n >= 10)}"])
+            report += (f"\nchains (chain_gap {self.config.chain_gap}) in {stats['tokens']:,} tokens: "
+                       f"{stats['chains']} chains ({stats['chains'] * per_million:.0f} per 1M tokens), "
+                       f"{stats['members']} members ({stats['members'] * per_million:.0f} per 1M) of "
+                       f"{stats['causal']} causal matches; chains by members: {lengths}")
         if not self.enabled:
             return ("masking is disabled (enabled = false): the masker returns its inputs unchanged; the words "
-                    "below would be masked with it enabled\n" + self.lexicon.report())
-        return self.lexicon.report()
+                    "below would be masked with it enabled\n" + report)
+        return report
+
+    def chain_statistics(self, tokens: Any) -> dict[str, Any]:
+        """The chains of a token stream (1-D ids, e.g. the training split's, read as one row), found with this
+        masker's matcher and chain_gap: {"tokens", "causal" (causal matches), "chains", "members" (matches in a
+        chain, heads included), "histogram" ({members: chains}, by length)}."""
+        if isinstance(tokens, torch.Tensor):
+            ids = tokens.detach().to("cpu", torch.int64).reshape(1, -1)
+        else:
+            ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).view(1, -1)  # a copy: memmaps are read-only
+        every = dataclasses.replace(self._host_tables, prob_table=torch.ones_like(self._host_tables.prob_table),
+                                    use_cells=False, use_weight=False, bert=False, chain=False)
+        _, _, _, entry, matched = mask_torch(ids, None, every, 0, 0, layout="sparse")  # p = 1: every match
+        entry, matched, ids, h = entry.view(-1).numpy(), matched.view(-1).numpy(), ids.view(-1).numpy(), every.host()
+        # a match starts at a matched piece that does not continue a word of the same entry
+        continues = np.zeros_like(matched)
+        continues[1:] = h.glue_left[ids[1:]] & h.word_end[ids[:-1]] & matched[:-1] & (entry[1:] == entry[:-1])
+        starts = (matched & ~continues).nonzero()[0]
+        causal = starts[h.entry_class[entry[starts]] == every.chain_class]
+        linked = np.append(np.diff(causal) <= self.config.chain_gap, False)  # each causal match to the next
+        run_lengths = np.diff(np.flatnonzero(~linked), prepend=-1) if len(causal) else np.zeros(0, dtype=np.int64)
+        chain_lengths = run_lengths[run_lengths > 1]
+        lengths, counts = np.unique(chain_lengths, return_counts=True)
+        return {"tokens": ids.size, "causal": len(causal), "chains": len(chain_lengths),
+                "members": int(chain_lengths.sum()), "histogram": dict(zip(lengths.tolist(), counts.tolist()))}
 
     def describe(self) -> str:
         c, lex = self.config, self.lexicon
@@ -995,6 +1065,8 @@ class ConnectiveMasker:
             rule = f"p={c.base_probability} x weight"
         else:
             rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
+        if c.chain:
+            rule += f", causal chains (gap {c.chain_gap})"
         if c.schedule != "constant":
             rule += f", x {c.schedule} ramp {c.schedule_start:g} -> 1 over {c.schedule_steps} steps"
         unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""

@@ -84,7 +84,7 @@ def _philox_at(seed, column, row, row_offset, step, rank):
 @triton.jit
 def _connective_mask_kernel(
     # pointers: the batch
-    x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr,
+    x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr, matched_ptr,
     # pointers: tables
     token_flags, first_pattern, pattern_count, patterns, pattern_len, pattern_entry,
     entry_weight, entry_class, prob_table, random_pool,
@@ -97,9 +97,46 @@ def _connective_mask_kernel(
     USE_WEIGHT: tl.constexpr, BERT: tl.constexpr,
     MAX_PIECES: tl.constexpr, MAX_PER_TOKEN: tl.constexpr, LOOKBACK: tl.constexpr, BLOCK: tl.constexpr,
     PIECES_P2: tl.constexpr, LOOK_P2: tl.constexpr,
+    CHAIN: tl.constexpr, CHAIN_GAP: tl.constexpr, CHAIN_CLASS: tl.constexpr,
 ):
     row = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if CHAIN:  # a chain's head may lie any distance back: one program walks the row's blocks in order
+        first_block = 0
+        n_blocks = tl.cdiv(T, BLOCK)
+    else:
+        first_block = tl.program_id(0)
+        n_blocks = 1
+    chain_last = tl.full([], -1, tl.int64)  # carried: start column of the row's latest chaining match
+    chain_head = tl.full([], -1, tl.int64)  # carried: 2 x column + decision of the row's latest chain head
+    for block_index in range(0, n_blocks):
+        chain_last, chain_head = _mask_block(
+            x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr, matched_ptr,
+            token_flags, first_pattern, pattern_count, patterns, pattern_len, pattern_entry,
+            entry_weight, entry_class, prob_table, random_pool,
+            T, V, n_random, stride_x, stride_vs, stride_out,
+            seed, step, rank, row_offset, mask_id, p_mask, p_mask_or_random,
+            row, first_block + block_index, chain_last, chain_head,
+            HAS_VERSE_START, USE_CELLS, PRECEDING_CLAUSE, USE_WEIGHT, BERT,
+            MAX_PIECES, MAX_PER_TOKEN, LOOKBACK, BLOCK, PIECES_P2, LOOK_P2, CHAIN, CHAIN_GAP, CHAIN_CLASS)
+
+
+@triton.jit
+def _mask_block(
+    x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr, matched_ptr,
+    token_flags, first_pattern, pattern_count, patterns, pattern_len, pattern_entry,
+    entry_weight, entry_class, prob_table, random_pool,
+    T, V, n_random, stride_x, stride_vs, stride_out,
+    seed, step, rank, row_offset, mask_id, p_mask, p_mask_or_random,
+    row, block_index, chain_last, chain_head,
+    HAS_VERSE_START: tl.constexpr, USE_CELLS: tl.constexpr, PRECEDING_CLAUSE: tl.constexpr,
+    USE_WEIGHT: tl.constexpr, BERT: tl.constexpr,
+    MAX_PIECES: tl.constexpr, MAX_PER_TOKEN: tl.constexpr, LOOKBACK: tl.constexpr, BLOCK: tl.constexpr,
+    PIECES_P2: tl.constexpr, LOOK_P2: tl.constexpr,
+    CHAIN: tl.constexpr, CHAIN_GAP: tl.constexpr, CHAIN_CLASS: tl.constexpr,
+):
+    """Version 1's work on BLOCK columns of one row; returns the carried chain state (column of the latest chaining
+    match, 2 x column + decision of the latest chain head), updated with this block's matches."""
+    offs = block_index * BLOCK + tl.arange(0, BLOCK)
     in_row = offs < T
     x_row = x_ptr + row.to(tl.int64) * stride_x
     x_here = tl.load(x_row + offs, mask=in_row, other=0)
@@ -175,6 +212,11 @@ def _connective_mask_kernel(
     # 3. One Philox draw per match, keyed by (seed; start column, row, step, rank).
     w0, w1, _, _ = _philox_at(seed, start, row, row_offset, step, rank)
     selected = covered & (_uniform(w0) < prob)
+    if CHAIN:  # a chained match (every piece) takes the decision of its chain's head
+        chains = covered & (tl.load(entry_class + entry, mask=covered, other=-1) == CHAIN_CLASS)
+        chain_start = tl.where(chains & (piece == 0), offs.to(tl.int64), -1)
+        selected, chain_last, chain_head = _chain(chains, chain_start, offs.to(tl.int64), selected, chain_last,
+                                                  chain_head, CHAIN_GAP)
 
     # 4. Replacement.
     out = x_here
@@ -195,6 +237,32 @@ def _connective_mask_kernel(
     tl.store(mask_ptr + out_off, selected.to(tl.int8), mask=in_row)
     tl.store(class_ptr + out_off, tl.where(selected, cls, IGNORE_INDEX), mask=in_row)
     tl.store(connective_ptr + out_off, tl.where(selected, entry.to(tl.int64), IGNORE_INDEX), mask=in_row)
+    tl.store(matched_ptr + out_off, covered.to(tl.int8), mask=in_row)
+    return chain_last, chain_head
+
+
+@triton.jit
+def _top_two(a1, a2, b1, b2):
+    """The two largest of {a1, a2, b1, b2}, given a1 >= a2 and b1 >= b2: a scan of it gives, at each position, the
+    largest value up to there and the one before it."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _chain(chains, chain_start, column, selected, chain_last, chain_head, CHAIN_GAP: tl.constexpr):
+    """Chain decisions over one block of columns in row order. `chains`: positions of chaining matches (every
+    piece); `chain_start`: the column where such a match starts, else -1; `selected`: each position's own decision;
+    chain_last / chain_head: the carried state of the columns before the block (see `_mask_block`). A match whose
+    start lies at most CHAIN_GAP after the previous chaining start is a member; any other is a head (or alone); every
+    chaining position takes the decision of the latest head at or before it. Returns (selected, chain_last,
+    chain_head) updated."""
+    _, before = tl.associative_scan((chain_start, tl.full(chain_start.shape, -1, tl.int64)), 0, _top_two)
+    previous = tl.maximum(before, chain_last)  # the previous chaining start, at each chaining start
+    member = (chain_start >= 0) & (previous >= 0) & (column - previous <= CHAIN_GAP)
+    head = tl.where((chain_start >= 0) & ~member, chain_start * 2 + selected.to(tl.int64), -1)
+    head = tl.maximum(tl.associative_scan(head, 0, _max), chain_head)
+    selected = tl.where(chains, (head & 1) != 0, selected)
+    return selected, tl.maximum(chain_last, tl.max(chain_start, axis=0)), tl.max(head, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +287,7 @@ def _max_pair(a0, a1, b0, b1):
 @triton.jit
 def _connective_mask_kernel_v2(
     # pointers: the batch
-    x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr,
+    x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr, matched_ptr,
     # pointers: tables
     token_flags, first_pattern, pattern_count, patterns, pattern_len, pattern_entry, single_entry, starts_multi,
     entry_weight, entry_class, prob_table, random_pool,
@@ -232,6 +300,7 @@ def _connective_mask_kernel_v2(
     USE_WEIGHT: tl.constexpr, BERT: tl.constexpr, HAS_MULTI: tl.constexpr,
     MAX_PIECES: tl.constexpr, MAX_PER_TOKEN: tl.constexpr, LOOKBACK: tl.constexpr, PIECES_P2: tl.constexpr,
     WINDOW: tl.constexpr, HALO_LEFT: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    CHAIN: tl.constexpr, CHAIN_GAP: tl.constexpr, CHAIN_CLASS: tl.constexpr,
 ):
     """Each program writes BLOCK_OUT columns of one row from one WINDOW of tokens around them (HALO_LEFT before:
     a word start up to MAX_PIECES-1 back, then its clause up to 2 x LOOKBACK back; MAX_PIECES after: the rest of
@@ -244,9 +313,47 @@ def _connective_mask_kernel_v2(
       pieces           a word's decision (selected, entry, BERT choice) reaches its pieces by a max-scan of
                        (start index << 40 | decision) over the word starts.
     Longer patterns need the tokens after a start (a (WINDOW, PIECES_P2) tile): loaded only in blocks that hold a
-    candidate for one (a handful per 64k KJV tokens). Same results as version 1 and the torch path, bit for bit."""
+    candidate for one (a handful per 64k KJV tokens). Same results as version 1 and the torch path, bit for bit.
+    With CHAIN one program walks the row's windows in order, carrying the chain state as version 1 does."""
     row = tl.program_id(1)
-    c0 = tl.program_id(0) * BLOCK_OUT
+    if CHAIN:
+        first_block = 0
+        n_blocks = tl.cdiv(T, BLOCK_OUT)
+    else:
+        first_block = tl.program_id(0)
+        n_blocks = 1
+    chain_last = tl.full([], -1, tl.int64)
+    chain_head = tl.full([], -1, tl.int64)
+    for block_index in range(0, n_blocks):
+        chain_last, chain_head = _mask_window(
+            x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr, matched_ptr,
+            token_flags, first_pattern, pattern_count, patterns, pattern_len, pattern_entry, single_entry,
+            starts_multi, entry_weight, entry_class, prob_table, random_pool,
+            T, V, n_random, stride_x, stride_vs, stride_out,
+            seed, step, rank, row_offset, mask_id, p_mask, p_mask_or_random,
+            row, first_block + block_index, chain_last, chain_head,
+            HAS_VERSE_START, USE_CELLS, PRECEDING_CLAUSE, USE_WEIGHT, BERT, HAS_MULTI,
+            MAX_PIECES, MAX_PER_TOKEN, LOOKBACK, PIECES_P2, WINDOW, HALO_LEFT, BLOCK_OUT, CHAIN, CHAIN_GAP,
+            CHAIN_CLASS)
+
+
+@triton.jit
+def _mask_window(
+    x_ptr, verse_start_ptr, out_ptr, mask_ptr, class_ptr, connective_ptr, matched_ptr,
+    token_flags, first_pattern, pattern_count, patterns, pattern_len, pattern_entry, single_entry, starts_multi,
+    entry_weight, entry_class, prob_table, random_pool,
+    T, V, n_random, stride_x, stride_vs, stride_out,
+    seed, step, rank, row_offset, mask_id, p_mask, p_mask_or_random,
+    row, block_index, chain_last, chain_head,
+    HAS_VERSE_START: tl.constexpr, USE_CELLS: tl.constexpr, PRECEDING_CLAUSE: tl.constexpr,
+    USE_WEIGHT: tl.constexpr, BERT: tl.constexpr, HAS_MULTI: tl.constexpr,
+    MAX_PIECES: tl.constexpr, MAX_PER_TOKEN: tl.constexpr, LOOKBACK: tl.constexpr, PIECES_P2: tl.constexpr,
+    WINDOW: tl.constexpr, HALO_LEFT: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    CHAIN: tl.constexpr, CHAIN_GAP: tl.constexpr, CHAIN_CLASS: tl.constexpr,
+):
+    """Version 2's work on the BLOCK_OUT output columns of one window; returns the carried chain state, updated
+    with the matches that start in those columns (the halo's were counted by the windows before)."""
+    c0 = block_index * BLOCK_OUT
     w0 = c0 - HALO_LEFT  # column of window index 0 (may be negative: before the row)
     idx = tl.arange(0, WINDOW)
     col = w0 + idx
@@ -326,7 +433,13 @@ def _connective_mask_kernel_v2(
     #    word 1 picks its BERT replacement, word 2 is each piece's random token
     r0, r1, r2, _ = _philox_at(seed, col, row, row_offset, step, rank)
     selected = matched & (_uniform(r0) < prob)
-    decision = selected.to(tl.int64) << 39 | tl.where(selected, entry, 0)
+    write = (idx >= HALO_LEFT) & (idx < HALO_LEFT + BLOCK_OUT) & (col < T)
+    if CHAIN:  # only starts in the output columns enter the scans; a start in the halo takes the carried head
+        chains = matched & (tl.load(entry_class + entry, mask=matched, other=-1) == CHAIN_CLASS)
+        chain_start = tl.where(chains & write, col.to(tl.int64), -1)
+        selected, chain_last, chain_head = _chain(chains, chain_start, col.to(tl.int64), selected, chain_last,
+                                                  chain_head, CHAIN_GAP)
+    decision = selected.to(tl.int64) << 39 | matched.to(tl.int64) << 36 | tl.where(matched, entry, 0)
     if BERT:
         choice = _uniform(r1)
         code = tl.where(choice < p_mask, 0, tl.where(choice < p_mask_or_random, 1, 2)).to(tl.int64)
@@ -335,6 +448,7 @@ def _connective_mask_kernel_v2(
     # 4. every piece takes its word's decision: the latest word start at or before it
     carried = tl.associative_scan(tl.where(word_start, idx.to(tl.int64) << 40 | decision, -1), 0, _max)
     picked = (carried >= 0) & ((carried >> 39 & 1) != 0)
+    in_match = (carried >= 0) & ((carried >> 36 & 1) != 0)
     word_entry = carried & ((1 << 36) - 1)
     out = x_raw
     if BERT:
@@ -347,12 +461,13 @@ def _connective_mask_kernel_v2(
         out = tl.where(picked, mask_id, out)
     cls = tl.load(entry_class + word_entry, mask=picked, other=0).to(tl.int64)
 
-    write = (idx >= HALO_LEFT) & (idx < HALO_LEFT + BLOCK_OUT) & (col < T)
     out_off = row.to(tl.int64) * stride_out + col
     tl.store(out_ptr + out_off, out, mask=write)
     tl.store(mask_ptr + out_off, picked.to(tl.int8), mask=write)
     tl.store(class_ptr + out_off, tl.where(picked, cls, IGNORE_INDEX), mask=write)
     tl.store(connective_ptr + out_off, tl.where(picked, word_entry, IGNORE_INDEX), mask=write)
+    tl.store(matched_ptr + out_off, in_match.to(tl.int8), mask=write)
+    return chain_last, chain_head
 
 
 def window_geometry(tables, window: int | None = None) -> tuple[int, int, int]:
@@ -375,28 +490,32 @@ def connective_mask_triton(input_ids: torch.Tensor, verse_start: torch.Tensor | 
 
     input_ids: (B, T) int32 or int64, contiguous rows; verse_start: (B, T) bool/uint8 or None; tables: a
     `genesis.masking.MaskTables` on the same device. Returns (input_ids masked copy, mask bool, classes int64,
-    connectives int64), all (B, T); classes and connectives hold -100 where nothing is masked. `version` 1 (the
+    connectives int64, matched bool), all (B, T); classes and connectives hold -100 where nothing is masked;
+    matched marks every piece of every lexicon match, masked or not. `version` 1 (the
     default, per-position look-around tiles, `block` positions per program) or 2 (a window per program, scans;
     `window` tokens, see `window_geometry`): identical results, timed against each other by
     bench/mask_throughput.py on a GPU.
     """
     B, T = input_ids.shape
-    out, mask, classes, connectives = _empty_outputs(input_ids)
+    outputs = _empty_outputs(input_ids)
     if B == 0 or T == 0:
-        return out, mask, classes, connectives
-    kernel, args, meta, columns, options = _launch(input_ids, verse_start, (out, mask, classes, connectives), tables,
-                                                   seed, step, rank, row_offset, block, version, window)
-    kernel[(triton.cdiv(T, columns), B)](*args, **meta, **options)
-    return out, mask, classes, connectives
+        return outputs
+    kernel, args, meta, columns, options = _launch(input_ids, verse_start, outputs, tables, seed, step, rank,
+                                                   row_offset, block, version, window)
+    # with chains one program per row walks its blocks in order (the chain state is carried from block to block)
+    kernel[(1 if tables.chain else triton.cdiv(T, columns), B)](*args, **meta, **options)
+    return outputs
 
 
 def _empty_outputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The kernel's four (B, T) outputs, uninitialised, on the input's device: ids (its dtype), mask, classes and
-    connectives. Row-major whatever the input's layout: the kernel writes column c of row r at r * T + c."""
+    """The kernel's five (B, T) outputs, uninitialised, on the input's device: ids (its dtype), mask, classes,
+    connectives and matched. Row-major whatever the input's layout: the kernel writes column c of row r at
+    r * T + c."""
     shape, device = input_ids.shape, input_ids.device
     return (torch.empty(shape, dtype=input_ids.dtype, device=device),
             torch.empty(shape, dtype=torch.bool, device=device),
-            torch.empty(shape, dtype=torch.int64, device=device), torch.empty(shape, dtype=torch.int64, device=device))
+            torch.empty(shape, dtype=torch.int64, device=device), torch.empty(shape, dtype=torch.int64, device=device),
+            torch.empty(shape, dtype=torch.bool, device=device))
 
 
 def _launch(input_ids, verse_start, outputs, tables, seed, step, rank, row_offset, block, version, window):
@@ -408,7 +527,7 @@ def _launch(input_ids, verse_start, outputs, tables, seed, step, rank, row_offse
         raise ValueError(f"kernel version must be 1 or 2 (got {version})")
     width, halo_left, block_out = window_geometry(tables, window)
     # version 2 reads two more tables (after pattern_entry) and has no BLOCK / LOOK_P2
-    args = args[:12] + (tables.single_entry, tables.starts_multi.view(torch.uint8)) + args[12:]
+    args = args[:13] + (tables.single_entry, tables.starts_multi.view(torch.uint8)) + args[13:]
     meta = {k: v for k, v in meta.items() if k not in ("BLOCK", "LOOK_P2")}
     meta.update(HAS_MULTI=tables.max_pieces > 1, WINDOW=width, HALO_LEFT=halo_left, BLOCK_OUT=block_out)
     # one window position per thread: 80-86 registers and no spills for sm_89 at 256 and 512 (4 warps at 256: 192
@@ -418,7 +537,7 @@ def _launch(input_ids, verse_start, outputs, tables, seed, step, rank, row_offse
 
 def _launch_arguments(input_ids, verse_start, outputs, tables, seed, step, rank, row_offset, block):
     """The kernel's positional arguments and meta-parameters, for a launch and for `compile_for`."""
-    out, mask, classes, connectives = outputs
+    out, mask, classes, connectives, matched = outputs
     # rows may be strided (a (B, T) view of (B, T+1) windows): only the columns must be contiguous
     x = input_ids if input_ids.stride(1) == 1 else input_ids.contiguous()
     if verse_start is None:
@@ -427,7 +546,7 @@ def _launch_arguments(input_ids, verse_start, outputs, tables, seed, step, rank,
         vs = verse_start if verse_start.stride(1) == 1 else verse_start.contiguous()
         vs = vs.view(torch.uint8)
     args = (
-        x, vs, out, mask.view(torch.int8), classes, connectives,
+        x, vs, out, mask.view(torch.int8), classes, connectives, matched.view(torch.int8),
         tables.token_flags, tables.first_pattern, tables.pattern_count, tables.patterns, tables.pattern_len,
         tables.pattern_entry, tables.entry_weight, tables.entry_class, tables.prob_table, tables.random_pool,
         x.shape[1], tables.vocab_size, tables.random_pool.numel(), x.stride(0), vs.stride(0), out.stride(0),
@@ -439,6 +558,7 @@ def _launch_arguments(input_ids, verse_start, outputs, tables, seed, step, rank,
         MAX_PIECES=tables.max_pieces, MAX_PER_TOKEN=tables.max_per_token, LOOKBACK=tables.lookback, BLOCK=block,
         PIECES_P2=triton.next_power_of_2(max(tables.max_pieces, 2)),
         LOOK_P2=triton.next_power_of_2(max(tables.lookback, 2)),
+        CHAIN=tables.chain, CHAIN_GAP=tables.chain_gap, CHAIN_CLASS=tables.chain_class,
     )
     return args, meta
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from genesis.config import MaskingConfig, build, to_dict
-from genesis.lexicon import DEFAULT_CONNECTIVES, find_matches
+from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, find_matches
 from genesis.masking import (
     ConnectiveMasker,
     MaskingError,
@@ -93,7 +93,7 @@ def torch_path(masker, x, step, verse_start=None, row_offset=0):
 
 
 def assert_same(a, b, case=""):
-    names = ("input_ids", "mask", "classes", "connectives")
+    names = ("input_ids", "mask", "classes", "connectives", "matched")
     for name, u, v in zip(names, a, b):
         assert u.dtype == v.dtype and u.shape == v.shape, f"{case}: {name} {u.dtype}{tuple(u.shape)} vs {v.dtype}" \
             f"{tuple(v.shape)}"
@@ -491,7 +491,7 @@ from genesis.masking import ConnectiveMasker
 tok = Tokenizer.from_file(sys.argv[1])
 if sys.argv[2] == "everything":
     masker = ConnectiveMasker.from_tokenizer(tok, strategy="structural", structural_weights=True, replacement="bert",
-                                             log=None)
+                                             chain=True, log=None)
     x, vs = torch.zeros(2, 100, dtype=torch.int64), torch.zeros(2, 100, dtype=torch.bool)
 else:
     masker = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", clause_length="since_boundary", log=None)
@@ -506,8 +506,8 @@ for version in (1, 2):
 def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
     """The interpreter runs Python the compiler rejects (it read a plain module-level constant that compiled
     kernels cannot, and only the first GPU run found out). Triton's compiler and ptxas need no GPU: compile the
-    kernel (both versions) for an RTX 40xx (sm_89) with every branch on, and with every branch off, as the launcher
-    would."""
+    kernel (both versions) for an RTX 40xx (sm_89) with every branch on (chains too), and with every branch off, as
+    the launcher would."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -568,6 +568,7 @@ def test_every_connective_occurrence_is_found(tok, kjv_rows):
             expected_entry[b, start:start + length] = entry
             n_words += 1
     assert torch.equal(out.mask, expected_mask)
+    assert torch.equal(out.matched, expected_mask)
     assert torch.equal(out.connectives, expected_entry)
     assert (out.input_ids[out.mask] == masker.mask_id).all() and torch.equal(out.input_ids[~out.mask], x[~out.mask])
     classes = torch.tensor(masker.lexicon.entry_class, dtype=torch.int64)
@@ -575,6 +576,123 @@ def test_every_connective_occurrence_is_found(tok, kjv_rows):
     assert (out.classes[~out.mask] == -100).all()
     assert masker.stats(out, x)["masked_words"].item() == n_words
     assert n_words > 0.018 * x.numel()  # ~2% of KJV tokens are connectives
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Causal chains (masking.chain) and every match (out.matched)
+
+
+def reference_chains(row, lex, gap):
+    """The chains of one row by their definition, in plain Python over the oracle's matches: runs of consecutive
+    causal matches whose starts lie at most `gap` apart, two or more long. Each chain: [(start, length, entry)]."""
+    causal = CLASSES.index("causal")
+    chains, run = [], []
+    for match in find_matches(row, lex):
+        if lex.entry_class[match[2]] != causal:
+            continue
+        if run and match[0] - run[-1][0] > gap:
+            chains += [run] if len(run) > 1 else []
+            run = []
+        run.append(match)
+    return chains + ([run] if len(run) > 1 else [])
+
+
+def test_chains_are_masked_all_or_nothing_by_their_head(base_masker, kjv_rows):
+    """On real KJV rows (both torch layouts): every piece of every chain member is masked exactly when the chain's
+    head is masked without chains (the same draw, the head's probability); every other match is masked exactly as
+    without chains; `matched` is every piece of every match, whatever was masked."""
+    x, vs = kjv_rows[0][:160], kjv_rows[1][:160]
+    chained = variant(base_masker, chain=True)
+    for gap in (48, 7):
+        chained = variant(base_masker, chain=True, chain_gap=gap)
+        on, off = torch_path(chained, x, 5, vs), torch_path(base_masker, x, 5, vs)
+        in_chain = torch.zeros_like(on[1])
+        expected_matched = torch.zeros_like(on[1])
+        decided, broken = {True: 0, False: 0}, 0
+        for b, row in enumerate(x.tolist()):
+            for start, length, _ in find_matches(row, base_masker.lexicon):
+                expected_matched[b, start:start + length] = True
+            for chain in reference_chains(row, base_masker.lexicon, gap):
+                head = bool(off[1][b, chain[0][0]])
+                pieces = torch.cat([torch.arange(start, start + length) for start, length, _ in chain])
+                in_chain[b, pieces] = True
+                assert (on[1][b, pieces] == head).all(), f"gap {gap}, row {b}: chain {chain} not decided by its head"
+                decided[head] += 1
+                broken += bool(off[1][b, pieces].any() and not off[1][b, pieces].all())
+        assert min(decided.values()) > 20 and broken > 20, (gap, decided, broken)  # without chains: broken
+        assert torch.equal(on[1][~in_chain], off[1][~in_chain])  # other classes and lone causal matches as today
+        assert torch.equal(on[4], expected_matched) and torch.equal(off[4], expected_matched)
+        assert torch.equal(on[0][~in_chain], off[0][~in_chain])
+
+
+def test_chain_rate_follows_the_head_probability(base_masker, kjv_rows):
+    """Weighted masking with chains over the KJV training split: a chain is masked at base_probability x its head's
+    weight, whichever words follow the head (exact binomial test per head word, ALPHA = 1e-6)."""
+    masker = variant(base_masker, strategy="weighted", base_probability=0.5, chain=True)
+    x, vs = kjv_rows
+    heads = [(b, chain[0][0], chain[0][2], chain[-1][0]) for b, row in enumerate(x.tolist())
+             for chain in reference_chains(row, masker.lexicon, masker.config.chain_gap)]
+    b, head_start, head_entry, last_start = (torch.tensor(column) for column in zip(*heads))
+    weights = torch.tensor(masker.lexicon.entry_weight, dtype=torch.float32)
+    size = len(masker.lexicon.words)
+    masked, drawn = torch.zeros(size, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)
+    for step in range(STEPS):
+        mask = masker(x, step=step, verse_start=vs).mask
+        assert torch.equal(mask[b, head_start], mask[b, last_start])
+        masked += torch.bincount(head_entry[mask[b, head_start]], minlength=size)
+        drawn += torch.bincount(head_entry, minlength=size)
+    tested = 0
+    for entry in torch.nonzero(drawn >= 500).flatten().tolist():
+        p = float(torch.clamp(torch.tensor(0.5, dtype=torch.float32) * weights[entry], 0, 1))
+        assert_rate(int(masked[entry]), int(drawn[entry]), p, f"chains headed by {masker.lexicon.words[entry]!r}")
+        tested += 1
+    assert tested >= 4 and int(drawn.sum()) > 10_000, (tested, int(drawn.sum()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_kernel_equals_torch_with_chains(base_masker, kjv_rows, strategy):
+    """Chains on: both kernel versions == both torch layouts on KJV rows longer than a block (T = 300, blocks of 64,
+    version 2 windows of 128) whose chains cross block edges, on adversarial rows, and on B = 1 / T = 1."""
+    replacement = "bert" if strategy in ("uniform", "structural") else "mask"
+    masker = variant(base_masker, **dense(strategy), **REPLACEMENTS[replacement], chain=True)
+    x, vs = kjv_rows[0][:120, 100:400], kjv_rows[1][:120, 100:400]
+    crossing = [sum(chain[0][0] // 64 != chain[-1][0] // 64 for chain in reference_chains(row, masker.lexicon, 48))
+                for row in x.tolist()]
+    rows = torch.tensor(crossing).argsort(descending=True, stable=True)[:3]  # the rows with most chains across blocks
+    assert sum(crossing[r] for r in rows) >= 6
+    x, vs = x[rows].contiguous(), vs[rows].contiguous()
+    for verse_start in (vs, None) if strategy.startswith("structural") else (vs,):  # flags matter only there
+        expected = torch_path(masker, x, 17, verse_start, row_offset=2)
+        assert expected[1].any() and expected[4].sum() > expected[1].sum()
+        assert_same(kernel(masker, x, 17, verse_start, row_offset=2, block=64), expected, f"{strategy} KJV")
+    for gap in (3, 20):
+        small_gap = variant(masker, chain_gap=gap)
+        y = adversarial_batch(masker, (2, 193), seed=gap)
+        assert_same(kernel(small_gap, y, 3, block=32), torch_path(small_gap, y, 3), f"{strategy} gap {gap}")
+    single = [p[0] for p in map(masker.lexicon.pattern_ids, range(masker.lexicon.num_patterns)) if len(p) == 1]
+    for y in (torch.tensor([[single[0]]]), adversarial_batch(masker, (1, 97), seed=1), x[:1, :1]):
+        assert_same(kernel(masker, y, 4, block=32), torch_path(masker, y, 4), f"{strategy} {tuple(y.shape)}")
+
+
+def test_chain_config_is_checked(tok):
+    with pytest.raises(MaskingError, match="chain_gap: has no effect with chain = false"):
+        make_masker(tok, chain_gap=10)
+    with pytest.raises(MaskingError, match=r"chain_gap: must be in \[1, 2\*\*20\]"):
+        make_masker(tok, chain=True, chain_gap=0)
+
+
+def test_report_counts_the_chains_of_a_token_stream(base_masker, kjv_rows):
+    """chain_statistics (and report) over the KJV training split equal the reference chain finder's counts."""
+    masker = variant(base_masker, chain=True)
+    tokens = kjv_rows[0].flatten()
+    stats = masker.chain_statistics(tokens)
+    chains = reference_chains(tokens.tolist(), masker.lexicon, 48)
+    lengths = sorted({len(c) for c in chains})
+    assert stats["chains"] == len(chains) and stats["members"] == sum(map(len, chains))
+    assert stats["histogram"] == {n: sum(len(c) == n for c in chains) for n in lengths}
+    report = masker.report(tokens)
+    assert f"{len(chains)} chains" in report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1120,10 +1238,11 @@ def test_report_and_describe(tok):
 def test_cuda_kernel_equals_torch_paths(tok, kjv_rows, strategy, replacement):
     masker = make_masker(tok, **STRATEGIES[strategy], **REPLACEMENTS[replacement])
     x, vs = kjv_rows[0][:16], kjv_rows[1][:16]
-    cpu = torch_path(masker, x, 9, vs)
-    xc, vc = x.cuda(), vs.cuda()
-    for got in (kernel(masker, xc, 9, vc, block=256), torch_path(masker, xc, 9, vc)):
-        assert_same(tuple(t.cpu() for t in got), cpu)
+    for chained in (masker, variant(masker, chain=True)):  # CPU twin with chains: test_kernel_equals_torch_with_chains
+        cpu = torch_path(chained, x, 9, vs)
+        xc, vc = x.cuda(), vs.cuda()
+        for got in (kernel(chained, xc, 9, vc, block=256), torch_path(chained, xc, 9, vc)):
+            assert_same(tuple(t.cpu() for t in got), cpu)
 
 
 @needs_cuda
