@@ -172,6 +172,9 @@ class TrainingConfig:
     def __post_init__(self):
         for key in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_every"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        # steps 0 .. 2**32 - 2: the masker keys a step by a 32-bit counter word; held-out masks use 2**32 - 1
+        _check(self.steps < 2**32, "steps", f"must be < 2**32, the range of the masker's 32-bit step counter "
+                                            f"(got {self.steps})")
         for key in ("warmup_steps", "eval_every", "checkpoint_every"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0 (got {getattr(self, key)})")
         _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
@@ -502,6 +505,9 @@ def load_config(name: str | None = None, mode: str | None = None,
             raise ConfigError(f"{source}: not valid TOML: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: cannot read: {e}") from None
+        for section in SECTIONS:  # `training = 5`: the file's fault, whatever a --set or --mode later writes there
+            if section in table and not isinstance(table[section], dict):
+                raise ConfigError(f"{source}: {section}: expected a table ([{section}]), got {table[section]!r}")
     try:
         file_modes = table.pop("modes", {})
         _check_modes(file_modes)  # every preset in the file, used or not: a mistake there is the file's

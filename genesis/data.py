@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,10 @@ import torch
 from tokenizers import Tokenizer
 
 from genesis.config import Config, ConfigError, DataConfig, cache_root
-from genesis.corpus import Verse, corpus_hash, load_corpus
+from genesis.corpus import CorpusError, Verse, corpus_hash, load_corpus
 from genesis.tokenizer import TokenizerError, get_tokenizer, tokenizer_hash
 
-CACHE_FORMAT = "tokens-v1"  # bump when the cache layout or the text joining changes
+CACHE_FORMAT = "tokens-v2"  # bump when the cache layout or the text joining changes (v2: checksums)
 SPLITS = ("train", "heldout")
 
 
@@ -162,42 +163,157 @@ def _cache_key(corpus_digest: str, tok: Tokenizer, cfg: DataConfig) -> str:
 
 
 def prepare(cfg: Config, log=print) -> Corpus:
-    """Load the corpus, split it, get the tokenizer and the token cache (built once, then memory-mapped)."""
+    """Load the corpus, split it, get the tokenizer and the token cache (built once, checked on every load, then
+    memory-mapped)."""
     verses = load_corpus(cfg.data.corpus, cfg.data.format, cfg.data.reference_pattern, cfg.data.lines_per_chapter)
     split = split_verses(verses, cfg.data, cfg.origin_of)
     books = list(dict.fromkeys(v.book for v in verses))
     root = cache_root(cfg.data)
     train_digest = corpus_hash(split["train"])
     try:
-        tok = get_tokenizer(cfg.tokenizer, [v.text + "\n" for v in split["train"]], train_digest, root)
+        tok = get_tokenizer(cfg.tokenizer, [v.text + "\n" for v in split["train"]], train_digest, root, log=log)
     except TokenizerError as e:  # no such mask token: name where the setting came from
         key = "tokenizer.mask_token" if cfg.tokenizer.mask_token else "tokenizer.path"
         if not cfg.tokenizer.mask_token and not cfg.tokenizer.path:
             raise
         raise ConfigError(f"{cfg.origin_of(key)}: {key}: {e}") from None
     key = _cache_key(corpus_hash(verses), tok, cfg.data)
-    cache = root / "tokens" / key
-    if not (cache / "meta.json").is_file():
-        log(f"tokenizing {len(verses):,} verses into {cache}")
-        tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        meta = {"format": CACHE_FORMAT, "books": books, "corpus": cfg.data.corpus, "splits": {}}
+
+    def build(tmp: Path) -> None:
+        meta = {"format": CACHE_FORMAT, "books": books, "corpus": cfg.data.corpus, "splits": {}, "arrays": {}}
         for name in SPLITS:
             arrays = tokenize_verses(split[name], tok, books)
             for field_name, arr in arrays.items():
-                np.save(tmp / f"{name}.{field_name}.npy", arr)
+                path = tmp / f"{name}.{field_name}.npy"
+                np.save(path, arr)
+                meta["arrays"][f"{name}.{field_name}"] = {"length": int(len(arr)), "dtype": str(arr.dtype),
+                                                          "sha256": file_digest(path)}
             meta["splits"][name] = {"tokens": int(len(arrays["tokens"])), "verses": len(split[name])}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, cache)  # atomic: a half-written cache is never visible
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    splits = {
-        name: TokenSplit(**{f: np.load(cache / f"{name}.{f}.npy", mmap_mode="r") for f in TokenSplit.__annotations__})
-        for name in SPLITS
-    }
+
+    cache = root / "tokens" / key
+    splits = load_token_cache(cache, tok.get_vocab_size(with_added_tokens=True), build,
+                              f"tokenizing {len(verses):,} verses into {cache}", log)
     return Corpus(verses=split, tokenizer=tok, splits=splits, books=books, cache_dir=cache)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The token cache: one directory per key, published by an atomic rename, checked against its meta.json on every load
+
+
+class TokenCacheError(CorpusError):
+    """A token cache entry that is damaged and cannot be rebuilt: one line naming the directory to delete. A
+    CorpusError, so that every command prints it as one line."""
+
+
+class _Damaged(Exception):
+    """Why a cache entry cannot be used (one line)."""
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hardware-accelerated on most CPUs: faster than blake2b there; see the commit)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_token_cache(cache: Path, vocab_size: int) -> dict[str, TokenSplit]:
+    """The entry's memory-mapped splits, every array checked against meta.json (length, dtype, sha256 of the
+    file) and the token ids against the vocabulary; `_Damaged` with the first problem found."""
+    try:
+        meta = json.loads((cache / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _Damaged("meta.json is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Damaged(f"meta.json is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
+    records = meta.get("arrays") if isinstance(meta, dict) and meta.get("format") == CACHE_FORMAT else None
+    if not isinstance(records, dict):
+        raise _Damaged(f"meta.json is not a {CACHE_FORMAT} record")
+    splits = {}
+    for name in SPLITS:
+        arrays = {}
+        for field_name in TokenSplit.__annotations__:
+            array_name = f"{name}.{field_name}"
+            path = cache / f"{array_name}.npy"
+            want = records.get(array_name)
+            if not isinstance(want, dict) or not {"length", "dtype", "sha256"} <= set(want):
+                raise _Damaged(f"meta.json has no record of {path.name}")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except FileNotFoundError:
+                raise _Damaged(f"{path.name} is missing") from None
+            except (OSError, ValueError, EOFError) as e:  # a file cut short, a damaged header
+                raise _Damaged(f"{path.name} is unreadable ({str(e).splitlines()[0] if str(e) else 'cut short?'})") \
+                    from None
+            if arr.ndim != 1 or len(arr) != want["length"] or str(arr.dtype) != want["dtype"]:
+                raise _Damaged(f"{path.name} holds {arr.shape} {arr.dtype}, meta.json says ({want['length']},) "
+                               f"{want['dtype']}")
+            if arrays and len(arr) != len(arrays["tokens"]):
+                raise _Damaged(f"{path.name} is not aligned with {name}.tokens.npy")
+            largest = int(arr.max()) if field_name == "tokens" and len(arr) else -1
+            if largest >= vocab_size:
+                raise _Damaged(f"{path.name} holds ids outside the vocabulary [0, {vocab_size}): max {largest}")
+            if file_digest(path) != want["sha256"]:
+                raise _Damaged(f"{path.name} does not match its checksum in meta.json (changed on disk)")
+            arrays[field_name] = arr
+        splits[name] = TokenSplit(**arrays)
+    return splits
+
+
+def _move_aside(cache: Path, reason: str) -> Path:
+    """Rename a damaged entry out of the way (kept for inspection); gone already (another process moved it): fine."""
+    aside = cache.with_name(f"{cache.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(cache, aside)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise TokenCacheError(f"{cache}: the token cache is damaged ({reason}) and cannot be moved aside to be rebuilt "
+                              f"({e.strerror or e}); delete the directory {cache} and run again") from None
+    return aside
+
+
+def load_token_cache(cache: Path, vocab_size: int, build, building: str, log=print) -> dict[str, TokenSplit]:
+    """The entry at `cache`, checked (`check_token_cache`); built by `build(tmp_dir)` when missing, and moved aside
+    and rebuilt (one log line) when damaged. `building` is the log line of a fresh build.
+
+    Entries are published by renaming a complete temporary directory onto `cache`. When that rename fails, the
+    entry there decides: another process's valid entry is used (the same content: the key is a hash of the
+    inputs), a damaged one is moved aside and the rename tried again."""
+    if cache.exists():
+        try:
+            return check_token_cache(cache, vocab_size)
+        except _Damaged as e:
+            aside = _move_aside(cache, str(e))
+            building = f"token cache {cache}: {e}; moved it aside to {aside.name} and rebuilding it"
+    log(building)
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        for _ in range(3):
+            try:
+                os.replace(tmp, cache)  # atomic: a half-written entry is never visible
+                break
+            except OSError:
+                if not cache.exists():
+                    raise
+            try:  # another process published first: its entry, if sound, is the same as ours
+                return check_token_cache(cache, vocab_size)
+            except _Damaged as e:
+                _move_aside(cache, str(e))
+                log(f"token cache {cache}: {e}; moved it aside and publishing the fresh build")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return check_token_cache(cache, vocab_size)
+    except _Damaged as e:
+        raise TokenCacheError(f"{cache}: the token cache fails its check right after being rebuilt ({e}); delete the "
+                              f"directory {cache} and run again") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

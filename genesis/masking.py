@@ -51,6 +51,8 @@ def _counter_word(value: Any, name: str, bits: int = 32, range_name: str | None 
     float or str: int(1.9) would repeat step 1's masks, and 2**32 or -1 would wrap onto another counter word."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise MaskingError(f"{name} must be an integer, not a bool (got {value!r})")
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":  # .item() would raise a RuntimeError
+        raise MaskingError(f"{name} is a tensor on the meta device, which holds no value; pass an int")
     try:
         number = operator.index(value)
     except TypeError:
@@ -893,6 +895,9 @@ class ConnectiveMasker:
     def tables(self, device: torch.device | str) -> MaskTables:
         """The tables on `device` (built once per device)."""
         device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():  # current_device() would raise AssertionError
+            raise MaskingError(f"{device}: CUDA is not available to this torch ({torch.__version__}); "
+                               f"use a CPU device or a CUDA build of torch")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._tables:
@@ -937,6 +942,9 @@ class ConnectiveMasker:
             raise MaskingError(f"input_ids must be 2-D (B, T) (got shape {tuple(input_ids.shape)})")
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise MaskingError(f"input_ids must be int32 or int64 (got {input_ids.dtype})")
+        if input_ids.layout != torch.strided:
+            raise MaskingError(f"input_ids must be a dense (strided) tensor (got layout {input_ids.layout}); "
+                               f"pass input_ids.to_dense()")
         if input_ids.device.type == "meta":
             raise MaskingError(f"input_ids is on the meta device ({input_ids.device}), which holds no token ids to "
                                f"mask; pass the batch on the device it will run on")
@@ -946,6 +954,8 @@ class ConnectiveMasker:
                 raise MaskingError(f"verse_start must have the shape of input_ids {tuple(input_ids.shape)} (got {got})")
             if verse_start.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64):
                 raise MaskingError(f"verse_start must be bool or integer (got {verse_start.dtype})")
+            if verse_start.layout != torch.strided:
+                raise MaskingError(f"verse_start must be a dense (strided) tensor (got layout {verse_start.layout})")
             if verse_start.device != input_ids.device:
                 raise MaskingError(f"verse_start is on {verse_start.device}, input_ids on {input_ids.device}")
         if self.check_ids and input_ids.numel():
@@ -964,6 +974,9 @@ class ConnectiveMasker:
         step_and_offset = "step and row_offset"
         step = _counter_word(step, "step", range_name=step_and_offset)
         row_offset = _counter_word(row_offset, "row_offset", range_name=step_and_offset)
+        if row_offset + input_ids.shape[0] > 2**32:  # the last row's counter word would wrap onto row 0's masks
+            raise MaskingError(f"row_offset + rows must be <= 2**32: each row's counter word row_offset + row is in "
+                               f"[0, 2**32), like rank (got row_offset={row_offset} with {input_ids.shape[0]} rows)")
         if not self.enabled:
             return MaskOutput(input_ids.clone(memory_format=torch.contiguous_format),
                               *_unmasked(*input_ids.shape, input_ids.device))

@@ -8,6 +8,8 @@ K connective classes.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from genesis.config import ModelConfig
+from genesis.config import Config, ConfigError, ModelConfig
 from genesis.flags import IGNORE_INDEX
 from genesis.lexicon import CLASSES
 
@@ -200,3 +202,107 @@ class Llama(nn.Module):
         if self.class_head is None:
             raise ValueError("classes given, but this model has no class head (model.class_head = false)")
         return logits, loss, class_loss(self.class_head(h), classes)  # (B, T, K) logits: K x C per token, cheap
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: a lower bound checked before a run starts, so that a model or batch that cannot fit is one line
+
+
+def param_count(a: ModelArgs) -> int:
+    """The parameters of `Llama(a)` (tied weights once), computed without building it."""
+    head_dim = a.dim // a.n_heads
+    attention = 2 * a.dim * a.n_heads * head_dim + 2 * a.dim * a.n_kv_heads * head_dim  # wq, wo; wk, wv
+    block = attention + 3 * a.dim * a.ffn_dim + 2 * a.dim  # SwiGLU's three matrices, two RMSNorm gains
+    embeddings = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
+    return embeddings + a.n_layers * block + a.dim + a.n_classes * (a.dim + 1)
+
+
+def training_memory(a: ModelArgs, micro_batch: int, grad_checkpointing: bool, bf16: bool) -> tuple[int, int]:
+    """A lower bound on training memory in bytes: (parameters with their gradients and AdamW state, activations of
+    one micro-batch). Lower, so that it refuses only what surely cannot fit: 16 B per parameter (fp32 weight,
+    gradient and two AdamW moments); the fp32 logits (B, T, V), and per block at least its input and the SwiGLU's
+    two hidden tensors (its input only under gradient checkpointing, plus one block recomputed), in the autocast
+    dtype. Attention scores, the optimizer's temporaries and the allocator's slack come on top."""
+    tokens = micro_batch * a.seq_len
+    width = 2 if bf16 else 4
+    block = tokens * (a.dim + 2 * a.ffn_dim) * width
+    saved = a.n_layers * tokens * a.dim * width + block if grad_checkpointing else a.n_layers * block
+    return 16 * param_count(a), tokens * a.vocab_size * 4 + saved
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on `device`: the GPU's free memory, or the system's available RAM (MemAvailable, else
+    the free pages); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # not a POSIX system
+        return None
+
+
+PARAMETER_KEYS = ("model.n_layers", "model.dim", "model.n_kv_heads", "model.ffn_dim", "model.tie_embeddings",
+                  "model.class_head", "tokenizer.vocab_size")
+ACTIVATION_KEYS = PARAMETER_KEYS + ("model.seq_len", "training.micro_batch", "training.grad_checkpointing")
+
+
+def _where(cfg: Config, keys: tuple[str, ...] = PARAMETER_KEYS) -> str:
+    """The --set and --mode that set one of `keys`, else the config file."""
+    return ", ".join(dict.fromkeys(cfg.origin_of(k) for k in keys if cfg.origin_of(k) != cfg.source)) or cfg.source
+
+
+def _gib(n: float) -> str:
+    if n < 2**30:
+        return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**30:,.1f} GiB" if n < 2**50 else f"{n / 2**30:.2e} GiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:,.1f} M parameters" if n < 1e12 else f"{n:.2e} parameters"
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device, free: int | None = None) -> None:
+    """A ConfigError (one line, naming the --set, --mode or file that sized it) when the model's parameters with
+    their gradients and AdamW state, or those and one micro-batch's activations, cannot fit the memory free on
+    `device` (`free`: that many bytes instead of asking the device)."""
+    a = ModelArgs.from_config(cfg.model, vocab_size)
+    t = cfg.training
+    bf16 = device.type == "cuda" and t.dtype != "fp32"
+    state, activations = training_memory(a, t.micro_batch, t.grad_checkpointing, bf16)
+    free = free_memory(device) if free is None else free
+    if free is None or state + activations <= free:
+        return
+    on = f"{device} has {_gib(free)} free" if device.type == "cuda" else f"the CPU has {_gib(free)} of RAM available"
+    if state > free:
+        raise ConfigError(f"{_where(cfg)}: model: {_params(param_count(a))} need at least {_gib(state)} for "
+                          f"their weights, gradients and AdamW state (16 B each), but {on}; make the model smaller "
+                          f"(model.dim, model.n_layers, model.ffn_dim)")
+    raise ConfigError(f"{_where(cfg, ACTIVATION_KEYS)}: training.micro_batch: {t.micro_batch} x {a.seq_len} tokens "
+                      f"need at least "
+                      f"{_gib(activations)} of activations besides {_gib(state)} for the parameters, gradients and "
+                      f"AdamW state, but {on}; lower training.micro_batch (raise training.grad_accum to keep the "
+                      f"step) or model.seq_len" + ("" if t.grad_checkpointing else
+                                                   ", or set training.grad_checkpointing = true"))
+
+
+def build_model(a: ModelArgs, device: torch.device, cfg: Config) -> Llama:
+    """`Llama(a)` on `device`; an allocation that fails there (beyond what `check_memory` foresaw) is a ConfigError
+    in one line, not the allocator's traceback."""
+    try:
+        return Llama(a).to(device)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; so is the CPU allocator's
+        text = str(e).strip()
+        if not isinstance(e, MemoryError) and "memory" not in text.lower() and "alloc" not in text.lower():
+            raise
+        found = re.search(r"(?:can't allocate memory: you tried to allocate|Tried to allocate) [^.(]+", text)
+        reason = found.group(0).strip() if found else (text.splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(f"{_where(cfg)}: model: {_params(param_count(a))} cannot be allocated on {device} "
+                          f"({reason}); make the model smaller (model.dim, model.n_layers, model.ffn_dim)") \
+            from None

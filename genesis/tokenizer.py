@@ -122,20 +122,64 @@ def load_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(f"{p}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
 
 
-def get_tokenizer(cfg, train_texts: list[str], train_hash: str, cache_dir: Path) -> Tokenizer:
-    """The configured tokenizer: the user's file, or a BPE trained on `train_texts` (cached by content hash)."""
+def get_tokenizer(cfg, train_texts: list[str], train_hash: str, cache_dir: Path, log=print) -> Tokenizer:
+    """The configured tokenizer: the user's file, or a BPE trained on `train_texts` (cached by content hash, with
+    a checksum beside it: a cached file that is damaged is moved aside and retrained, with one `log` line)."""
     if cfg.path:
         tok = load_tokenizer_file(cfg.path)
     else:
         key = hashlib.sha256(f"{TRAINER_VERSION}|{train_hash}|{cfg.vocab_size}|{cfg.min_frequency}".encode())
         path = cache_dir / "tokenizers" / f"{key.hexdigest()[:16]}.json"
-        if path.is_file():
-            tok = Tokenizer.from_file(str(path))
-        else:
+        tok = _cached_tokenizer(path, log) if path.exists() else None
+        if tok is None:
             tok = train_bpe(train_texts, cfg.vocab_size, cfg.min_frequency)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tok.save(str(tmp))
-            os.replace(tmp, path)
+            text = tok.to_str(pretty=True)  # what tok.save writes
+            for target, content in ((_checksum_path(path), _digest(text)), (path, text)):  # the checksum first
+                tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+                tmp.write_text(content, encoding="utf-8")
+                os.replace(tmp, target)
     find_mask_id(tok, cfg.mask_token)  # fail early, with the fix in the message
     return tok
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".blake2b")
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _cached_tokenizer(path: Path, log) -> Tokenizer | None:
+    """The trained tokenizer cached at `path` if it matches its checksum and loads; else None, after moving the
+    file aside (one log line). A file without a checksum (cached before checksums were kept) gets one if it loads."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        tok = Tokenizer.from_str(text)
+        problem = ""
+    except Exception as e:  # OSError, UnicodeDecodeError; tokenizers raises a bare Exception on malformed JSON
+        problem = f"it is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+    checksum = _checksum_path(path)
+    if not problem:
+        try:
+            if checksum.read_text(encoding="utf-8").strip() == _digest(text):
+                return tok
+            problem = "it does not match its checksum (changed on disk)"
+        except FileNotFoundError:
+            checksum.write_text(_digest(text), encoding="utf-8")
+            return tok
+        except (OSError, UnicodeDecodeError) as e:
+            problem = f"its checksum {checksum.name} is unreadable ({e.strerror or e})"
+    aside = path.with_name(f"{path.name}.damaged-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+        checksum.unlink(missing_ok=True)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    except OSError as e:
+        raise TokenizerError(f"{path}: the cached tokenizer is damaged ({problem}) and cannot be moved aside "
+                             f"({e.strerror or e}); delete {path} and run again") from None
+    if log is not None:
+        log(f"cached tokenizer {path}: {problem}; moved it aside to {aside.name} and retraining it")
+    return None

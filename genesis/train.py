@@ -37,7 +37,7 @@ import torch
 from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
 from genesis.data import SPLITS, Corpus, TokenSplit, eval_starts, gather_windows, get_batch, prepare
-from genesis.model import Llama, ModelArgs, class_loss
+from genesis.model import Llama, ModelArgs, build_model, check_memory, class_loss
 from genesis.tokenizer import TokenizerError
 
 CHECKPOINT = "checkpoint.pt"
@@ -823,6 +823,7 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
     if world.main:
         _barrier(world)
     check_windows(corpus, cfg)
+    check_memory(cfg, corpus.tokenizer.get_vocab_size(with_added_tokens=True), device)  # before the run dir
     tok = corpus.tokenizer
     masker = None
     if cfg.masking.enabled:  # built before the run directory: a masking setting that cannot run leaves nothing
@@ -844,7 +845,7 @@ def _train_in(cfg: Config, run_dir: Path, resume: bool, world: World, device: to
         f"| vocab {tok.get_vocab_size(with_added_tokens=True):,} | cache {corpus.cache_dir}")
 
     args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
-    model = Llama(args).to(device)
+    model = build_model(args, device, cfg)
     model.grad_checkpointing = t.grad_checkpointing
     processes = f" x {world.size} processes (DDP)" if world.distributed else ""
     log(f"model: {model.num_params() / 1e6:.2f} M parameters | {args.n_layers} layers x {args.dim} | "

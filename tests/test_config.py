@@ -84,6 +84,8 @@ def test_config_knows_where_each_value_came_from(tmp_path):
          "must be one of causal"),
         ("[training]\nsteps = true\n", "training.steps", "expected an integer"),
         ("[data]\nheldout_every = 1\n", "data.heldout_every", "must be >= 2"),
+        ("[training]\nsteps = 4294967296\n", "training.steps", "must be < 2**32, the range of the masker's 32-bit"),
+        ("training = 5\n", "training", "expected a table ([training]), got 5"),
     ],
 )
 def test_bad_values_name_file_key_reason(tmp_path, text, key, reason):
@@ -197,6 +199,24 @@ def test_errors_the_set_did_not_cause_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides=["training.steps=3", "training.seed=1"])
     assert str(err.value).startswith(f"{path}: training.min_lr: must be in [0, lr=1e-05]"), str(err.value)
+
+
+def test_a_non_table_section_is_the_file_s_fault_whatever_is_set_into_it(tmp_path):
+    """`training = 5` in the file: a --set training.steps (or a --mode over training) is not to blame."""
+    path = write(tmp_path, "training = 5\n")
+    for mode, overrides in ((None, ["training.steps=3"]), ("tiny", []), (None, ["model.dim=64"])):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, mode=mode, overrides=overrides)
+        assert str(err.value) == f"{path}: training: expected a table ([training]), got 5", (mode, overrides)
+
+
+def test_steps_stay_below_2_to_the_32():
+    """Masks are keyed by the step as a 32-bit counter word (held-out masks use 2**32 - 1, past the last step)."""
+    assert load_config("cpu.toml", overrides=[f"training.steps={2**32 - 1}"]).training.steps == 2**32 - 1
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu.toml", overrides=["training.steps=100000000000000000000"])
+    assert str(err.value) == ("--set training.steps=100000000000000000000: training.steps: must be < 2**32, the range "
+                              "of the masker's 32-bit step counter (got 100000000000000000000)")
 
 
 def test_a_later_set_of_a_table_replaces_the_origins_inside_it():

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -172,3 +173,158 @@ def test_eval_windows_cover_the_split():
     assert starts[0] == 0 and starts[-1] == 10_000 - 101 and len(starts) == 100
     with pytest.raises(ValueError, match="fewer than seq_len"):
         eval_starts(50, 100, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The token cache checks itself: a damaged entry is moved aside and rebuilt, with one line
+
+
+def _small_corpus(tmp_path):
+    path = tmp_path / "small.txt"
+    words = ["And", "it", "was", "so,", "for", "the", "LORD", "said", "unto", "Moses", "therefore", "but", "because"]
+    path.write_text("".join(f"Genesis {c}:{v} {' '.join(words[(c * v + i) % len(words)] for i in range(9))}.\n"
+                            for c in range(1, 41) for v in range(1, 6)))
+    return path
+
+
+@pytest.fixture
+def small(tmp_path):
+    """prepare() of a 200-verse corpus with its own cache directory; and the arrays of a fresh build elsewhere."""
+    corpus = _small_corpus(tmp_path)
+
+    def run(cache_dir, log):
+        cfg = load_config("cpu.toml", overrides=[f'data.corpus="{corpus}"', "tokenizer.vocab_size=300",
+                                                 f'data.cache_dir="{cache_dir}"'])
+        return prepare(cfg, log=log)
+
+    fresh = run(tmp_path / "fresh", lambda *_: None)
+    expected = {(name, f): np.array(getattr(fresh.splits[name], f)) for name in fresh.splits
+                for f in ("tokens", "verse_start", "book", "chapter")}
+    return run, expected, tmp_path / "cache"
+
+
+def _same_as_fresh(corpus, expected) -> bool:
+    return all(np.array_equal(getattr(corpus.splits[name], f), arr) for (name, f), arr in expected.items())
+
+
+def _damage_npy_cut(cache):
+    path = cache / "train.tokens.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    return r"train.tokens.npy is unreadable \("
+
+
+def _damage_ids_same_size(cache):
+    arr = np.load(cache / "train.tokens.npy")
+    arr[10:20] = arr[30:40]
+    np.save(cache / "train.tokens.npy", arr)
+    return r"train.tokens.npy does not match its checksum in meta.json \(changed on disk\)"
+
+
+def _damage_ids_past_vocab(cache):
+    arr = np.load(cache / "heldout.tokens.npy")
+    arr[5] = 300
+    np.save(cache / "heldout.tokens.npy", arr)
+    return r"heldout.tokens.npy holds ids outside the vocabulary \[0, 300\): max 300"
+
+
+def _damage_meta_deleted(cache):
+    (cache / "meta.json").unlink()
+    return r"meta.json is missing"
+
+
+def _damage_meta_cut(cache):
+    meta = cache / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    return r"meta.json is unreadable \(JSONDecodeError"
+
+
+def _damage_verse_start_length(cache):
+    arr = np.load(cache / "train.verse_start.npy")
+    np.save(cache / "train.verse_start.npy", arr[:-1])
+    return r"train.verse_start.npy holds \(\d+,\) uint8, meta.json says \(\d+,\) uint8"
+
+
+@pytest.mark.parametrize("damage", [_damage_npy_cut, _damage_ids_same_size, _damage_ids_past_vocab,
+                                    _damage_meta_deleted, _damage_meta_cut, _damage_verse_start_length])
+def test_a_damaged_token_cache_is_moved_aside_and_rebuilt_with_one_line(small, damage):
+    run, expected, cache_dir = small
+    built = run(cache_dir, lambda *_: None)
+    reason = damage(built.cache_dir)
+    lines = []
+    again = run(cache_dir, lines.append)
+    assert len(lines) == 1, lines
+    assert re.fullmatch(rf"token cache {re.escape(str(built.cache_dir))}: {reason}.*; moved it aside to "
+                        rf"{built.cache_dir.name}\.damaged-\S+ and rebuilding it", lines[0]), lines[0]
+    assert again.cache_dir == built.cache_dir and _same_as_fresh(again, expected)
+    assert len(list(built.cache_dir.parent.glob(f"{built.cache_dir.name}.damaged-*"))) == 1  # kept for inspection
+    lines.clear()
+    assert _same_as_fresh(run(cache_dir, lines.append), expected) and not lines  # repaired: reused, silently
+
+
+def test_a_damaged_cached_tokenizer_is_moved_aside_and_retrained_with_one_line(small):
+    run, expected, cache_dir = small
+    run(cache_dir, lambda *_: None)
+    (path,) = (cache_dir / "tokenizers").glob("*.json")
+    good = path.read_text()
+    for damaged, reason in ((good[: len(good) // 2], r"it is unreadable \(Exception: "),
+                            (good.replace('"<pad>"', '"<pan>"', 1), r"it does not match its checksum")):
+        path.write_text(damaged)
+        lines = []
+        again = run(cache_dir, lines.append)
+        assert len(lines) == 1, lines
+        assert re.fullmatch(rf"cached tokenizer {re.escape(str(path))}: {reason}.*; moved it aside to "
+                            rf"{path.name}\.damaged-\d+ and retraining it", lines[0]), lines[0]
+        assert path.read_text() == good and _same_as_fresh(again, expected)
+
+
+def test_a_cache_entry_that_cannot_be_moved_aside_names_the_directory_to_delete(small, monkeypatch):
+    from genesis import data
+    from genesis.corpus import CorpusError
+
+    run, _, cache_dir = small
+    built = run(cache_dir, lambda *_: None)
+    (built.cache_dir / "meta.json").unlink()
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data.os, "replace", refuse)
+    with pytest.raises(data.TokenCacheError) as err:
+        run(cache_dir, lambda *_: None)
+    assert isinstance(err.value, CorpusError)  # every command prints it as one line
+    assert str(err.value) == (f"{built.cache_dir}: the token cache is damaged (meta.json is missing) and cannot be "
+                              f"moved aside to be rebuilt (Permission denied); delete the directory {built.cache_dir} "
+                              f"and run again")
+
+
+def test_the_publishing_race_is_decided_by_content(small, monkeypatch):
+    """Another process publishes the entry while this one builds it: a sound entry there is used, a damaged one is
+    moved aside and this build published (a failed rename is not taken for a lost race)."""
+    from genesis import data
+
+    run, expected, cache_dir = small
+    built = run(cache_dir, lambda *_: None)
+    entry = built.cache_dir
+    other = entry.with_name("other")
+    shutil.copytree(entry, other)
+    shutil.rmtree(entry)
+    real_build = data.load_token_cache
+
+    def rival_publishes_first(cache, vocab_size, build, building, log=print):
+        def build_then_lose(tmp):
+            build(tmp)
+            shutil.copytree(other, cache)  # the rival's entry lands between our build and our rename
+        return real_build(cache, vocab_size, build_then_lose, building, log)
+
+    monkeypatch.setattr(data, "load_token_cache", rival_publishes_first)
+    lines = []
+    assert _same_as_fresh(run(cache_dir, lines.append), expected) and len(lines) == 1  # "tokenizing ..."
+    (other / "meta.json").unlink()  # now the rival's entry is damaged
+    shutil.rmtree(entry)
+    lines = []
+    assert _same_as_fresh(run(cache_dir, lines.append), expected)
+    assert len(lines) == 2 and lines[1] == (f"token cache {entry}: meta.json is missing; moved it aside and publishing "
+                                            f"the fresh build"), lines
+    monkeypatch.undo()
+    lines = []
+    assert _same_as_fresh(run(cache_dir, lines.append), expected) and not lines  # our build is the one published

@@ -97,6 +97,21 @@ def test_step_and_row_offset_accept_integer_scalars(masker, rows):
         assert torch.equal(got.mask, expected.mask) and torch.equal(got.input_ids, expected.input_ids)
 
 
+def test_step_on_the_meta_device_is_a_masking_error(masker, rows):
+    with pytest.raises(MaskingError, match=r"step is a tensor on the meta device"):
+        masker(rows, step=torch.tensor(5, device="meta"))
+    with pytest.raises(MaskingError, match=r"row_offset is a tensor on the meta device"):
+        masker(rows, step=5, row_offset=torch.tensor(0, device="meta"))
+
+
+def test_row_offset_plus_rows_must_not_wrap_past_2_to_the_32(masker, rows):
+    """Row 1 at row_offset 2**32 - 1 would draw with counter word 0: the masks of row 0 at row_offset 0."""
+    with pytest.raises(MaskingError, match=r"row_offset \+ rows must be <= 2\*\*32.*=4294967295 with 2 rows"):
+        masker(rows[:2], step=5, row_offset=2**32 - 1)
+    masker(rows[:1], step=5, row_offset=2**32 - 1)  # the last row counter word itself is fine
+    masker(rows[:0], step=5, row_offset=2**32 - 1)
+
+
 @pytest.mark.parametrize("seed", [1.5, True, "3", -1, 2**63, None])
 def test_bad_seed_raises(masker, tok, seed):
     with pytest.raises(MaskingError, match=r"seed must be"):
@@ -246,6 +261,23 @@ def test_meta_tensors_raise_a_masking_error_naming_the_device(masker):
     for m in (masker, again(masker, check_ids=False)):
         with pytest.raises(MaskingError, match=r"input_ids is on the meta device"):
             m(x, step=1)
+
+
+def test_sparse_tensors_raise_a_masking_error_naming_the_layout(masker, rows):
+    with pytest.raises(MaskingError, match=r"input_ids must be a dense \(strided\) tensor \(got layout torch.sparse"):
+        masker(rows.to_sparse(), step=1)
+    flags = torch.zeros(rows.shape, dtype=torch.bool)
+    with pytest.raises(MaskingError, match=r"verse_start must be a dense \(strided\) tensor"):
+        masker(rows, step=1, verse_start=flags.to_sparse())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_to_cuda_without_cuda_is_a_masking_error(masker):
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(MaskingError, match=r"CUDA is not available"):
+            again(masker).to(device)
+    with pytest.raises(MaskingError, match=r"CUDA is not available"):
+        again(masker).tables("cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.uint16, torch.int8, torch.float32, torch.bool])

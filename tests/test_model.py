@@ -6,9 +6,9 @@ import contextlib
 import pytest
 import torch
 
-from genesis.config import ModelConfig, TrainingConfig
+from genesis.config import ConfigError, ModelConfig, TrainingConfig, load_config
 from genesis.data import get_batch
-from genesis.model import Llama, ModelArgs
+from genesis.model import Llama, ModelArgs, build_model, check_memory, param_count
 from genesis.train import accumulate_gradients, lr_at
 
 
@@ -189,3 +189,57 @@ def test_the_class_head_leaves_the_trunk_and_the_random_stream_alone():
     trunk = with_head.state_dict()
     for name, weight in without.state_dict().items():
         assert torch.equal(trunk[name], weight), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: a lower bound, checked before a run starts
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=False), dict(n_kv_heads=2), dict(class_head=True),
+                                dict(ffn_dim=96, n_kv_heads=1, tie_embeddings=False)])
+def test_param_count_is_what_the_model_holds(kw):
+    model = tiny(**kw)
+    assert param_count(model.args) == model.num_params()
+
+
+@pytest.mark.parametrize("name, device, budget_gib", [
+    ("cpu.toml", "cpu", 0.5),  # a laptop with little RAM to spare
+    ("high_vram.toml", "cuda", 12),  # the cards each config is sized for, with nothing else on them
+    ("low_vram.toml", "cuda", 4),
+    ("high_vram.toml", "cpu", 8),  # the GPU configs on a CPU (fp32): the README says they still run
+])
+def test_the_shipped_configs_are_not_refused_where_they_are_meant_to_run(name, device, budget_gib):
+    cfg = load_config(name)
+    check_memory(cfg, cfg.tokenizer.vocab_size, torch.device(device), free=int(budget_gib * 2**30))
+    with pytest.raises(ConfigError):  # yet the bound is not vacuous: a fifth of that is refused
+        check_memory(cfg, cfg.tokenizer.vocab_size, torch.device(device), free=int(budget_gib * 2**30 / 5))
+
+
+def test_a_model_or_batch_that_cannot_fit_is_one_line_naming_the_set():
+    cfg = load_config("cpu.toml", overrides=["model.dim=1000000000000", "model.n_heads=1"])
+    with pytest.raises(ConfigError) as err:
+        check_memory(cfg, 8000, torch.device("cpu"), free=16 * 2**30)
+    assert str(err.value) == ("--set model.dim=1000000000000: model: 1.60e+25 parameters need at least 2.38e+17 GiB "
+                              "for their weights, gradients and AdamW state (16 B each), but the CPU has 16.0 GiB of "
+                              "RAM available; make the model smaller (model.dim, model.n_layers, model.ffn_dim)")
+    cfg = load_config("high_vram.toml", overrides=["training.micro_batch=64"])
+    with pytest.raises(ConfigError) as err:
+        check_memory(cfg, 8000, torch.device("cuda", 0), free=12 * 2**30)
+    assert str(err.value) == ("--set training.micro_batch=64: training.micro_batch: 64 x 1024 tokens need at least "
+                              "12.1 GiB of activations besides 1.8 GiB for the parameters, gradients and AdamW state, "
+                              "but cuda:0 has 12.0 GiB free; lower training.micro_batch (raise training.grad_accum to "
+                              "keep the step) or model.seq_len, or set training.grad_checkpointing = true")
+    cfg = load_config("cpu.toml")  # nothing set on the command line: the file is named
+    with pytest.raises(ConfigError) as err:
+        check_memory(cfg, 8000, torch.device("cpu"), free=2**20)
+    assert str(err.value).startswith(f"{cfg.source}: model: 1.9 M parameters need at least 28.6 MiB for their "
+                                     f"weights, gradients and AdamW state (16 B each), but the CPU has 1.0 MiB of RAM")
+
+
+def test_an_allocation_that_fails_while_building_the_model_is_one_line():
+    cfg = load_config("cpu.toml", overrides=["model.dim=1000000000000", "model.n_heads=1"])
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelArgs.from_config(cfg.model, 8000), torch.device("cpu"), cfg)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--set model.dim=1000000000000: model: 1.60e+25 parameters "
+                                                      "cannot be allocated on cpu ("), message

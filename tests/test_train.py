@@ -509,6 +509,24 @@ def test_seq_len_longer_than_a_split_fails_before_the_run_dir(tmp_path, capsys, 
                               load_config("cpu.toml"))
 
 
+def test_a_model_that_cannot_fit_fails_with_one_line_before_the_run_dir(tmp_path, capsys, signal_handlers,
+                                                                          monkeypatch):
+    out = tmp_path / "run"
+    args = ["--config", "cpu.toml", "--out", str(out), "--set", "model.dim=1000000000000", "--set", "model.n_heads=1"]
+    assert trainer.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --set model.dim=1000000000000: model: 1.60e+25 parameters "
+                                                   "need at least 2.38e+17 GiB for their weights, gradients and "
+                                                   "AdamW state (16 B each), but the CPU has "), err
+    assert not out.exists()
+    # past the estimate (an allocation it did not foresee): the allocator's failure is one line too
+    monkeypatch.setattr(trainer, "check_memory", lambda *args: None)
+    assert trainer.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --set model.dim=1000000000000: model: 1.60e+25 parameters "
+                                                   "cannot be allocated on cpu (can't allocate memory"), err
+
+
 def test_out_that_is_a_file_fails_with_one_line(tmp_path, capsys, signal_handlers):
     path = tmp_path / "afile"
     path.write_text("x")
