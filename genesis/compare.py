@@ -47,26 +47,19 @@ import torch
 
 from genesis.config import ConfigError, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
+from genesis.device import flushed_denormals
+from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
 from genesis.evaluate import (
     EvalContext,
     EvalError,
     checkpoint_identity,
     evaluate_checkpoint,
-    flushed_denormals,
     resolve_device,
     write_json,
 )
+from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint
 from genesis.tokenizer import TokenizerError
-from genesis.train import (
-    CHECKPOINT,
-    Interrupted,
-    RunError,
-    flat_settings,
-    handle_interrupts,
-    read_checkpoint,
-    refuse_several_processes,
-    train,
-)
+from genesis.train import train  # the comparison trains each run in this process
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -581,7 +574,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m genesis.compare" + (" " + shlex.join(argv) if argv else "")
     handle_interrupts()  # Ctrl-C or SIGTERM: the run in training saves its checkpoint, finished runs stay
-    # Flushing denormals is what makes the CPU comparison fit in 30 minutes (evaluate.flushed_denormals); every
+    # Flushing denormals is what makes the CPU comparison fit in 30 minutes (genesis.device.flushed_denormals); every
     # strategy runs under the same setting.
     with flushed_denormals():
         return _main(args, command)
