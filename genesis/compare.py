@@ -1,6 +1,6 @@
 """Compare masking strategies: train each over several seeds, evaluate every run, write a Markdown report.
 
-    python -m genesis.compare                        # CPU defaults: ~12 min on 2 cores (see DEFAULTS)
+    python -m genesis.compare                        # the CPU defaults (see DEFAULTS)
     python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
     python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
 
@@ -73,11 +73,9 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
 BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
 
-# CPU defaults, sized for the 2-core dev machine (denormals flushed, see main): 5 strategies x 3 seeds of 120
-# cpu.toml steps, each run evaluated on next-token prediction at all ~1,130 held-out slots and 300 cloze items x 26
-# candidates, took 12.3 min in all there (2026-12-02); a busy machine takes longer. Held-out
-# loss is evaluated once, at the end (training.eval_every=0 saves ~10 s a run). More steps, seeds or items: pass
-# them, and expect proportionally longer.
+# CPU defaults, sized for a 2-core machine (denormals flushed, see main): 5 strategies x 3 seeds of 120 cpu.toml
+# steps, each evaluated at every held-out slot and on 300 cloze items. Held-out loss is evaluated once, at the end
+# (training.eval_every=0). More steps, seeds or items: pass them, and expect proportionally longer.
 DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,
             "max_items": 300, "context_verses": 0, "bootstrap": 2000}
 RUN_OVERRIDES = ("training.eval_every=0",)  # applied to every run before the user's --set, so --set can undo them

@@ -76,8 +76,7 @@ def run_identity(ckpt: dict, tokenizer_path: str | os.PathLike) -> dict[str, Any
     """{"step", "sha256"}: the step, and a SHA-256 of what an evaluation reads from the run: the model's weights
     (name, dtype, shape, bytes), its model_args and config, and the tokenizer.json beside it. Not the checkpoint
     file's bytes: torch.save of the same state can come out byte-wise different (a resumed run with nothing left to
-    train rewrites an identical checkpoint that way), and the optimizer state never affects the metrics. ~8 MB of
-    cpu.toml weights hash in ~0.01 s."""
+    train rewrites an identical checkpoint that way), and the optimizer state never affects the metrics."""
     digest = hashlib.sha256()
     header = {"model_args": ckpt.get("model_args"), "config": ckpt.get("config")}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
