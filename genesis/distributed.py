@@ -17,6 +17,10 @@ from genesis.runs import RunError
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Signals: stop at a step boundary, with a checkpoint
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived (Ctrl-C, a job scheduler's stop): the loop saves a checkpoint and re-raises."""
 
@@ -74,6 +78,9 @@ def signals_held():
     if pending and outer is None:
         raise Interrupted(pending[0])
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data-parallel training, one process per GPU
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ A run directory (default runs/<config name>) receives config.toml (resolved), to
 JSON record per log step and per evaluation; it ends with the held-out loss of the last step) and checkpoint.pt
 (model, optimizer, step, config; written atomically, also on Ctrl-C or SIGTERM during training and on an error
 outside the optimizer step). --resume continues it with the same settings (run length, logging and the device may
-change: RESUME_MAY_CHANGE; the number of processes with grad_accum, keeping their product).
+change: genesis.runs.RESUME_MAY_CHANGE; the number of processes with grad_accum, keeping their product).
 """
 
 from __future__ import annotations
@@ -74,17 +74,6 @@ _saved = False  # the running training's checkpoint has been saved for the way i
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m genesis.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a config path, or a bare name from configs/ (cpu.toml)")
-    p.add_argument("--mode", help="named preset over model/training keys (microscope, tiny, or [modes.NAME])")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
-    p.add_argument("--out", help="run directory (default: training.out_dir, else runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its checkpoint")
-    p.add_argument("--show-config", action="store_true", help="print the resolved config (and all keys) and exit")
-    return p.parse_args(argv)
 
 
 def check_windows(corpus: Corpus, cfg: Config) -> None:
@@ -497,6 +486,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
         if _saved:  # e.g. torchrun's own SIGINT after the terminal's, during the teardown: the checkpoint is saved
             e.checkpoint_saved = True
         raise
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genesis.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="a config path, or a bare name from configs/ (cpu.toml)")
+    p.add_argument("--mode", help="named preset over model/training keys (microscope, tiny, or [modes.NAME])")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--out", help="run directory (default: training.out_dir, else runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its checkpoint")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config (and all keys) and exit")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
