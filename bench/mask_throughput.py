@@ -68,6 +68,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.data import Batch, gather_windows, get_batch, prepare, window_starts  # noqa: E402
+from genesis.device import flush_denormals  # noqa: E402
 from genesis.flags import IGNORE_INDEX  # noqa: E402
 from genesis.lexicon import CLASSES, find_matches  # noqa: E402
 from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
@@ -841,13 +842,14 @@ def step_share(config: str, device: str, strategy: str, steps: int, warmup: int)
     """Training steps of `config` with masking off and on, alternating in one process, plus the masking calls alone
     on the same batches: the step as genesis.train runs it (get_batch per micro-batch, the masker, forward and
     backward, clip, AdamW; masker.stats runs only at log steps there, so not here)."""
+    from genesis.device import autocast, training_device
     from genesis.masking import ConnectiveMasker as Masker
     from genesis.model import Llama, ModelArgs
-    from genesis.train import accumulate_gradients, autocast, make_optimizer, resolve_device
+    from genesis.step import accumulate_gradients, make_optimizer
 
     cfg = load_config(config, overrides=[f"training.device={device}", "masking.enabled=true",
                                          f"masking.strategy={strategy}"])
-    dev, amp_dtype = resolve_device(cfg)
+    dev, amp_dtype = training_device(cfg)
     amp = autocast(dev, amp_dtype)
     t = cfg.training
     torch.manual_seed(t.seed)
@@ -1293,7 +1295,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cpu":
-        torch.set_flush_denormal(True)  # as genesis.train does on the CPU (denormals cost training steps up to 10x)
+        flush_denormals()  # as genesis.train does on the CPU
     if args.interpret_check:
         return interpret_check(args.interpret_check, args.strategies, args.quick)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """Compare masking strategies: train each over several seeds, evaluate every run, write a Markdown report.
 
-    python -m genesis.compare                        # CPU defaults: ~12 min on 2 cores (see DEFAULTS)
+    python -m genesis.compare                        # the CPU defaults (see DEFAULTS)
     python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
     python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
 
@@ -47,26 +47,19 @@ import torch
 
 from genesis.config import ConfigError, load_config, to_dict, to_toml
 from genesis.corpus import CorpusError
+from genesis.device import flushed_denormals
+from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
 from genesis.evaluate import (
     EvalContext,
     EvalError,
     checkpoint_identity,
     evaluate_checkpoint,
-    flushed_denormals,
     resolve_device,
     write_json,
 )
+from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint
 from genesis.tokenizer import TokenizerError
-from genesis.train import (
-    CHECKPOINT,
-    Interrupted,
-    RunError,
-    flat_settings,
-    handle_interrupts,
-    read_checkpoint,
-    refuse_several_processes,
-    train,
-)
+from genesis.train import train  # the comparison trains each run in this process
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -80,11 +73,9 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
 BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
 
-# CPU defaults, sized for the 2-core dev machine (denormals flushed, see main): 5 strategies x 3 seeds of 120
-# cpu.toml steps, each run evaluated on next-token prediction at all ~1,130 held-out slots and 300 cloze items x 26
-# candidates, took 12.3 min in all there (2026-12-02); a busy machine takes longer. Held-out
-# loss is evaluated once, at the end (training.eval_every=0 saves ~10 s a run). More steps, seeds or items: pass
-# them, and expect proportionally longer.
+# CPU defaults, sized for a 2-core machine (denormals flushed, see main): 5 strategies x 3 seeds of 120 cpu.toml
+# steps, each evaluated at every held-out slot and on 300 cloze items. Held-out loss is evaluated once, at the end
+# (training.eval_every=0). More steps, seeds or items: pass them, and expect proportionally longer.
 DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,
             "max_items": 300, "context_verses": 0, "bootstrap": 2000}
 RUN_OVERRIDES = ("training.eval_every=0",)  # applied to every run before the user's --set, so --set can undo them
@@ -581,7 +572,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m genesis.compare" + (" " + shlex.join(argv) if argv else "")
     handle_interrupts()  # Ctrl-C or SIGTERM: the run in training saves its checkpoint, finished runs stay
-    # Flushing denormals is what makes the CPU comparison fit in 30 minutes (evaluate.flushed_denormals); every
+    # Flushing denormals is what makes the CPU comparison fit in 30 minutes (genesis.device.flushed_denormals); every
     # strategy runs under the same setting.
     with flushed_denormals():
         return _main(args, command)

@@ -135,7 +135,7 @@ def export_run(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str
         raise ExportError('genesis.export needs transformers: pip install "genesis-masking[export]"') from None
     from safetensors.torch import save_file
 
-    from genesis.evaluate import load_run  # the model, its config and the tokenizer beside it, each checked
+    from genesis.evaluate.run import load_run  # the model, its config and the tokenizer beside it, each checked
 
     run = load_run(checkpoint, "cpu")
     model, tok = run.model.float().eval(), run.tokenizer
@@ -194,8 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from genesis.config import ConfigError
+    from genesis.runs import RunError
     from genesis.tokenizer import TokenizerError
-    from genesis.train import RunError
 
     args = parse_args(argv)
     try:

@@ -96,10 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from genesis.config import ConfigError
-    from genesis.evaluate import EvalError, load_run, resolve_device
+    from genesis.device import resolve_device
+    from genesis.evaluate.run import EvalError, load_run
     from genesis.masking import MaskingError
+    from genesis.runs import RunError
     from genesis.tokenizer import TokenizerError
-    from genesis.train import RunError
 
     args = parse_args(argv)
     settings = SampleSettings(args.max_tokens, args.temperature, args.top_k, args.seed)

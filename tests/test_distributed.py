@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from genesis.train import CHECKPOINT, RunError, World, resume_changes, world_from_env
+from genesis.distributed import World, world_from_env
+from genesis.runs import CHECKPOINT, RunError, resume_changes
 
 from .helpers import ROOT, run_cli
 from .test_train import SMALL, records

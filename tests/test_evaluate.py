@@ -1,4 +1,4 @@
-"""Tests for genesis/evaluate.py: every metric on models whose answers are known, on the real KJV, tokenizer and
+"""Tests for genesis/evaluate/: every metric on models whose answers are known, on the real KJV, tokenizer and
 lexicon, and `python -m genesis.evaluate` end to end on a checkpoint trained here."""
 
 import dataclasses
@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from genesis import evaluate as ev
 from genesis.config import load_config
 from genesis.corpus import load_corpus
+from genesis.evaluate.pipeline import _majority
 from genesis.lexicon import CLASSES
 from genesis.masking import clause_length
 
@@ -298,7 +299,7 @@ def test_uniform_model_gets_chance_and_ties_are_split_deterministically(ctx, uni
 
 def test_a_model_that_always_says_for_scores_exactly_the_majority_baseline(ctx):
     tok, lex = ctx.tokenizer, ctx.lex
-    majority = ctx.candidate_words[ev._majority(ctx.train_counts, ctx.cloze.candidates, None)]
+    majority = ctx.candidate_words[_majority(ctx.train_counts, ctx.cloze.candidates, None)]
     assert majority == "for"
     one_piece_fors = [lex.pattern_ids(p)[0] for p in range(lex.num_patterns)
                       if lex.words[lex.pattern_entry[p]] == "for" and lex.pattern_len[p] == 1]

@@ -17,8 +17,10 @@ import torch
 
 import genesis.train as trainer
 from genesis.config import ConfigError, load_config
+from genesis.device import training_device
 from genesis.masking import ConnectiveMasker
-from genesis.train import CHECKPOINT, Interrupted, lr_at, resolve_device, train
+from genesis.runs import load_model
+from genesis.train import CHECKPOINT, Interrupted, lr_at, train
 
 from .helpers import ROOT, run_cli
 
@@ -179,12 +181,12 @@ def test_cuda_only_settings_on_the_cpu_warn_once(capsys):
     """cpu.toml with bf16 or compile asked for: they are CUDA-only, so the run says it ignores them."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert resolve_device(small_config('training.dtype="bf16"', "training.compile=true")) == \
+    assert training_device(small_config('training.dtype="bf16"', "training.compile=true")) == \
         (torch.device("cpu"), torch.float32)
     err = capsys.readouterr().err.splitlines()
     assert err == ["warning: training.dtype = 'bf16' and training.compile = true: CUDA only; this run is on the CPU "
                    "in fp32 without torch.compile"]
-    resolve_device(small_config())
+    training_device(small_config())
     assert capsys.readouterr().err == ""
 
 
@@ -454,15 +456,15 @@ def test_bf16_config_on_a_gpu_without_bf16_warns_once(monkeypatch, capsys):
     monkeypatch.setattr(torch.version, "hip", None)
     for dtype in ("bf16", "auto"):
         cfg = load_config("high_vram.toml", overrides=["training.device=cuda", f"training.dtype={dtype}"])
-        assert resolve_device(cfg) == (torch.device("cuda"), torch.float32)
+        assert training_device(cfg) == (torch.device("cuda"), torch.float32)
         warnings = capsys.readouterr().err.splitlines()
         assert len(warnings) == 1 and warnings[0].startswith("warning: Tesla V100-SXM2-16GB (sm_70) has no bf16")
         assert f"training.dtype = '{dtype}' runs in fp32" in warnings[0]
     cfg = load_config("high_vram.toml", overrides=["training.device=cuda", "training.dtype=fp32"])
-    assert resolve_device(cfg) == (torch.device("cuda"), torch.float32) and not capsys.readouterr().err
+    assert training_device(cfg) == (torch.device("cuda"), torch.float32) and not capsys.readouterr().err
     props.update(major=8, name="NVIDIA A100")
     cfg = load_config("high_vram.toml", overrides=["training.device=cuda"])
-    assert resolve_device(cfg) == (torch.device("cuda"), torch.bfloat16) and not capsys.readouterr().err
+    assert training_device(cfg) == (torch.device("cuda"), torch.bfloat16) and not capsys.readouterr().err
 
 
 @pytest.mark.cuda
@@ -471,7 +473,7 @@ def test_bf16_on_this_gpu(capsys):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     cfg = load_config("high_vram.toml", overrides=["training.device=cuda"])
-    device, dtype = resolve_device(cfg)
+    device, dtype = training_device(cfg)
     native = torch.cuda.get_device_properties(device).major >= 8 or bool(torch.version.hip)
     assert dtype == (torch.bfloat16 if native else torch.float32)
     assert ("has no bf16" in capsys.readouterr().err) == (not native)
@@ -788,4 +790,4 @@ def test_resume_from_a_damaged_checkpoint_fails_with_one_line(finished_run, tmp_
             load_run(path)
     elif "optimizer" not in damage:  # the evaluator loads the weights alone, with the same one-line errors
         with pytest.raises(trainer.RunError, match=f"^{path}: "):
-            trainer.load_model(path)
+            load_model(path)

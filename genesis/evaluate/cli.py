@@ -1,0 +1,79 @@
+"""Connective evaluation of a trained run: next-token accuracy, cloze ranking, breakdowns, baselines and plots.
+
+    python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt                  # the KJV held-out chapters
+    python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt --corpus asv     # same chapters, ASV wording
+    python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt --max-items 300 --out /tmp/eval --json /tmp/e.json
+
+Writes OUT/eval.json (or --json), OUT/hardest_connectives.png, OUT/accuracy_by_clause_length.png,
+OUT/confusion.png and OUT/accuracy_by_genre.png (and OUT/class_head_confusion.png for a model with a class head),
+and prints the tables. OUT defaults to <run dir>/eval-<corpus>-<split>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from genesis.config import ConfigError
+from genesis.corpus import CorpusError
+from genesis.device import flushed_denormals
+from genesis.distributed import refuse_several_processes
+from genesis.evaluate.pipeline import evaluate_checkpoint
+from genesis.evaluate.report import format_tables, write_json, write_plots
+from genesis.evaluate.run import EvalError
+from genesis.evaluate.scorers import DEFAULT_BATCH_TOKENS
+from genesis.runs import RunError
+from genesis.tokenizer import TokenizerError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genesis.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (or its run directory)")
+    p.add_argument("--corpus", help="kjv, asv or a corpus file (default: the run's corpus); split by the run's rules")
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"), help="which chapters (default heldout)")
+    p.add_argument("--out", help="directory for eval.json and the plots (default <run dir>/eval-<corpus>-<split>)")
+    p.add_argument("--json", help="where to write the JSON (default OUT/eval.json)")
+    p.add_argument("--max-items", type=int, default=0, help="cap the cloze items, spread evenly (default 0: all)")
+    p.add_argument("--context-verses", type=int, default=0,
+                   help="preceding verses of the chapter given as cloze context (default 0: the verse alone)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per forward pass")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with flushed_denormals():
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv) -> int:
+    try:
+        refuse_several_processes("python -m genesis.evaluate")
+        if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1:
+            raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens >= 1")
+        result, ctx = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.max_items,
+                                          args.context_verses, args.device, args.batch_tokens, not args.quiet)
+        result["command"] = "python -m genesis.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+        run_dir = Path(result["checkpoint"]).parent
+        corpus_name = Path(ctx.corpus).stem if ctx.corpus.lower() not in ("kjv", "asv") else ctx.corpus.lower()
+        out_dir = Path(args.out) if args.out else run_dir / f"eval-{corpus_name}-{args.split}"
+        json_path = Path(args.json) if args.json else out_dir / "eval.json"
+        plots = [] if args.no_plots else write_plots(result, out_dir)
+        result["plots"] = [str(p) for p in plots]
+        write_json(result, json_path)
+        print(format_tables(result))
+        print(f"\nwrote {json_path}" + "".join(f"\nwrote {p}" for p in plots))
+    except (ConfigError, CorpusError, TokenizerError, RunError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,201 @@
+"""The result as tables, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genesis.evaluate.items import CLAUSE_LABELS
+from genesis.evaluate.run import EvalError
+from genesis.runs import write_atomic
+
+
+def _pct(x: float | None) -> str:
+    return "    -" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}"
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    nt, cz = result["next_token"], result["cloze"]
+    sc = cz["scorers"]
+    lines = [
+        f"checkpoint {result['checkpoint']} (step {result['step']}) | corpus {result['corpus']} {result['split']} "
+        f"| tokenizer and lexicon of the run ({result['train_corpus']})",
+        "",
+        f"{'metric (accuracy %)':<44}{'items':>7}{'model':>8}{'KN-3':>8}{'major.':>8}{'pos.maj':>8}",
+        f"{'next token, all pieces (teacher-forced)':<44}{nt['n']:>7}{_pct(nt['accuracy']):>8}",
+        f"{'next token, first piece':<44}{nt['n']:>7}{_pct(nt['first_piece_accuracy']):>8}",
+        f"{'next token, mean log p of the word (nats)':<44}{nt['n']:>7}{nt['mean_logprob']:>8.2f}",
+        f"{'cloze, whole-verse score':<44}{cz['n_items']:>7}{_pct(sc['model_verse']['accuracy']):>8}"
+        f"{_pct(sc['kn3_verse']['accuracy']):>8}{_pct(sc['majority']['accuracy']):>8}"
+        f"{_pct(sc['positional_majority']['accuracy']):>8}",
+        f"{'cloze, suffix-only score':<44}{cz['n_items']:>7}{_pct(sc['model_suffix']['accuracy']):>8}"
+        f"{_pct(sc['kn3_suffix']['accuracy']):>8}",
+        f"(chance = {100 / cz['n_candidates']:.1f}% with {cz['n_candidates']} candidates)",
+    ]
+    columns = [("next", nt), ("verse", sc["model_verse"]), ("suffix", sc["model_suffix"]), ("KN-3", sc["kn3_verse"]),
+               ("major.", sc["majority"])]
+    for dim, title in (("word", "connective (cloze accuracy = recall)"), ("class", "class"),
+                       ("position", "position"), ("clause_length", "clause length (tokens)"), ("genre", "genre")):
+        labels = list(dict.fromkeys([*nt["breakdowns"][dim], *sc["model_verse"]["breakdowns"][dim]]))
+        if dim == "word":
+            labels.sort(key=lambda w: -sc["model_verse"]["breakdowns"]["word"].get(w, {"n": 0})["n"])
+        lines += ["", f"{title:<24}{'n next':>7}{'n cloze':>8}" + "".join(f"{c:>8}" for c, _ in columns)]
+        for label in labels:
+            n_next = nt["breakdowns"][dim].get(label, {"n": 0})["n"]
+            n_cloze = sc["model_verse"]["breakdowns"][dim].get(label, {"n": 0})["n"]
+            cells = "".join(f"{_pct(m['breakdowns'][dim].get(label, {}).get('accuracy')):>8}" for _, m in columns)
+            lines.append(f"{label:<24}{n_next:>7}{n_cloze:>8}{cells}")
+    if "class_head" in result:
+        lines += ["", *format_class_head(result["class_head"])]
+    return "\n".join(lines)
+
+
+def format_class_head(head: dict[str, Any]) -> list[str]:
+    model, majority = head["model"], head["majority_class"]
+    lines = [f"{'class head (mask token -> type)':<32}{'n':>7}{'head':>8}{'major.':>8}   "
+             f"(majority class: {majority['class']})",
+             f"{'all connectives':<32}{model['n']:>7}{_pct(model['accuracy']):>8}{_pct(majority['accuracy']):>8}"]
+    for label, group in model["breakdowns"]["class"].items():
+        base = majority["breakdowns"]["class"].get(label, {}).get("accuracy")
+        lines.append(f"{label:<32}{group['n']:>7}{_pct(group['accuracy']):>8}{_pct(base):>8}")
+    labels = head["labels"]
+    lines += ["", f"{'confusion (rows: true class)':<32}" + "".join(f"{c[:8]:>12}" for c in labels)]
+    for label, row in zip(labels, head["confusion"]["matrix"]):
+        lines.append(f"{label:<32}" + "".join(f"{v:>12.1f}" for v in row))
+    return lines
+
+
+def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Four PNGs (five with a class head); matplotlib is imported here, with the Agg backend, so the metrics never
+    need a display."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EvalError("matplotlib is needed for the plots (pip install matplotlib); or pass --no-plots") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nt, sc = result["next_token"], result["cloze"]["scorers"]
+    title_tail = f"{result['corpus']} {result['split']}, step {result['step']}"
+    paths = []
+
+    # hardest connectives: per-word cloze recall and next-token accuracy, hardest at the top
+    by_word = sc["model_verse"]["breakdowns"]["word"]
+    words = sorted(by_word, key=lambda w: (by_word[w]["accuracy"], -by_word[w]["n"]))
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(words) + 1.8))
+    y = np.arange(len(words))
+    ax.barh(y - 0.2, [by_word[w]["accuracy"] for w in words], height=0.4, label="cloze (whole-verse score)")
+    ax.barh(y + 0.2, [nt["breakdowns"]["word"].get(w, {}).get("accuracy", 0.0) for w in words], height=0.4,
+            label="next token (all pieces)")
+    ax.set_yticks(y, [f"{w} (n={by_word[w]['n']})" for w in words])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.set_ylabel("connective (cloze items)")
+    ax.set_title(f"Hardest connectives first — {title_tail}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    paths.append(out_dir / "hardest_connectives.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # accuracy vs clause length
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    buckets = [b for b in CLAUSE_LABELS if b in sc["model_verse"]["breakdowns"]["clause_length"]
+               or b in nt["breakdowns"]["clause_length"]]
+    x = np.arange(len(buckets))
+    series = [("next token (model)", nt), ("cloze, whole verse (model)", sc["model_verse"]),
+              ("cloze, suffix only (model)", sc["model_suffix"]), ("cloze, KN trigram", sc["kn3_verse"]),
+              ("cloze, majority", sc["majority"])]
+    for label, metric in series:
+        values = [metric["breakdowns"]["clause_length"].get(b, {}).get("accuracy", np.nan) for b in buckets]
+        ax.plot(x, values, marker="o", label=label)
+    counts = [sc["model_verse"]["breakdowns"]["clause_length"].get(b, {}).get("n", 0) for b in buckets]
+    ax.set_xticks(x, [f"{b}\n(n={c})" for b, c in zip(buckets, counts)])
+    ax.set_ylim(0, 1)
+    clause_mode = result.get("clause_length_mode", "preceding")
+    ax.set_xlabel(f"clause length in tokens (masking.clause_length = {clause_mode}; n = cloze items)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Accuracy vs clause length — {title_tail}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_by_clause_length.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # confusion matrix, row-normalised, over the connectives that occur as answers or predictions
+    labels = result["cloze"]["confusion"]["labels"]
+    matrix = np.array(result["cloze"]["confusion"]["matrices"]["model_verse"])
+    used = np.flatnonzero((matrix.sum(axis=1) > 0) | (matrix.sum(axis=0) > 0))
+    sub = matrix[np.ix_(used, used)]
+    rows = sub.sum(axis=1, keepdims=True)
+    norm = np.divide(sub, rows, out=np.zeros_like(sub), where=rows > 0)
+    size = 0.38 * len(used) + 2.5
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    names = [labels[i] for i in used]
+    ax.set_xticks(range(len(used)), names, rotation=60, ha="right")
+    ax.set_yticks(range(len(used)), [f"{labels[i]} ({int(round(rows[k, 0]))})" for k, i in enumerate(used)])
+    ax.set_xlabel("predicted connective (whole-verse score)")
+    ax.set_ylabel("true connective (items)")
+    ax.set_title(f"Cloze confusion, rows normalised — {title_tail}")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    fig.tight_layout()
+    paths.append(out_dir / "confusion.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # genre
+    genres = list(sc["model_verse"]["breakdowns"]["genre"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = np.arange(len(genres))
+    width = 0.8 / len(series)
+    for k, (label, metric) in enumerate(series):
+        values = [metric["breakdowns"]["genre"].get(g, {}).get("accuracy", np.nan) for g in genres]
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width=width, label=label)
+    counts = [sc["model_verse"]["breakdowns"]["genre"][g]["n"] for g in genres]
+    ax.set_xticks(x, [f"{g}\n(n={c})" for g, c in zip(genres, counts)])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("genre (n = cloze items)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Accuracy by genre — {title_tail}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_by_genre.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if "class_head" in result:  # the class head's confusion matrix, row-normalised
+        head = result["class_head"]
+        matrix = np.array(head["confusion"]["matrix"])
+        rows = matrix.sum(axis=1, keepdims=True)
+        norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        labels = head["labels"]
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), [f"{c} ({int(round(r))})" for c, r in zip(labels, rows[:, 0])])
+        for (i, j), share in np.ndenumerate(norm):
+            ax.text(j, i, f"{100 * share:.0f}%", ha="center", va="center", color="white" if share > 0.5 else "black")
+        ax.set_xlabel("predicted class (class head)")
+        ax.set_ylabel("true class (held-out connectives)")
+        ax.set_title(f"Class head: {100 * head['model']['accuracy']:.1f}% (majority "
+                     f"{100 * head['majority_class']['accuracy']:.1f}%) — {title_tail}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+        fig.tight_layout()
+        paths.append(out_dir / "class_head_confusion.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """Atomic, so a reader (or an interrupted comparison) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(result, indent=1))

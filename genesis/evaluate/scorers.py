@@ -1,0 +1,301 @@
+"""Scorers of the items: next-token accuracy, the class head, cloze ranking by the model and by a Kneser-Ney
+token trigram, and the majority baselines' shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from genesis.console import Progress
+from genesis.evaluate.items import ClozeSet, Slot
+from genesis.evaluate.run import model_max_len
+from genesis.heldout import piece_scores
+from genesis.model import Llama
+
+TIE_TOLERANCE = 1e-6  # nats; cloze scores closer than this share the credit (sums are float64, so only true ties)
+DEFAULT_BATCH_TOKENS = 8192  # tokens per forward: logits are 8192 x 8000 x 4 B = 262 MB at the CPU vocab size
+CLOZE_SCORERS = ("model_verse", "model_suffix", "kn3_verse", "kn3_suffix", "majority", "positional_majority")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Next-token accuracy at connective positions
+
+
+@dataclass
+class NextTokenScores:
+    credit: np.ndarray  # (n,) all pieces right (tie shares multiplied); nan where skipped
+    first_piece_credit: np.ndarray  # (n,)
+    logprob: np.ndarray  # (n,) log p(all pieces), teacher-forced
+
+
+LOGIT_PATHS = ("auto", "head", "full")
+
+
+def logits_at(model: torch.nn.Module, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              path: str = "auto") -> torch.Tensor:
+    """Logits (P, V) of batch x (B, T) at the P positions (rows, cols), fp32.
+
+    "head": the Llama's hidden states, then its output head at those positions only; at the CPU size the head is
+    ~30% of a forward pass and only ~half the positions are needed. "full": `model(x)` and a gather: any module
+    with the Llama's interface (the tests' oracle and uniform models). "auto" picks "head" for a Llama."""
+    if path not in LOGIT_PATHS:
+        raise ValueError(f"path must be one of {LOGIT_PATHS} (got {path!r})")
+    if path == "head" or (path == "auto" and isinstance(model, Llama)):
+        return model.lm_head(model.hidden(x)[rows, cols]).float()
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    return logits[rows, cols].float()
+
+
+def pack_windows(slots: list[Slot], n_tokens: int, window: int) -> list[tuple[int, list[int]]]:
+    """(window start, slot indices) covering every slot that has context, with few windows.
+
+    A window opens `window // 2` tokens before the first slot not yet covered and takes every later slot that ends
+    inside it, so each connective is predicted with at least window // 2 tokens of context (fewer only at the start
+    of the stream) and ~2.5x fewer tokens go through the model than with one window per slot on the KJV."""
+    min_context = window // 2
+    windows: list[tuple[int, list[int]]] = []
+    for i, slot in enumerate(slots):
+        if slot.stream_pos < 1 or slot.n_pieces > window - min_context:
+            continue  # nothing to predict the first piece from / a word longer than the window can hold
+        last_piece = slot.stream_pos + slot.n_pieces - 1
+        if windows and last_piece <= windows[-1][0] + window - 1:
+            windows[-1][1].append(i)
+        else:
+            windows.append((max(0, min(slot.stream_pos - min_context, n_tokens - window)), [i]))
+    return windows
+
+
+@torch.inference_mode()
+def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slot], device: torch.device | str = "cpu",
+                     batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True, path: str = "auto"
+                     ) -> NextTokenScores:
+    """Windows of the token stream (`pack_windows`), batched, one forward per batch; the predictions are gathered
+    at the pieces' target positions only. Slots at stream position 0 are skipped (nan)."""
+    n = len(slots)
+    credit, first_piece_credit, logprob = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    window = min(model_max_len(model), len(stream))
+    windows = pack_windows(slots, len(stream), window)
+    per_batch = max(1, batch_tokens // window)
+    batches = [windows[i : i + per_batch] for i in range(0, len(windows), per_batch)]
+    bar = Progress(len(batches), "next-token", every=25) if progress else None
+    for done, batch in enumerate(batches, start=1):
+        starts = np.array([start for start, _ in batch])
+        x = torch.from_numpy(stream[starts[:, None] + np.arange(window)]).to(device)
+        # one entry per piece: its window row, its stream position, its slot
+        owner = [(r, i) for r, (_, members) in enumerate(batch) for i in members]
+        row = np.repeat([r for r, _ in owner], [slots[i].n_pieces for _, i in owner])
+        slot_of = np.repeat([i for _, i in owner], [slots[i].n_pieces for _, i in owner])
+        first = np.array([slots[i].stream_pos for i in slot_of])
+        piece = np.concatenate([np.arange(slots[i].n_pieces) for _, i in owner])
+        target_pos = first + piece
+        col = target_pos - 1 - starts[row]  # the input position that predicts the piece
+        picked = logits_at(model, x, torch.from_numpy(row).to(device), torch.from_numpy(col).to(device), path)
+        target = torch.from_numpy(stream[target_pos]).to(device)
+        piece_credit, piece_logprob = (t.cpu().numpy() for t in piece_scores(picked, target))
+        word_first = np.cumsum([0] + [slots[i].n_pieces for _, i in owner])
+        for k, (_, i) in enumerate(owner):
+            pieces = slice(word_first[k], word_first[k + 1])
+            credit[i] = float(np.prod(piece_credit[pieces]))
+            first_piece_credit[i] = float(piece_credit[word_first[k]])
+            logprob[i] = float(piece_logprob[pieces].sum())
+        if bar:
+            bar.update(done)
+    return NextTokenScores(credit, first_piece_credit, logprob)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The class head: the connective's type from the mask token
+
+
+@dataclass
+class ClassHeadScores:
+    credit: np.ndarray  # (n,) share of the true class (ties split, as above); nan where skipped
+    shares: np.ndarray  # (n, K) the prediction's shares over the classes (one-hot unless tied); nan rows where skipped
+
+
+@torch.inference_mode()
+def score_class_head(model: torch.nn.Module, stream: np.ndarray, slots: list[Slot], classes: np.ndarray, mask_id: int,
+                     device: torch.device | str = "cpu", batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                     progress: bool = True) -> ClassHeadScores:
+    """The class head's prediction at each slot, as in training: the word's first token is replaced by the mask
+    token and the head reads the final hidden state there. One window per slot, ending at that token, holding the
+    seq_len // 2 tokens before it (the next-token metric's minimum context; fewer at the start of the stream) and
+    nothing else masked; the model is causal, so the word's later pieces and what follows cannot matter. Slots at
+    stream position 0 are skipped (nan), as for next-token accuracy. `classes` (n,): each slot's true class id."""
+    n, K = len(slots), model.class_head.out_features
+    credit, shares = np.full(n, np.nan), np.full((n, K), np.nan)
+    window = min(model_max_len(model) // 2 + 1, len(stream))
+    todo = [i for i, slot in enumerate(slots) if slot.stream_pos >= 1]
+    per_batch = max(1, batch_tokens // window)
+    batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
+    bar = Progress(len(batches), "class head", every=25) if progress else None
+    for done, batch in enumerate(batches, start=1):
+        pos = np.array([slots[i].stream_pos for i in batch])
+        starts = np.clip(pos - (window - 1), 0, len(stream) - window)
+        cols = pos - starts
+        x = torch.from_numpy(stream[starts[:, None] + np.arange(window)]).to(device)
+        rows = torch.arange(len(batch), device=device)
+        cols_t = torch.from_numpy(cols).to(device)
+        x[rows, cols_t] = mask_id
+        logits = model.class_head(model.hidden(x)[rows, cols_t]).float()
+        best = logits == logits.max(dim=-1, keepdim=True).values
+        share = (best.double() / best.sum(dim=-1, keepdim=True)).cpu().numpy()
+        shares[batch] = share
+        credit[batch] = share[np.arange(len(batch)), classes[batch]]
+        if bar:
+            bar.update(done)
+    return ClassHeadScores(credit, shares)
+
+
+@dataclass
+class ClozeScores:
+    verse: np.ndarray  # (n, K) log-likelihood of the verse with each candidate
+    suffix: np.ndarray  # (n, K) log-likelihood of the tokens after the candidate
+
+
+def _targets(first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence index, position) of every target position first[j] <= t < last[j], flattened."""
+    counts = np.maximum(last - first, 0)
+    seq = np.repeat(np.arange(len(first)), counts)
+    pos = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    return seq, pos
+
+
+def _scores_from_parts(cloze: ClozeSet, parts: np.ndarray) -> ClozeScores:
+    """parts (n*K, 3): log-prob sums over the verse before the blank, the blank, and after it."""
+    K = cloze.n_candidates
+    return ClozeScores(verse=parts.sum(axis=1).reshape(-1, K), suffix=parts[:, 2].reshape(-1, K).copy())
+
+
+def _add_parts(parts: np.ndarray, cloze: ClozeSet, seq: np.ndarray, pos: np.ndarray, logprob: np.ndarray) -> None:
+    part = (pos >= cloze.blank_start[seq]).astype(np.int64) + (pos >= cloze.blank_end[seq])
+    np.add.at(parts, (seq, part), logprob)
+
+
+@torch.inference_mode()
+def score_cloze_model(model: torch.nn.Module, cloze: ClozeSet, device: torch.device | str = "cpu",
+                      batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True, path: str = "auto"
+                      ) -> ClozeScores:
+    """Candidate sequences sorted by length and right-padded into batches of ~batch_tokens tokens (padding sits after
+    every scored token, so causal attention never sees it); log-softmax only at the scored positions.
+
+    Tokens before the blank are the same for every candidate (the model is causal), so their log-prob is computed
+    once, on the answer's sequence, and reused; a candidate whose prefix tokens differ is scored in full."""
+    K = cloze.n_candidates
+    lengths = cloze.lengths()
+    n_seq = len(lengths)
+    is_answer = np.zeros(n_seq, dtype=bool)
+    is_answer[np.arange(len(cloze.items)) * K + cloze.answer] = True
+    own_prefix = is_answer | ~cloze.prefix_shared
+    first_scored = np.where(own_prefix, cloze.verse_start, cloze.blank_start)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < n_seq:
+        per_batch = max(1, batch_tokens // int(lengths[order[start]]))  # the first is the longest
+        batches.append(order[start : start + per_batch])
+        start += per_batch
+    parts = np.zeros((n_seq, 3))
+    bar = Progress(len(batches), "cloze/model", every=25) if progress else None
+    for done, batch in enumerate(batches, start=1):
+        width = int(lengths[batch].max())
+        x = np.zeros((len(batch), width), dtype=np.int64)
+        for r, j in enumerate(batch):
+            x[r, : lengths[j]] = cloze.tokens[j]
+        row, pos = _targets(first_scored[batch], lengths[batch])
+        rows_t, pos_t = torch.from_numpy(row).to(device), torch.from_numpy(pos).to(device)
+        # position t - 1 predicts token t
+        picked = torch.log_softmax(logits_at(model, torch.from_numpy(x).to(device), rows_t, pos_t - 1, path), dim=-1)
+        target = torch.from_numpy(x[row, pos]).to(device)
+        logprob = picked.gather(1, target[:, None]).squeeze(1).double().cpu().numpy()
+        _add_parts(parts, cloze, batch[row], pos, logprob)
+        if bar:
+            bar.update(done)
+    borrow = ~own_prefix
+    parts[borrow, 0] = parts[(np.arange(n_seq) // K * K + np.repeat(cloze.answer, K))[borrow], 0]
+    return _scores_from_parts(cloze, parts)
+
+
+class KneserNeyTrigram:
+    """Interpolated Kneser-Ney trigram over token ids (Chen & Goodman 1998, one discount per order).
+
+    p3(c|a,b) = [max(c(abc) - D3, 0) + D3 N1+(ab.) p2(c|b)] / c(ab.)       (p2 where (a, b) was never seen)
+    p2(c|b)   = [max(N1+(.bc) - D2, 0) + D2 N1+(b.) p1(c)] / N1+(.b.)     (continuation counts; p1 if b unseen)
+    p1(c)     = [max(N1+(.c) - D1, 0) + D1 |{c: N1+(.c) > 0}| / V] / N1+(..)  (never zero)
+    D = n1 / (n1 + 2 n2) from each order's counts of counts (0.75 if undefined). Counts are sorted int64 keys
+    (a V^2 + b V + c) looked up with searchsorted, so scoring a million positions takes well under a second."""
+
+    def __init__(self, tokens: np.ndarray, vocab_size: int):
+        V = self.vocab_size = int(vocab_size)
+        t = np.asarray(tokens, dtype=np.int64)
+        if len(t) < 3:
+            raise ValueError("the n-gram model needs at least 3 training tokens")
+        self.tri_keys, self.tri_counts = np.unique(t[:-2] * V * V + t[1:-1] * V + t[2:], return_counts=True)
+        self.ctx_keys, inverse = np.unique(self.tri_keys // V, return_inverse=True)
+        self.ctx_total = np.bincount(inverse, weights=self.tri_counts)
+        self.ctx_types = np.bincount(inverse)
+        self.bi_keys, self.bi_cont = np.unique(self.tri_keys % (V * V), return_counts=True)  # N1+(. b c)
+        self.mid_keys, inverse = np.unique(self.bi_keys // V, return_inverse=True)
+        self.mid_total = np.bincount(inverse, weights=self.bi_cont)
+        self.mid_types = np.bincount(inverse)
+        uni_cont = np.bincount(self.bi_keys % V, minlength=V).astype(np.float64)  # N1+(. c)
+        self.d1, self.d2, self.d3 = (self._discount(c) for c in (uni_cont[uni_cont > 0], self.bi_cont, self.tri_counts))
+        seen = float((uni_cont > 0).sum())
+        self.p_uni = (np.maximum(uni_cont - self.d1, 0) + self.d1 * seen / V) / uni_cont.sum()
+
+    @staticmethod
+    def _discount(counts: np.ndarray) -> float:
+        n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
+        return n1 / (n1 + 2 * n2) if n1 + n2 > 0 and n1 > 0 else 0.75
+
+    @staticmethod
+    def _find(keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+        return index, keys[index] == query
+
+    def logprob(self, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """log p(c | a, b) elementwise; a = -1 where only one token of context exists (then the bigram level)."""
+        V = self.vocab_size
+        a, b, c = (np.asarray(x, dtype=np.int64) for x in (a, b, c))
+        p1 = self.p_uni[c]
+        m, m_found = self._find(self.mid_keys, b)
+        k, k_found = self._find(self.bi_keys, b * V + c)
+        cont = np.where(k_found, self.bi_cont[k], 0)
+        p2 = np.where(m_found, (np.maximum(cont - self.d2, 0) + self.d2 * self.mid_types[m] * p1)
+                      / np.where(m_found, self.mid_total[m], 1.0), p1)
+        x, x_found = self._find(self.ctx_keys, a * V + b)
+        x_found &= a >= 0
+        y, y_found = self._find(self.tri_keys, (a * V + b) * V + c)
+        count = np.where(y_found & x_found, self.tri_counts[y], 0)
+        p3 = np.where(x_found, (np.maximum(count - self.d3, 0) + self.d3 * self.ctx_types[x] * p2)
+                      / np.where(x_found, self.ctx_total[x], 1.0), p2)
+        return np.log(p3)
+
+
+def score_cloze_ngram(ngram: KneserNeyTrigram, cloze: ClozeSet) -> ClozeScores:
+    """The same parts as the model scorer, every position computed (it is cheap)."""
+    lengths = cloze.lengths()
+    flat = np.concatenate(cloze.tokens) if cloze.tokens else np.zeros(0, dtype=np.int64)
+    seq_first = np.cumsum(lengths) - lengths
+    seq, pos = _targets(cloze.verse_start, lengths)
+    at = seq_first[seq] + pos
+    a = np.where(pos >= 2, flat[np.maximum(at - 2, 0)], -1)
+    logprob = ngram.logprob(a, flat[at - 1], flat[at])
+    parts = np.zeros((len(lengths), 3))
+    _add_parts(parts, cloze, seq, pos, logprob)
+    return _scores_from_parts(cloze, parts)
+
+
+def prediction_shares(scores: np.ndarray) -> np.ndarray:
+    """(n, K) scores -> (n, K) shares: 1/m on each of the m candidates within TIE_TOLERANCE of the best."""
+    best = scores.max(axis=1, keepdims=True)
+    top = scores >= best - TIE_TOLERANCE
+    return top / top.sum(axis=1, keepdims=True)
+
+
+def constant_shares(n_items: int, n_candidates: int, choice: np.ndarray) -> np.ndarray:
+    shares = np.zeros((n_items, n_candidates))
+    shares[np.arange(n_items), choice] = 1.0
+    return shares

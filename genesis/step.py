@@ -1,0 +1,55 @@
+"""One optimizer step's parts, shared by the trainer and the benchmark: the learning-rate schedule, AdamW, and
+forward/backward over the micro-batches of a step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains and embeddings of size 1-D are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches of one optimizer step; the LM gradients equal those of one batch made
+    of all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
+    Under DDP the processes' gradients are averaged, once per step.
+
+    A micro-batch is (x, y), or (x, y, classes) for a model with a class head: its loss is then the LM loss plus
+    class_weight x the head's mean cross-entropy at that micro-batch's labelled (masked) positions. That term is a
+    mean per micro-batch, also divided by their number: its gradient depends on how a step is split into
+    micro-batches (not on how they are shared out among processes), as the masked counts differ between them.
+
+    Returns this process's mean LM loss as a 0-d tensor and the class head's (cross-entropy sum, correct, labelled)
+    over the micro-batches as a (3,) tensor (zeros without a head), with no host sync."""
+    total, class_stats = None, None
+    k = len(micro_batches)
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: all-reduce once, in the last backward
+    for i, batch in enumerate(micro_batches):
+        with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
+            with amp:
+                _, loss, *head = model(*batch)
+            objective = loss if not head else loss + class_weight * head[0].loss
+            (objective / k).backward()
+        total = loss.detach() / k if total is None else total + loss.detach() / k
+        if head:
+            c = head[0]
+            stats = torch.stack([c.loss.detach() * c.count, c.correct.float(), c.count.float()])
+            class_stats = stats if class_stats is None else class_stats + stats
+    return total, class_stats if class_stats is not None else torch.zeros(3, device=total.device)
