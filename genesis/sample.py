@@ -96,8 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from genesis.config import ConfigError
-    from genesis.device import resolve_device
-    from genesis.evaluate.run import EvalError, load_run
+    from genesis.evaluate.run import EvalError, load_run, resolve_device
     from genesis.masking import MaskingError
     from genesis.runs import RunError
     from genesis.tokenizer import TokenizerError
