@@ -267,7 +267,7 @@ class MaskingConfig:
     schedule_steps: int = doc(0, "steps of the ramp (>= 1 for linear and cosine)")
     chain: bool = doc(False, "causal chains: causal connectives whose starts lie at most chain_gap tokens apart "
                              "(transitively, within a row) are masked all together or not at all, by the draw of "
-                             "the chain's first member (docs/masking-chains.md)")
+                             "the chain's first member (docs/masking.md)")
     chain_gap: int = doc(DEFAULT_CHAIN_GAP, "chain = true: the most tokens from one causal match's start to the "
                                             "next one's for both to be in one chain")
     impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
