@@ -299,9 +299,9 @@ def out_of_memory(e: BaseException) -> str | None:
     if not isinstance(e, (MemoryError, RuntimeError)):
         return None
     text = str(e).strip()
-    if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "memory" not in text.lower() \
-            and "alloc" not in text.lower():
-        return None
+    if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not re.search(
+            r"out of memory|can't allocate memory|tried to allocate|failed to allocate", text, re.IGNORECASE):
+        return None  # not "an illegal memory access", say
     found = re.search(r"(?:can't allocate memory: you tried to allocate|Tried to allocate) [^.(]+", text)
     return found.group(0).strip() if found else (text.splitlines() or [type(e).__name__])[0][:160]
 

@@ -935,7 +935,8 @@ def test_stale_temporary_files_of_dead_processes_are_removed_on_resume(finished_
         other = run_dir / f"notes.txt.tmp{gone.pid}"  # not a name Genesis writes: left alone
         for path in (stale, busy, other):
             path.write_bytes(bytes(2**20))
-        assert trainer.main(["--config", str(run_dir / "config.toml"), "--set", "training.steps=3", "--resume"]) == 0
+        assert trainer.main(["--config", str(run_dir / "config.toml"), "--out", str(run_dir), "--set",
+                             "training.steps=3", "--resume"]) == 0
         assert not stale.exists() and busy.exists() and other.exists()
         assert f"removed {stale} (1.0 MiB), left by a write of process {gone.pid} that was cut short" in \
             capsys.readouterr().out

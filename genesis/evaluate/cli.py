@@ -30,7 +30,8 @@ from genesis.tokenizer import TokenizerError
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m genesis.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, a kept checkpoint-<step>.pt, or the run directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's checkpoint.pt or a kept checkpoint-<step>.pt, or the run directory")
     p.add_argument("--corpus", help="kjv, asv or a corpus file (default: the run's corpus); split by the run's rules")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"), help="which chapters (default heldout)")
     p.add_argument("--out", help="directory for eval.json and the plots (default <run dir>/eval-<corpus>-<split>)")
