@@ -81,9 +81,10 @@ def keep_step_checkpoint(path: Path, step: int, keep: int) -> None:
             os.link(path, tmp)
         except OSError:  # FAT, some network file systems
             shutil.copyfile(path, tmp)
-            _fsync(tmp)
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, kept)
-        _fsync(path.parent)
+        _fsync_dir(path.parent)
         for old in sorted(step_checkpoints(path.parent))[:-keep]:
             (path.parent / f"checkpoint-{old}.pt").unlink(missing_ok=True)
     except Exception as e:
@@ -166,20 +167,16 @@ def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1,
     return lines
 
 
-def _fsync(path: Path) -> None:
-    """Flush `path` (a file, or a directory: its entries, i.e. a rename) to the disk; a no-op where the system
-    cannot open a directory (Windows)."""
+def _fsync_dir(path: Path) -> None:
+    """Flush directory `path`'s entries (a rename in it) to the disk; a no-op where a directory cannot be opened
+    (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        if path.is_dir():
-            return
-        raise
+        return
     try:
-        os.fsync(fd)
-    except OSError:
-        if not path.is_dir():
-            raise
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -205,7 +202,7 @@ def write_atomic(path: Path, content: str | Callable[[IO[bytes]], object], error
         if not error or not isinstance(e, OSError):
             raise
         raise RunError(f"{path}: cannot write ({e.strerror or e})") from None
-    _fsync(path.parent)
+    _fsync_dir(path.parent)
 
 
 def trim_metrics(path: Path, step: int) -> set[int]:

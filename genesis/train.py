@@ -461,7 +461,7 @@ def train_loop(run: Run) -> dict:
                 raise RunError(oom_line(run, reason, "nothing saved")) from None
             saved = save_after_error(run, e)
             if reason:
-                raise RunError(oom_line(run, reason, saved)) from None
+                raise RunError(oom_line(run, reason, saved or "rank 0 saves the run")) from None
             if world.distributed and collective_failed(e):
                 raise PeerStopped.after(e, saved) from None
             if saved:

@@ -1020,3 +1020,20 @@ def test_out_of_memory_in_the_first_step_is_one_line_with_a_hint(tmp_path, monke
         "): lower training.micro_batch (raise training.grad_accum to keep the step) or model.seq_len, or set "
         "training.grad_checkpointing = true; nothing saved"), err
     assert not (out / CHECKPOINT).exists()
+
+
+def test_keep_checkpoints_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    from genesis.runs import keep_step_checkpoint
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(b"step 5")
+    keep_step_checkpoint(path, 5, keep=1)
+    assert (tmp_path / "checkpoint-5.pt").read_bytes() == b"step 5"
+    assert (tmp_path / "checkpoint-5.pt").stat().st_ino != path.stat().st_ino
+    path.write_bytes(b"step 7")
+    keep_step_checkpoint(path, 7, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-7.pt", CHECKPOINT]
