@@ -59,7 +59,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world:
     }
     try:
         write_atomic(path, lambda f: torch.save(state, f), error=False)
-    except Exception as e:
+    except (OSError, RuntimeError) as e:  # not a signal's Interrupted: the loop saves again for it
         kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was saved before"
         raise SaveError(f"{path}: cannot save the checkpoint of step {step} ({first_line(e)}); {kept}") from None
 
