@@ -87,8 +87,11 @@ def keep_step_checkpoint(path: Path, step: int, keep: int) -> None:
         _fsync_dir(path.parent)
         for old in sorted(step_checkpoints(path.parent))[:-keep]:
             (path.parent / f"checkpoint-{old}.pt").unlink(missing_ok=True)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         raise SaveError(f"{kept}: cannot keep the checkpoint of step {step} ({first_line(e)}); {path} is "
                         f"saved") from None
 
