@@ -164,6 +164,10 @@ class TrainingConfig:
     eval_batches: int = doc(16, "held-out batches per evaluation (windows spread evenly over the held-out text)")
     log_every: int = doc(10, "one log line and metrics.jsonl record every N steps")
     checkpoint_every: int = doc(500, "checkpoint every N steps (and at the end); 0 saves only at the end")
+    keep_checkpoints: int = doc(0, "also keep the last N saved steps as checkpoint-<step>.pt beside checkpoint.pt "
+                                   "(hard links: no extra disk until checkpoint.pt moves on); 0 keeps none")
+    skip_nonfinite: int = doc(0, "skip up to N optimizer steps whose loss or gradient norm is NaN/inf (logged); "
+                                 "one more stops the run, keeping the last checkpoint; 0 stops at the first")
     seed: int = doc(1337, f"seeds the model init, batches and (unless masking.seed is set) masking; in {SEED_RANGE}")
     device: str = doc("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     expected_device: str = doc("", "the device the config is sized for ('cuda'); on a machine without it, warn once")
@@ -175,7 +179,7 @@ class TrainingConfig:
         # steps 0 .. 2**32 - 2: the masker keys a step by a 32-bit counter word; held-out masks use 2**32 - 1
         _check(self.steps < 2**32, "steps", f"must be < 2**32, the range of the masker's 32-bit step counter "
                                             f"(got {self.steps})")
-        for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for key in ("warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "skip_nonfinite"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0 (got {getattr(self, key)})")
         _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
         _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}] (got {self.min_lr})",

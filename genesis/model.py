@@ -292,17 +292,29 @@ def check_memory(cfg: Config, vocab_size: int, device: torch.device, free: int |
                                                    ", or set training.grad_checkpointing = true"))
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation failure says, in a few words (the size tried, where the allocator says it); None for any
+    other error. torch.OutOfMemoryError (CUDA) is a RuntimeError, and so is the CPU allocator's "can't allocate
+    memory"; Python's own is MemoryError."""
+    if not isinstance(e, (MemoryError, RuntimeError)):
+        return None
+    text = str(e).strip()
+    if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not re.search(
+            r"out of memory|can't allocate memory|tried to allocate|failed to allocate", text, re.IGNORECASE):
+        return None  # not "an illegal memory access", say
+    found = re.search(r"(?:can't allocate memory: you tried to allocate|Tried to allocate) [^.(]+", text)
+    return found.group(0).strip() if found else (text.splitlines() or [type(e).__name__])[0][:160]
+
+
 def build_model(a: ModelArgs, device: torch.device, cfg: Config) -> Llama:
     """`Llama(a)` on `device`; an allocation that fails there (beyond what `check_memory` foresaw) is a ConfigError
     in one line, not the allocator's traceback."""
     try:
         return Llama(a).to(device)
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; so is the CPU allocator's
-        text = str(e).strip()
-        if not isinstance(e, MemoryError) and "memory" not in text.lower() and "alloc" not in text.lower():
+    except (MemoryError, RuntimeError) as e:
+        reason = out_of_memory(e)
+        if reason is None:
             raise
-        found = re.search(r"(?:can't allocate memory: you tried to allocate|Tried to allocate) [^.(]+", text)
-        reason = found.group(0).strip() if found else (text.splitlines() or [type(e).__name__])[0][:160]
         raise ConfigError(f"{_where(cfg)}: model: {_params(param_count(a))} cannot be allocated on {device} "
                           f"({reason}); make the model smaller (model.dim, model.n_layers, model.ffn_dim)") \
             from None

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
+import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 
@@ -31,9 +34,16 @@ class RunError(Exception):
     """A problem with the run directory or the checkpoint, phrased as one line."""
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world: World | None = None) -> None:
-    """Atomic: written to a temporary file, then renamed over the old checkpoint. Rank 0 writes it (every process
-    holds the same weights); the others return at once."""
+class SaveError(RunError):
+    """A checkpoint that could not be written (a full disk, ...); the previous one is kept."""
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world: World | None = None,
+                    extra: dict | None = None) -> None:
+    """Atomic: written to a temporary file, fsynced, then renamed over the old checkpoint. Rank 0 writes it (every
+    process holds the same weights); the others return at once. Any failure (torch.save raises RuntimeError for a
+    full disk) is a SaveError line, the temporary file removed and the previous checkpoint left as it was. `extra`:
+    more entries of the checkpoint dict."""
     processes = world.size if world is not None else 1
     if world is not None and not world.main:
         return
@@ -45,8 +55,51 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world:
         "model_args": vars(raw.args),
         "config": to_dict(cfg),
         "processes": processes,
+        **(extra or {}),
     }
-    write_atomic(path, lambda tmp: torch.save(state, tmp), error=False)
+    try:
+        write_atomic(path, lambda f: torch.save(state, f), error=False)
+    except (OSError, RuntimeError) as e:  # not a signal's Interrupted: the loop saves again for it
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was saved before"
+        raise SaveError(f"{path}: cannot save the checkpoint of step {step} ({first_line(e)}); {kept}") from None
+
+
+STEP_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+def keep_step_checkpoint(path: Path, step: int, keep: int) -> None:
+    """training.keep_checkpoints: checkpoint-<step>.pt beside the checkpoint just saved at `path`, as a hard link
+    (the same file: no copy, no extra disk until checkpoint.pt is replaced by the next save's rename); a copy where
+    the file system has no hard links. Only the `keep` newest step checkpoints stay."""
+    if keep <= 0:
+        return
+    kept = path.with_name(f"checkpoint-{step}.pt")
+    tmp = kept.with_name(kept.name + f".tmp{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # FAT, some network file systems
+            shutil.copyfile(path, tmp)
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, kept)
+        _fsync_dir(path.parent)
+        for old in sorted(step_checkpoints(path.parent))[:-keep]:
+            (path.parent / f"checkpoint-{old}.pt").unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        raise SaveError(f"{kept}: cannot keep the checkpoint of step {step} ({first_line(e)}); {path} is "
+                        f"saved") from None
+
+
+def step_checkpoints(run_dir: Path) -> list[int]:
+    """The steps of the checkpoint-<step>.pt files in `run_dir`."""
+    found = (STEP_CHECKPOINT.fullmatch(p.name) for p in run_dir.glob("checkpoint-*.pt"))
+    return [int(m.group(1)) for m in found if m]
 
 
 # Settings a resumed run may change: how long it runs, how often it logs, evaluates and saves, and where and how
@@ -54,7 +107,8 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world:
 # something other than what the checkpoint trained.
 RESUME_MAY_CHANGE = frozenset({
     "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
-    "training.checkpoint_every", "training.compile", "training.grad_checkpointing", "training.device",
+    "training.checkpoint_every", "training.keep_checkpoints", "training.skip_nonfinite", "training.compile",
+    "training.grad_checkpointing", "training.device",
     "training.dtype", "training.expected_device", "training.out_dir", "data.cache_dir", "masking.impl",
 })
 
@@ -116,22 +170,42 @@ def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1,
     return lines
 
 
-def write_atomic(path: Path, content: str | Callable[[Path], object], error: bool = True) -> None:
-    """Written to a temporary file, then renamed over `path`: never a half-written file. `content` is text, or a
-    function that writes the temporary path it is given (torch.save). With `error`, an OSError becomes one RunError
-    line (and the temporary file is removed); without, it is raised as it is."""
+def _fsync_dir(path: Path) -> None:
+    """Flush directory `path`'s entries (a rename in it) to the disk; a no-op where a directory cannot be opened
+    (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, content: str | Callable[[IO[bytes]], object], error: bool = True) -> None:
+    """Written to a temporary file, fsynced, renamed over `path`, and the directory fsynced: never a half-written
+    file, and the new one survives a power loss once this returns. `content` is text, or a function that writes
+    the binary file it is given (torch.save). The temporary file is removed on any error. With `error`, an OSError
+    becomes one RunError line; without, it is raised as it is."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        if callable(content):
-            content(tmp)
-        else:
-            tmp.write_text(content, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if not error:
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not error or not isinstance(e, OSError):
             raise
-        tmp.unlink(missing_ok=True)
         raise RunError(f"{path}: cannot write ({e.strerror or e})") from None
+    _fsync_dir(path.parent)
 
 
 def trim_metrics(path: Path, step: int) -> set[int]:
@@ -152,6 +226,27 @@ def trim_metrics(path: Path, step: int) -> set[int]:
                 evaluated.add(rec["step"])
     write_atomic(path, "".join(line + "\n" for line in kept))
     return evaluated
+
+
+def strict_json(rec: dict) -> str:
+    """A metrics record as one line of strict JSON: a NaN or infinite number becomes null, and the record's
+    `nonfinite` field names the keys that held one (a plain json.dumps writes NaN, which strict parsers refuse)."""
+    bad = []
+
+    def clean(value, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(key)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, key) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, key) for v in value]
+        return value
+
+    out = {key: clean(value, key) for key, value in rec.items()}
+    if bad:
+        out["nonfinite"] = sorted(set(bad))
+    return json.dumps(out, allow_nan=False)
 
 
 def open_metrics(run_dir: Path, start: int, resumed: bool):
@@ -198,6 +293,10 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[Llama, dict]:
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # TypeError (bad model_args), RuntimeError (weights of another shape), ...
         raise RunError(f"{path}: the weights do not fit the checkpoint's model_args ({first_line(e)})") from None
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:
+        raise RunError(f"{path}: non-finite weights (NaN or inf) in {len(bad)} of {len(model.state_dict())} tensors "
+                       f"({bad[0]}, ...): the run diverged before step {ckpt['step']}; use an earlier checkpoint")
     return model, ckpt
 
 
@@ -225,3 +324,111 @@ def make_run_dir(run_dir: Path) -> None:
         raise RunError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
 
 
+
+
+LOCK = "train.lock"
+TEMPORARY = re.compile(r"(checkpoint(-\d+)?\.pt|config\.toml|tokenizer\.json|metrics\.jsonl)\.tmp(\d+)")
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a training process: `LOCK` in it, locked with
+    fcntl.flock (msvcrt on Windows; where neither works, no lock), holding the pid of the process that has it. The
+    system releases it when the process ends, however it ends; the file stays (removing it would let two processes
+    lock two different files)."""
+
+    def __init__(self, run_dir: Path):
+        path = run_dir / LOCK
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"{path}: cannot create the run's lock file ({e.strerror or e})") from None
+        try:
+            locked = _lock(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        if not locked:
+            holder = "unknown"
+            with contextlib.suppress(OSError):  # empty while the holder has not written it yet
+                holder = os.read(self.fd, 64).decode("ascii", "replace").strip() or holder
+            os.close(self.fd)
+            raise RunError(f"{run_dir}: in use by another training process (pid {holder}); wait for it to end or "
+                           f"stop it (evaluating the run meanwhile is fine)")
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    fd: int | None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the lock
+            self.fd = None
+
+
+def _lock(fd: int) -> bool:
+    """Lock `fd` exclusively without waiting: False if another process holds it; True also where the system offers
+    no lock at all (nothing is locked then)."""
+    try:
+        import fcntl
+    except ImportError:
+        try:
+            import msvcrt
+        except ImportError:
+            return True
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # the file's first byte: the pid is read past it by no one
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks (some network mounts): run unlocked rather than not at all
+        return True
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` may be running (True where this cannot be told: not POSIX, where os.kill with signal 0
+    would end the process instead of asking)."""
+    if os.name != "posix" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(run_dir: Path, log: Callable[[str], None]) -> None:
+    """The temporary files of writes cut short (a killed save leaves a full-size checkpoint.pt.tmp<pid>), removed
+    when the process named by their pid is gone; called with the run's lock held, so no live trainer writes them."""
+    for path in sorted(run_dir.glob("*.tmp*")):
+        found = TEMPORARY.fullmatch(path.name)
+        if not found or pid_alive(int(found.group(3))):
+            continue
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            path.unlink()
+            log(f"removed {path} ({size / 2**20:.1f} MiB), left by a write of process {found.group(3)} that was cut "
+                f"short")
+
+
+def claim_run_dir(run_dir: Path, resume: bool, log: Callable[[str], None]) -> RunLock:
+    """The run directory made (if new) and locked for this training process, checked again now that no other can
+    start on it (a run finished meanwhile is not overwritten), and cleared of stale temporary files."""
+    make_run_dir(run_dir)
+    lock = RunLock(run_dir)
+    try:
+        if not resume and (run_dir / CHECKPOINT).is_file():
+            raise RunError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
+                           f"or --out DIR for a new run")
+        remove_stale_temporaries(run_dir, log)
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from genesis.runs import RunError
+
 
 def lr_at(step: int, cfg) -> float:
     """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at cfg.steps."""
@@ -53,3 +55,56 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -
             stats = torch.stack([c.loss.detach() * c.count, c.correct.float(), c.count.float()])
             class_stats = stats if class_stats is None else class_stats + stats
     return total, class_stats if class_stats is not None else torch.zeros(3, device=total.device)
+
+
+class NonFiniteError(RunError):
+    """A step's loss or gradient norm was NaN or infinite (beyond training.skip_nonfinite), phrased as one line."""
+
+
+class NonFiniteGuard:
+    """The optimizer step, taken only when the step's loss and gradient norm are finite; the non-finite steps found,
+    up to `budget` of them skipped (training.skip_nonfinite), then a NonFiniteError.
+
+    No host sync of its own: with a fused optimizer (AdamW on CUDA) the skip happens on the device (the optimizer's
+    `found_inf`, as GradScaler uses it: no update, no step count), and `check()` reads the values where the loop
+    syncs anyway (a log step, a save). An unfused optimizer (the CPU) is told on the host, which costs nothing there
+    (CPU work is synchronous), and so each step is checked as it ends."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, budget: int, skipped: list[int] | None = None):
+        self.optimizer, self.budget = optimizer, budget
+        self.on_device = bool(optimizer.defaults.get("fused"))
+        self.skipped = list(skipped or [])  # the steps skipped so far in the run (saved in the checkpoint)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm]) not yet checked
+
+    def step(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Step `done` of the optimizer (1-based), unless `loss` or `grad_norm` is non-finite."""
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        if self.on_device:
+            self.optimizer.found_inf = values.isfinite().all().logical_not().float()
+            self.optimizer.step()
+        elif all(map(math.isfinite, values.tolist())):
+            self.optimizer.step()
+        self.pending.append((done, values))
+
+    def check(self, sync: bool = True) -> list[str]:
+        """The steps not checked yet: one line each for those skipped; a NonFiniteError at the first one beyond
+        the budget. `sync` False (a step that is not a log step) checks only where that needs no host sync."""
+        if not self.pending or (self.on_device and not sync):
+            return []
+        steps = [done for done, _ in self.pending]
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        self.pending = []
+        lines = []
+        for done, (loss, grad_norm) in zip(steps, values):
+            bad = [f"{name} {value}" for name, value in (("loss", loss), ("grad norm", grad_norm))
+                   if not math.isfinite(value)]
+            if not bad:
+                continue
+            if len(self.skipped) >= self.budget:
+                raise NonFiniteError(f"step {done}: non-finite {' and '.join(bad)}" + (
+                    f" (after {len(self.skipped)} skipped, training.skip_nonfinite = {self.budget})"
+                    if self.budget else ""))
+            self.skipped.append(done)
+            lines.append(f"step {done}: non-finite {' and '.join(bad)}: optimizer step skipped "
+                         f"({len(self.skipped)} of training.skip_nonfinite = {self.budget})")
+        return lines

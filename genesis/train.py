@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -54,22 +53,26 @@ from genesis.distributed import (
     world_from_env,
 )
 from genesis.heldout import HeldoutConnectives, evaluate_loss
-from genesis.model import Llama, ModelArgs, build_model, check_memory
+from genesis.model import Llama, ModelArgs, build_model, check_memory, out_of_memory
 from genesis.runs import (
     CHECKPOINT,
     RunError,
-    make_run_dir,
+    SaveError,
+    claim_run_dir,
+    keep_step_checkpoint,
     open_metrics,
     read_checkpoint,
     resume_changes,
     save_checkpoint,
     setup_run_dir,
+    strict_json,
     write_atomic,
 )
-from genesis.step import accumulate_gradients, lr_at, make_optimizer
+from genesis.step import NonFiniteError, NonFiniteGuard, accumulate_gradients, lr_at, make_optimizer
 from genesis.tokenizer import TokenizerError
 
 _saved = False  # the running training's checkpoint has been saved for the way it is stopping
+_lock = None  # rank 0's RunLock on the run directory, from setup to the end of train()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,17 +117,21 @@ class Run:
     summary: dict = field(default_factory=dict)
     t_last: float = 0.0  # when the last log line was written (less evaluations since)
     steps_since: int = 0  # the steps since then
+    guard: NonFiniteGuard | None = None  # takes the optimizer step unless the loss or gradient norm is non-finite
+    saved_step: int | None = None  # the step of the checkpoint in the run directory (None: none yet)
 
 
 def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.device,
           amp_dtype: torch.dtype) -> Run:
     """Data, masker, model and optimizer, the checkpoint loaded on --resume, and the run directory written."""
-    global _saved
+    global _saved, _lock
     t = cfg.training
     _saved = False
     amp = autocast(device, amp_dtype)
     torch.manual_seed(t.seed)
     ckpt = None
+    if resume and world.main:  # before reading the checkpoint: no other process writes it meanwhile
+        _lock = claim_run_dir(run_dir, resume, log)
     if resume:
         ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step"))
         if "config" in ckpt:  # checkpoints from before configs were saved in them are not checked
@@ -148,8 +155,6 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
                                                  seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
                                                  check_ids=False, log=log).to(device)  # .to: impl chosen now
         log(masker.describe())
-    if world.main:
-        make_run_dir(run_dir)
     train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
     # the connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation
     from genesis.masking import resolve_lexicon
@@ -161,6 +166,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
 
     args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
     model = build_model(args, device, cfg)
+    if world.main and not resume:  # once the model is built: a run that cannot start leaves no run directory
+        _lock = claim_run_dir(run_dir, resume, log)
     model.grad_checkpointing = t.grad_checkpointing
     processes = f" x {world.size} processes (DDP)" if world.distributed else ""
     log(f"model: {model.num_params() / 1e6:.2f} M parameters | {args.n_layers} layers x {args.dim} | "
@@ -168,7 +175,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
         f"{str(amp_dtype).replace('torch.', '')}")
     optimizer = make_optimizer(model, t, device)
 
-    start, resumed = 0, ckpt is not None
+    start, resumed, skipped = 0, ckpt is not None, []
     if resumed:
         try:
             model.load_state_dict(ckpt["model"])
@@ -179,7 +186,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
         except Exception as e:  # ValueError: other parameter groups; KeyError: not an optimizer state
             raise RunError(f"{run_dir / CHECKPOINT}: its optimizer state does not fit this config's model "
                            f"({first_line(e)})") from None
-        start = ckpt["step"]
+        start, skipped = ckpt["step"], ckpt.get("nonfinite_skipped", [])
         del ckpt  # the weights now live in the model; do not keep a second copy for the whole run
     # written once the checkpoint (if any) is known to fit: a refused --resume leaves the run as it was
     if world.main:
@@ -209,7 +216,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
                step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
                heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
                progress=Progress(t.steps, enabled=world.main, keep=False), completed=start,
-               summary={"run_dir": str(run_dir)}, t_last=time.time())
+               summary={"run_dir": str(run_dir)}, t_last=time.time(),
+               guard=NonFiniteGuard(optimizer, t.skip_nonfinite, skipped), saved_step=start if resumed else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,9 +249,10 @@ def train_step(run: Run, step: int) -> None:
     # step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
     with signals_held():
         run.updating = True
-        run.optimizer.step()
+        run.guard.step(step + 1, loss, grad_norm)  # the optimizer step, unless either is non-finite
         run.completed = step + 1
         run.optimizer.zero_grad(set_to_none=True)
+        check_finite(run, sync=values is not None)  # at a log step, after its sync: free
         log_step(run, run.completed, values, lr, grad_norm)
         run.updating = False
 
@@ -284,6 +293,8 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
         rec["masked_fraction"] = values[1] / tokens
         rec["masked_connectives"] = round(values[2])
         line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
+    if run.guard.skipped:
+        rec["skipped_steps"] = len(run.guard.skipped)
     if run.model.class_head is not None:  # over this step's masked tokens (every piece of a masked word)
         labelled = values[5]
         rec["class_loss"] = values[3] / labelled if labelled else None
@@ -303,7 +314,7 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
 def record(run: Run, rec: dict) -> None:
     """One line of metrics.jsonl, flushed (rank 0 only)."""
     if run.world.main:
-        run.metrics.write(json.dumps(rec) + "\n")
+        run.metrics.write(strict_json(rec) + "\n")
         run.metrics.flush()
 
 
@@ -336,8 +347,28 @@ def evaluate(run: Run, step: int) -> None:
 
 
 def save(run: Run) -> None:
-    """The checkpoint of step `completed` (rank 0 writes it)."""
-    save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world)
+    """The checkpoint of step `completed` (rank 0 writes it), and its checkpoint-<step>.pt with keep_checkpoints;
+    first the steps not checked for non-finite values yet (a NonFiniteError then saves nothing)."""
+    check_finite(run)
+    save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world,
+                    extra={"nonfinite_skipped": run.guard.skipped})
+    run.saved_step = run.completed
+    if run.world.main:
+        keep_step_checkpoint(run.run_dir / CHECKPOINT, run.completed, run.cfg.training.keep_checkpoints)
+
+
+def check_finite(run: Run, sync: bool = True) -> None:
+    """The guard's check of the steps since the last: a line per skipped step; a NonFiniteError (nothing saved)
+    beyond training.skip_nonfinite."""
+    try:
+        lines = run.guard.check(sync)
+    except NonFiniteError as e:
+        kept = (f"its checkpoint of step {run.saved_step} is kept in {run.run_dir / CHECKPOINT}"
+                if run.saved_step is not None else "before its first checkpoint: nothing saved")
+        raise NonFiniteError(f"{e}; training stopped, {kept} (lower training.lr, or set training.skip_nonfinite to "
+                             f"skip such steps)") from None
+    for line in lines:
+        warn(line)
 
 
 def save_and_raise(run: Run, e: BaseException) -> None:
@@ -418,10 +449,19 @@ def train_loop(run: Run) -> dict:
                 _saved = True
         except (KeyboardInterrupt, Interrupted) as e:
             save_and_raise(run, e)
+        except (NonFiniteError, SaveError):  # one line; the checkpoint saved before stays as it is
+            raise
         except Exception as e:
+            reason = out_of_memory(e)
             if run.updating:
+                if reason:
+                    raise RunError(oom_line(run, reason, "the last checkpoint saved before is kept")) from None
                 raise
+            if reason and run.completed == run.start:  # no step taken: nothing worth saving (lower the batch)
+                raise RunError(oom_line(run, reason, "nothing saved")) from None
             saved = save_after_error(run, e)
+            if reason:
+                raise RunError(oom_line(run, reason, saved or "rank 0 saves the run")) from None
             if world.distributed and collective_failed(e):
                 raise PeerStopped.after(e, saved) from None
             if saved:
@@ -432,6 +472,13 @@ def train_loop(run: Run) -> dict:
                 with contextlib.suppress(OSError):  # every record is flushed: nothing is lost
                     run.metrics.close()
     return finish(run, late)
+
+
+def oom_line(run: Run, reason: str, saved: str) -> str:
+    """The one line of an out-of-memory error in a step or an evaluation."""
+    hint = "" if run.cfg.training.grad_checkpointing else ", or set training.grad_checkpointing = true"
+    return (f"out of memory in step {run.completed + 1} on {run.device} ({reason}): lower training.micro_batch "
+            f"(raise training.grad_accum to keep the step) or model.seq_len{hint}; {saved}")
 
 
 def finish(run: Run, late: list[int]) -> dict:
@@ -473,6 +520,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
+    global _lock
     device, amp_dtype = training_device(cfg, world)
     try:
         with process_group(world, device):
@@ -487,6 +535,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
         if _saved:  # e.g. torchrun's own SIGINT after the terminal's, during the teardown: the checkpoint is saved
             e.checkpoint_saved = True
         raise
+    finally:
+        if _lock is not None:
+            _lock.release()
+            _lock = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

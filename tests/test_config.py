@@ -86,6 +86,8 @@ def test_config_knows_where_each_value_came_from(tmp_path):
         ("[data]\nheldout_every = 1\n", "data.heldout_every", "must be >= 2"),
         ("[training]\nsteps = 4294967296\n", "training.steps", "must be < 2**32, the range of the masker's 32-bit"),
         ("training = 5\n", "training", "expected a table ([training]), got 5"),
+        ("[training]\nkeep_checkpoints = -1\n", "training.keep_checkpoints", "must be >= 0 (got -1)"),
+        ("[training]\nskip_nonfinite = -2\n", "training.skip_nonfinite", "must be >= 0 (got -2)"),
     ],
 )
 def test_bad_values_name_file_key_reason(tmp_path, text, key, reason):

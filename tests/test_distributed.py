@@ -79,7 +79,7 @@ def test_two_processes_train_what_one_trains_with_twice_the_accumulation(tmp_pat
     assert "device cpu x 2 processes (DDP)" in proc.stdout
     assert proc.stdout.count("step     10/10 | loss") == 1 and proc.stdout.count("done: 10 steps") == 1
     assert {p.name for p in (tmp_path / "ddp").iterdir()} == {"config.toml", "tokenizer.json", "metrics.jsonl",
-                                                                CHECKPOINT}
+                                                                CHECKPOINT, "train.lock"}
 
 
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_path):
@@ -167,6 +167,24 @@ def test_an_error_on_rank_0_is_one_line_and_the_others_stay_silent(tmp_path):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
     assert errors == [f"error: {tmp_path / 'missing.txt'}: corpus file not found"], proc.stderr
     assert "Connection closed" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_in_use_refuses_a_torchrun_launch_in_one_line(tmp_path):
+    """Rank 0 takes the run's lock; when another trainer holds it, rank 0 says so once and the others stop with it."""
+    from genesis.runs import RunLock
+
+    (tmp_path / "run").mkdir()
+    lock = RunLock(tmp_path / "run")
+    try:
+        proc = subprocess.run(torchrun_cmd("--config", "cpu.toml", "--out", str(tmp_path / "run"), *SMALL),
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+    assert errors == [f"error: {tmp_path / 'run'}: in use by another training process (pid {os.getpid()}); wait for "
+                      f"it to end or stop it (evaluating the run meanwhile is fine)"], proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train.lock"]
 
 
 def test_evaluate_and_compare_refuse_several_processes(tmp_path):

@@ -527,6 +527,7 @@ def test_a_model_that_cannot_fit_fails_with_one_line_before_the_run_dir(tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --set model.dim=1000000000000: model: 1.60e+25 parameters "
                                                    "cannot be allocated on cpu (can't allocate memory"), err
+    assert not out.exists()  # the model is built before the run directory is made
 
 
 def test_out_that_is_a_file_fails_with_one_line(tmp_path, capsys, signal_handlers):
@@ -791,3 +792,248 @@ def test_resume_from_a_damaged_checkpoint_fails_with_one_line(finished_run, tmp_
     elif "optimizer" not in damage:  # the evaluator loads the weights alone, with the same one-line errors
         with pytest.raises(trainer.RunError, match=f"^{path}: "):
             load_model(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing lost, nothing silent: non-finite steps, failed saves, kept step checkpoints, the run lock, out of memory
+
+
+def strict_records(run_dir):
+    """metrics.jsonl read by a strict JSON parser (NaN and Infinity refused)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fused_adamw(monkeypatch):
+    """make_optimizer giving AdamW(fused=True), as on CUDA: the guard then skips on the device, unsynced."""
+    def make_optimizer(model, cfg, device):
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 fused=True)
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_before_it(tmp_path, capsys, signal_handlers):
+    """training.lr = 1e6: the gradient norm is NaN at step 2. The run stops with one line naming the step and the
+    value, exits 2, saves nothing (not even on the error path), and step 1's checkpoint loads with finite weights;
+    metrics.jsonl parses strictly. genesis.evaluate refuses a checkpoint with non-finite weights in one line."""
+    from genesis.evaluate.cli import main as evaluate_main
+
+    out = tmp_path / "run"
+    proc = run_cli("genesis.train", "--config", "cpu.toml", "--out", str(out), *SMALL, "--set", "training.steps=8",
+                   "--set", "training.eval_every=0", "--set", "training.lr=1e6", "--set", "training.min_lr=0",
+                   "--set", "training.warmup_steps=0", "--set", "training.checkpoint_every=1",
+                   "--set", "training.log_every=1", check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: step 2: non-finite grad norm nan; training stopped, its checkpoint of step 1 is kept in "
+        f"{out / CHECKPOINT} (lower training.lr, or set training.skip_nonfinite to skip such steps)"], proc.stderr
+    model, ckpt = load_model(out / CHECKPOINT)
+    assert ckpt["step"] == 1 and all(p.isfinite().all() for p in model.parameters())
+    assert [r["step"] for r in strict_records(out)] == [1]  # step 2 stopped before its record
+    assert not list(out.glob("*.tmp*"))
+    # a checkpoint with non-finite weights: refused by evaluate (and everything that loads a model), in one line
+    nan = dict(ckpt, model={k: v.clone().fill_(float("nan")) if k.endswith("norm.weight") else v
+                            for k, v in ckpt["model"].items()})
+    torch.save(nan, out / CHECKPOINT)
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(out), "--no-plots", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out / CHECKPOINT}: non-finite weights (NaN or inf) in "
+                                                   f"5 of "), err
+
+
+def nan_loss_on_call(n: int):
+    """accumulate_gradients whose n-th call's loss (and so its gradients) are NaN."""
+    real = trainer.accumulate_gradients
+    calls = []
+
+    def wrapped(model, micro_batches, *args):
+        calls.append(1)
+        if len(calls) == n:
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
+            return torch.tensor(float("nan")), torch.zeros(3)
+        return real(model, micro_batches, *args)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_nonfinite_skips_the_optimizer_step_and_says_so(tmp_path, monkeypatch, capsys, signal_handlers, fused):
+    """skip_nonfinite = 1: step 3's NaN loss and gradients are skipped (AdamW takes 5 of 6 steps, every weight
+    stays finite), one warning line says so, its record holds null for the NaN values and names them, and the
+    count rides along in every later record; a second NaN step stops the run. With a fused AdamW (CUDA's) the skip
+    happens on the device and is found at the next log step (5), not at once."""
+    if fused:
+        fused_adamw(monkeypatch)
+    cfg = small_config("training.steps=6", "training.eval_every=0", "training.log_every=1" if not fused else
+                       "training.log_every=5", "training.skip_nonfinite=1", "training.checkpoint_every=0")
+    monkeypatch.setattr(trainer, "accumulate_gradients", nan_loss_on_call(3))
+    capsys.readouterr()
+    train(cfg, tmp_path / "run")
+    assert capsys.readouterr().err == ("warning: step 3: non-finite loss nan and grad norm nan: optimizer step skipped "
+                                       "(1 of training.skip_nonfinite = 1)\n")
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {5.0}
+    assert ckpt["nonfinite_skipped"] == [3] and all(w.isfinite().all() for w in ckpt["model"].values())
+    recs = strict_records(tmp_path / "run")
+    if not fused:
+        assert recs[2]["step"] == 3 and recs[2]["loss"] is None and recs[2]["nonfinite"] == ["grad_norm", "loss"]
+        assert [r.get("skipped_steps") for r in recs if r["kind"] == "train"] == [None, None, 1, 1, 1, 1]
+    else:
+        assert [(r["step"], r.get("skipped_steps")) for r in recs if r["kind"] == "train"] == [(5, 1), (6, 1)]
+    # one more than the budget stops the run (the fused path: at the log step after it, with nothing saved)
+    cfg = small_config("training.steps=6", "training.eval_every=0", "training.log_every=5",
+                       "training.checkpoint_every=0")
+    monkeypatch.setattr(trainer, "accumulate_gradients", nan_loss_on_call(2))
+    with pytest.raises(trainer.NonFiniteError, match=r"^step 2: non-finite loss nan and grad norm nan; training "
+                                                     r"stopped, before its first checkpoint: nothing saved"):
+        train(cfg, tmp_path / "stopped")
+    assert not (tmp_path / "stopped" / CHECKPOINT).exists()
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                       signal_handlers):
+    """A full disk during the second save (torch.save raises RuntimeError half-way through the file): one line, the
+    temporary file removed, step 2's checkpoint intact and loadable; no second attempt on the error path."""
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04" + bytes(1000))  # part of the archive, then the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed\nNo space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    err = main_error(capsys, "--out", str(out), "--set", "training.steps=6", "--set", "training.eval_every=0",
+                     "--set", "training.checkpoint_every=2")
+    assert err == (f"error: {out / CHECKPOINT}: cannot save the checkpoint of step 4 (RuntimeError: [enforce fail at "
+                   f"inline_container.cc:858] . PytorchStreamWriter failed writing file data/3: file write failed); "
+                   f"the previous checkpoint is kept")
+    assert len(calls) == 2 and not list(out.glob("*.tmp*"))
+    assert load_model(out / CHECKPOINT)[1]["step"] == 2
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed_on_resume(finished_run, tmp_path, capsys,
+                                                                        signal_handlers):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        stale, busy = run_dir / f"checkpoint.pt.tmp{gone.pid}", run_dir / f"checkpoint.pt.tmp{alive.pid}"
+        other = run_dir / f"notes.txt.tmp{gone.pid}"  # not a name Genesis writes: left alone
+        for path in (stale, busy, other):
+            path.write_bytes(bytes(2**20))
+        assert trainer.main(["--config", str(run_dir / "config.toml"), "--out", str(run_dir), "--set",
+                             "training.steps=3", "--resume"]) == 0
+        assert not stale.exists() and busy.exists() and other.exists()
+        assert f"removed {stale} (1.0 MiB), left by a write of process {gone.pid} that was cut short" in \
+            capsys.readouterr().out
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_keep_checkpoints_keeps_the_last_step_checkpoints_and_evaluate_takes_them(tmp_path, capsys,
+                                                                                  signal_handlers):
+    from genesis.evaluate.cli import main as evaluate_main
+
+    out = tmp_path / "run"
+    train(small_config("training.steps=7", "training.eval_every=0", "training.checkpoint_every=2",
+                       "training.keep_checkpoints=2"), out)
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint-6.pt", "checkpoint-7.pt", "checkpoint.pt"]
+    assert (out / "checkpoint-7.pt").stat().st_ino == (out / CHECKPOINT).stat().st_ino  # a hard link: no copy
+    assert load_model(out / "checkpoint-6.pt")[1]["step"] == 6
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(out / "checkpoint-6.pt"), "--max-items", "4", "--no-plots", "--quiet",
+                          "--device", "cpu"]) == 0
+    result = json.loads((out / "eval-kjv-heldout-step6" / "eval.json").read_text())
+    assert result["step"] == 6 and result["checkpoint"] == str(out / "checkpoint-6.pt")
+
+
+def test_two_starts_on_one_run_directory_one_runs_the_other_is_refused(tmp_path):
+    """The first has taken the lock but saved no checkpoint yet: the second start is refused in one line naming the
+    first's pid, before it writes anything (the first's metrics.jsonl is not truncated); the first runs on."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "genesis.train", "--config", "cpu.toml", "--out", str(out), *SMALL,
+                              "--set", "training.steps=100000", "--set", "training.log_every=1",
+                              "--set", "training.eval_every=0", "--set", "training.checkpoint_every=0"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        while not first.stdout.readline().startswith("step      2/"):
+            assert first.poll() is None, first.stderr.read()
+        logged = (out / "metrics.jsonl").read_text()
+        second = run_cli("genesis.train", "--config", "cpu.toml", "--out", str(out), *SMALL, "--set",
+                         "training.steps=3", check=False)  # (without the lock: a short run over the first's files)
+        assert second.returncode == 2 and second.stderr.splitlines() == [
+            f"error: {out}: in use by another training process (pid {first.pid}); wait for it to end or stop it "
+            f"(evaluating the run meanwhile is fine)"], second.stderr
+        assert (out / "metrics.jsonl").read_text().startswith(logged) and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] >= 2
+
+
+def test_resume_of_a_run_in_use_is_refused_naming_the_holder(finished_run, tmp_path, capsys, signal_handlers):
+    from genesis.runs import RunLock
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    lock = RunLock(run_dir)
+    try:
+        before = (run_dir / "metrics.jsonl").read_bytes()
+        assert main_error(capsys, "--out", str(run_dir), "--resume", "--set", "training.steps=3") == (
+            f"error: {run_dir}: in use by another training process (pid {os.getpid()}); wait for it to end or stop "
+            f"it (evaluating the run meanwhile is fine)")
+        assert (run_dir / "metrics.jsonl").read_bytes() == before
+    finally:
+        lock.release()
+    assert trainer.main(["--config", "cpu.toml", *SMALL, "--out", str(run_dir), "--resume",
+                         "--set", "training.steps=3"]) == 0  # released: it runs
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 11.72 GiB"),
+    MemoryError(),
+])
+def test_out_of_memory_in_the_first_step_is_one_line_with_a_hint(tmp_path, monkeypatch, capsys, signal_handlers,
+                                                                  error):
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "accumulate_gradients", raising_on_call(trainer.accumulate_gradients, 1, error))
+    err = main_error(capsys, "--out", str(out), "--set", "training.steps=3", "--set", "training.eval_every=0")
+    assert err.startswith("error: out of memory in step 1 on cpu (") and err.endswith(
+        "): lower training.micro_batch (raise training.grad_accum to keep the step) or model.seq_len, or set "
+        "training.grad_checkpointing = true; nothing saved"), err
+    assert not (out / CHECKPOINT).exists()
+
+
+def test_keep_checkpoints_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    from genesis.runs import keep_step_checkpoint
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(b"step 5")
+    keep_step_checkpoint(path, 5, keep=1)
+    assert (tmp_path / "checkpoint-5.pt").read_bytes() == b"step 5"
+    assert (tmp_path / "checkpoint-5.pt").stat().st_ino != path.stat().st_ino
+    path.write_bytes(b"step 7")
+    keep_step_checkpoint(path, 7, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-7.pt", CHECKPOINT]

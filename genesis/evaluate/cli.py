@@ -30,7 +30,8 @@ from genesis.tokenizer import TokenizerError
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m genesis.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (or its run directory)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's checkpoint.pt or a kept checkpoint-<step>.pt, or the run directory")
     p.add_argument("--corpus", help="kjv, asv or a corpus file (default: the run's corpus); split by the run's rules")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"), help="which chapters (default heldout)")
     p.add_argument("--out", help="directory for eval.json and the plots (default <run dir>/eval-<corpus>-<split>)")
@@ -61,7 +62,9 @@ def _main(args: argparse.Namespace, argv) -> int:
         result["command"] = "python -m genesis.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
         run_dir = Path(result["checkpoint"]).parent
         corpus_name = Path(ctx.corpus).stem if ctx.corpus.lower() not in ("kjv", "asv") else ctx.corpus.lower()
-        out_dir = Path(args.out) if args.out else run_dir / f"eval-{corpus_name}-{args.split}"
+        # a kept step checkpoint (checkpoint-<step>.pt) has its own folder: a learning curve keeps every point
+        step = "" if Path(result["checkpoint"]).name == "checkpoint.pt" else f"-step{result['step']}"
+        out_dir = Path(args.out) if args.out else run_dir / f"eval-{corpus_name}-{args.split}{step}"
         json_path = Path(args.json) if args.json else out_dir / "eval.json"
         plots = [] if args.no_plots else write_plots(result, out_dir)
         result["plots"] = [str(p) for p in plots]
