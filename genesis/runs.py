@@ -56,6 +56,7 @@ RESUME_MAY_CHANGE = frozenset({
     "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
     "training.checkpoint_every", "training.compile", "training.grad_checkpointing", "training.device",
     "training.dtype", "training.expected_device", "training.out_dir", "data.cache_dir", "masking.impl",
+    "training.tensorboard", "training.threads",
 })
 
 
