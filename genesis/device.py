@@ -106,7 +106,7 @@ def use_compile(setting: bool | str, device: torch.device, log: Callable[[str], 
 def set_threads(threads: int, device: torch.device, log: Callable[[str], None]) -> None:
     """training.threads (0 keeps torch's default); on the CPU, one line suggesting fewer threads when the machine's
     1-minute load average is above its core count (other processes want the cores, and oversubscribed threads
-    wait on each other: 2.4x slower on a loaded 2-core machine)."""
+    wait on each other; docs/training.md has a measurement)."""
     if threads:
         torch.set_num_threads(threads)
     cores = os.cpu_count()

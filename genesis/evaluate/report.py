@@ -228,7 +228,7 @@ def plot_hardest_connectives(plt, result: dict[str, Any], path: Path, min_items:
     left.set_xlim(0, 1)
     left.set_xlabel("cloze recall (Wilson 95% interval)")
     left.set_ylabel("connective (cloze items)")
-    left.legend(fontsize=7, loc="upper right")  # hardest first: the top rows' bars are short
+    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.1), ncols=2, frameon=False)  # under the data
     left.xaxis.set_major_formatter(PercentFormatter(1.0))
     nxt = [next_by_word.get(w, {}).get("accuracy", 0.0) for w in words]
     errors = _errors(nxt, [next_by_word.get(w, {}).get("n", 0) for w in words])
