@@ -842,7 +842,7 @@ def step_share(config: str, device: str, strategy: str, steps: int, warmup: int)
     """Training steps of `config` with masking off and on, alternating in one process, plus the masking calls alone
     on the same batches: the step as genesis.train runs it (get_batch per micro-batch, the masker, forward and
     backward, clip, AdamW; masker.stats runs only at log steps there, so not here)."""
-    from genesis.device import autocast, training_device
+    from genesis.device import autocast, training_device, use_compile
     from genesis.masking import ConnectiveMasker as Masker
     from genesis.model import Llama, ModelArgs
     from genesis.step import accumulate_gradients, make_optimizer
@@ -858,7 +858,7 @@ def step_share(config: str, device: str, strategy: str, steps: int, warmup: int)
     model = Llama(ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))).to(dev)
     model.grad_checkpointing = t.grad_checkpointing
     optimizer = make_optimizer(model, t, dev)
-    step_model = torch.compile(model) if t.compile and dev.type == "cuda" else model
+    step_model = torch.compile(model) if use_compile(t.compile, dev) else model
     masker = Masker.from_tokenizer(tok, cfg.masking, mask_token=cfg.tokenizer.mask_token,
                                    seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
                                    check_ids=False, log=None).to(dev)

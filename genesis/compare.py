@@ -536,6 +536,71 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
     return "\n".join(lines)
 
 
+# The figure of metrics per strategy: (title, value from a run's eval.json and train.done, display scale, the cloze
+# scorer whose baselines are drawn)
+FIGURE_METRICS = (
+    ("next-token accuracy (%)", lambda e, t: e["next_token"]["accuracy"], 100, None),
+    ("next-token mean log p (nats)", lambda e, t: e["next_token"]["mean_logprob"], 1, None),
+    ("cloze accuracy, whole verse (%)", lambda e, t: e["cloze"]["scorers"]["model_verse"]["accuracy"], 100, "verse"),
+    ("cloze accuracy, suffix only (%)", lambda e, t: e["cloze"]["scorers"]["model_suffix"]["accuracy"], 100, "suffix"),
+    ("held-out loss (end of training)", lambda e, t: t["summary"].get("last_heldout_loss", float("nan")), 1, None),
+)
+
+
+def write_report_figures(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
+                         out_dir: Path) -> str:
+    """strategy_metrics.png (each metric per strategy: the mean over seeds with its 95% t-interval, every seed as a
+    dot, the cloze baselines as lines) and learning_curves.png (genesis.plot's figure of every run) in `out_dir`,
+    beside report.md; returns the report's Markdown section that links them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from genesis.plot import PlotError, plot_curves, read_curves
+
+    strategies = list(dict.fromkeys(r.strategy for r in runs))
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    scorers = evaluated[runs[0].name]["cloze"]["scorers"]
+    fig = Figure(figsize=(4.2 * len(FIGURE_METRICS), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    x = np.arange(len(strategies))
+    for k, (title, get, scale, cloze) in enumerate(FIGURE_METRICS):
+        ax = fig.add_subplot(1, len(FIGURE_METRICS), k + 1)
+        for i, strategy in enumerate(strategies):
+            values = [scale * get(evaluated[f"{strategy}-seed{s}"], trained[f"{strategy}-seed{s}"]) for s in seeds]
+            mean, low, high = mean_ci(values)
+            if scale == 100:  # an accuracy's t-interval can leave [0, 100] with few seeds; the truth cannot
+                low, high = max(low, 0.0), min(high, 100.0)
+            ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color=f"C{i % 10}", capsize=6,
+                        markersize=7, lw=1.5)
+            ax.scatter(np.full(len(values), i + 0.12), values, s=12, color=f"C{i % 10}", alpha=0.6)
+        if cloze is not None:
+            for name, scorer, style in (("KN trigram", f"kn3_{cloze}", "--"), ("majority", "majority", ":")):
+                if scorer in scorers:
+                    ax.axhline(scale * scorers[scorer]["accuracy"], color="gray", ls=style, lw=1, label=name)
+            ax.legend(fontsize=7, loc="best")
+        ax.set_xticks(x, strategies, rotation=20)
+        ax.set_xlim(-0.5, len(strategies) - 0.5)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Per strategy: mean over {len(seeds)} seed(s) with its 95% t-interval (dots: the seeds)",
+                 fontsize=10)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "strategy_metrics.png", dpi=110)
+    lines = ["", "## Figures", "", "Each metric per strategy: the mean over seeds with its 95% t-interval, every seed "
+             "as a dot, and the cloze baselines (KN trigram, majority connective) as lines.", "",
+             "![metrics per strategy](strategy_metrics.png)", ""]
+    try:
+        curves = [read_curves(str(r.run_dir)) for r in runs]
+    except PlotError:  # a run without metrics.jsonl (a run directory from elsewhere): no curves
+        return "\n".join(lines)
+    for r, c in zip(runs, curves):
+        c.label = r.name
+    plot_curves(curves, out_dir / "learning_curves.png")
+    lines += ["The runs' learning curves, from their metrics.jsonl (`python -m genesis.plot`).", "",
+              "![learning curves](learning_curves.png)", ""]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
@@ -614,6 +679,7 @@ def _main(args: argparse.Namespace, command: str) -> int:
                 evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
         report = build_report(runs, trained, evaluated, args, command, time.time() - t0)
         report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
+        report += write_report_figures(runs, trained, evaluated, report_path.parent)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(report)
         print(f"compare: wrote {report_path} ({(time.time() - t0) / 60:.1f} min)", flush=True)

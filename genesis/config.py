@@ -158,7 +158,8 @@ class TrainingConfig:
     grad_clip: float = doc(1.0, "clip the global gradient norm to this; 0 disables")
     class_loss_weight: float = doc(0.3, "model.class_head: loss = LM loss + this x the head's cross-entropy; > 0")
     dtype: str = doc("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
-    compile: bool = doc(False, "torch.compile the model")
+    compile: bool | str = doc("auto", "torch.compile the model: 'auto' (on CUDA where Triton is importable, else off; "
+                                      "one log line says which), true (CUDA only) or false")
     grad_checkpointing: bool = doc(False, "recompute block activations in backward to save memory")
     eval_every: int = doc(200, "held-out loss every N steps (and at step 0 and the end); 0 disables periodic eval")
     eval_batches: int = doc(16, "held-out batches per evaluation (windows spread evenly over the held-out text)")
@@ -172,6 +173,9 @@ class TrainingConfig:
     device: str = doc("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     expected_device: str = doc("", "the device the config is sized for ('cuda'); on a machine without it, warn once")
     out_dir: str = doc("", "run directory; default runs/<config name>")
+    tensorboard: bool = doc(False, "also write TensorBoard event files to <run dir>/tensorboard (needs the "
+                                   "tensorboard package: pip install 'genesis-masking[tensorboard]')")
+    threads: int = doc(0, "CPU threads torch computes with (torch.set_num_threads); 0: torch's default, one per core")
 
     def __post_init__(self):
         for key in ("steps", "micro_batch", "grad_accum", "eval_batches", "log_every"):
@@ -193,6 +197,9 @@ class TrainingConfig:
         ok_device = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(ok_device, "device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         _check(self.expected_device in ("", "cpu", "cuda"), "expected_device", "must be '', 'cpu' or 'cuda'")
+        _check(self.compile in (True, False, "auto"), "compile",
+               f"must be true, false or \"auto\" (got {self.compile!r})")
+        _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
         _check_seed(self.seed, "seed")
 
 
@@ -371,7 +378,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
+        if len(inner) == 1:
+            return _convert(value, inner[0], key)
+        for alternative in inner:  # bool | str: the first that takes the value
+            try:
+                return _convert(value, alternative, key)
+            except ConfigValueError:
+                pass
+        names = {bool: "true, false", int: "an integer", float: "a number", str: "a string"}
+        first, last = ", ".join(names.get(a, _type_name(a)) for a in inner).rsplit(", ", 1)
+        raise ConfigValueError(key, f"expected {first} or {last}, got {value!r}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigValueError(key, f"expected true or false, got {value!r}")

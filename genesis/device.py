@@ -1,8 +1,11 @@
-"""Where a run computes: the one device resolver, the training device and dtype, autocast, and the denormal switch."""
+"""Where a run computes: the one device resolver, the training device and dtype, torch.compile's switch, CPU
+threads, autocast, and the denormal switch."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable
 
 import torch
 
@@ -62,9 +65,9 @@ def training_device(cfg: Config, world: World = ONE_PROCESS) -> tuple[torch.devi
     if device.type == "cpu" and t.expected_device == "cuda":
         warn(f"{cfg.source} is sized for a CUDA GPU and none is in use: running on the CPU in fp32 "
              f"without torch.compile (slow). For a CPU-sized run use --config cpu.toml")
-    elif device.type == "cpu" and (t.dtype == "bf16" or t.compile):
+    elif device.type == "cpu" and (t.dtype == "bf16" or t.compile is True):
         asked = " and ".join(x for x, on in (("training.dtype = 'bf16'", t.dtype == "bf16"),
-                                              ("training.compile = true", t.compile)) if on)
+                                              ("training.compile = true", t.compile is True)) if on)
         warn(f"{asked}: CUDA only; this run is on the CPU in fp32 without torch.compile")
     if device.type == "cuda" and t.dtype in ("auto", "bf16"):
         props = torch.cuda.get_device_properties(device)
@@ -73,6 +76,48 @@ def training_device(cfg: Config, world: World = ONE_PROCESS) -> tuple[torch.devi
         warn(f"{props.name} (sm_{props.major}{props.minor}) has no bf16 support: training.dtype = {t.dtype!r} "
              f"runs in fp32 instead (more memory and time per step); set training.dtype = \"fp32\" to silence this")
     return device, torch.float32
+
+
+def triton_missing() -> str | None:
+    """None when Triton imports (torch.compile's GPU backend generates Triton kernels), else why it does not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return f"Triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def use_compile(setting: bool | str, device: torch.device, log: Callable[[str], None] | None = None) -> bool:
+    """Whether a run torch.compiles its model. training.compile = true: on CUDA (training_device warns that it is
+    ignored on the CPU); false: never; "auto": on CUDA where Triton imports, else off, with one log line saying
+    which and why."""
+    if setting != "auto":
+        return setting is True and device.type == "cuda"
+    if device.type != "cuda":
+        on, why = False, f"the {device.type} runs eager; torch.compile is used on CUDA with Triton"
+    else:
+        missing = triton_missing()
+        on, why = missing is None, missing or "CUDA with Triton"
+    if log is not None:
+        log(f"compile: {'on' if on else 'off'} (training.compile = \"auto\": {why})")
+    return on
+
+
+def set_threads(threads: int, device: torch.device, log: Callable[[str], None]) -> None:
+    """training.threads (0 keeps torch's default); on the CPU, one line suggesting fewer threads when the machine's
+    1-minute load average is above its core count (other processes want the cores, and oversubscribed threads
+    wait on each other; docs/training.md has a measurement)."""
+    if threads:
+        torch.set_num_threads(threads)
+    cores = os.cpu_count()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return
+    fewer = max(1, (cores or 1) // 2)
+    if device.type == "cpu" and cores and load > cores and torch.get_num_threads() > fewer:
+        log(f"cpu: the 1-minute load average is {load:.1f} on {cores} cores: other processes compete for them; "
+            f"if steps are slow, try fewer threads (training.threads = {fewer}; torch uses {torch.get_num_threads()})")
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

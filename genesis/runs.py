@@ -110,6 +110,7 @@ RESUME_MAY_CHANGE = frozenset({
     "training.checkpoint_every", "training.keep_checkpoints", "training.skip_nonfinite", "training.compile",
     "training.grad_checkpointing", "training.device",
     "training.dtype", "training.expected_device", "training.out_dir", "data.cache_dir", "masking.impl",
+    "training.tensorboard", "training.threads",
 })
 
 

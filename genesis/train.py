@@ -34,7 +34,7 @@ from genesis.config import Config, ConfigError, check_config, describe, load_con
 from genesis.console import Progress, first_line, log, warn
 from genesis.corpus import CorpusError
 from genesis.data import SPLITS, Corpus, TokenSplit, get_batch, prepare
-from genesis.device import autocast, training_device
+from genesis.device import autocast, set_threads, training_device, use_compile
 from genesis.distributed import (
     Interrupted,
     PeerStopped,
@@ -69,6 +69,7 @@ from genesis.runs import (
     write_atomic,
 )
 from genesis.step import NonFiniteError, NonFiniteGuard, accumulate_gradients, lr_at, make_optimizer
+from genesis.tensorboard import TensorBoardWriter, check_tensorboard
 from genesis.tokenizer import TokenizerError
 
 _saved = False  # the running training's checkpoint has been saved for the way it is stopping
@@ -119,6 +120,7 @@ class Run:
     steps_since: int = 0  # the steps since then
     guard: NonFiniteGuard | None = None  # takes the optimizer step unless the loss or gradient norm is non-finite
     saved_step: int | None = None  # the step of the checkpoint in the run directory (None: none yet)
+    tensorboard: TensorBoardWriter | None = None  # rank 0's event files with training.tensorboard
 
 
 def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.device,
@@ -199,7 +201,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
         if start >= t.steps:
             log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}")
     eval_model = model
-    if t.compile and device.type == "cuda":
+    if use_compile(t.compile, device, log):
         eval_model = torch.compile(model)
     step_model = eval_model
     if world.distributed:  # after torch.compile, as nanoGPT does; it broadcasts rank 0's weights to the others
@@ -207,16 +209,17 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
 
         step_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    evaluated, metrics = set(), None
+    evaluated, metrics, tensorboard = set(), None, None
     if world.main:
         metrics, evaluated = open_metrics(run_dir, start, resumed)
+        tensorboard = TensorBoardWriter(run_dir, start if resumed else None) if t.tensorboard else None
     if resumed and world.distributed:  # every process must agree on which evaluations are still to come
         evaluated = broadcast_steps(evaluated)
     return Run(cfg=cfg, world=world, device=device, amp=amp, run_dir=run_dir, model=model, eval_model=eval_model,
                step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
                heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
                progress=Progress(t.steps, enabled=world.main, keep=False), completed=start,
-               summary={"run_dir": str(run_dir)}, t_last=time.time(),
+               summary={"run_dir": str(run_dir)}, t_last=time.time(), tensorboard=tensorboard,
                guard=NonFiniteGuard(optimizer, t.skip_nonfinite, skipped), saved_step=start if resumed else None)
 
 
@@ -312,10 +315,12 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
 
 
 def record(run: Run, rec: dict) -> None:
-    """One line of metrics.jsonl, flushed (rank 0 only)."""
+    """One line of metrics.jsonl, flushed (rank 0 only), and its scalars in the TensorBoard event files."""
     if run.world.main:
         run.metrics.write(strict_json(rec) + "\n")
         run.metrics.flush()
+        if run.tensorboard is not None:
+            run.tensorboard.write(rec)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,6 +476,8 @@ def train_loop(run: Run) -> dict:
             if world.main:
                 with contextlib.suppress(OSError):  # every record is flushed: nothing is lost
                     run.metrics.close()
+                    if run.tensorboard is not None:
+                        run.tensorboard.close()
     return finish(run, late)
 
 
@@ -510,6 +517,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     to process j // grad_accum, its data and masks the same as micro-batch j of a one-process run with grad_accum
     x processes micro-batches; rank 0 logs and writes the run directory."""
     check_config(cfg)  # a Config built in code has not been through load_config's checks across sections
+    check_tensorboard(cfg)  # before the run directory: a missing package is one line
     world = world_from_env()
     quiet, console.quiet = console.quiet, console.quiet or not world.main
     try:
@@ -522,6 +530,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
     global _lock
     device, amp_dtype = training_device(cfg, world)
+    set_threads(cfg.training.threads, device, log)
     try:
         with process_group(world, device):
             try:

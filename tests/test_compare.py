@@ -67,6 +67,30 @@ def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
     assert compare.breakdown_cell([*seeds, result({"temporal": 0.1})], "class", "causal") == "n/a"
 
 
+def test_report_figures_are_written_beside_the_report_and_linked(tmp_path):
+    """Two strategies x two seeds: strategy_metrics.png and learning_curves.png (from each run's metrics.jsonl)
+    land in the report's folder, and the Markdown section links them by name."""
+    runs, trained, evaluated = [], {}, {}
+    for k, (strategy, seed) in enumerate([(s, seed) for s in ("none", "weighted") for seed in (1, 2)]):
+        spec = compare.RunSpec(strategy, seed, [], tmp_path / "runs" / f"{strategy}-seed{seed}")
+        spec.run_dir.mkdir(parents=True)
+        (spec.run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "train", "step": step, "loss": 9 - step / 10 - k / 20}) + "\n" for step in (5, 10))
+            + json.dumps({"kind": "eval", "step": 10, "heldout_loss": 8.0 - k / 10}) + "\n")
+        scorers = {name: {"accuracy": 0.1 + k / 50} for name in ("model_verse", "model_suffix")}
+        scorers.update(kn3_verse={"accuracy": 0.2}, kn3_suffix={"accuracy": 0.15}, majority={"accuracy": 0.3})
+        evaluated[spec.name] = {"next_token": {"accuracy": 0.01 * k, "mean_logprob": -5 - k / 10},
+                                "cloze": {"scorers": scorers}}
+        trained[spec.name] = {"summary": {"last_heldout_loss": 8.0 - k / 10}}
+        runs.append(spec)
+    section = compare.write_report_figures(runs, trained, evaluated, tmp_path / "report")
+    for name in ("strategy_metrics", "learning_curves"):
+        png = tmp_path / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"]({name}.png)" in section
+    assert section.startswith("\n## Figures\n")
+
+
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \

@@ -245,7 +245,9 @@ def test_presets_are_never_changed_by_overrides():
 @pytest.mark.parametrize("text, key, reason", [
     ("[modes.foo.model]\nbogus = 1\n", "modes.foo.model.bogus", "unknown key (valid keys: class_head, dim, ffn_dim"),
     ("[modes.foo.training]\nsteps = 'many'\n", "modes.foo.training.steps", "expected an integer, got 'many'"),
-    ("[modes.foo.training]\ncompile = 1\n", "modes.foo.training.compile", "expected true or false, got 1"),
+    ("[modes.foo.training]\ngrad_checkpointing = 1\n", "modes.foo.training.grad_checkpointing",
+     "expected true or false, got 1"),
+    ("[modes.foo.training]\ncompile = 1\n", "modes.foo.training.compile", "expected true, false or a string, got 1"),
 ])
 @pytest.mark.parametrize("mode", [None, "tiny", "foo"])
 def test_every_file_preset_is_checked_when_the_file_loads(tmp_path, text, key, reason, mode):

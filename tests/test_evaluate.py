@@ -127,6 +127,37 @@ def uniform_result(ctx):
 # Items
 
 
+def test_wilson_intervals_stay_in_0_1_and_are_not_empty_at_the_ends():
+    from genesis.evaluate.report import wilson
+
+    assert wilson(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # 0 of 10: up to 28%, not [0, 0]
+    assert wilson(1.0, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    assert wilson(0.3, 0) == (0.0, 1.0)
+
+
+def test_hardest_connectives_plot_keeps_words_with_enough_items(tmp_path):
+    """Words under the floor are left out (the title says how many are shown); the rest go hardest first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from genesis.evaluate.report import hardest_words, plot_hardest_connectives
+
+    words = {"for": (0.6, 400), "but": (0.2, 120), "lest": (0.0, 3), "because": (0.2, 40), "thus": (0.05, 25)}
+    breakdown = {w: {"accuracy": a, "n": n} for w, (a, n) in words.items()}
+    next_token = {w: {"accuracy": a / 20, "n": 3 * n} for w, (a, n) in words.items()}
+    result = {"corpus": "kjv", "split": "heldout", "step": 400, "next_token": {"breakdowns": {"word": next_token}},
+              "cloze": {"scorers": {"model_verse": {"breakdowns": {"word": breakdown}},
+                                    "kn3_verse": {"accuracy": 0.3, "breakdowns": {"word": breakdown}},
+                                    "majority": {"accuracy": 0.35}}}}
+    assert hardest_words(result) == ["thus", "but", "because", "for"]
+    assert hardest_words(result, min_items=100) == ["but", "for"]
+    path = plot_hardest_connectives(plt, result, tmp_path / "hardest.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
 def test_clause_buckets():
     assert [ev.clause_bucket(n) for n in (0, 1, 2, 5, 6, 11, 16, 29, 30)] == \
         ["0", "1", "2-5", "2-5", "6-10", "11-15", "16-29", "16-29", "30+"]

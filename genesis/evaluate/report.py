@@ -69,9 +69,9 @@ def format_class_head(head: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
+def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> list[Path]:
     """Four PNGs (five with a class head); matplotlib is imported here, with the Agg backend, so the metrics never
-    need a display."""
+    need a display. The hardest-connectives plot shows the words with at least `min_items` cloze items."""
     try:
         import matplotlib
 
@@ -84,25 +84,7 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     title_tail = f"{result['corpus']} {result['split']}, step {result['step']}"
     paths = []
 
-    # hardest connectives: per-word cloze recall and next-token accuracy, hardest at the top
-    by_word = sc["model_verse"]["breakdowns"]["word"]
-    words = sorted(by_word, key=lambda w: (by_word[w]["accuracy"], -by_word[w]["n"]))
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(words) + 1.8))
-    y = np.arange(len(words))
-    ax.barh(y - 0.2, [by_word[w]["accuracy"] for w in words], height=0.4, label="cloze (whole-verse score)")
-    ax.barh(y + 0.2, [nt["breakdowns"]["word"].get(w, {}).get("accuracy", 0.0) for w in words], height=0.4,
-            label="next token (all pieces)")
-    ax.set_yticks(y, [f"{w} (n={by_word[w]['n']})" for w in words])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy")
-    ax.set_ylabel("connective (cloze items)")
-    ax.set_title(f"Hardest connectives first — {title_tail}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    paths.append(out_dir / "hardest_connectives.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(plot_hardest_connectives(plt, result, out_dir / "hardest_connectives.png", min_items))
 
     # accuracy vs clause length
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -193,6 +175,77 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion `accuracy` over `n` items: unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0% or 100%."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _errors(values: list[float], counts: list[int]) -> np.ndarray:
+    """matplotlib's (2, N) error bar lengths below and above each value: its Wilson interval."""
+    bounds = np.array([wilson(v, n) for v, n in zip(values, counts)]).reshape(-1, 2)
+    return np.clip(np.stack([np.array(values) - bounds[:, 0], bounds[:, 1] - np.array(values)]), 0, None)
+
+
+def hardest_words(result: dict[str, Any], min_items: int = 20) -> list[str]:
+    """The connectives with at least `min_items` cloze items, lowest cloze recall first (more items first among
+    equals)."""
+    by_word = result["cloze"]["scorers"]["model_verse"]["breakdowns"]["word"]
+    return sorted((w for w in by_word if by_word[w]["n"] >= min_items),
+                  key=lambda w: (by_word[w]["accuracy"], -by_word[w]["n"]))
+
+
+def plot_hardest_connectives(plt, result: dict[str, Any], path: Path, min_items: int = 20) -> Path:
+    """Per connective with at least `min_items` cloze items, hardest first: cloze recall (whole-verse score) with the
+    KN trigram's per-word recall and the majority and KN trigram cloze accuracies drawn as baselines (left), and the
+    next-token accuracy on its own scale, values written beside the bars (right); Wilson 95% intervals as error
+    bars."""
+    from matplotlib.ticker import PercentFormatter
+
+    nt, sc = result["next_token"], result["cloze"]["scorers"]
+    by_word, next_by_word = sc["model_verse"]["breakdowns"]["word"], nt["breakdowns"]["word"]
+    kn_by_word = sc["kn3_verse"]["breakdowns"]["word"]
+    words = hardest_words(result, min_items)
+    fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(11, 0.34 * max(len(words), 3) + 2.2),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    y = np.arange(len(words))
+    cloze = [by_word[w]["accuracy"] for w in words]
+    left.barh(y, cloze, height=0.6, color="tab:blue", label="model, whole-verse score",
+              xerr=_errors(cloze, [by_word[w]["n"] for w in words]), error_kw={"capsize": 2, "lw": 0.8})
+    left.scatter([kn_by_word.get(w, {}).get("accuracy", np.nan) for w in words], y, marker="x", color="black",
+                 zorder=3, label="KN trigram (this word)")
+    for name, key, style in (("majority connective", "majority", ":"), ("KN trigram", "kn3_verse", "--")):
+        acc = sc[key]["accuracy"]
+        left.axvline(acc, color="tab:red", ls=style, lw=1, label=f"{name}, all items: {100 * acc:.1f}%")
+    left.set_yticks(y, [f"{w} (n={by_word[w]['n']})" for w in words])
+    left.invert_yaxis()
+    left.set_xlim(0, 1)
+    left.set_xlabel("cloze recall (Wilson 95% interval)")
+    left.set_ylabel("connective (cloze items)")
+    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.1), ncols=2, frameon=False)  # under the data
+    left.xaxis.set_major_formatter(PercentFormatter(1.0))
+    nxt = [next_by_word.get(w, {}).get("accuracy", 0.0) for w in words]
+    errors = _errors(nxt, [next_by_word.get(w, {}).get("n", 0) for w in words])
+    right.barh(y, nxt, height=0.6, color="tab:orange", xerr=errors, error_kw={"capsize": 2, "lw": 0.8})
+    top = max([v + e for v, e in zip(nxt, errors[1])] or [0.01])
+    right.set_xlim(0, min(1.0, top * 1.35) or 0.01)
+    for k, v in enumerate(nxt):
+        right.text(v + errors[1][k] + top * 0.02, k, f"{100 * v:.1f}%", va="center", fontsize=7)
+    right.xaxis.set_major_formatter(PercentFormatter(1.0))
+    right.set_xlabel("next-token accuracy, all pieces (own scale)")
+    shown, total = len(words), len(by_word)
+    fig.suptitle(f"Hardest connectives first: n >= {min_items} cloze items ({shown} of {total} words) — "
+                 f"{result['corpus']} {result['split']}, step {result['step']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

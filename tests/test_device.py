@@ -1,0 +1,70 @@
+"""genesis.device: training.compile's resolution and training.threads (no GPU needed: availability is patched)."""
+
+import os
+
+import pytest
+import torch
+
+import genesis.device as device_module
+from genesis.config import load_config
+from genesis.device import set_threads, use_compile
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.mark.parametrize("device, missing, on, why", [
+    (CUDA, None, True, "CUDA with Triton"),
+    (CUDA, "Triton is not importable (ImportError: no triton)", False, "Triton is not importable"),
+    (CPU, None, False, "the cpu runs eager"),
+])
+def test_compile_auto_is_on_where_triton_works_with_one_line(monkeypatch, device, missing, on, why):
+    monkeypatch.setattr(device_module, "triton_missing", lambda: missing)
+    lines = []
+    assert use_compile("auto", device, lines.append) is on
+    assert len(lines) == 1 and lines[0].startswith(f"compile: {'on' if on else 'off'} (training.compile = \"auto\"")
+    assert why in lines[0]
+
+
+def test_compile_true_and_false_are_kept_without_a_line(monkeypatch):
+    monkeypatch.setattr(device_module, "triton_missing", lambda: "Triton is not importable")
+    lines = []
+    assert use_compile(True, CUDA, lines.append) is True  # asked for: torch.compile says what it lacks
+    assert use_compile(True, CPU, lines.append) is False  # training_device has warned that it is CUDA-only
+    assert use_compile(False, CUDA, lines.append) is False
+    assert lines == []
+
+
+def test_the_configs_compile_where_it_helps():
+    assert load_config("high_vram.toml").training.compile == "auto"
+    assert load_config("low_vram.toml").training.compile == "auto"
+    assert load_config("cpu.toml").training.compile is False  # eager: no log line about compile on a CPU
+    assert load_config(None).training.compile == "auto"
+
+
+def test_threads_are_set_and_a_loaded_machine_gets_one_hint(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    try:
+        lines = []
+        monkeypatch.setattr(os, "getloadavg", lambda: (6.5, 1.0, 1.0))
+        set_threads(3, CPU, lines.append)
+        assert torch.get_num_threads() == 3
+        assert lines == ["cpu: the 1-minute load average is 6.5 on 4 cores: other processes compete for them; if "
+                         "steps are slow, try fewer threads (training.threads = 2; torch uses 3)"]
+        lines.clear()
+        set_threads(2, CPU, lines.append)  # already as few as suggested
+        set_threads(3, CUDA, lines.append)  # the GPU computes
+        monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 1.0, 1.0))
+        set_threads(3, CPU, lines.append)  # not above the core count
+        monkeypatch.delattr(os, "getloadavg")  # Windows
+        set_threads(3, CPU, lines.append)
+        assert lines == []
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_must_not_be_negative():
+    from genesis.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training.threads: must be >= 0 \(got -1\)"):
+        load_config("cpu.toml", overrides=["training.threads=-1"])
