@@ -31,9 +31,10 @@ class RunError(Exception):
     """A problem with the run directory or the checkpoint, phrased as one line."""
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world: World | None = None) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world: World | None = None,
+                    extra: dict | None = None) -> None:
     """Atomic: written to a temporary file, then renamed over the old checkpoint. Rank 0 writes it (every process
-    holds the same weights); the others return at once."""
+    holds the same weights); the others return at once. `extra`: more entries of the checkpoint dict."""
     processes = world.size if world is not None else 1
     if world is not None and not world.main:
         return
@@ -45,6 +46,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world:
         "model_args": vars(raw.args),
         "config": to_dict(cfg),
         "processes": processes,
+        **(extra or {}),
     }
     write_atomic(path, lambda tmp: torch.save(state, tmp), error=False)
 

@@ -34,6 +34,7 @@ from genesis import console
 from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
 from genesis.console import Progress, first_line, log, warn
 from genesis.corpus import CorpusError
+from genesis.curriculum import Curriculum
 from genesis.data import SPLITS, Corpus, TokenSplit, get_batch, prepare
 from genesis.device import autocast, training_device
 from genesis.distributed import (
@@ -107,6 +108,7 @@ class Run:
     metrics: IO[str] | None  # rank 0's metrics.jsonl; the other processes write nothing
     evaluated: set[int]  # the steps metrics.jsonl holds a held-out evaluation of
     progress: Progress
+    curriculum: Curriculum  # connective loss weights, adaptive weights, the plateau schedule (state in checkpoints)
     completed: int = 0  # optimizer steps taken so far: what a checkpoint records
     # from optimizer.step until the step's record is written: an error there may leave half-updated weights, or
     # weights without their record; nothing is saved then (the last checkpoint stays, with all its records)
@@ -180,6 +182,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
             raise RunError(f"{run_dir / CHECKPOINT}: its optimizer state does not fit this config's model "
                            f"({first_line(e)})") from None
         start = ckpt["step"]
+        curriculum_state = ckpt.get("curriculum", {})
         del ckpt  # the weights now live in the model; do not keep a second copy for the whole run
     # written once the checkpoint (if any) is known to fit: a refused --resume leaves the run as it was
     if world.main:
@@ -200,6 +203,9 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
 
         step_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    curriculum = Curriculum(cfg, masker, device)
+    if resumed:
+        curriculum.load_state_dict(curriculum_state, main=world.main)
     evaluated, metrics = set(), None
     if world.main:
         metrics, evaluated = open_metrics(run_dir, start, resumed)
@@ -208,7 +214,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     return Run(cfg=cfg, world=world, device=device, amp=amp, run_dir=run_dir, model=model, eval_model=eval_model,
                step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
                heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
-               progress=Progress(t.steps, enabled=world.main, keep=False), completed=start,
+               progress=Progress(t.steps, enabled=world.main, keep=False), curriculum=curriculum, completed=start,
                summary={"run_dir": str(run_dir)}, t_last=time.time())
 
 
@@ -225,7 +231,7 @@ def train_step(run: Run, step: int) -> None:
     lr = lr_at(step, t)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    micro_batches, masked = [], []
+    micro_batches, masked, loss_weights, firsts = [], [], [], []
     for micro in range(world.rank * k, (world.rank + 1) * k):  # this process's micro-batches
         batch = get_batch(run.train_data, B, T, t.seed, step, rank=0, micro=micro, device=run.device)
         x = batch.x
@@ -234,9 +240,18 @@ def train_step(run: Run, step: int) -> None:
             x = out.input_ids
             masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per step
         micro_batches.append((x, batch.y) if model.class_head is None else (x, batch.y, out.classes))
-    loss, class_stats = accumulate_gradients(run.step_model, micro_batches, run.amp, t.class_loss_weight)
+        weights, first = run.curriculum.micro_batch(batch.x, batch.y)
+        loss_weights.append(weights)
+        firsts.append(first)
+    observe = None
+    if run.curriculum.adaptive:
+        def observe(i, logits):
+            run.curriculum.observe(logits, micro_batches[i][1], firsts[i])
+    loss, class_stats = accumulate_gradients(run.step_model, micro_batches, run.amp, t.class_loss_weight,
+                                             loss_weights if run.curriculum.loss_weight != 1.0 else None, observe)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
     values = step_values(run, step + 1, loss, class_stats, masked)
+    adapt_counts = all_sum([run.curriculum.counts], world)[0] if run.curriculum.adapt_due(step + 1) else None
     # the step's record, the weights and the step count change together: a checkpoint at step N always comes with
     # step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
     with signals_held():
@@ -244,8 +259,24 @@ def train_step(run: Run, step: int) -> None:
         run.optimizer.step()
         run.completed = step + 1
         run.optimizer.zero_grad(set_to_none=True)
+        if adapt_counts is not None:
+            adapt_step(run, run.completed, adapt_counts)
         log_step(run, run.completed, values, lr, grad_norm)
         run.updating = False
+
+
+def adapt_step(run: Run, done: int, counts: torch.Tensor) -> None:
+    """masking.adaptive: update the masker's weights from the step's summed counters; record the changed ones."""
+    observed = int(counts[1].sum())  # before the update: in one process `counts` are the counters it resets
+    changed = run.curriculum.adapt(counts)
+    rec = {"kind": "adapt", "step": done, "observed": observed,
+           "weights": {word: new for word, (_, new) in changed.items()}}
+    record(run, rec)
+    shown = ", ".join(f"{word} {old:.3g}->{new:.3g}" for word, (old, new) in list(changed.items())[:12])
+    more = f" (+{len(changed) - 12} more)" if len(changed) > 12 else ""
+    run.progress.clear()
+    log(f"adapt step {done} | {observed} connective targets | {len(changed)} weights changed"
+        + (f": {shown}{more}" if changed else ""))
 
 
 def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tensor,
@@ -293,6 +324,9 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
     if device.type == "cuda":
         rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         line += f" | mem {rec['mem_gb']:.1f} GB"
+    if run.curriculum.watch_loss(done, rec["loss"]):
+        rec["plateau_step"] = done
+        line += f" | plateau: masking starts ramping at step {done}"
     record(run, rec)
     run.updating = False
     run.t_last, run.steps_since = time.time(), 0
@@ -335,9 +369,14 @@ def evaluate(run: Run, step: int) -> None:
     log(line)
 
 
-def save(run: Run) -> None:
-    """The checkpoint of step `completed` (rank 0 writes it)."""
-    save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world)
+def save(run: Run, every_process: bool = True) -> None:
+    """The checkpoint of step `completed` (rank 0 writes it). `every_process`: all processes call it (the adaptive
+    counters are summed over them: one collective); else rank 0 alone saves its own counters."""
+    counts = None
+    if run.curriculum.adaptive and run.world.distributed and every_process:
+        counts = all_sum([run.curriculum.counts], run.world)[0]
+    save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world,
+                    extra={"curriculum": run.curriculum.state_dict(counts)})
 
 
 def save_and_raise(run: Run, e: BaseException) -> None:
@@ -374,7 +413,7 @@ def save_after_error(run: Run, e: Exception) -> str:
         return "the last checkpoint saved before is kept (after a failed NCCL collective the weights are not)"
     try:
         with signals_held():
-            save(run)
+            save(run, every_process=False)
             _saved = True
     except (KeyboardInterrupt, Interrupted):  # raised once the save is done (torchrun stopping the others)
         pass
