@@ -70,7 +70,7 @@ def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \
-                                              "structural, structural_head)"
+                                              "structural, structural_head, chain, adaptive)"
     assert compare.main(["--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
 
