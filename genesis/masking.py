@@ -1108,14 +1108,28 @@ class ConnectiveMasker:
 
     def stats(self, out: MaskOutput, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Counts as 0-d device tensors (no host sync): masked tokens, and masked words — a masked position starts
-        a word unless it glues onto a masked piece of the same connective just before it."""
+        a word unless it glues onto a masked piece of the same connective just before it; with chain = true also
+        masked chains (of two or more causal words) and the words in them."""
         m, c = out.mask, out.connectives
         tables = self.tables(input_ids.device)
         ids = input_ids.long().clamp(0, tables.vocab_size)  # invalid ids are never masked; any slot will do
         glued = _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1])
         word_start = m.clone()
         word_start[:, 1:] &= ~(m[:, :-1] & (c[:, 1:] == c[:, :-1]) & glued)
-        return {"masked_tokens": m.sum(), "masked_words": word_start.sum()}
+        counts = {"masked_tokens": m.sum(), "masked_words": word_start.sum()}
+        if tables.chain:  # masked causal words within chain_gap of each other: one chain (all-or-nothing)
+            causal = word_start & (out.classes == tables.chain_class)
+            B, T = m.shape
+            column = torch.arange(T, device=m.device).expand(B, T)
+            far = 2 * T + tables.chain_gap
+            before = _shift_right(torch.where(causal, column, -far).cummax(1).values, -far)
+            after = torch.where(causal, column, far).flip(1).cummin(1).values.flip(1)
+            after = torch.nn.functional.pad(after[:, 1:], (0, 1), value=far)
+            linked_before = causal & (column - before <= tables.chain_gap)
+            linked_after = causal & (after - column <= tables.chain_gap)
+            counts["masked_chains"] = (linked_after & ~linked_before).sum()
+            counts["masked_chain_words"] = (linked_before | linked_after).sum()
+        return counts
 
     # -- reporting --------------------------------------------------------------------------------------------
 

@@ -291,8 +291,12 @@ def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tens
     if run.masker is not None:
         mask_stats = [run.masker.stats(out, ids) for out, ids in masked]
         values += [sum(s[key] for s in mask_stats) for key in ("masked_tokens", "masked_words")]
+        if run.cfg.masking.chain:  # at the end: the class head's values keep their places
+            chain_values = [sum(s[key] for s in mask_stats) for key in ("masked_chains", "masked_chain_words")]
     if run.model.class_head is not None:
         values += list(class_stats.unbind())
+    if run.masker is not None and run.cfg.masking.chain:
+        values += chain_values
     return [v.item() for v in all_sum(values, run.world)]
 
 
@@ -315,6 +319,9 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
         rec["masked_fraction"] = values[1] / tokens
         rec["masked_connectives"] = round(values[2])
         line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
+        if run.cfg.masking.chain:  # the last two values (step_values)
+            rec["masked_chains"], rec["masked_chain_words"] = round(values[-2]), round(values[-1])
+            line += f" ({rec['masked_chains']} causal chains of {rec['masked_chain_words']})"
     if run.model.class_head is not None:  # over this step's masked tokens (every piece of a masked word)
         labelled = values[5]
         rec["class_loss"] = values[3] / labelled if labelled else None

@@ -148,3 +148,17 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_adaptive_and_plateau(
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert torch.equal(ca["curriculum"]["weights"], cb["curriculum"]["weights"])
     assert ca["curriculum"]["plateau_step"] == 4 and not math.isnan(ca["curriculum"]["ema"])
+
+
+def test_masked_chain_counts_equal_the_chains_of_each_row_when_everything_is_masked(kjv_corpus):
+    """stats' masked_chains / masked_chain_words (logged per step with chain = true): with p = 1 every chain is
+    masked, so they equal the chains and members `chain_statistics` finds in each row; at p = 0 there are none."""
+    masker = ConnectiveMasker.from_tokenizer(kjv_corpus.tokenizer, strategy="uniform", mask_prob=1.0, chain=True,
+                                             mask_token="[MASK]", log=None)
+    batch = get_batch(kjv_corpus.splits["train"], 16, 128, 1, 5)
+    stats = masker.stats(masker(batch.x, step=0), batch.x)
+    rows = [masker.chain_statistics(row) for row in batch.x]
+    assert int(stats["masked_chains"]) == sum(r["chains"] for r in rows) > 3
+    assert int(stats["masked_chain_words"]) == sum(r["members"] for r in rows)
+    masker.tables("cpu").prob_table.zero_()
+    assert int(masker.stats(masker(batch.x, step=0), batch.x)["masked_chains"]) == 0
