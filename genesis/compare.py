@@ -69,11 +69,13 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
     "structural": ("masking.enabled=true", "masking.strategy=structural"),
     # the design notes' multi-task strategy: structural masking plus the connective-type head at masked positions
     "structural_head": ("masking.enabled=true", "masking.strategy=structural", "model.class_head=true"),
+    "chain": ("masking.enabled=true", "masking.strategy=structural", "masking.chain=true"),
+    "adaptive": ("masking.enabled=true", "masking.strategy=weighted", "masking.adaptive=true"),
 }
 BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
 
-# CPU defaults, sized for a 2-core machine (denormals flushed, see main): 5 strategies x 3 seeds of 120 cpu.toml
+# CPU defaults, sized for a 2-core machine (denormals flushed, see main): 7 strategies x 3 seeds of 120 cpu.toml
 # steps, each evaluated at every held-out slot and on 300 cloze items. Held-out loss is evaluated once, at the end
 # (training.eval_every=0). More steps, seeds or items: pass them, and expect proportionally longer.
 DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,

@@ -157,6 +157,9 @@ class TrainingConfig:
     beta2: float = doc(0.95, "AdamW beta2")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this; 0 disables")
     class_loss_weight: float = doc(0.3, "model.class_head: loss = LM loss + this x the head's cross-entropy; > 0")
+    connective_loss_weight: float = doc(1.0, "the LM loss at every target that is a piece of a connective (every "
+                                             "lexicon match, masked or not) x this; the loss is the weighted mean. "
+                                             "1 = off; > 0; needs masking.enabled = true")
     dtype: str = doc("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
     compile: bool | str = doc("auto", "torch.compile the model: 'auto' (on CUDA where Triton is importable, else off; "
                                       "one log line says which), true (CUDA only) or false")
@@ -193,6 +196,8 @@ class TrainingConfig:
             _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1) (got {getattr(self, key)})")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         _check(self.class_loss_weight > 0, "class_loss_weight", f"must be > 0 (got {self.class_loss_weight})")
+        _check(0 < self.connective_loss_weight < math.inf, "connective_loss_weight",
+               f"must be a finite number > 0 (got {self.connective_loss_weight})")
         _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"must be auto, bf16 or fp32 (got {self.dtype!r})")
         ok_device = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(ok_device, "device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})")
@@ -247,7 +252,7 @@ class ConnectiveEntry:
 
 
 STRATEGIES = ("uniform", "weighted", "structural")
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("constant", "linear", "cosine", "plateau")
 
 
 @dataclass
@@ -273,7 +278,9 @@ class MaskingConfig:
     default_connectives: bool = doc(True, "start from the built-in lexicon; false uses only [masking.connectives]")
     connectives: dict[str, ConnectiveEntry] = doc({}, "[masking.connectives] word = {weight = .., class = ..}")
     schedule: str = doc("constant", "constant | linear | cosine: every masking probability x a factor that ramps "
-                                    "from schedule_start at step 0 to 1 at schedule_steps (then stays 1)")
+                                    "from schedule_start at step 0 to 1 at schedule_steps (then stays 1); plateau: "
+                                    "factor 0 until the training loss plateaus (plateau_delta, plateau_window), "
+                                    "then the linear ramp over schedule_steps")
     schedule_start: float = doc(0.0, "the schedule's factor at step 0, in [0, 1]")
     schedule_steps: int = doc(0, "steps of the ramp (>= 1 for linear and cosine)")
     chain: bool = doc(False, "causal chains: causal connectives whose starts lie at most chain_gap tokens apart "
@@ -281,6 +288,19 @@ class MaskingConfig:
                              "the chain's first member (docs/masking.md)")
     chain_gap: int = doc(DEFAULT_CHAIN_GAP, "chain = true: the most tokens from one causal match's start to the "
                                             "next one's for both to be in one chain")
+    adaptive: bool = doc(False, "adapt each connective's weight to the model's next-token accuracy on it in the "
+                                "training batches (weighted, or structural with structural_weights)")
+    adapt_every: int = doc(0, "adaptive: update the weights every N steps; 0 = training.log_every")
+    adapt_min_count: int = doc(10, "adaptive: a connective is updated only with at least this many observations")
+    adapt_low: float = doc(0.5, "adaptive: accuracy below this -> weight x adapt_up")
+    adapt_high: float = doc(0.9, "adaptive: accuracy above this -> weight x adapt_down")
+    adapt_up: float = doc(1.2, "adaptive: the factor on a hard connective's weight (>= 1)")
+    adapt_down: float = doc(0.9, "adaptive: the factor on an easy connective's weight (in (0, 1])")
+    adapt_min_weight: float = doc(0.1, "adaptive: weights are clamped to [adapt_min_weight, adapt_max_weight]")
+    adapt_max_weight: float = doc(2.0, "adaptive: the largest weight")
+    plateau_delta: float = doc(0.01, "schedule = \"plateau\": masking starts once the training loss's EMA has "
+                                     "improved by less than this over plateau_window steps")
+    plateau_window: int = doc(100, "schedule = \"plateau\": the steps over which the EMA's improvement is measured")
     impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
     seed: int | None = doc(None, f"masking seed, in {SEED_RANGE}; default training.seed")
 
@@ -311,6 +331,22 @@ class MaskingConfig:
         _check(1 <= self.chain_gap <= 2**20, "chain_gap", f"must be in [1, 2**20] (got {self.chain_gap})")
         _check(self.chain or self.chain_gap == DEFAULT_CHAIN_GAP, "chain_gap",
                "has no effect with chain = false (set chain = true)", also=("chain",))
+        _check(not self.adaptive or self.strategy == "weighted" or (self.strategy == "structural"
+                                                                     and self.structural_weights), "adaptive",
+               f"adapts the connectives' weights: needs strategy = \"weighted\", or \"structural\" with "
+               f"structural_weights = true (got strategy = {self.strategy!r})", also=("strategy", "structural_weights"))
+        _check(self.adapt_every >= 0, "adapt_every", f"must be >= 0 (got {self.adapt_every})")
+        _check(self.adapt_min_count >= 1, "adapt_min_count", f"must be >= 1 (got {self.adapt_min_count})")
+        _check(0 <= self.adapt_low <= self.adapt_high <= 1, "adapt_low",
+               f"needs 0 <= adapt_low <= adapt_high <= 1 (got {self.adapt_low}, {self.adapt_high})",
+               also=("adapt_high",))
+        _check(self.adapt_up >= 1, "adapt_up", f"must be >= 1 (got {self.adapt_up})")
+        _check(0 < self.adapt_down <= 1, "adapt_down", f"must be in (0, 1] (got {self.adapt_down})")
+        _check(0 <= self.adapt_min_weight <= self.adapt_max_weight, "adapt_min_weight",
+               f"needs 0 <= adapt_min_weight <= adapt_max_weight (got {self.adapt_min_weight}, "
+               f"{self.adapt_max_weight})", also=("adapt_max_weight",))
+        _check(self.plateau_delta >= 0, "plateau_delta", f"must be >= 0 (got {self.plateau_delta})")
+        _check(self.plateau_window >= 1, "plateau_window", f"must be >= 1 (got {self.plateau_window})")
         _check(bool(self.verse_separator), "verse_separator", "must not be empty")
         _check(bool(self.rules) or self.strategy != "structural", "rules", "structural masking needs at least one rule",
                also=("strategy",))
@@ -592,6 +628,11 @@ def check_sections(parts: dict[str, Any]) -> None:
     _check(not parts["model"].class_head or parts["masking"].enabled, "model.class_head",
            "the class head is trained only at masked positions: it needs masking.enabled = true",
            also=("masking.enabled",))
+    _check(not parts["masking"].adaptive or parts["masking"].enabled, "masking.adaptive",
+           "adapts the masking weights: it needs masking.enabled = true", also=("masking.enabled",))
+    _check(parts["training"].connective_loss_weight == 1 or parts["masking"].enabled, "training.connective_loss_weight",
+           "finds the connectives with the masker: it needs masking.enabled = true (to weight without masking, add "
+           "masking.strategy = \"uniform\" with masking.mask_prob = 0)", also=("masking.enabled",))
 
 
 def _check_modes(file_modes: Any) -> None:

@@ -631,34 +631,14 @@ def _mask_dense(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Mas
     last position at or before it that does not glue onto its left neighbour, its run ends at the next such
     position, and the clause before a start ends at the last non-stop token before it."""
     B, T = out.shape
-    device, V, L = out.device, tables.vocab_size, tables.max_pieces
+    device, V = out.device, tables.vocab_size
     ids = out.long()  # a copy for int32 ids; `out` is overwritten at the end
     if not ids_checked:  # invalid ids map to the neutral slot V (no flags, no patterns): -1 and V both land on V
         ids = ids.clamp(-1, V).remainder_(V + 1)
     column = torch.arange(T, device=device).expand(B, T)
 
     # 1. words: where each starts, how long its run is, and the pattern it matches (if any)
-    attached = torch.zeros((B, T), dtype=torch.bool, device=device)
-    attached[:, 1:] = _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1])
-    word_start = ~attached  # column 0 always starts a word
-    next_start = torch.where(word_start, column, T).flip(1).cummin(1).values.flip(1)
-    run = torch.nn.functional.pad(next_start[:, 1:], (0, 1), value=T) - column  # tokens of the word at a start
-    # patterns are keyed by (first token, length): one binary search finds the candidates, then the pieces
-    # after the first are compared with the window of tokens following the start
-    key = ids * (L + 2) + run.clamp(max=L + 1)
-    at = torch.searchsorted(tables.length_key, key.view(-1)).view(B, T)
-    entry = torch.full((B, T), -1, dtype=torch.int64, device=device)
-    window = torch.nn.functional.pad(ids, (0, L - 1), value=-1).unfold(1, L, 1) if L > 1 else None  # (B, T, L)
-    piece = torch.arange(L, device=device)
-    n_keys = tables.length_key.numel()
-    for q in range(tables.max_same_length):
-        k = (at + q).clamp_(max=n_keys - 1)
-        found = word_start & (_take(tables.length_key, k) == key)
-        p = _take(tables.length_pattern, k)
-        if window is not None:
-            agree = (_take(tables.patterns, p) == window) | (piece >= run.unsqueeze(2))
-            found &= agree.all(2)
-        entry = torch.where(found & (entry < 0), _take(tables.pattern_entry, p), entry)
+    word_start, entry = _word_entries(ids, tables, column)
     matched = entry >= 0
 
     # 2. the probability at every position (used at match starts)
@@ -706,6 +686,35 @@ def _mask_dense(out: torch.Tensor, verse_start: torch.Tensor | None, tables: Mas
     return out, mask, classes, connectives, matched
 
 
+def _word_entries(ids: torch.Tensor, tables: MaskTables, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matching stage of the dense layout, on valid (B, T) int64 ids: where each word starts, and the lexicon
+    entry of the pattern each word matches, at its start (-1 elsewhere and where it matches none)."""
+    B, T = ids.shape
+    device, L = ids.device, tables.max_pieces
+    attached = torch.zeros((B, T), dtype=torch.bool, device=device)
+    attached[:, 1:] = _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1])
+    word_start = ~attached  # column 0 always starts a word
+    next_start = torch.where(word_start, column, T).flip(1).cummin(1).values.flip(1)
+    run = torch.nn.functional.pad(next_start[:, 1:], (0, 1), value=T) - column  # tokens of the word at a start
+    # patterns are keyed by (first token, length): one binary search finds the candidates, then the pieces
+    # after the first are compared with the window of tokens following the start
+    key = ids * (L + 2) + run.clamp(max=L + 1)
+    at = torch.searchsorted(tables.length_key, key.view(-1)).view(B, T)
+    entry = torch.full((B, T), -1, dtype=torch.int64, device=device)
+    window = torch.nn.functional.pad(ids, (0, L - 1), value=-1).unfold(1, L, 1) if L > 1 else None  # (B, T, L)
+    piece = torch.arange(L, device=device)
+    n_keys = tables.length_key.numel()
+    for q in range(tables.max_same_length):
+        k = (at + q).clamp_(max=n_keys - 1)
+        found = word_start & (_take(tables.length_key, k) == key)
+        p = _take(tables.length_pattern, k)
+        if window is not None:
+            agree = (_take(tables.patterns, p) == window) | (piece >= run.unsqueeze(2))
+            found &= agree.all(2)
+        entry = torch.where(found & (entry < 0), _take(tables.pattern_entry, p), entry)
+    return word_start, entry
+
+
 def _clause_lengths_dense(tables: MaskTables, ids: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
     """clause_len at every position (dense layout), by running maxima over each row."""
     lookback = tables.lookback
@@ -725,6 +734,21 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] for any index shape (rows of a 2-D table); index_select is ~3x faster than advanced indexing
     on the CPU."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
+def count_first_pieces(logits: torch.Tensor, targets: torch.Tensor, first_entry: torch.Tensor,
+                       n_entries: int) -> torch.Tensor:
+    """The adaptive weights' signal from one batch, on its device with no host sync: a (2, E) int64 tensor of
+    (correct, count) per lexicon entry, over the targets that are the first piece of a match (`first_entry` >= 0,
+    from `ConnectiveMasker.target_matches`), correct where the argmax of the (B, T, V) logits is the target."""
+    entry = first_entry.reshape(-1)
+    seen = entry >= 0
+    hit = (logits.detach().argmax(-1).reshape(-1) == targets.reshape(-1)) & seen
+    counts = torch.zeros(2, n_entries, dtype=torch.int64, device=logits.device)
+    index = entry.clamp(min=0)
+    counts[0].scatter_add_(0, index, hit.long())
+    counts[1].scatter_add_(0, index, seen.long())
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -820,6 +844,8 @@ class ConnectiveMasker:
         self._factor: dict[torch.device, float] = {}  # the schedule factor each device's prob_table holds now
         self._impl: dict[torch.device, str] = {}
         self._kernel_ran: set[torch.device] = set()  # devices where the kernel compiled and ran once
+        # schedule = "plateau": the step masking starts ramping at, set by whoever watches the loss (the trainer)
+        self.plateau_step: int | None = None
 
     @property
     def seed(self) -> int:
@@ -914,11 +940,78 @@ class ConnectiveMasker:
         schedule_start at step 0 to 1 at schedule_steps, linearly or on a half cosine, then 1. Rounded to float32,
         the precision the probabilities are multiplied in."""
         c = self.config
+        if c.schedule == "plateau":  # 0 until the trainer finds the plateau, then the linear ramp from there
+            if self.plateau_step is None or step < self.plateau_step:
+                return 0.0
+            step -= self.plateau_step
         if c.schedule == "constant" or step >= c.schedule_steps:
             return 1.0
         progress = step / c.schedule_steps
-        ramp = progress if c.schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
+        ramp = 0.5 * (1.0 - math.cos(math.pi * progress)) if c.schedule == "cosine" else progress
         return float(np.float32(c.schedule_start + (1.0 - c.schedule_start) * ramp))
+
+    # -- connective targets and adaptive weights ---------------------------------------------------------------
+
+    def target_matches(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (B, T + 1) windows of token ids (inputs x = window[:, :-1], targets y = window[:, 1:]): which targets
+        are a piece of a lexicon match (bool (B, T)), and at each target that is the first piece of one, its lexicon
+        entry (int64 (B, T), -1 elsewhere). Matched over the whole window, so exact at every target column,
+        including the last, which the masker's pass over x never sees; masked or not (probabilities, draws and
+        chains play no part). The dense layout's matching stage on the window's device: ~20 whole-batch ops, no
+        random draws, no host sync."""
+        if window.dim() != 2 or window.shape[1] < 2:
+            raise MaskingError(f"window must be (B, T + 1) token ids with T >= 1 (got shape {tuple(window.shape)})")
+        tables = self.tables(window.device)
+        V = tables.vocab_size
+        ids = window.long().clamp(-1, V).remainder_(V + 1)  # invalid ids land on the neutral slot
+        B, T1 = ids.shape
+        column = torch.arange(T1, device=ids.device).expand(B, T1)
+        word_start, entry = _word_entries(ids, tables, column)
+        start = torch.where(word_start, column, 0).cummax(1).values
+        piece = entry.gather(1, start) >= 0
+        return piece[:, 1:], entry[:, 1:]
+
+    def weights(self) -> torch.Tensor:
+        """The per-entry weights the masker draws with now: (E,) float32 on the CPU (a copy)."""
+        return self._host_tables.entry_weight.clone()
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        """Replace the per-entry weights, in place on every device's tables (a checkpoint's, on resume)."""
+        weights = torch.as_tensor(weights, dtype=torch.float32).cpu()
+        if weights.shape != self._host_tables.entry_weight.shape:
+            raise MaskingError(f"weights must have shape {tuple(self._host_tables.entry_weight.shape)}, one per "
+                               f"lexicon entry (got {tuple(weights.shape)})")
+        self._host_tables.entry_weight.copy_(weights)
+        for tables in self._tables.values():
+            if tables.entry_weight.data_ptr() != self._host_tables.entry_weight.data_ptr():
+                tables.entry_weight.copy_(weights)  # on the device, in place: the kernel reads the same tensor
+
+    def adapt(self, correct: torch.Tensor, count: torch.Tensor) -> dict[int, tuple[float, float]]:
+        """One adaptive update from per-entry counts (E,) (any device): `count` observations of each lexicon entry
+        (a target that is its first piece) and `correct` of them where the model's argmax was that piece. An entry
+        with at least adapt_min_count observations and accuracy below adapt_low gets weight x adapt_up, above
+        adapt_high weight x adapt_down, clamped to [adapt_min_weight, adapt_max_weight]; others keep theirs.
+        Returns {entry: (old weight, new weight)} for the weights that changed. One host sync (the counts are read);
+        call it every few steps, then reset the counts (`genesis.train` does, every adapt_every steps)."""
+        c = self.config
+        if not (c.strategy == "weighted" or (c.strategy == "structural" and c.structural_weights)):
+            raise MaskingError(f"adapt changes the connectives' weights, which strategy {c.strategy!r} does not read "
+                               f"(use weighted, or structural with structural_weights = true)")
+        correct, count = (torch.as_tensor(t).detach().to("cpu", torch.float64) for t in (correct, count))
+        old = self.weights()
+        if correct.shape != old.shape or count.shape != old.shape:
+            raise MaskingError(f"correct and count must have shape {tuple(old.shape)}, one per lexicon entry "
+                               f"(got {tuple(correct.shape)} and {tuple(count.shape)})")
+        accuracy = correct / count.clamp(min=1)
+        seen = count >= c.adapt_min_count
+        factor = torch.ones_like(old)
+        factor[seen & (accuracy < c.adapt_low)] = c.adapt_up
+        factor[seen & (accuracy > c.adapt_high)] = c.adapt_down
+        new = torch.where(seen, (old * factor).clamp(c.adapt_min_weight, c.adapt_max_weight), old)
+        changed = (new != old).nonzero().flatten().tolist()
+        if changed:
+            self.set_weights(new)
+        return {e: (float(old[e]), float(new[e])) for e in changed}
 
     def impl(self, device: torch.device | str) -> str:
         """'triton' or 'torch' for `device`, chosen once per device."""
@@ -1015,14 +1108,28 @@ class ConnectiveMasker:
 
     def stats(self, out: MaskOutput, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Counts as 0-d device tensors (no host sync): masked tokens, and masked words — a masked position starts
-        a word unless it glues onto a masked piece of the same connective just before it."""
+        a word unless it glues onto a masked piece of the same connective just before it; with chain = true also
+        masked chains (of two or more causal words) and the words in them."""
         m, c = out.mask, out.connectives
         tables = self.tables(input_ids.device)
         ids = input_ids.long().clamp(0, tables.vocab_size)  # invalid ids are never masked; any slot will do
         glued = _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1])
         word_start = m.clone()
         word_start[:, 1:] &= ~(m[:, :-1] & (c[:, 1:] == c[:, :-1]) & glued)
-        return {"masked_tokens": m.sum(), "masked_words": word_start.sum()}
+        counts = {"masked_tokens": m.sum(), "masked_words": word_start.sum()}
+        if tables.chain:  # masked causal words within chain_gap of each other: one chain (all-or-nothing)
+            causal = word_start & (out.classes == tables.chain_class)
+            B, T = m.shape
+            column = torch.arange(T, device=m.device).expand(B, T)
+            far = 2 * T + tables.chain_gap
+            before = _shift_right(torch.where(causal, column, -far).cummax(1).values, -far)
+            after = torch.where(causal, column, far).flip(1).cummin(1).values.flip(1)
+            after = torch.nn.functional.pad(after[:, 1:], (0, 1), value=far)
+            linked_before = causal & (column - before <= tables.chain_gap)
+            linked_after = causal & (after - column <= tables.chain_gap)
+            counts["masked_chains"] = (linked_after & ~linked_before).sum()
+            counts["masked_chain_words"] = (linked_before | linked_after).sum()
+        return counts
 
     # -- reporting --------------------------------------------------------------------------------------------
 
@@ -1080,7 +1187,12 @@ class ConnectiveMasker:
             rule = f"{len(c.rules)} rules" + (" x weight" if c.structural_weights else "")
         if c.chain:
             rule += f", causal chains (gap {c.chain_gap})"
-        if c.schedule != "constant":
+        if c.adaptive:
+            rule += f", adaptive weights in [{c.adapt_min_weight:g}, {c.adapt_max_weight:g}]"
+        if c.schedule == "plateau":
+            rule += (f", 0 until the loss plateaus (EMA gains < {c.plateau_delta:g} over {c.plateau_window} steps), "
+                     f"then a ramp {c.schedule_start:g} -> 1 over {c.schedule_steps} steps")
+        elif c.schedule != "constant":
             rule += f", x {c.schedule} ramp {c.schedule_start:g} -> 1 over {c.schedule_steps} steps"
         unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""
         disabled = "" if self.enabled else "disabled (enabled = false): inputs pass through unchanged | configured: "

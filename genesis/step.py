@@ -7,6 +7,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 from genesis.runs import RunError
 
@@ -28,7 +29,16 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, T, V) logits against (B, T) targets, each term x its weight (B, T): the weighted mean,
+    sum of weighted terms / sum of weights (training.connective_loss_weight)."""
+    terms = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    weights = weights.reshape(-1).to(terms.dtype)
+    return (terms * weights).sum() / weights.sum()
+
+
+def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0, loss_weights=None,
+                         observe=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; the LM gradients equal those of one batch made
     of all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
     Under DDP the processes' gradients are averaged, once per step.
@@ -38,6 +48,10 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -
     mean per micro-batch, also divided by their number: its gradient depends on how a step is split into
     micro-batches (not on how they are shared out among processes), as the masked counts differ between them.
 
+    `loss_weights`: per micro-batch, None or a (B, T) weight per target: that micro-batch's LM loss is then the
+    weighted mean (`weighted_lm_loss`) instead of the model's mean. `observe(i, logits)`: called with micro-batch
+    i's detached logits after its forward pass (the adaptive weights' argmax signal, no extra forward).
+
     Returns this process's mean LM loss as a 0-d tensor and the class head's (cross-entropy sum, correct, labelled)
     over the micro-batches as a (3,) tensor (zeros without a head), with no host sync."""
     total, class_stats = None, None
@@ -45,10 +59,18 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0) -
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: all-reduce once, in the last backward
     for i, batch in enumerate(micro_batches):
         with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
+            weights = loss_weights[i] if loss_weights is not None else None
             with amp:
-                _, loss, *head = model(*batch)
+                if weights is None:
+                    logits, loss, *head = model(*batch)
+                else:  # the model's own loss is not computed: its logits, weighted here
+                    x, y, *classes = batch
+                    logits, _, *head = model(x, None, *classes)
+                    loss = weighted_lm_loss(logits, y, weights)
             objective = loss if not head else loss + class_weight * head[0].loss
             (objective / k).backward()
+        if observe is not None:
+            observe(i, logits.detach())
         total = loss.detach() / k if total is None else total + loss.detach() / k
         if head:
             c = head[0]

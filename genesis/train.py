@@ -33,6 +33,7 @@ from genesis import console
 from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
 from genesis.console import Progress, first_line, log, warn
 from genesis.corpus import CorpusError
+from genesis.curriculum import Curriculum
 from genesis.data import SPLITS, Corpus, TokenSplit, get_batch, prepare
 from genesis.device import autocast, set_threads, training_device, use_compile
 from genesis.distributed import (
@@ -111,6 +112,7 @@ class Run:
     metrics: IO[str] | None  # rank 0's metrics.jsonl; the other processes write nothing
     evaluated: set[int]  # the steps metrics.jsonl holds a held-out evaluation of
     progress: Progress
+    curriculum: Curriculum  # connective loss weights, adaptive weights, the plateau schedule (state in checkpoints)
     completed: int = 0  # optimizer steps taken so far: what a checkpoint records
     # from optimizer.step until the step's record is written: an error there may leave half-updated weights, or
     # weights without their record; nothing is saved then (the last checkpoint stays, with all its records)
@@ -189,6 +191,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
             raise RunError(f"{run_dir / CHECKPOINT}: its optimizer state does not fit this config's model "
                            f"({first_line(e)})") from None
         start, skipped = ckpt["step"], ckpt.get("nonfinite_skipped", [])
+        curriculum_state = ckpt.get("curriculum", {})
         del ckpt  # the weights now live in the model; do not keep a second copy for the whole run
     # written once the checkpoint (if any) is known to fit: a refused --resume leaves the run as it was
     if world.main:
@@ -209,6 +212,9 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
 
         step_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    curriculum = Curriculum(cfg, masker, device)
+    if resumed:
+        curriculum.load_state_dict(curriculum_state, main=world.main)
     evaluated, metrics, tensorboard = set(), None, None
     if world.main:
         metrics, evaluated = open_metrics(run_dir, start, resumed)
@@ -218,7 +224,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     return Run(cfg=cfg, world=world, device=device, amp=amp, run_dir=run_dir, model=model, eval_model=eval_model,
                step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
                heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
-               progress=Progress(t.steps, enabled=world.main, keep=False), completed=start,
+               progress=Progress(t.steps, enabled=world.main, keep=False), curriculum=curriculum, completed=start,
                summary={"run_dir": str(run_dir)}, t_last=time.time(), tensorboard=tensorboard,
                guard=NonFiniteGuard(optimizer, t.skip_nonfinite, skipped), saved_step=start if resumed else None)
 
@@ -236,7 +242,7 @@ def train_step(run: Run, step: int) -> None:
     lr = lr_at(step, t)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    micro_batches, masked = [], []
+    micro_batches, masked, loss_weights, firsts = [], [], [], []
     for micro in range(world.rank * k, (world.rank + 1) * k):  # this process's micro-batches
         batch = get_batch(run.train_data, B, T, t.seed, step, rank=0, micro=micro, device=run.device)
         x = batch.x
@@ -245,9 +251,18 @@ def train_step(run: Run, step: int) -> None:
             x = out.input_ids
             masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per step
         micro_batches.append((x, batch.y) if model.class_head is None else (x, batch.y, out.classes))
-    loss, class_stats = accumulate_gradients(run.step_model, micro_batches, run.amp, t.class_loss_weight)
+        weights, first = run.curriculum.micro_batch(batch.x, batch.y)
+        loss_weights.append(weights)
+        firsts.append(first)
+    observe = None
+    if run.curriculum.adaptive:
+        def observe(i, logits):
+            run.curriculum.observe(logits, micro_batches[i][1], firsts[i])
+    loss, class_stats = accumulate_gradients(run.step_model, micro_batches, run.amp, t.class_loss_weight,
+                                             loss_weights if run.curriculum.loss_weight != 1.0 else None, observe)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
     values = step_values(run, step + 1, loss, class_stats, masked)
+    adapt_counts = all_sum([run.curriculum.counts], world)[0] if run.curriculum.adapt_due(step + 1) else None
     # the step's record, the weights and the step count change together: a checkpoint at step N always comes with
     # step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
     with signals_held():
@@ -256,8 +271,24 @@ def train_step(run: Run, step: int) -> None:
         run.completed = step + 1
         run.optimizer.zero_grad(set_to_none=True)
         check_finite(run, sync=values is not None)  # at a log step, after its sync: free
+        if adapt_counts is not None:
+            adapt_step(run, run.completed, adapt_counts)
         log_step(run, run.completed, values, lr, grad_norm)
         run.updating = False
+
+
+def adapt_step(run: Run, done: int, counts: torch.Tensor) -> None:
+    """masking.adaptive: update the masker's weights from the step's summed counters; record the changed ones."""
+    observed = int(counts[1].sum())  # before the update: in one process `counts` are the counters it resets
+    changed = run.curriculum.adapt(counts)
+    rec = {"kind": "adapt", "step": done, "observed": observed,
+           "weights": {word: new for word, (_, new) in changed.items()}}
+    record(run, rec)
+    shown = ", ".join(f"{word} {old:.3g}->{new:.3g}" for word, (old, new) in list(changed.items())[:12])
+    more = f" (+{len(changed) - 12} more)" if len(changed) > 12 else ""
+    run.progress.clear()
+    log(f"adapt step {done} | {observed} connective targets | {len(changed)} weights changed"
+        + (f": {shown}{more}" if changed else ""))
 
 
 def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tensor,
@@ -272,8 +303,12 @@ def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tens
     if run.masker is not None:
         mask_stats = [run.masker.stats(out, ids) for out, ids in masked]
         values += [sum(s[key] for s in mask_stats) for key in ("masked_tokens", "masked_words")]
+        if run.cfg.masking.chain:  # at the end: the class head's values keep their places
+            chain_values = [sum(s[key] for s in mask_stats) for key in ("masked_chains", "masked_chain_words")]
     if run.model.class_head is not None:
         values += list(class_stats.unbind())
+    if run.masker is not None and run.cfg.masking.chain:
+        values += chain_values
     return [v.item() for v in all_sum(values, run.world)]
 
 
@@ -296,6 +331,9 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
         rec["masked_fraction"] = values[1] / tokens
         rec["masked_connectives"] = round(values[2])
         line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
+        if run.cfg.masking.chain:  # the last two values (step_values)
+            rec["masked_chains"], rec["masked_chain_words"] = round(values[-2]), round(values[-1])
+            line += f" ({rec['masked_chains']} causal chains of {rec['masked_chain_words']})"
     if run.guard.skipped:
         rec["skipped_steps"] = len(run.guard.skipped)
     if run.model.class_head is not None:  # over this step's masked tokens (every piece of a masked word)
@@ -307,6 +345,9 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
     if device.type == "cuda":
         rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         line += f" | mem {rec['mem_gb']:.1f} GB"
+    if run.curriculum.watch_loss(done, rec["loss"]):
+        rec["plateau_step"] = done
+        line += f" | plateau: masking starts ramping at step {done}"
     record(run, rec)
     run.updating = False
     run.t_last, run.steps_since = time.time(), 0
@@ -351,12 +392,17 @@ def evaluate(run: Run, step: int) -> None:
     log(line)
 
 
-def save(run: Run) -> None:
+def save(run: Run, every_process: bool = True) -> None:
     """The checkpoint of step `completed` (rank 0 writes it), and its checkpoint-<step>.pt with keep_checkpoints;
-    first the steps not checked for non-finite values yet (a NonFiniteError then saves nothing)."""
+    first the steps not checked for non-finite values yet (a NonFiniteError then saves nothing). `every_process`: all
+    processes call it (the adaptive counters are summed over them: one collective); else rank 0 alone saves its own
+    counters."""
     check_finite(run)
+    counts = None
+    if run.curriculum.adaptive and run.world.distributed and every_process:
+        counts = all_sum([run.curriculum.counts], run.world)[0]
     save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world,
-                    extra={"nonfinite_skipped": run.guard.skipped})
+                    extra={"nonfinite_skipped": run.guard.skipped, "curriculum": run.curriculum.state_dict(counts)})
     run.saved_step = run.completed
     if run.world.main:
         keep_step_checkpoint(run.run_dir / CHECKPOINT, run.completed, run.cfg.training.keep_checkpoints)
@@ -410,7 +456,7 @@ def save_after_error(run: Run, e: Exception) -> str:
         return "the last checkpoint saved before is kept (after a failed NCCL collective the weights are not)"
     try:
         with signals_held():
-            save(run)
+            save(run, every_process=False)
             _saved = True
     except (KeyboardInterrupt, Interrupted):  # raised once the save is done (torchrun stopping the others)
         pass

@@ -94,7 +94,7 @@ def test_report_figures_are_written_beside_the_report_and_linked(tmp_path):
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \
-                                              "structural, structural_head)"
+                                              "structural, structural_head, chain, adaptive)"
     assert compare.main(["--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
 

@@ -253,3 +253,20 @@ def test_a_checkpoint_records_its_processes(tmp_path):
             "--set", "training.eval_every=0")
     assert checkpoint(tmp_path)["processes"] == 1
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "eval"
+
+
+def test_adaptive_weights_under_two_processes_equal_one_with_twice_the_accumulation(tmp_path):
+    """masking.adaptive: the processes' counters are summed in one all-reduce at each update, so 2 processes make
+    the weight updates of 1 process x grad_accum 2 (and hence the same masks and training)."""
+    steps = ["--set", "training.steps=6", "--set", "training.eval_every=0", "--set", "masking.strategy=weighted",
+             "--set", "masking.adaptive=true", "--set", "masking.adapt_every=3", "--set", "masking.adapt_min_count=1",
+             "--set", "training.connective_loss_weight=2"]
+    torchrun("--config", "cpu.toml", "--out", str(tmp_path / "ddp"), *RUN, *steps, "--set", "training.grad_accum=1")
+    run_cli("genesis.train", "--config", "cpu.toml", "--out", str(tmp_path / "one"), *RUN, *steps,
+            "--set", "training.grad_accum=2")
+    adapts = [[(r["step"], r["observed"], r["weights"]) for r in records(tmp_path / run, "adapt")]
+              for run in ("ddp", "one")]
+    assert adapts[0] == adapts[1] and len(adapts[0]) == 2 and adapts[0][0][2]
+    assert torch.equal(checkpoint(tmp_path / "ddp")["curriculum"]["weights"],
+                       checkpoint(tmp_path / "one")["curriculum"]["weights"])
+    assert_same_training(tmp_path / "ddp", tmp_path / "one")
