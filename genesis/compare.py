@@ -152,6 +152,42 @@ def paired_bootstrap(strategy: np.ndarray, baseline: np.ndarray, samples: int = 
     return BootstrapResult(float(x.mean() - b.mean()), interval(xs - bs), relative, rel_ci, rel2_ci, decision)
 
 
+NOT_INFORMATIVE = "not informative at this scale"
+
+
+@dataclass
+class ScaleCheck:
+    """Whether the unmasked baseline beats the Kneser-Ney trigram's whole-verse cloze on the same items: below that,
+    the models have not learned enough language for masking's effect on them to mean anything."""
+    baseline: float  # cloze accuracy (fraction), averaged over seeds and items
+    trigram: float
+    diff_ci: tuple[float, float]  # paired bootstrap 95% interval of baseline - trigram
+
+    @property
+    def informative(self) -> bool:
+        return self.diff_ci[0] > 0
+
+    def lines(self) -> list[str]:
+        verdict = ("**informative**: the interval lies above 0" if self.informative else
+                   f"**{NOT_INFORMATIVE}**: the interval does not lie above 0, so the models have not learned enough "
+                   f"language for the decision below to say anything about masking; every strategy's decision reads "
+                   f"*{NOT_INFORMATIVE}*. Scale up: more training steps (`--steps`; `--config research_cpu.toml` "
+                   f"trains cpu.toml's model 2000 steps) and a larger model (`--set model.dim=...`, "
+                   f"`model.n_layers`; `--config research_gpu.toml` on a GPU)")
+        return ["", f"## Informative? `{BASELINE}` against the Kneser-Ney trigram", "",
+                f"`{BASELINE}` (no masking) {100 * self.baseline:.1f}% vs the trigram's {100 * self.trigram:.1f}% "
+                f"whole-verse cloze accuracy on the same items: Δ {100 * (self.baseline - self.trigram):+.1f} points "
+                f"[{100 * self.diff_ci[0]:+.1f}, {100 * self.diff_ci[1]:+.1f}] (paired bootstrap over items, 95%). "
+                f"{verdict}."]
+
+
+def informative_scale(baseline: np.ndarray, trigram: np.ndarray, samples: int = 2000) -> ScaleCheck:
+    """baseline, trigram: (seeds, items) whole-verse cloze credits, paired as for `paired_bootstrap` (the trigram's
+    rows are equal: it does not depend on the seed)."""
+    res = paired_bootstrap(baseline, trigram, samples, threshold=0.0)
+    return ScaleCheck(float(baseline.mean()), float(trigram.mean()), res.diff_ci)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
 
@@ -480,7 +516,9 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         f"| Kneser-Ney token trigram, whole verse | {100 * scorers['kn3_verse']['accuracy']:.1f} |",
         f"| Kneser-Ney token trigram, suffix only | {100 * scorers['kn3_suffix']['accuracy']:.1f} |",
         f"| chance | {100 / first['cloze']['n_candidates']:.1f} |",
-        "",
+    ]
+    scale = informative_scale(credit_matrix(BASELINE), credit_matrix(BASELINE, "kn3_verse"), args.bootstrap)
+    lines += [*scale.lines(), "",
         f"## Decision: > {100 * PROCEED_AT:.0f}% improvement over `{BASELINE}`?",
         "",
         "Paired bootstrap over cloze items (whole-verse score, each item's credit averaged over seeds). "
@@ -499,6 +537,8 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         if strategy == BASELINE:
             continue
         res = paired_bootstrap(credit_matrix(strategy), base, args.bootstrap)
+        if not scale.informative:
+            res.decision = NOT_INFORMATIVE
         decisions[strategy] = res
         rel = "n/a" if math.isnan(res.relative) else f"{100 * res.relative:+.1f}%"
         lines.append(

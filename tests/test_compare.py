@@ -189,3 +189,61 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
         assert compare.main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def _fake_eval(model: np.ndarray, trigram: np.ndarray) -> dict:
+    """An eval.json-shaped result with these per-item whole-verse credits (the model's and the trigram's)."""
+    def scorer(credits: np.ndarray) -> dict:
+        return {"accuracy": float(credits.mean()), "breakdowns": {"class": {"causal": {"accuracy": 0.5, "n": 1}},
+                                                                  "position": {"inside": {"accuracy": 0.5, "n": 1}}}}
+    items = [{"id": f"item{i}", "credit": {"model_verse": float(m), "kn3_verse": float(t)}}
+             for i, (m, t) in enumerate(zip(model, trigram))]
+    return {"corpus": "kjv", "split": "heldout", "device": "cpu",
+            "next_token": {"accuracy": 0.1, "mean_logprob": -3.0, "n": 10},
+            "cloze": {"n_candidates": 14, "scorers": {"model_verse": scorer(model), "model_suffix": scorer(model),
+                                                      "kn3_verse": scorer(trigram), "kn3_suffix": scorer(trigram),
+                                                      "majority": scorer(trigram),
+                                                      "positional_majority": scorer(trigram)}},
+            "items": {"cloze": items}}
+
+
+def _fake_report(tmp_path, baseline_accuracy: float) -> str:
+    """The report of none vs a strategy that is right wherever the baseline is and on 40% more items, 3 seeds, 400
+    items; the trigram is right on the first 60%."""
+    rng = np.random.default_rng(5)
+    trigram = (np.arange(400) < 240).astype(float)
+    args = compare.parse_args(["--strategies", "none,weighted", "--out", str(tmp_path), "--bootstrap", "500"])
+    runs = compare.plan_runs(args)
+    trained, evaluated = {}, {}
+    for r in runs:
+        base = (rng.random(400) < baseline_accuracy).astype(float)
+        credits = base if r.strategy == "none" else np.maximum(base, rng.random(400) < 0.4)
+        evaluated[r.name] = _fake_eval(credits, trigram)
+        trained[r.name] = {"summary": {"steps": 5, "last_heldout_loss": 4.0}, "train_s": 1}
+    return compare.build_report(runs, trained, evaluated, args, "python -m genesis.compare", 1.0)
+
+
+def test_a_baseline_below_the_trigram_makes_the_report_not_informative(tmp_path):
+    report = _fake_report(tmp_path, 0.45)
+    assert "**not informative at this scale**: the interval does not lie above 0" in report
+    assert "Scale up: more training steps" in report
+    row = next(line for line in report.splitlines() if line.startswith("| weighted |") and "scale" in line)
+    assert row.endswith("| **not informative at this scale** |")
+    assert report.index("## Informative?") < report.index("## Decision")
+
+
+def test_a_baseline_above_the_trigram_decides_as_before(tmp_path):
+    report = _fake_report(tmp_path, 0.8)
+    assert "**informative**: the interval lies above 0" in report and "not informative" not in report
+    row = next(line for line in report.splitlines() if line.startswith("| weighted |") and "proceed" in line)
+    assert row.endswith("| **proceed** |")
+
+
+def test_the_scale_check_is_a_paired_interval_of_baseline_minus_trigram():
+    trigram = np.tile((np.arange(300) < 180).astype(float), (2, 1))
+    assert compare.informative_scale(trigram.copy(), trigram, 500).diff_ci == (0.0, 0.0)  # equal: not above 0
+    assert not compare.informative_scale(trigram.copy(), trigram, 500).informative
+    better = trigram.copy()
+    better[:, 180:240] = 1.0  # right wherever the trigram is, and on 20% more items
+    check = compare.informative_scale(better, trigram, 500)
+    assert check.informative and check.diff_ci[0] > 0.1 and check.baseline - check.trigram == pytest.approx(0.2)
