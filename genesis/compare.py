@@ -3,9 +3,11 @@
     python -m genesis.compare                        # the CPU defaults (see DEFAULTS)
     python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
     python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
+    python -m genesis.compare --config research_cpu.toml --steps 0 --jobs 2   # informative (docs/evaluation.md)
 
-Every run lives in OUT/runs/<strategy>-seed<seed>/: a normal `genesis.train` run directory (trained in-process with
-`genesis.train.train`) plus run.json (its settings), train.done (written when training finished) and eval.json
+Every run lives in OUT/runs/<strategy>-seed<seed>/: a normal `genesis.train` run directory (trained by a
+`python -m genesis.train` process from compare.toml, its resolved config; up to --jobs at once, output in train.log)
+plus run.json (its settings), train.done (written when training finished) and eval.json
 (`genesis.evaluate`'s result, written atomically when the evaluation finished, with the step and a hash of the
 weights it measured). Rerunning the same command skips what is done (an eval.json counts as done only while it
 matches the evaluation settings and the checkpoint now in the run directory) and resumes a run whose training was
@@ -22,6 +24,10 @@ interval lies above +5%), do not proceed when it lies at or below 0, inconclusiv
 interval resamples seeds (paired: the same seed means the same initialisation and batches) and then items, so
 training noise counts too; it is reported next to the decision, not used for it.
 
+The comparison is informative only where the unmasked baseline beats the Kneser-Ney trigram's whole-verse cloze
+accuracy on the same items (the paired-bootstrap interval of baseline - trigram lies above 0); otherwise every
+decision reads "not informative at this scale".
+
 Adding a strategy is one line in STRATEGIES: a name and the --set overrides that define it.
 """
 
@@ -34,9 +40,11 @@ import math
 import os
 import platform
 import shlex
+import signal
+import subprocess
 import sys
 import time
-from contextlib import redirect_stdout, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +58,7 @@ from genesis.corpus import CorpusError
 from genesis.device import flushed_denormals
 from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
 from genesis.evaluate import (
+    DEFAULT_CONTEXT_K,
     EvalContext,
     EvalError,
     checkpoint_identity,
@@ -59,7 +68,6 @@ from genesis.evaluate import (
 )
 from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint
 from genesis.tokenizer import TokenizerError
-from genesis.train import train  # the comparison trains each run in this process
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -154,6 +162,42 @@ def paired_bootstrap(strategy: np.ndarray, baseline: np.ndarray, samples: int = 
     return BootstrapResult(float(x.mean() - b.mean()), interval(xs - bs), relative, rel_ci, rel2_ci, decision)
 
 
+NOT_INFORMATIVE = "not informative at this scale"
+
+
+@dataclass
+class ScaleCheck:
+    """Whether the unmasked baseline beats the Kneser-Ney trigram's whole-verse cloze on the same items: below that,
+    the models have not learned enough language for masking's effect on them to mean anything."""
+    baseline: float  # cloze accuracy (fraction), averaged over seeds and items
+    trigram: float
+    diff_ci: tuple[float, float]  # paired bootstrap 95% interval of baseline - trigram
+
+    @property
+    def informative(self) -> bool:
+        return self.diff_ci[0] > 0
+
+    def lines(self) -> list[str]:
+        verdict = ("**informative**: the interval lies above 0" if self.informative else
+                   f"**{NOT_INFORMATIVE}**: the interval does not lie above 0, so the models have not learned enough "
+                   f"language for the decision below to say anything about masking; every strategy's decision reads "
+                   f"*{NOT_INFORMATIVE}*. Scale up: more training steps (`--steps`; `--config research_cpu.toml` "
+                   f"trains cpu.toml's model 2000 steps) and a larger model (`--set model.dim=...`, "
+                   f"`model.n_layers`; `--config research_gpu.toml` on a GPU)")
+        return ["", f"## Informative? `{BASELINE}` against the Kneser-Ney trigram", "",
+                f"`{BASELINE}` (no masking) {100 * self.baseline:.1f}% vs the trigram's {100 * self.trigram:.1f}% "
+                f"whole-verse cloze accuracy on the same items: Δ {100 * (self.baseline - self.trigram):+.1f} points "
+                f"[{100 * self.diff_ci[0]:+.1f}, {100 * self.diff_ci[1]:+.1f}] (paired bootstrap over items, 95%). "
+                f"{verdict}."]
+
+
+def informative_scale(baseline: np.ndarray, trigram: np.ndarray, samples: int = 2000) -> ScaleCheck:
+    """baseline, trigram: (seeds, items) whole-verse cloze credits, paired as for `paired_bootstrap` (the trigram's
+    rows are equal: it does not depend on the seed)."""
+    res = paired_bootstrap(baseline, trigram, samples, threshold=0.0)
+    return ScaleCheck(float(baseline.mean()), float(trigram.mean()), res.diff_ci)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
 
@@ -168,25 +212,6 @@ class RunSpec:
     @property
     def name(self) -> str:
         return f"{self.strategy}-seed{self.seed}"
-
-
-class Tee:
-    """Writes to several streams: training logs go to the terminal and to the run's train.log."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for s in self.streams:
-            s.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for s in self.streams:
-            s.flush()
-
-    def isatty(self) -> bool:
-        return False
 
 
 def _read_json(path: Path) -> dict | None:
@@ -241,7 +266,8 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
 
 
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_items": args.max_items, "context_verses": args.context_verses, "corpus": args.corpus}
+    return {"max_items": args.max_items, "context_verses": args.context_verses, "corpus": args.corpus,
+            "context_k": args.context_k}
 
 
 def _same_settings(saved: dict, cfg, source: Path) -> bool:
@@ -288,17 +314,97 @@ def check_run_dir(spec: RunSpec, args: argparse.Namespace):
     return cfg
 
 
-def train_run(spec: RunSpec, cfg) -> dict:
-    """Train one run, resuming from its checkpoint if an earlier invocation was interrupted; returns the record
-    written to train.done (the marker that makes later invocations skip it)."""
+RUN_CONFIG = "compare.toml"  # the run's resolved config, as `genesis.train --config` reads it
+LOG_TAIL = 15  # lines of a failed run's train.log shown on the terminal
+
+
+def train_command(spec: RunSpec, resume: bool) -> list[str]:
+    """The `genesis.train` command line that trains (or resumes) one run from its config file."""
+    return [sys.executable, "-m", "genesis.train", "--config", str(spec.run_dir / RUN_CONFIG),
+            "--out", str(spec.run_dir), *(["--resume"] if resume else [])]
+
+
+def usable_cores() -> int:
+    with suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (names it gives, else indices)."""
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return listed
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_env(cfg, slot: int, jobs: int) -> dict[str, str]:
+    """The environment of the training process in job slot `slot` (0 .. jobs - 1): the same Genesis code as this
+    process; on GPUs one visible device, round-robin over the slots (several slots share a device when there are
+    more slots than devices); on the CPU, with several jobs, the cores shared out (torch's intra-op threads)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    gpus = visible_gpus() if cfg.training.device in ("auto", "cuda") and torch.cuda.is_available() else []
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    elif jobs > 1:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, usable_cores() // jobs))
+    return env
+
+
+@dataclass
+class Training:
+    """One `genesis.train` process of the comparison."""
+    spec: RunSpec
+    head: str  # "[k/n] name", the run's prefix on the terminal
+    slot: int
+    resumed: bool
+    process: subprocess.Popen
+    log: Any  # the open train.log the process writes to
+    t0: float
+
+
+def start_training(spec: RunSpec, cfg, head: str, slot: int, jobs: int) -> Training:
+    """Start training one run in its own process (its output appended to the run's train.log), resuming from its
+    checkpoint if an earlier invocation was interrupted. The process has its own session: a Ctrl-C reaches this
+    process only, which then stops the runs (`stop_training`)."""
     resume = (spec.run_dir / CHECKPOINT).is_file()
-    t0 = time.time()
-    with (spec.run_dir / "train.log").open("a") as logfile, redirect_stdout(Tee(sys.stdout, logfile)):
-        summary = train(cfg, spec.run_dir, resume=resume)
-    done = {"summary": summary, "train_s": round(time.time() - t0, 1), "resumed": resume}
-    done["summary"]["last_heldout_loss"] = last_heldout_loss(done, spec.run_dir)
-    write_json(done, spec.run_dir / "train.done")
+    (spec.run_dir / RUN_CONFIG).write_text(to_toml(cfg))
+    log = (spec.run_dir / "train.log").open("a")
+    process = subprocess.Popen(train_command(spec, resume), stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, env=run_env(cfg, slot, jobs), start_new_session=True)
+    return Training(spec, head, slot, resume, process, log, time.time())
+
+
+def finish_training(job: Training) -> dict:
+    """The record written to train.done (the marker that makes later invocations skip the run) once its process
+    exited with status 0."""
+    job.log.close()
+    summary = {"run_dir": str(job.spec.run_dir),
+               "steps": read_checkpoint(job.spec.run_dir / CHECKPOINT, need=("step",))["step"]}
+    done = {"summary": summary, "train_s": round(time.time() - job.t0, 1), "resumed": job.resumed}
+    done["summary"]["last_heldout_loss"] = last_heldout_loss(done, job.spec.run_dir)
+    write_json(done, job.spec.run_dir / "train.done")
     return done
+
+
+def stop_training(jobs: list[Training]) -> None:
+    """SIGTERM to every training process still running (each saves its checkpoint), then wait for them."""
+    for job in jobs:
+        if job.process.poll() is None:
+            job.process.send_signal(signal.SIGTERM)
+    for job in jobs:
+        with suppress(Exception):
+            job.process.wait()
+        job.log.close()
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
+    try:
+        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"    ({path}: {e.strerror or e})"
 
 
 def reusable_eval(spec: RunSpec, args: argparse.Namespace) -> dict | None:
@@ -322,7 +428,8 @@ def evaluate_run(spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | Non
     settings = eval_settings(args)
     t0 = time.time()
     result, ctx = evaluate_checkpoint(spec.run_dir / CHECKPOINT, args.corpus, "heldout", args.max_items,
-                                      args.context_verses, args.device, args.batch_tokens, progress=True, ctx=ctx)
+                                      args.context_verses, args.device, args.batch_tokens, progress=True, ctx=ctx,
+                                      context_k=args.context_k)
     result["compare_settings"] = settings
     result["eval_s"] = round(time.time() - t0, 1)
     write_json(result, path)
@@ -394,7 +501,7 @@ def class_head_section(strategies: list[str], seeds: list[int], evaluated: dict[
 
 
 def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
-                 args: argparse.Namespace, command: str, wall_s: float) -> str:
+                 args: argparse.Namespace, command: str, wall_s: float, missing: list[str] = ()) -> str:
     strategies = list(dict.fromkeys(r.strategy for r in runs))
     seeds = list(dict.fromkeys(r.seed for r in runs))
     first = evaluated[runs[0].name]
@@ -419,6 +526,9 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         "cloze acc. % (verse)": (lambda e, t: e["cloze"]["scorers"]["model_verse"]["accuracy"], 100, 1, unit),
         "cloze acc. % (suffix)": (lambda e, t: e["cloze"]["scorers"]["model_suffix"]["accuracy"], 100, 1, unit),
         "held-out loss": (lambda e, t: t["summary"].get("last_heldout_loss", float("nan")), 1, 3, None),
+        "loss after connectives, visible": (lambda e, t: e["masked_context"]["visible_loss"], 1, 3, None),
+        "… masked": (lambda e, t: e["masked_context"]["masked_loss"], 1, 3, None),
+        "… gap": (lambda e, t: e["masked_context"]["gap"], 1, 3, None),
     }
     cfg_steps = load_config(args.config, None, runs[0].overrides).training.steps
     total_train = sum(t.get("train_s", 0) for t in trained.values())
@@ -430,7 +540,8 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         "",
         f"Equivalent full command: `python -m genesis.compare --config {args.config} --strategies "
         f"{','.join(strategies)} --seeds {','.join(map(str, seeds))} --steps {args.steps} --max-items "
-        f"{args.max_items} --context-verses {args.context_verses} --bootstrap {args.bootstrap} --out {args.out}"
+        f"{args.max_items} --context-verses {args.context_verses} --context-k {args.context_k} --bootstrap "
+        f"{args.bootstrap} --out {args.out}"
         + "".join(f" --set {shlex.quote(s)}" for s in args.set) + (f" --corpus {args.corpus}" if args.corpus else "")
         + "`",
         "",
@@ -446,13 +557,18 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         f"device {first.get('device', '?')}; {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- wall time of this invocation: {wall_s / 60:.1f} min; compute recorded for all runs: training "
         f"{total_train / 60:.1f} min, evaluation {total_eval / 60:.1f} min",
+        *([f"- **incomplete**: left out {', '.join(missing)} (a run that failed or did not finish, or a run "
+            "unpaired without it); rerun the same command to complete them"] if missing else []),
         "",
         "## Metrics per strategy",
         "",
         f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more. Next-token "
         "accuracy: all pieces of the connective are the argmax (teacher-forced). Cloze: the original connective ranks "
         "first among all lexicon words (whole-verse or suffix-only log-likelihood). Log p: mean log-probability of "
-        "the connective's pieces (nats). Loss: the held-out loss logged at the end of training.",
+        "the connective's pieces (nats). Loss: the held-out loss logged at the end of training. Loss after "
+        f"connectives: the mean loss (nats) on the {args.context_k} tokens after each held-out connective with the "
+        "connectives visible, with every held-out connective masked in the input, and the gap (masked - visible): "
+        "what masking trains is reading on when a connective is hidden, so it should close the gap.",
     ]
     top1 = [evaluated[r.name]["next_token"]["accuracy"] for r in runs]
     if max(top1) < 0.005:
@@ -482,7 +598,9 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         f"| Kneser-Ney token trigram, whole verse | {100 * scorers['kn3_verse']['accuracy']:.1f} |",
         f"| Kneser-Ney token trigram, suffix only | {100 * scorers['kn3_suffix']['accuracy']:.1f} |",
         f"| chance | {100 / first['cloze']['n_candidates']:.1f} |",
-        "",
+    ]
+    scale = informative_scale(credit_matrix(BASELINE), credit_matrix(BASELINE, "kn3_verse"), args.bootstrap)
+    lines += [*scale.lines(), "",
         f"## Decision: > {100 * PROCEED_AT:.0f}% improvement over `{BASELINE}`?",
         "",
         "Paired bootstrap over cloze items (whole-verse score, each item's credit averaged over seeds). "
@@ -501,6 +619,8 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         if strategy == BASELINE:
             continue
         res = paired_bootstrap(credit_matrix(strategy), base, args.bootstrap)
+        if not scale.informative:
+            res.decision = NOT_INFORMATIVE
         decisions[strategy] = res
         rel = "n/a" if math.isnan(res.relative) else f"{100 * res.relative:+.1f}%"
         lines.append(
@@ -603,6 +723,75 @@ def write_report_figures(runs: list[RunSpec], trained: dict[str, dict], evaluate
     return "\n".join(lines)
 
 
+def run_all(runs: list[RunSpec], args: argparse.Namespace, t0: float) -> tuple[dict, dict, list[str]]:
+    """Train (up to args.jobs processes at once) and evaluate (in this process, one run at a time, as each run's
+    training ends) every run not done yet. Returns the train.done and eval.json records of the runs that finished
+    and the names of those whose training failed: a failure is reported with its log's tail, the others go on."""
+    trained, evaluated, failed = {}, {}, []
+    waiting, ready = [], []  # runs to train; trained runs to evaluate
+    for k, spec in enumerate(runs, start=1):
+        head = f"[{k}/{len(runs)}] {spec.name}"
+        cfg = check_run_dir(spec, args)  # every run's settings checked before any training starts
+        done = _read_json(spec.run_dir / "train.done")
+        if done is not None and not (spec.run_dir / CHECKPOINT).is_file():
+            print(f"{head}: training was done but {CHECKPOINT} is gone: training again", flush=True)
+            (spec.run_dir / "train.done").unlink()  # an interrupted retraining must not pass for a finished one
+            done = None
+        if done is not None:
+            print(f"{head}: training done, skipping", flush=True)
+            trained[spec.name] = done
+            ready.append((head, spec))
+        else:
+            waiting.append((head, spec, cfg))
+    running: list[Training] = []
+    ctx = None
+    try:
+        while waiting or running or ready:
+            free = [slot for slot in range(args.jobs) if slot not in {job.slot for job in running}]
+            while free and waiting:
+                head, spec, cfg = waiting.pop(0)
+                job = start_training(spec, cfg, head, free.pop(0), args.jobs)
+                running.append(job)
+                print(f"{head}: {'resuming training' if job.resumed else 'training'} "
+                      f"({time.time() - t0:.0f} s elapsed; log {spec.run_dir / 'train.log'})", flush=True)
+            for job in [j for j in running if j.process.poll() is not None]:
+                running.remove(job)
+                if job.process.returncode == 0:
+                    trained[job.spec.name] = finish_training(job)
+                    print(f"{job.head}: trained in {trained[job.spec.name]['train_s']:.0f} s", flush=True)
+                    ready.append((job.head, job.spec))
+                else:
+                    job.log.close()
+                    failed.append(job.spec.name)
+                    log = job.spec.run_dir / "train.log"
+                    print(f"{job.head}: training failed (exit status {job.process.returncode}); the last lines of "
+                          f"{log}:\n{log_tail(log)}", file=sys.stderr, flush=True)
+            if ready:
+                head, spec = ready.pop(0)
+                reused = reusable_eval(spec, args)
+                if reused is not None:
+                    print(f"{head}: evaluation done, skipping", flush=True)
+                    evaluated[spec.name] = reused
+                else:
+                    print(f"{head}: evaluating ({time.time() - t0:.0f} s elapsed)", flush=True)
+                    evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
+            elif running:
+                time.sleep(0.2)
+    finally:
+        stop_training(running)  # an interrupt or an error here: the runs in training save their checkpoints
+    return trained, evaluated, failed
+
+
+def reportable(runs: list[RunSpec], evaluated: dict[str, dict]) -> tuple[list[RunSpec], list[str]]:
+    """The runs a report can pair (the seeds whose baseline run finished, the strategies that finished all of
+    them) and the names of the runs it must leave out."""
+    seeds = [r.seed for r in runs if r.strategy == BASELINE and r.name in evaluated]
+    strategies = {r.strategy for r in runs}
+    complete = {s for s in strategies if all(f"{s}-seed{seed}" in evaluated for seed in seeds)} if seeds else set()
+    shown = [r for r in runs if r.strategy in complete and r.seed in seeds]
+    return shown, [r.name for r in runs if r not in shown]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
@@ -623,11 +812,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-verses", type=int, default=DEFAULTS["context_verses"],
                    help="preceding verses given as cloze context (default 0)")
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the runs' own), e.g. asv")
+    p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
+                   help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
     p.add_argument("--bootstrap", type=int, default=DEFAULTS["bootstrap"], help="bootstrap resamples (default 2000)")
     p.add_argument("--out", help="comparison directory (default runs/compare-<config name>)")
     p.add_argument("--report", help="Markdown report path (default OUT/report.md)")
     p.add_argument("--device", default="auto", help="evaluation device: auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per evaluation forward pass")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (default 1): on GPUs spread round-robin "
+                        "over the visible devices, on the CPU with the cores shared out")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(Path("runs") / f"compare-{Path(args.config).stem}")
@@ -651,40 +845,28 @@ def _main(args: argparse.Namespace, command: str) -> int:
         refuse_several_processes("python -m genesis.compare")
         if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
             raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
+        if args.jobs < 1:
+            raise CompareError(f"--jobs: expected at least 1 (got {args.jobs})")
+        if args.context_k < 1:
+            raise CompareError(f"--context-k: expected at least 1 (got {args.context_k})")
         resolve_device(args.device)  # a bad --device fails now, not after the first run's training
         runs = plan_runs(args)
-        print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}", flush=True)
-        trained, evaluated = {}, {}
-        ctx = None
-        for k, spec in enumerate(runs, start=1):
-            head = f"[{k}/{len(runs)}] {spec.name}"
-            cfg = check_run_dir(spec, args)
-            done = _read_json(spec.run_dir / "train.done")
-            if done is not None and not (spec.run_dir / CHECKPOINT).is_file():
-                print(f"{head}: training was done but {CHECKPOINT} is gone: training again", flush=True)
-                (spec.run_dir / "train.done").unlink()  # an interrupted retraining must not pass for a finished one
-                done = None
-            if done is not None:
-                print(f"{head}: training done, skipping", flush=True)
-            else:
-                resuming = (spec.run_dir / CHECKPOINT).is_file()
-                print(f"{head}: {'resuming training' if resuming else 'training'} ({time.time() - t0:.0f} s elapsed)",
-                      flush=True)
-                done = train_run(spec, cfg)
-            trained[spec.name] = done
-            reused = reusable_eval(spec, args)
-            if reused is not None:
-                print(f"{head}: evaluation done, skipping", flush=True)
-                evaluated[spec.name] = reused
-            else:
-                print(f"{head}: evaluating ({time.time() - t0:.0f} s elapsed)", flush=True)
-                evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
-        report = build_report(runs, trained, evaluated, args, command, time.time() - t0)
+        print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}"
+              + (f", {args.jobs} at a time" if args.jobs > 1 else ""), flush=True)
+        trained, evaluated, failed = run_all(runs, args, t0)
+        shown, missing = reportable(runs, evaluated)
+        if not shown:
+            raise CompareError(f"no report: no run of the baseline '{BASELINE}' finished")
+        report = build_report(shown, trained, evaluated, args, command, time.time() - t0, missing)
         report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
-        report += write_report_figures(runs, trained, evaluated, report_path.parent)
+        report += write_report_figures(shown, trained, evaluated, report_path.parent)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(report)
         print(f"compare: wrote {report_path} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        if failed:
+            print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (their train.log is shown above; the "
+                  f"report leaves out {', '.join(missing)}); rerun the same command to retry them", file=sys.stderr)
+            return 1
     except (CompareError, ConfigError, CorpusError, TokenizerError, RunError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

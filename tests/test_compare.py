@@ -3,6 +3,7 @@ config (two 5-step runs of a 2-layer model, 8 cloze items)."""
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -106,23 +107,25 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     out = tmp_path / "cmp"
     argv = ["--strategies", "none,same", "--seeds", "1", "--steps", "5", "--max-items", "8", "--bootstrap", "200",
             "--out", str(out), *TINY]
-    real_train = compare.train
+    real_command = compare.train_command
 
-    def interrupted(cfg, run_dir, resume=False):
-        if run_dir.name == "same-seed1":
-            raise KeyboardInterrupt
-        return real_train(cfg, run_dir, resume)
+    def interrupted(spec, resume):  # same-seed1's training process stops before saving anything, as on a Ctrl-C
+        if spec.name == "same-seed1":
+            return [sys.executable, "-c", "raise SystemExit(130)"]
+        return real_command(spec, resume)
 
-    monkeypatch.setattr(compare, "train", interrupted)
-    assert compare.main(argv) == 130
+    monkeypatch.setattr(compare, "train_command", interrupted)
+    assert compare.main(argv) == 1
     first = capsys.readouterr()
-    assert "[1/2] none-seed1: training" in first.out and "rerun the same command" in first.err
+    assert "[1/2] none-seed1: training (" in first.out and "same-seed1: training failed (exit status 130)" in first.err
+    assert "rerun the same command" in first.err
     done = out / "runs" / "none-seed1"
     assert (done / "train.done").is_file() and (done / "eval.json").is_file()
     assert not (out / "runs" / "same-seed1" / "train.done").exists()
+    assert "- **incomplete**: left out same-seed1" in (out / "report.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (done / "train.done", done / "eval.json", done / "checkpoint.pt")}
 
-    monkeypatch.setattr(compare, "train", real_train)
+    monkeypatch.setattr(compare, "train_command", real_command)
     assert compare.main(argv) == 0
     second = capsys.readouterr().out
     assert "[1/2] none-seed1: training done, skipping" in second
@@ -130,9 +133,9 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     assert "[2/2] same-seed1: training (" in second and "[2/2] same-seed1: evaluating" in second
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     report = (out / "report.md").read_text()
-    assert "python -m genesis.compare --strategies none,same" in report
-    row = next(line for line in report.splitlines() if line.startswith("| same |") and "proceed" in line)
-    assert "+0.0 [+0.0, +0.0]" in row and "**do not proceed**" in row
+    assert "python -m genesis.compare --strategies none,same" in report and "incomplete" not in report
+    row = next(line for line in report.splitlines() if line.startswith("| same |") and "+0.0 [" in line)
+    assert "+0.0 [+0.0, +0.0]" in row and "**not informative at this scale**" in row  # 5 steps: below the trigram
     a = json.loads((done / "eval.json").read_text())["items"]["cloze"]
     b = json.loads((out / "runs" / "same-seed1" / "eval.json").read_text())["items"]["cloze"]
     assert a == b and len(a) > 0
@@ -141,7 +144,9 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     (out / "runs" / "same-seed1" / "train.done").unlink()
     assert compare.main(argv) == 0
     third = capsys.readouterr().out
-    assert "[2/2] same-seed1: resuming training" in third and "resumed from" in third
+    assert "[2/2] same-seed1: resuming training" in third
+    assert "resumed from" in (out / "runs" / "same-seed1" / "train.log").read_text()
+
     assert "[2/2] same-seed1: evaluation done, skipping" in third
     assert "[1/2] none-seed1: training done, skipping" in third
 
@@ -213,3 +218,100 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
         assert compare.main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def _fake_eval(model: np.ndarray, trigram: np.ndarray) -> dict:
+    """An eval.json-shaped result with these per-item whole-verse credits (the model's and the trigram's)."""
+    def scorer(credits: np.ndarray) -> dict:
+        return {"accuracy": float(credits.mean()), "breakdowns": {"class": {"causal": {"accuracy": 0.5, "n": 1}},
+                                                                  "position": {"inside": {"accuracy": 0.5, "n": 1}}}}
+    items = [{"id": f"item{i}", "credit": {"model_verse": float(m), "kn3_verse": float(t)}}
+             for i, (m, t) in enumerate(zip(model, trigram))]
+    return {"corpus": "kjv", "split": "heldout", "device": "cpu",
+            "next_token": {"accuracy": 0.1, "mean_logprob": -3.0, "n": 10},
+            "masked_context": {"k": 8, "n": 10, "visible_loss": 4.0, "masked_loss": 4.5, "gap": 0.5},
+            "cloze": {"n_candidates": 14, "scorers": {"model_verse": scorer(model), "model_suffix": scorer(model),
+                                                      "kn3_verse": scorer(trigram), "kn3_suffix": scorer(trigram),
+                                                      "majority": scorer(trigram),
+                                                      "positional_majority": scorer(trigram)}},
+            "items": {"cloze": items}}
+
+
+def _fake_report(tmp_path, baseline_accuracy: float) -> str:
+    """The report of none vs a strategy that is right wherever the baseline is and on 40% more items, 3 seeds, 400
+    items; the trigram is right on the first 60%."""
+    rng = np.random.default_rng(5)
+    trigram = (np.arange(400) < 240).astype(float)
+    args = compare.parse_args(["--strategies", "none,weighted", "--out", str(tmp_path), "--bootstrap", "500"])
+    runs = compare.plan_runs(args)
+    trained, evaluated = {}, {}
+    for r in runs:
+        base = (rng.random(400) < baseline_accuracy).astype(float)
+        credits = base if r.strategy == "none" else np.maximum(base, rng.random(400) < 0.4)
+        evaluated[r.name] = _fake_eval(credits, trigram)
+        trained[r.name] = {"summary": {"steps": 5, "last_heldout_loss": 4.0}, "train_s": 1}
+    return compare.build_report(runs, trained, evaluated, args, "python -m genesis.compare", 1.0)
+
+
+def test_a_baseline_below_the_trigram_makes_the_report_not_informative(tmp_path):
+    report = _fake_report(tmp_path, 0.45)
+    assert "**not informative at this scale**: the interval does not lie above 0" in report
+    assert "Scale up: more training steps" in report
+    row = next(line for line in report.splitlines() if line.startswith("| weighted |") and "scale" in line)
+    assert row.endswith("| **not informative at this scale** |")
+    assert report.index("## Informative?") < report.index("## Decision")
+    assert "| loss after connectives, visible | … masked | … gap |" in report
+    assert "| 4.000 | 4.500 | 0.500 |" in report
+
+
+def test_a_baseline_above_the_trigram_decides_as_before(tmp_path):
+    report = _fake_report(tmp_path, 0.8)
+    assert "**informative**: the interval lies above 0" in report and "not informative" not in report
+    row = next(line for line in report.splitlines() if line.startswith("| weighted |") and "proceed" in line)
+    assert row.endswith("| **proceed** |")
+
+
+def test_the_scale_check_is_a_paired_interval_of_baseline_minus_trigram():
+    trigram = np.tile((np.arange(300) < 180).astype(float), (2, 1))
+    assert compare.informative_scale(trigram.copy(), trigram, 500).diff_ci == (0.0, 0.0)  # equal: not above 0
+    assert not compare.informative_scale(trigram.copy(), trigram, 500).informative
+    better = trigram.copy()
+    better[:, 180:240] = 1.0  # right wherever the trigram is, and on 20% more items
+    check = compare.informative_scale(better, trigram, 500)
+    assert check.informative and check.diff_ci[0] > 0.1 and check.baseline - check.trigram == pytest.approx(0.2)
+
+
+def _outcomes(run_dir) -> dict:
+    """What a run produced: its evaluation's per-item results and its final held-out loss."""
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    return {"cloze": evaluation["items"]["cloze"], "next_token": evaluation["next_token"],
+            "loss": json.loads((run_dir / "train.done").read_text())["summary"]["last_heldout_loss"]}
+
+
+def test_two_jobs_give_the_same_runs_as_one(tmp_path, capsys):
+    common = ["--strategies", "none,weighted", "--seeds", "1", "--steps", "4", "--max-items", "6", "--bootstrap",
+              "200", *TINY]
+    assert compare.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert compare.main([*common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs (none-seed1, weighted-seed1) in " + str(tmp_path / "two") + ", 2 at a time" in out
+    assert f"log {tmp_path / 'two' / 'runs' / 'weighted-seed1' / 'train.log'})" in out
+    for name in ("none-seed1", "weighted-seed1"):
+        one, two = _outcomes(tmp_path / "one" / "runs" / name), _outcomes(tmp_path / "two" / "runs" / name)
+        assert one == two and len(one["cloze"]) > 0
+
+
+def test_a_failed_run_is_reported_while_the_others_finish(tmp_path, monkeypatch, capsys):
+    # a corpus file that does not exist passes the config checks and fails in the training process
+    monkeypatch.setitem(compare.STRATEGIES, "broken", ("data.corpus=/nonexistent/bible.txt",))
+    out = tmp_path / "cmp"
+    argv = ["--strategies", "none,broken", "--seeds", "1", "--steps", "4", "--max-items", "6", "--bootstrap", "200",
+            "--jobs", "2", "--out", str(out), *TINY]
+    assert compare.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "[2/2] broken-seed1: training failed (exit status 2); the last lines of " in captured.err
+    assert "/nonexistent/bible.txt" in captured.err  # the tail of its train.log
+    assert "error: 1 run(s) failed: broken-seed1" in captured.err
+    assert (out / "runs" / "none-seed1" / "eval.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "- **incomplete**: left out broken-seed1" in report and "| none |" in report

@@ -583,6 +583,9 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
     assert "cloze, whole-verse score" in proc.stdout and "clause length" in proc.stdout
     assert "cloze/model:" in proc.stderr  # progress on long work
     assert "class_head" not in result and "class head" not in proc.stdout  # a model without one
+    mc = result["masked_context"]
+    assert mc["k"] == 8 and mc["n"] > 1000 and mc["gap"] == pytest.approx(mc["masked_loss"] - mc["visible_loss"])
+    assert "masked context: loss (nats) on the 8 tokens after each of" in proc.stdout
 
 
 def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
@@ -702,3 +705,58 @@ def test_evaluate_cli_reports_the_class_head_against_the_majority_class(head_run
     majority = head["majority_class"]
     assert majority["class"] == "causal" and majority["accuracy"] == pytest.approx(by_class["causal"]["n"] / n)
     assert "class head (mask token -> type)" in proc.stdout and "confusion (rows: true class)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked context
+
+
+class BigramLM(StubLM):
+    """Logits at each position from the input token there only: a hidden connective changes the prediction of the
+    token right after it and nothing else."""
+
+    def __init__(self, table: torch.Tensor, seq_len: int):
+        super().__init__(table.shape[0], seq_len)
+        self.table = table
+
+    def logits(self, idx, zeros):
+        return self.table[idx]
+
+
+def test_masked_context_loss_differs_from_the_visible_one_only_through_the_masked_pieces():
+    rng = np.random.default_rng(7)
+    vocab_size, mask_id, k = 40, 39, 3
+    stream = rng.integers(0, 39, size=300).astype(np.int64)
+    table = torch.from_numpy(rng.normal(size=(vocab_size, vocab_size))).float()
+
+    def slot(pos: int, n_pieces: int) -> ev.Slot:
+        return ev.Slot(f"s{pos}", 0, pos, n_pieces, 0, False, 5, -1, -1, "Genesis", "law")
+
+    # two pieces at the stream's start; a word followed by another within k tokens; one at the very end (nothing
+    # follows: skipped); windows of 16 tokens, 3 to a batch
+    slots = [slot(0, 2), slot(40, 1), slot(42, 1), slot(100, 1), slot(250, 2), slot(299, 1)]
+    scores = ev.score_masked_context(BigramLM(table, seq_len=16), stream, slots, mask_id, k, batch_tokens=48,
+                                     progress=False)
+    masked = ev.masked_stream(stream, slots, mask_id)
+    assert (masked != stream).sum() == sum(s.n_pieces for s in slots) and (masked[[0, 1, 40, 42, 299]] == mask_id).all()
+    logp = torch.log_softmax(table, dim=-1).double().numpy()
+    for i, s in enumerate(slots):
+        targets = [t for t in range(s.stream_pos + s.n_pieces, s.stream_pos + s.n_pieces + k) if t < len(stream)]
+        if not targets:
+            assert math.isnan(scores.visible[i]) and math.isnan(scores.masked[i])
+            continue
+        assert scores.visible[i] == pytest.approx(-np.mean([logp[stream[t - 1], stream[t]] for t in targets]))
+        assert scores.masked[i] == pytest.approx(-np.mean([logp[masked[t - 1], stream[t]] for t in targets]))
+        # the first target follows the slot's (masked) last piece; slot 40's third follows the masked slot at 42
+        differ = [t for t in targets if masked[t - 1] != stream[t - 1]]
+        assert differ and (scores.masked[i] != pytest.approx(scores.visible[i]))
+    assert not np.isnan(scores.visible[:5]).any()
+
+
+def test_masked_context_lands_in_the_result_and_a_uniform_model_has_no_gap(ctx, uniform_result):
+    mc = uniform_result["masked_context"]
+    assert mc["k"] == ev.DEFAULT_CONTEXT_K == 8 and mc["n"] == len(ctx.slots)  # every held-out slot is followed
+    assert mc["visible_loss"] == pytest.approx(math.log(vocab(ctx))) and mc["masked_loss"] == pytest.approx(
+        mc["visible_loss"]) and mc["gap"] == pytest.approx(0.0, abs=1e-9)
+    assert "masked context: loss (nats) on the 8 tokens after each of" in ev.format_tables(
+        {**uniform_result, "checkpoint": "x", "step": 0, "corpus": "kjv", "split": "heldout", "train_corpus": "kjv"})

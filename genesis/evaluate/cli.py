@@ -22,7 +22,7 @@ from genesis.distributed import refuse_several_processes
 from genesis.evaluate.pipeline import evaluate_checkpoint
 from genesis.evaluate.report import format_tables, write_json, write_plots
 from genesis.evaluate.run import EvalError
-from genesis.evaluate.scorers import DEFAULT_BATCH_TOKENS
+from genesis.evaluate.scorers import DEFAULT_BATCH_TOKENS, DEFAULT_CONTEXT_K
 from genesis.runs import RunError
 from genesis.tokenizer import TokenizerError
 
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="preceding verses of the chapter given as cloze context (default 0: the verse alone)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per forward pass")
+    p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
+                   help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
@@ -55,10 +57,11 @@ def main(argv=None) -> int:
 def _main(args: argparse.Namespace, argv) -> int:
     try:
         refuse_several_processes("python -m genesis.evaluate")
-        if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1:
-            raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens >= 1")
+        if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1 or args.context_k < 1:
+            raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens and --context-k >= 1")
         result, ctx = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.max_items,
-                                          args.context_verses, args.device, args.batch_tokens, not args.quiet)
+                                          args.context_verses, args.device, args.batch_tokens, not args.quiet,
+                                          context_k=args.context_k)
         result["command"] = "python -m genesis.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
         run_dir = Path(result["checkpoint"]).parent
         corpus_name = Path(ctx.corpus).stem if ctx.corpus.lower() not in ("kjv", "asv") else ctx.corpus.lower()

@@ -33,12 +33,14 @@ from genesis.evaluate.items import (
 from genesis.evaluate.run import EvalError, load_run, model_max_len, resolve_device, run_connectives
 from genesis.evaluate.scorers import (
     DEFAULT_BATCH_TOKENS,
+    DEFAULT_CONTEXT_K,
     KneserNeyTrigram,
     constant_shares,
     prediction_shares,
     score_class_head,
     score_cloze_model,
     score_cloze_ngram,
+    score_masked_context,
     score_next_token,
 )
 from genesis.lexicon import CLASSES, ResolvedLexicon, resolve
@@ -179,7 +181,8 @@ def summarize(credit: np.ndarray, slots: list[Slot], lex: ResolvedLexicon) -> di
 
 
 def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.device | str = "cpu",
-                   batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> dict[str, Any]:
+                   batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True,
+                   context_k: int = DEFAULT_CONTEXT_K) -> dict[str, Any]:
     """All metrics of one model on a prepared context, as a JSON-ready dict (items included, for paired tests)."""
     if model_max_len(model) < ctx.max_len:
         raise EvalError(f"the context was built for {ctx.max_len}-token sequences; the model takes "
@@ -196,6 +199,10 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         "mean_logprob": float(np.mean(nt.logprob[scored])),
         "skipped": int((~scored).sum()),
     })
+
+    t0 = time.time()
+    masked_context = masked_context_result(model, ctx, context_k, device, batch_tokens, progress)
+    timings["masked_context_s"] = time.time() - t0
 
     t0 = time.time()
     model_scores = score_cloze_model(model, cloze, device, batch_tokens, progress)
@@ -242,6 +249,7 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         timings["class_head_s"] = time.time() - t0
     return {
         "next_token": next_token,
+        "masked_context": masked_context,
         **head,
         "cloze": {
             "n_items": n, "n_candidates": K, "candidates": words, "skipped": cloze.skipped,
@@ -251,6 +259,17 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         "items": {"next_token": next_items, "cloze": cloze_items},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
+
+
+def masked_context_result(model: torch.nn.Module, ctx: EvalContext, k: int, device: torch.device | str = "cpu",
+                          batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> dict[str, Any]:
+    """Held-out loss on the k tokens after each connective with every held-out connective masked in the input, the
+    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them."""
+    mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
+    scores = score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id, k, device, batch_tokens, progress)
+    scored = ~np.isnan(scores.visible)
+    visible, masked = float(np.mean(scores.visible[scored])), float(np.mean(scores.masked[scored]))
+    return {"k": k, "n": int(scored.sum()), "visible_loss": visible, "masked_loss": masked, "gap": masked - visible}
 
 
 def class_head_result(model: torch.nn.Module, ctx: EvalContext, device: torch.device | str = "cpu",
@@ -283,14 +302,15 @@ def class_head_result(model: torch.nn.Module, ctx: EvalContext, device: torch.de
 def evaluate_checkpoint(checkpoint: str | os.PathLike, corpus: str | None = None, split: str = "heldout",
                         max_items: int = 0, context_verses: int = 0, device: str = "auto",
                         batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True,
-                        ctx: EvalContext | None = None) -> tuple[dict[str, Any], EvalContext]:
+                        ctx: EvalContext | None = None, context_k: int = DEFAULT_CONTEXT_K
+                        ) -> tuple[dict[str, Any], EvalContext]:
     """Load a run and evaluate it; pass `ctx` from an earlier call with the same tokenizer to skip the set-up."""
     dev = resolve_device(device)
     run = load_run(checkpoint, dev)
     max_len = model_max_len(run.model)
     if ctx is None or not ctx.serves(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses):
         ctx = build_context(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses)
-    result = evaluate_model(run.model, ctx, dev, batch_tokens, progress)
+    result = evaluate_model(run.model, ctx, dev, batch_tokens, progress, context_k)
     header = {
         "checkpoint": str(run.checkpoint), "step": run.step, "checkpoint_identity": run.identity, "corpus": ctx.corpus,
         "split": ctx.split, "train_corpus": run.cfg.data.corpus, "device": str(dev), "max_items": max_items,

@@ -36,6 +36,11 @@ def format_tables(result: dict[str, Any]) -> str:
         f"{_pct(sc['kn3_suffix']['accuracy']):>8}",
         f"(chance = {100 / cz['n_candidates']:.1f}% with {cz['n_candidates']} candidates)",
     ]
+    if "masked_context" in result:  # an eval.json from before the metric existed lacks it
+        mc = result["masked_context"]
+        lines += ["", f"masked context: loss (nats) on the {mc['k']} tokens after each of {mc['n']} connectives: "
+                      f"visible {mc['visible_loss']:.3f} | all connectives masked {mc['masked_loss']:.3f} | "
+                      f"gap {mc['gap']:+.3f}"]
     columns = [("next", nt), ("verse", sc["model_verse"]), ("suffix", sc["model_suffix"]), ("KN-3", sc["kn3_verse"]),
                ("major.", sc["majority"])]
     for dim, title in (("word", "connective (cloze accuracy = recall)"), ("class", "class"),

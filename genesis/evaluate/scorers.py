@@ -107,6 +107,82 @@ def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slo
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Masked context: reading on past a hidden connective
+
+DEFAULT_CONTEXT_K = 8  # tokens after each connective whose loss the masked-context metric measures
+
+
+@dataclass
+class MaskedContextScores:
+    visible: np.ndarray  # (n,) mean loss (nats) of the k tokens after each slot, connectives visible; nan: none follow
+    masked: np.ndarray  # (n,) the same with every slot's pieces replaced by the mask token in the input
+
+
+def masked_stream(stream: np.ndarray, slots: list[Slot], mask_id: int) -> np.ndarray:
+    """A copy of `stream` with every piece of every slot replaced by `mask_id`."""
+    out = stream.copy()
+    if slots:
+        out[np.concatenate([np.arange(s.stream_pos, s.stream_pos + s.n_pieces) for s in slots])] = mask_id
+    return out
+
+
+@torch.inference_mode()
+def token_logprobs(model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray, positions: np.ndarray,
+                   device: torch.device | str = "cpu", batch_tokens: int = DEFAULT_BATCH_TOKENS, label: str = "",
+                   path: str = "auto") -> np.ndarray:
+    """log p(targets[t] | inputs[:t]) for the sorted stream positions t >= 1, float64, from windows of `inputs`.
+
+    A window opens `window // 2` tokens before the first position not yet covered and takes every later position
+    inside it (as `pack_windows`), so each is predicted with at least window // 2 tokens of context."""
+    window = min(model_max_len(model), len(inputs))
+    windows: list[tuple[int, list[int]]] = []
+    for j, t in enumerate(positions):
+        if windows and t - 1 <= windows[-1][0] + window - 1:
+            windows[-1][1].append(j)
+        else:
+            windows.append((max(0, min(int(t) - 1 - window // 2, len(inputs) - window)), [j]))
+    per_batch = max(1, batch_tokens // window)
+    batches = [windows[i : i + per_batch] for i in range(0, len(windows), per_batch)]
+    bar = Progress(len(batches), label, every=25) if label else None
+    out = np.full(len(positions), np.nan)
+    for done, batch in enumerate(batches, start=1):
+        starts = np.array([start for start, _ in batch])
+        x = torch.from_numpy(inputs[starts[:, None] + np.arange(window)]).to(device)
+        row = np.concatenate([np.full(len(members), r) for r, (_, members) in enumerate(batch)])
+        index = np.concatenate([members for _, members in batch])
+        col = positions[index] - 1 - starts[row]
+        picked = logits_at(model, x, torch.from_numpy(row).to(device), torch.from_numpy(col).to(device), path)
+        target = torch.from_numpy(targets[positions[index]]).to(device)
+        out[index] = piece_scores(picked, target)[1].cpu().numpy()
+        if bar:
+            bar.update(done)
+    return out
+
+
+def score_masked_context(model: torch.nn.Module, stream: np.ndarray, slots: list[Slot], mask_id: int,
+                         k: int = DEFAULT_CONTEXT_K, device: torch.device | str = "cpu",
+                         batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True,
+                         path: str = "auto") -> MaskedContextScores:
+    """Each slot's mean loss on the (up to) k tokens after its word, predicted from the stream as it is and from
+    the stream with every slot masked (`masked_stream`): what the model reads on with when a connective is hidden.
+    The targets are the true tokens in both (a connective among the k tokens is itself to be predicted)."""
+    ends = [s.stream_pos + s.n_pieces for s in slots]
+    spans = [np.arange(max(end, 1), min(end + k, len(stream))) for end in ends]
+    positions = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *spans])).astype(np.int64)
+    visible = token_logprobs(model, stream, stream, positions, device, batch_tokens,
+                             "context, visible" if progress else "", path)
+    masked = token_logprobs(model, masked_stream(stream, slots, mask_id), stream, positions, device, batch_tokens,
+                            "context, masked" if progress else "", path)
+    where = {int(t): j for j, t in enumerate(positions)}
+    loss_visible, loss_masked = np.full(len(slots), np.nan), np.full(len(slots), np.nan)
+    for i, span in enumerate(spans):
+        if len(span):
+            index = [where[int(t)] for t in span]
+            loss_visible[i], loss_masked[i] = -visible[index].mean(), -masked[index].mean()
+    return MaskedContextScores(loss_visible, loss_masked)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The class head: the connective's type from the mask token
 
 
