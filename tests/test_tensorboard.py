@@ -7,7 +7,7 @@ import pytest
 import genesis.train as trainer
 from genesis.train import train
 
-from .test_train import SMALL, raising_on_call, records, small_config
+from .test_train import SMALL, optimizer_step_failing, records, small_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -40,14 +40,7 @@ def test_event_files_hold_the_logged_scalars_and_a_resume_does_not_repeat_steps(
     word, stats = sorted(eval_recs[-1]["heldout_by_connective"].items())[0]
     assert tb[f"heldout_connective_accuracy/{word}"][-1] == (5, pytest.approx(stats["accuracy"], rel=1e-6))
 
-    real_make_optimizer = trainer.make_optimizer
-
-    def make_optimizer(*args, **kwargs):
-        optimizer = real_make_optimizer(*args, **kwargs)
-        optimizer.step = raising_on_call(optimizer.step, 4, MemoryError("out of memory"))
-        return optimizer
-
-    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    optimizer_step_failing(monkeypatch, 4, MemoryError("out of memory"))
     with pytest.raises(MemoryError):
         train(cfg, tmp_path / "killed")
     monkeypatch.undo()

@@ -304,6 +304,18 @@ def raising_on_call(fn, n: int, error: Exception):
     return wrapped
 
 
+def optimizer_step_failing(monkeypatch, n: int, error: Exception) -> None:
+    """The trainer's optimizers raise `error` at their n-th step (a kill between a checkpoint and the next)."""
+    real_make_optimizer = trainer.make_optimizer
+
+    def make_optimizer(*args, **kwargs):
+        optimizer = real_make_optimizer(*args, **kwargs)
+        optimizer.step = raising_on_call(optimizer.step, n, error)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+
+
 def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, monkeypatch, signal_handlers):
     """A run killed without a chance to save (SIGKILL, out of memory; here an error in step 4) logged steps past
     its last checkpoint, and maybe half a line: the resumed run drops them and logs those steps again, so its
@@ -311,14 +323,7 @@ def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, mon
     cfg = small_config("training.steps=5", "training.eval_every=2", "training.log_every=1",
                        "training.checkpoint_every=2")
     train(cfg, tmp_path / "straight")
-    real_make_optimizer = trainer.make_optimizer
-
-    def make_optimizer(*args, **kwargs):
-        optimizer = real_make_optimizer(*args, **kwargs)
-        optimizer.step = raising_on_call(optimizer.step, 4, MemoryError("out of memory"))
-        return optimizer
-
-    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
+    optimizer_step_failing(monkeypatch, 4, MemoryError("out of memory"))
     with pytest.raises(MemoryError):
         train(cfg, tmp_path / "killed")
     monkeypatch.undo()
