@@ -40,8 +40,8 @@ def test_event_files_hold_the_logged_scalars_and_a_resume_does_not_repeat_steps(
     word, stats = sorted(eval_recs[-1]["heldout_by_connective"].items())[0]
     assert tb[f"heldout_connective_accuracy/{word}"][-1] == (5, pytest.approx(stats["accuracy"], rel=1e-6))
 
-    optimizer_step_failing(monkeypatch, 4, MemoryError("out of memory"))
-    with pytest.raises(MemoryError):
+    optimizer_step_failing(monkeypatch, 4, RuntimeError("killed inside the optimizer step"))  # no save there
+    with pytest.raises(RuntimeError, match="killed inside"):
         train(cfg, tmp_path / "killed")
     monkeypatch.undo()
     assert [step for step, _ in scalars(tmp_path / "killed")["train/loss"]] == [1, 2, 3]  # 3: past the checkpoint
