@@ -344,7 +344,7 @@ def test_an_error_outside_the_optimizer_step_saves_the_last_step(tmp_path, monke
     cfg = small_config("training.steps=5", "training.eval_every=0", "training.log_every=1")
     train(cfg, tmp_path / "straight")
     monkeypatch.setattr(trainer, "accumulate_gradients", raising_on_call(
-        trainer.accumulate_gradients, 4, RuntimeError("CUDA out of memory (simulated)")))
+        trainer.accumulate_gradients, 4, RuntimeError("CUDA error: an illegal memory access (simulated)")))
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="simulated"):
         train(cfg, tmp_path / "failed")
