@@ -323,8 +323,8 @@ def test_resume_after_a_kill_drops_the_records_past_the_checkpoint(tmp_path, mon
     cfg = small_config("training.steps=5", "training.eval_every=2", "training.log_every=1",
                        "training.checkpoint_every=2")
     train(cfg, tmp_path / "straight")
-    optimizer_step_failing(monkeypatch, 4, RuntimeError("killed inside the optimizer step"))  # no save there
-    with pytest.raises(RuntimeError, match="killed inside"):
+    optimizer_step_failing(monkeypatch, 4, MemoryError("out of memory"))  # inside the optimizer step: no save
+    with pytest.raises(trainer.RunError, match="^out of memory in step 4 .*; the last checkpoint saved before is kept"):
         train(cfg, tmp_path / "killed")
     monkeypatch.undo()
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -1025,6 +1025,12 @@ def test_out_of_memory_in_the_first_step_is_one_line_with_a_hint(tmp_path, monke
         "): lower training.micro_batch (raise training.grad_accum to keep the step) or model.seq_len, or set "
         "training.grad_checkpointing = true; nothing saved"), err
     assert not (out / CHECKPOINT).exists()
+    # later in the run: one line too, and the last finished step is saved
+    monkeypatch.setattr(trainer, "accumulate_gradients", raising_on_call(trainer.accumulate_gradients, 3, error))
+    err = main_error(capsys, "--out", str(tmp_path / "later"), "--set", "training.steps=5",
+                     "--set", "training.eval_every=0")
+    assert err.startswith("error: out of memory in step 3 on cpu (") and err.endswith(
+        f"; checkpoint at step 2 saved to {tmp_path / 'later' / CHECKPOINT}; continue with --resume"), err
 
 
 def test_keep_checkpoints_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
