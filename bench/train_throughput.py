@@ -4,9 +4,10 @@
     python bench/train_throughput.py --device cuda --config high_vram.toml --micro-batches 4,8,16,32 \\
         --modes genesis-eager,genesis-compiled,hf-eager,hf-compiled --json train.json
 
-One process, the same random token batches for every side, the same optimizer (AdamW, weight decay on matrices,
-fused on CUDA) and the same loss (fp32 cross-entropy over the (B, T, V) logits). A step is forward, backward,
-optimizer step and zero_grad; on CUDA the forward runs under bf16 autocast. It checks before it times: both models
+One process, the same random token batches for every side, the same optimizer (the trainer's AdamW with the
+config's settings: weight decay on matrices, fused on CUDA) and the same loss (fp32 cross-entropy over the
+(B, T, V) logits). A step is forward, backward, optimizer step and zero_grad; on CUDA the forward runs under bf16
+autocast. It checks before it times: both models
 have the same parameter count and, with the same weights, the same loss on one batch, and every side's first step
 has that loss. Reported per (mode, micro-batch): ms/step (median, p10, p90), tokens/s, peak memory (CUDA), and MFU =
 model FLOPs per token x tokens/s / the matmul peak measured in this run (bf16 on CUDA, fp32 on the CPU). Model FLOPs
@@ -37,6 +38,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.model import Llama, ModelArgs  # noqa: E402
+from genesis.step import make_optimizer  # noqa: E402
 
 MODES = ("genesis-eager", "genesis-compiled", "hf-eager", "hf-compiled")
 
@@ -117,14 +119,6 @@ def flops_per_token(args: ModelArgs, model: Llama) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # One side's step
 
-def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The trainer's AdamW grouping (decay on matrices only), fused on CUDA, for either model."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, fused=device.type == "cuda")
-
-
 def loss_fn(kind: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(x)[0] if kind == "genesis" else model(input_ids=x).logits  # (B, T, V)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
@@ -145,12 +139,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_side(mode: str, margs: ModelArgs, size: int, steps: int, warmup: int, device: torch.device) -> dict:
+def run_side(mode: str, margs: ModelArgs, training, size: int, steps: int, warmup: int,
+             device: torch.device) -> dict:
     kind, how = mode.split("-")
     base = genesis_model(margs)
     model = base if kind == "genesis" else hf_model(margs, base)
     model.to(device).train()
-    optimizer = make_optimizer(model, device)
+    optimizer = make_optimizer(model, training, device)  # the trainer's AdamW, with the config's settings
     step_model = torch.compile(model) if how == "compiled" else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     data = batches(margs, size, 4, device)
@@ -290,7 +285,7 @@ def main(argv=None) -> int:
     for size in args.sizes:
         for mode in args.mode_list:
             try:
-                row = run_side(mode, margs, size, args.steps, args.warmup, device)
+                row = run_side(mode, margs, cfg.training, size, args.steps, args.warmup, device)
             except torch.OutOfMemoryError:
                 row = {"mode": mode, "micro_batch": size, "error": "out of memory"}
                 torch.cuda.empty_cache()
