@@ -35,7 +35,7 @@ from genesis.console import Progress, first_line, log, warn
 from genesis.corpus import CorpusError
 from genesis.curriculum import Curriculum
 from genesis.data import SPLITS, Corpus, TokenSplit, get_batch, prepare
-from genesis.device import autocast, set_threads, training_device, use_compile
+from genesis.device import autocast, keep_freed_memory, set_threads, training_device, use_compile
 from genesis.distributed import (
     Interrupted,
     PeerStopped,
@@ -577,6 +577,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
     global _lock
     device, amp_dtype = training_device(cfg, world)
     set_threads(cfg.training.threads, device, log)
+    keep_freed_memory(device)
     try:
         with process_group(world, device):
             try:

@@ -18,6 +18,7 @@ from genesis.config import Config
 from genesis.console import note
 from genesis.corpus import GENRES, Verse, load_corpus
 from genesis.data import split_verses
+from genesis.device import keep_freed_memory
 from genesis.evaluate.items import (
     CLAUSE_LABELS,
     POSITIONS,
@@ -306,6 +307,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, corpus: str | None = None
                         ) -> tuple[dict[str, Any], EvalContext]:
     """Load a run and evaluate it; pass `ctx` from an earlier call with the same tokenizer to skip the set-up."""
     dev = resolve_device(device)
+    keep_freed_memory(dev)  # scoring's (B, T, V) logits: the same page-fault cost as training's
     run = load_run(checkpoint, dev)
     max_len = model_max_len(run.model)
     if ctx is None or not ctx.serves(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses):
