@@ -500,6 +500,58 @@ def class_head_section(strategies: list[str], seeds: list[int], evaluated: dict[
     return lines
 
 
+# The design notes' success criteria (Phase 1: per-connective accuracy; the decision point is the Decision table's)
+CRITERIA = (("therefore", 0.75), ("but", 0.85))
+CRITERIA_GAP = 0.10  # Phase 2: the accuracy gap between "therefore" and "but" narrows below 10 points
+
+
+def word_accuracy(result: dict, word: str) -> tuple[float, int]:
+    """(accuracy, n) of one connective word in a scorer's result (next_token or a cloze scorer); nan, 0 if absent."""
+    group = result.get("breakdowns", {}).get("word", {}).get(word)
+    return (group["accuracy"], group["n"]) if group else (float("nan"), 0)
+
+
+def success_criteria_section(strategies: list[str], seeds: list[int], evaluated: dict[str, dict],
+                             decisions: dict[str, BootstrapResult]) -> list[str]:
+    """The design notes' criteria, measured per strategy (mean over seeds) and marked met or not: > 75% on
+    "therefore" and > 85% on "but" (next-token and cloze), their gap < 10 points (Phase 2), and > 5% over the
+    baseline (the decision above)."""
+    def mean_word(strategy: str, kind: str, word: str) -> tuple[float, int]:
+        pairs = []
+        for seed in seeds:
+            e = evaluated[f"{strategy}-seed{seed}"]
+            pairs.append(word_accuracy(e["next_token"] if kind == "next" else e["cloze"]["scorers"]["model_verse"],
+                                       word))
+        return float(np.mean([a for a, _ in pairs])), pairs[0][1]
+
+    def cell(value: float, n: int, at: float) -> str:
+        if math.isnan(value):
+            return "n/a"
+        return f"{100 * value:.1f} (n={n}) {'met' if value > at else 'not met'}"
+
+    (w1, t1), (w2, t2) = CRITERIA
+    lines = ["", "## The design notes' success criteria", "",
+             f"Phase 1: > {100 * t1:.0f}% accuracy on *{w1}*, > {100 * t2:.0f}% on *{w2}*; Phase 2: the gap between "
+             f"them < {100 * CRITERIA_GAP:.0f} points; the decision point: > {100 * PROCEED_AT:.0f}% improvement "
+             f"over the baseline (the decision above). Accuracy as measured here, mean over {len(seeds)} seed(s): "
+             "next-token (the connective is the model's first choice, all pieces, teacher-forced) and cloze (it ranks "
+             "first among the lexicon's words, whole verse).", "",
+             f"| strategy | next-token *{w1}* % | next-token *{w2}* % | cloze *{w1}* % | cloze *{w2}* % "
+             f"| cloze gap ({w2} - {w1}) | > {100 * PROCEED_AT:.0f}% over {BASELINE} |",
+             "|---|---|---|---|---|---|---|"]
+    for strategy in strategies:
+        n1, n2 = mean_word(strategy, "next", w1), mean_word(strategy, "next", w2)
+        c1, c2 = mean_word(strategy, "cloze", w1), mean_word(strategy, "cloze", w2)
+        gap = c2[0] - c1[0]
+        gap_cell = "n/a" if math.isnan(gap) else f"{100 * gap:+.1f} {'met' if abs(gap) < CRITERIA_GAP else 'not met'}"
+        res = decisions.get(strategy)
+        decision = "(the baseline)" if strategy == BASELINE else (
+            f"{'met' if res.decision == 'proceed' else 'not met'} ({res.decision})")
+        lines.append(f"| {strategy} | {cell(*n1, t1)} | {cell(*n2, t2)} | {cell(*c1, t1)} | {cell(*c2, t2)} | "
+                     f"{gap_cell} | {decision} |")
+    return lines
+
+
 def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
                  args: argparse.Namespace, command: str, wall_s: float, missing: list[str] = ()) -> str:
     strategies = list(dict.fromkeys(r.strategy for r in runs))
@@ -628,6 +680,7 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
             f"[{100 * res.diff_ci[0]:+.1f}, {100 * res.diff_ci[1]:+.1f}] | {rel} {_pct_interval(res.relative_ci)} | "
             f"{_pct_interval(res.seeds_relative_ci)} | **{res.decision}** |")
     lines.append(f"| {BASELINE} (baseline) | {100 * base.mean():.1f} | | | | |")
+    lines += success_criteria_section(strategies, seeds, evaluated, decisions)
 
     lines += ["", "## Cloze accuracy by class and position (whole-verse score)", "",
               f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more.", ""]

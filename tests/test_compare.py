@@ -224,11 +224,14 @@ def _fake_eval(model: np.ndarray, trigram: np.ndarray) -> dict:
     """An eval.json-shaped result with these per-item whole-verse credits (the model's and the trigram's)."""
     def scorer(credits: np.ndarray) -> dict:
         return {"accuracy": float(credits.mean()), "breakdowns": {"class": {"causal": {"accuracy": 0.5, "n": 1}},
-                                                                  "position": {"inside": {"accuracy": 0.5, "n": 1}}}}
+                                                                  "position": {"inside": {"accuracy": 0.5, "n": 1}},
+                                                                  "word": {"therefore": {"accuracy": 0.8, "n": 40},
+                                                                           "but": {"accuracy": 0.6, "n": 90}}}}
     items = [{"id": f"item{i}", "credit": {"model_verse": float(m), "kn3_verse": float(t)}}
              for i, (m, t) in enumerate(zip(model, trigram))]
     return {"corpus": "kjv", "split": "heldout", "device": "cpu",
-            "next_token": {"accuracy": 0.1, "mean_logprob": -3.0, "n": 10},
+            "next_token": {"accuracy": 0.1, "mean_logprob": -3.0, "n": 10,
+                           "breakdowns": {"word": {"therefore": {"accuracy": 0.1, "n": 40}}}},
             "masked_context": {"k": 8, "n": 10, "visible_loss": 4.0, "masked_loss": 4.5, "gap": 0.5},
             "cloze": {"n_candidates": 14, "scorers": {"model_verse": scorer(model), "model_suffix": scorer(model),
                                                       "kn3_verse": scorer(trigram), "kn3_suffix": scorer(trigram),
@@ -259,6 +262,7 @@ def test_a_baseline_below_the_trigram_makes_the_report_not_informative(tmp_path)
     assert "Scale up: more training steps" in report
     row = next(line for line in report.splitlines() if line.startswith("| weighted |") and "scale" in line)
     assert row.endswith("| **not informative at this scale** |")
+    assert "| not met (not informative at this scale) |" in report  # not a success either
     assert report.index("## Informative?") < report.index("## Decision")
     assert "| loss after connectives, visible | … masked | … gap |" in report
     assert "| 4.000 | 4.500 | 0.500 |" in report
@@ -269,6 +273,13 @@ def test_a_baseline_above_the_trigram_decides_as_before(tmp_path):
     assert "**informative**: the interval lies above 0" in report and "not informative" not in report
     row = next(line for line in report.splitlines() if line.startswith("| weighted |") and "proceed" in line)
     assert row.endswith("| **proceed** |")
+    criteria = report.split("## The design notes' success criteria")[1].split("\n## ")[0]
+    assert "> 75% accuracy on *therefore*, > 85% on *but*" in criteria
+    rows = [line for line in criteria.splitlines() if line.startswith(("| none |", "| weighted |"))]
+    assert rows == [  # next-token "but" is absent from the fake evaluation: n/a, not a number
+        "| none | 10.0 (n=40) not met | n/a | 80.0 (n=40) met | 60.0 (n=90) not met | -20.0 not met | (the baseline) |",
+        "| weighted | 10.0 (n=40) not met | n/a | 80.0 (n=40) met | 60.0 (n=90) not met | -20.0 not met "
+        "| met (proceed) |"]
 
 
 def test_the_scale_check_is_a_paired_interval_of_baseline_minus_trigram():
