@@ -43,6 +43,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -776,10 +777,41 @@ def write_report_figures(runs: list[RunSpec], trained: dict[str, dict], evaluate
     return "\n".join(lines)
 
 
+class Evaluation:
+    """`evaluate_run` in a daemon thread (an interrupt does not wait for it; eval.json is written atomically, so an
+    unfinished one leaves nothing). CPU denormals are flushed in the thread too: the setting is per thread."""
+
+    def __init__(self, spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | None):
+        self.spec = spec
+        self._out: tuple | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(spec, args, ctx), daemon=True,
+                                        name=f"evaluate {spec.name}")
+        self._thread.start()
+
+    def _run(self, spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | None) -> None:
+        try:
+            with flushed_denormals():
+                self._out = evaluate_run(spec, args, ctx)
+        except BaseException as e:  # handed to the main thread by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> tuple[dict, EvalContext | None]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
 def run_all(runs: list[RunSpec], args: argparse.Namespace, t0: float) -> tuple[dict, dict, list[str]]:
     """Train (up to args.jobs processes at once) and evaluate (in this process, one run at a time, as each run's
-    training ends) every run not done yet. Returns the train.done and eval.json records of the runs that finished
-    and the names of those whose training failed: a failure is reported with its log's tail, the others go on."""
+    training ends) every run not done yet. An evaluation runs in a thread while this loop goes on polling, so a job
+    slot whose training ends during an evaluation is filled at once. Returns the train.done and eval.json records
+    of the runs that finished and the names of those whose training failed: a failure is reported with its log's
+    tail, the others go on."""
     trained, evaluated, failed = {}, {}, []
     waiting, ready = [], []  # runs to train; trained runs to evaluate
     for k, spec in enumerate(runs, start=1):
@@ -797,9 +829,10 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, t0: float) -> tuple[d
         else:
             waiting.append((head, spec, cfg))
     running: list[Training] = []
+    evaluation: Evaluation | None = None
     ctx = None
     try:
-        while waiting or running or ready:
+        while waiting or running or ready or evaluation:
             free = [slot for slot in range(args.jobs) if slot not in {job.slot for job in running}]
             while free and waiting:
                 head, spec, cfg = waiting.pop(0)
@@ -819,7 +852,10 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, t0: float) -> tuple[d
                     log = job.spec.run_dir / "train.log"
                     print(f"{job.head}: training failed (exit status {job.process.returncode}); the last lines of "
                           f"{log}:\n{log_tail(log)}", file=sys.stderr, flush=True)
-            if ready:
+            if evaluation is not None and evaluation.done():
+                evaluated[evaluation.spec.name], ctx = evaluation.result()  # an evaluation's error is raised here
+                evaluation = None
+            if ready and evaluation is None:
                 head, spec = ready.pop(0)
                 reused = reusable_eval(spec, args)
                 if reused is not None:
@@ -827,8 +863,8 @@ def run_all(runs: list[RunSpec], args: argparse.Namespace, t0: float) -> tuple[d
                     evaluated[spec.name] = reused
                 else:
                     print(f"{head}: evaluating ({time.time() - t0:.0f} s elapsed)", flush=True)
-                    evaluated[spec.name], ctx = evaluate_run(spec, args, ctx)
-            elif running:
+                    evaluation = Evaluation(spec, args, ctx)
+            elif running or evaluation:
                 time.sleep(0.2)
     finally:
         stop_training(running)  # an interrupt or an error here: the runs in training save their checkpoints

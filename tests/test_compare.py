@@ -3,7 +3,10 @@ config (two 5-step runs of a 2-layer model, 8 cloze items)."""
 
 import json
 import math
+import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -326,3 +329,31 @@ def test_a_failed_run_is_reported_while_the_others_finish(tmp_path, monkeypatch,
     assert (out / "runs" / "none-seed1" / "eval.json").is_file()
     report = (out / "report.md").read_text()
     assert "- **incomplete**: left out broken-seed1" in report and "| none |" in report
+
+
+def test_a_job_slot_is_filled_while_a_run_is_evaluated(tmp_path, monkeypatch):
+    """With one job slot, the second run's training starts while the first run is evaluated (the evaluation waits
+    for it here: before evaluations ran in a thread, this deadlocked into the timeout)."""
+    args = compare.parse_args(["--strategies", "none", "--seeds", "1,2", "--out", str(tmp_path), "--jobs", "1",
+                               *TINY])
+    runs = compare.plan_runs(args)
+    started, second_started = [], threading.Event()
+
+    def fake_start(spec, cfg, head, slot, jobs):
+        started.append(spec.name)
+        if len(started) == 2:
+            second_started.set()
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+        return compare.Training(spec, head, slot, False, process, None, time.time())
+
+    def fake_evaluate(spec, args, ctx):
+        if spec.name == "none-seed1":
+            assert second_started.wait(timeout=30), "the free slot stayed empty during the evaluation"
+        return {"run": spec.name}, ctx
+
+    monkeypatch.setattr(compare, "start_training", fake_start)
+    monkeypatch.setattr(compare, "finish_training", lambda job: {"train_s": 0.0})
+    monkeypatch.setattr(compare, "evaluate_run", fake_evaluate)
+    trained, evaluated, failed = compare.run_all(runs, args, time.time())
+    assert started == ["none-seed1", "none-seed2"] and not failed
+    assert evaluated == {"none-seed1": {"run": "none-seed1"}, "none-seed2": {"run": "none-seed2"}}
