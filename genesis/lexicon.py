@@ -17,7 +17,9 @@ word-level models.
 
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
 import json
 import math
 import re
@@ -426,12 +428,31 @@ def resolve(
     Every word is encoded in ~2,200 probe texts (3 casings x 19 left x 39 right contexts); the tokens overlapping
     its characters form a pattern. Patterns holding an unknown or special token are unusable; a multi-piece pattern
     whose pieces do not all join their predecessor is dropped, because only then can two matches never overlap.
-    Takes ~1 s for the default lexicon (encoding ~58k short probe texts).
+    Takes ~1 s for the default lexicon (encoding ~58k short probe texts); a later call with the same tokenizer,
+    lexicon and rules in the same process returns a copy of the first result.
     """
     entries = check_connectives(DEFAULT_CONNECTIVES if connectives is None else connectives)
+    spec = as_tokenizers(tokenizer).to_str()
+    key = (hashlib.sha256(spec.encode()).hexdigest(), tuple(sorted(special_ids(tokenizer))), tuple(entries.items()),
+           clause_punctuation, verse_separator)
+    if key not in _RESOLVED:
+        while len(_RESOLVED) >= _RESOLVED_KEPT:
+            _RESOLVED.pop(next(iter(_RESOLVED)))
+        _RESOLVED[key] = _resolve(tokenizer, spec, entries, clause_punctuation, verse_separator)
+    return copy.deepcopy(_RESOLVED[key])  # a caller may change its copy's arrays
+
+
+# resolve()'s results in this process, by tokenizer, lexicon and rules: a training run, its evaluations and a
+# comparison's runs resolve the same lexicon again and again (~1-3 s each on a 2-core machine)
+_RESOLVED: dict[tuple, ResolvedLexicon] = {}
+_RESOLVED_KEPT = 8
+
+
+def _resolve(tokenizer: Any, spec: str, entries: dict[str, tuple[float, str]], clause_punctuation: str,
+             verse_separator: str) -> ResolvedLexicon:
     view = view_tokenizer(tokenizer)
     # A copy without the caller's truncation and padding, which would cut or pad the probe texts.
-    tok = Tokenizer.from_str(as_tokenizers(tokenizer).to_str())
+    tok = Tokenizer.from_str(spec)
     tok.no_truncation()
     tok.no_padding()
     words = tuple(entries)

@@ -398,3 +398,15 @@ def test_default_connectives_keep_the_design_notes_weights():
         assert re.fullmatch(r"[a-z]+", word) and 0 < weight <= 1 and cls in CLASSES, word
     assert DEFAULT_CONNECTIVES["wherefore"] == (1.0, "causal") and DEFAULT_CONNECTIVES["then"][1] == "temporal"
     assert CLASSES == ("causal", "contrastive", "additive", "temporal")
+
+
+def test_resolving_again_in_one_process_returns_an_equal_copy(byte_level):
+    first = resolve(byte_level)
+    again = resolve(Tokenizer.from_str(byte_level.to_str()))  # another object of the same tokenizer: remembered
+    assert again is not first and again.patterns is not first.patterns
+    assert again.words == first.words and np.array_equal(again.patterns, first.patterns)
+    again.entry_weight[:] = 0  # a caller's change stays in its copy
+    assert resolve(byte_level).entry_weight.max() > 0
+    fewer = resolve(byte_level, {"therefore": (1.0, "causal")})  # another lexicon is resolved for itself
+    assert fewer.words == ("therefore",) and len(fewer.patterns) < len(first.patterns)
+    assert resolve(byte_level, clause_punctuation=".").clause_boundary.sum() < first.clause_boundary.sum()
