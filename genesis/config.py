@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genesis.console import warn
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -610,8 +612,26 @@ def load_config(name: str | None = None, mode: str | None = None,
             where = source
             key = f"modes.{mode}.{e.key}" if e.key in from_file_preset else e.key
         raise ConfigError(f"{where}: {key}: {e.reason}") from None
+    for key, switch in idle_keys(parts, table.get("masking", {})):
+        warn(f"{origin.get(key, source)}: {key} has no effect while {switch}")
     stem = Path(source).stem if name is not None else "default"
     return Config(**parts, name=stem + (f"-{mode}" if mode else ""), source=source, origins=origin)
+
+
+def idle_keys(parts: dict[str, Any], masking_table: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, why) for the [masking] keys a config sets to other than their defaults that its switches leave unread:
+    adapt_* without adaptive, plateau_* without schedule = "plateau" (a forgotten switch would pass silently)."""
+    masking = parts["masking"]
+    defaults = type(masking)()
+    idle = []
+    for key in masking_table:
+        if getattr(defaults, key, None) == getattr(masking, key, None):
+            continue  # a default value (a saved run config writes every key): nothing was asked for
+        if key.startswith("adapt_") and not masking.adaptive:
+            idle.append((f"masking.{key}", "masking.adaptive = false"))
+        elif key.startswith("plateau_") and masking.schedule != "plateau":
+            idle.append((f"masking.{key}", f"masking.schedule = \"{masking.schedule}\""))
+    return idle
 
 
 def check_config(cfg: Config) -> None:

@@ -313,3 +313,26 @@ def test_unknown_heldout_book_suggests_close_corpus_names():
     with pytest.raises(ConfigError, match=r"^data.heldout_books: not in the corpus: Judas \(did you mean "
                                           r"'Judges', 'Jude' or 'James'\?\)$"):
         split_verses(verses, DataConfig(heldout_books=["Judas"]))
+
+
+def test_keys_their_switch_leaves_unread_get_one_warning_each(capsys, tmp_path):
+    load_config("cpu.toml", overrides=["masking.adapt_up=1.5", "masking.plateau_window=5"])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --set masking.adapt_up=1.5: masking.adapt_up has no effect while masking.adaptive = false",
+        "warning: --set masking.plateau_window=5: masking.plateau_window has no effect while masking.schedule = "
+        "\"constant\""]
+    path = tmp_path / "mine.toml"  # set in a file: the file is named
+    path.write_text("[masking]\nenabled = true\nadapt_low = 0.3\n")
+    load_config(str(path))
+    assert capsys.readouterr().err.strip() == f"warning: {path}: masking.adapt_low has no effect while " \
+                                              "masking.adaptive = false"
+    load_config("cpu.toml", overrides=["masking.enabled=true", "masking.strategy=weighted", "masking.adaptive=true",
+                                       "masking.adapt_up=1.5", "masking.schedule=plateau", "masking.schedule_steps=10",
+                                       "masking.plateau_window=5"])
+    for name in ("cpu.toml", "high_vram.toml", "low_vram.toml", "research_cpu.toml", "research_gpu.toml"):
+        load_config(name)
+    saved = tmp_path / "saved.toml"  # a run's saved config holds every key, at its default where not set
+    saved.write_text(to_toml(load_config("cpu.toml")))
+    assert "adapt_up" in saved.read_text() and "plateau_window" in saved.read_text()
+    load_config(str(saved))
+    assert capsys.readouterr().err == ""  # the switches on, and the shipped configs: nothing to say
