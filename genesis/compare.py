@@ -724,10 +724,10 @@ FIGURE_METRICS = (
 
 
 def write_report_figures(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
-                         out_dir: Path) -> str:
+                         out_dir: Path, prefix: str = "") -> str:
     """strategy_metrics.png (each metric per strategy: the mean over seeds with its 95% t-interval, every seed as a
     dot, the cloze baselines as lines) and learning_curves.png (genesis.plot's figure of every run) in `out_dir`,
-    beside report.md; returns the report's Markdown section that links them."""
+    beside report.md (their names prefixed by `prefix`); returns the report's Markdown section that links them."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -761,19 +761,19 @@ def write_report_figures(runs: list[RunSpec], trained: dict[str, dict], evaluate
     fig.suptitle(f"Per strategy: mean over {len(seeds)} seed(s) with its 95% t-interval (dots: the seeds)",
                  fontsize=10)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "strategy_metrics.png", dpi=110)
+    fig.savefig(out_dir / f"{prefix}strategy_metrics.png", dpi=110)
     lines = ["", "## Figures", "", "Each metric per strategy: the mean over seeds with its 95% t-interval, every seed "
              "as a dot, and the cloze baselines (KN trigram, majority connective) as lines.", "",
-             "![metrics per strategy](strategy_metrics.png)", ""]
+             f"![metrics per strategy]({prefix}strategy_metrics.png)", ""]
     try:
         curves = [read_curves(str(r.run_dir)) for r in runs]
     except PlotError:  # a run without metrics.jsonl (a run directory from elsewhere): no curves
         return "\n".join(lines)
     for r, c in zip(runs, curves):
         c.label = r.name
-    plot_curves(curves, out_dir / "learning_curves.png")
+    plot_curves(curves, out_dir / f"{prefix}learning_curves.png")
     lines += ["The runs' learning curves, from their metrics.jsonl (`python -m genesis.plot`).", "",
-              "![learning curves](learning_curves.png)", ""]
+              f"![learning curves]({prefix}learning_curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -948,7 +948,9 @@ def _main(args: argparse.Namespace, command: str) -> int:
             raise CompareError(f"no report: no run of the baseline '{BASELINE}' finished")
         report = build_report(shown, trained, evaluated, args, command, time.time() - t0, missing)
         report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
-        report += write_report_figures(shown, trained, evaluated, report_path.parent)
+        # beside a report named otherwise than report.md (docs/compare-NAME.md), the figures carry its name
+        prefix = "" if report_path.name == "report.md" else f"{report_path.stem}-"
+        report += write_report_figures(shown, trained, evaluated, report_path.parent, prefix)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(report)
         print(f"compare: wrote {report_path} ({(time.time() - t0) / 60:.1f} min)", flush=True)

@@ -95,6 +95,9 @@ def test_report_figures_are_written_beside_the_report_and_linked(tmp_path):
         png = tmp_path / "report" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"]({name}.png)" in section
+    named = compare.write_report_figures(runs, trained, evaluated, tmp_path / "docs", prefix="compare-x-")
+    assert "](compare-x-strategy_metrics.png)" in named
+    assert (tmp_path / "docs" / "compare-x-learning_curves.png").is_file()
     assert section.startswith("\n## Figures\n")
 
 
