@@ -68,6 +68,21 @@ def pack_windows(slots: list[Slot], n_tokens: int, window: int) -> list[tuple[in
     return windows
 
 
+def window_batches(stream: np.ndarray, windows: list[tuple[int, list[int]]], window: int, batch_tokens: int,
+                   device: torch.device | str, label: str = ""):
+    """Yield (batch, starts, x) over `windows` ((start, members) pairs, as `pack_windows` gives them), batch_tokens
+    // window windows at a time: x (B, window) is the stream cut at those starts, on `device`; `label` names the
+    progress line (none if empty)."""
+    per_batch = max(1, batch_tokens // window)
+    batches = [windows[i : i + per_batch] for i in range(0, len(windows), per_batch)]
+    bar = Progress(len(batches), label, every=25) if label else None
+    for done, batch in enumerate(batches, start=1):
+        starts = np.array([start for start, _ in batch])
+        yield batch, starts, torch.from_numpy(stream[starts[:, None] + np.arange(window)]).to(device)
+        if bar:
+            bar.update(done)
+
+
 @torch.inference_mode()
 def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slot], device: torch.device | str = "cpu",
                      batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True, path: str = "auto"
@@ -78,12 +93,8 @@ def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slo
     credit, first_piece_credit, logprob = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     window = min(model_max_len(model), len(stream))
     windows = pack_windows(slots, len(stream), window)
-    per_batch = max(1, batch_tokens // window)
-    batches = [windows[i : i + per_batch] for i in range(0, len(windows), per_batch)]
-    bar = Progress(len(batches), "next-token", every=25) if progress else None
-    for done, batch in enumerate(batches, start=1):
-        starts = np.array([start for start, _ in batch])
-        x = torch.from_numpy(stream[starts[:, None] + np.arange(window)]).to(device)
+    for batch, starts, x in window_batches(stream, windows, window, batch_tokens, device,
+                                           "next-token" if progress else ""):
         # one entry per piece: its window row, its stream position, its slot
         owner = [(r, i) for r, (_, members) in enumerate(batch) for i in members]
         row = np.repeat([r for r, _ in owner], [slots[i].n_pieces for _, i in owner])
@@ -101,8 +112,6 @@ def score_next_token(model: torch.nn.Module, stream: np.ndarray, slots: list[Slo
             credit[i] = float(np.prod(piece_credit[pieces]))
             first_piece_credit[i] = float(piece_credit[word_first[k]])
             logprob[i] = float(piece_logprob[pieces].sum())
-        if bar:
-            bar.update(done)
     return NextTokenScores(credit, first_piece_credit, logprob)
 
 
@@ -141,21 +150,14 @@ def token_logprobs(model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarr
             windows[-1][1].append(j)
         else:
             windows.append((max(0, min(int(t) - 1 - window // 2, len(inputs) - window)), [j]))
-    per_batch = max(1, batch_tokens // window)
-    batches = [windows[i : i + per_batch] for i in range(0, len(windows), per_batch)]
-    bar = Progress(len(batches), label, every=25) if label else None
     out = np.full(len(positions), np.nan)
-    for done, batch in enumerate(batches, start=1):
-        starts = np.array([start for start, _ in batch])
-        x = torch.from_numpy(inputs[starts[:, None] + np.arange(window)]).to(device)
+    for batch, starts, x in window_batches(inputs, windows, window, batch_tokens, device, label):
         row = np.concatenate([np.full(len(members), r) for r, (_, members) in enumerate(batch)])
         index = np.concatenate([members for _, members in batch])
         col = positions[index] - 1 - starts[row]
         picked = logits_at(model, x, torch.from_numpy(row).to(device), torch.from_numpy(col).to(device), path)
         target = torch.from_numpy(targets[positions[index]]).to(device)
         out[index] = piece_scores(picked, target)[1].cpu().numpy()
-        if bar:
-            bar.update(done)
     return out
 
 
