@@ -16,6 +16,7 @@ import logging
 import math
 import operator
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genesis.config import DEFAULT_CHAIN_GAP, STRATEGIES, ConfigValueError, MaskingConfig, build, to_dict
+from genesis.config import DEFAULT_CHAIN_GAP, STRATEGIES, ConfigValueError, MaskingConfig, build, idle_keys, to_dict
 from genesis.flags import CLAUSE_BOUNDARY, GLUE_LEFT, IGNORE_INDEX, VERSE_SEPARATOR, WORD_END
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
@@ -881,7 +882,8 @@ class ConnectiveMasker:
         `log` receives the masker's few lines (the path chosen, a fallback, a disabled masker): by default the
         "genesis.masking" logger at INFO; any callable (log=print) or None (silent) instead.
         Bad arguments, keys or values raise ValueError naming them (MaskingError; TokenizerError for the tokenizer
-        or its mask token), before the lexicon is resolved."""
+        or its mask token), before the lexicon is resolved. A key given here that its switch leaves unread
+        (chain_gap without chain=True, schedule_steps with the constant schedule, ...) is a UserWarning."""
         if config is not None and not isinstance(config, (MaskingConfig, Mapping)):
             hint = ""
             if isinstance(config, str):
@@ -905,6 +907,10 @@ class ConnectiveMasker:
             cfg = build(MaskingConfig, table, "masking")
         except ConfigValueError as e:
             raise MaskingError(f"{e.key}: {e.reason}") from None
+        given = set(overrides) | (set(config) if isinstance(config, Mapping) else set())
+        for key, switch in idle_keys(cfg):
+            if key in given:  # a MaskingConfig was warned about where it was loaded (load_config)
+                warnings.warn(f"masking.{key} has no effect while masking.{switch}", UserWarning, stacklevel=2)
         enabled = cfg.enabled or not enabled_given
         _check_options(check_ids=check_ids, enabled=enabled, log=log)
         mask_id = find_mask_id(tokenizer, mask_token)  # before the lexicon (~1 s): a missing token fails at once

@@ -70,9 +70,13 @@ def mask_prompt(ids: list[int], tokenizer, cfg) -> tuple[list[int], int]:
     from genesis.config import to_dict
     from genesis.masking import ConnectiveMasker
 
-    every = {"strategy": "uniform", "mask_prob": 1.0, "replacement": "mask", "schedule": "constant", "impl": "torch"}
-    masker = ConnectiveMasker.from_tokenizer(tokenizer, {**to_dict(cfg.masking), **every, "enabled": True},
-                                             mask_token=cfg.tokenizer.mask_token, log=None)
+    # the run's lexicon and nothing else of its masking: its schedule, adaptive weights or chains would each need
+    # settings that masking every connective has no use for
+    lexicon = {key: value for key, value in to_dict(cfg.masking).items()
+               if key in ("connectives", "default_connectives", "clause_punctuation", "verse_separator")}
+    every = {"strategy": "uniform", "mask_prob": 1.0, "replacement": "mask", "impl": "torch", "enabled": True}
+    masker = ConnectiveMasker.from_tokenizer(tokenizer, {**lexicon, **every}, mask_token=cfg.tokenizer.mask_token,
+                                             log=None)
     out = masker(torch.tensor([ids]), step=0)
     words = masker.stats(out, torch.tensor([ids]))["masked_words"]
     return out.input_ids[0].tolist(), int(words)

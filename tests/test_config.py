@@ -315,12 +315,27 @@ def test_unknown_heldout_book_suggests_close_corpus_names():
         split_verses(verses, DataConfig(heldout_books=["Judas"]))
 
 
-def test_keys_their_switch_leaves_unread_get_one_warning_each(capsys, tmp_path):
-    load_config("cpu.toml", overrides=["masking.adapt_up=1.5", "masking.plateau_window=5"])
-    assert capsys.readouterr().err.splitlines() == [
+def test_keys_their_switch_leaves_unread_get_one_warning_each(capsys, tmp_path, monkeypatch):
+    import genesis.config
+
+    monkeypatch.setattr(genesis.config, "_idle_warned", set())  # said once per process: this test's own process
+    load_config("cpu.toml", overrides=["masking.adapt_up=1.5", "masking.plateau_window=5", "masking.chain_gap=32",
+                                       "masking.schedule_steps=100"])
+    assert sorted(capsys.readouterr().err.splitlines()) == [
         "warning: --set masking.adapt_up=1.5: masking.adapt_up has no effect while masking.adaptive = false",
+        "warning: --set masking.chain_gap=32: masking.chain_gap has no effect while masking.chain = false",
         "warning: --set masking.plateau_window=5: masking.plateau_window has no effect while masking.schedule = "
+        "\"constant\"",
+        "warning: --set masking.schedule_steps=100: masking.schedule_steps has no effect while masking.schedule = "
         "\"constant\""]
+    # a comparison turns the switches on over one base config: the keys waiting for them load (said once per
+    # process, not once per run), and then count
+    base = load_config("cpu.toml", overrides=["masking.enabled=true", "masking.chain_gap=40"])
+    assert capsys.readouterr().err.count("\n") == 1
+    load_config("cpu.toml", overrides=["masking.enabled=true", "masking.chain_gap=40", "training.seed=2"])
+    assert capsys.readouterr().err == ""
+    chained = load_config("cpu.toml", overrides=["masking.enabled=true", "masking.chain_gap=40", "masking.chain=true"])
+    assert capsys.readouterr().err == "" and chained.masking.chain_gap == 40 and not base.masking.chain
     path = tmp_path / "mine.toml"  # set in a file: the file is named
     path.write_text("[masking]\nenabled = true\nadapt_low = 0.3\n")
     load_config(str(path))

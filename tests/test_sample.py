@@ -59,6 +59,28 @@ def test_mask_connectives_masks_the_prompts_connectives_and_says_so(tiny_runs, c
     assert out.splitlines()[3].startswith("And there was light.[MASK] the LORD")
 
 
+@pytest.mark.parametrize("sets", [
+    ["masking.strategy=weighted", "masking.adaptive=true"],  # compare's `adaptive` runs
+    ["masking.schedule=linear", "masking.schedule_steps=100", "masking.schedule_start=0.2"],
+    ["masking.chain=true", "masking.chain_gap=20", "masking.mask_prob=0.1"],
+    ["masking.default_connectives=false", "masking.connectives.light={weight = 1.0, class = \"additive\"}"],
+])
+def test_mask_connectives_reads_only_the_runs_lexicon(tiny_runs, sets, recwarn):
+    """A run trained with any masking settings masks every connective of its own lexicon (its adaptive weights or
+    schedule once made the masker built from them refuse the uniform strategy), with nothing to warn about."""
+    from genesis.config import load_config
+    from genesis.sample import mask_prompt
+
+    run = load_run(tiny_runs["untied-head"])
+    cfg = load_config("cpu.toml", overrides=["masking.enabled=true", *sets])
+    recwarn.clear()
+    ids, words = mask_prompt(run.tokenizer.encode("And there was light: therefore the LORD").ids, run.tokenizer, cfg)
+    masked = run.tokenizer.decode(ids, skip_special_tokens=False)
+    custom = "light" in sets[-1]
+    expected = "And there was[MASK]: therefore the LORD" if custom else "And there was light:[MASK] the LORD"
+    assert (words, masked) == (1, expected) and not recwarn.list
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-n", "0"], "error: -n 0: must be >= 1"),
     (["--max-tokens", "0"], "error: --max-tokens 0: must be >= 1"),
