@@ -759,19 +759,29 @@ def bytes_moved(work: Workload) -> int:
     return work.tokens * (id_bytes + 1 + id_bytes + 1 + 8 + 8)
 
 
-def kernel_graph_timing(maskers: dict, strategies: list[str], workloads: list[Workload], blocks: list[int],
+def kernel_maskers(maskers: dict, strategies: list[str], tokenizer, masking_cfg) -> dict[str, ConnectiveMasker]:
+    """The kernel maskers to time alone, by row label: each strategy's, and structural with causal chains (the
+    `chain` strategy of genesis.compare; the --chain masker where there is one) when structural is timed."""
+    out = {s: maskers["triton-cuda", s] for s in strategies}
+    if "structural" in strategies:
+        key = "triton-cuda+chain", "structural"
+        out["structural+chain"] = (maskers[key] if key in maskers
+                                   else make_masker(tokenizer, masking_cfg, "structural", "triton", chain=True))
+    return out
+
+
+def kernel_graph_timing(maskers: dict[str, ConnectiveMasker], workloads: list[Workload], blocks: list[int],
                         windows: list[int], copy_bw: dict, calls: int = 20, replays: int = 15) -> list[dict]:
     """Device time of the kernel alone: `calls` launches (cycling through the workload's batches) captured in one
     CUDA graph, replayed `replays` times between events; median per launch. Host launch overhead is out of the
     number, so this is what the kernel costs once a trainer keeps the GPU busy (the per-call table above includes
-    it). Version 1 at each of `blocks`, version 2 at each of `windows`."""
+    it). Version 1 at each of `blocks`, version 2 at each of `windows`; `maskers` by row label (kernel_maskers)."""
     from genesis.kernels.mask import DEFAULT_BLOCK, connective_mask_triton
 
     rows = []
     variants = [(1, block) for block in blocks] + [(2, window) for window in windows]
     for work in workloads:
-        for strategy in strategies:
-            masker = maskers["triton-cuda", strategy]
+        for strategy, masker in maskers.items():
             tables = masker.tables("cuda")
             for version, size in variants:
                 def launch(i: int, work=work, tables=tables, masker=masker, version=version, size=size) -> None:
@@ -821,7 +831,7 @@ def kernel_variant(row: dict) -> str:
 
 def print_kernel_table(rows: list[dict], copy_bw: dict) -> None:
     print(f"\nkernel alone (CUDA graph replay, no host overhead); copy bandwidth {copy_bw['gb_per_s']:.0f} GB/s")
-    head = (f"{'size':>10} {'strategy':<10} {'kernel':>9} {'us/launch median [p10, p90]':>30} {'GB/s':>7} "
+    head = (f"{'size':>10} {'strategy':<16} {'kernel':>9} {'us/launch median [p10, p90]':>30} {'GB/s':>7} "
             f"{'% copy':>6}")
     print(head)
     print("-" * len(head))
@@ -829,7 +839,7 @@ def print_kernel_table(rows: list[dict], copy_bw: dict) -> None:
         spread = f"{r['us_median']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}]"
         name = kernel_variant(r)
         mark = "*" if r["default"] else " "
-        print(f"{r['size']:>10} {r['strategy']:<10} {name:>8}{mark} {spread:>30} {r['gb_per_s']:>7.0f} "
+        print(f"{r['size']:>10} {r['strategy']:<16} {name:>8}{mark} {spread:>30} {r['gb_per_s']:>7.0f} "
               f"{r['pct_of_copy_bw']:>5.0f}%")
     print("(v1 bN: version 1, N positions per program; v2 wN: version 2, a window of N tokens; * the default)")
 
@@ -1393,8 +1403,8 @@ def main(argv=None) -> int:
         log("timing the kernel alone: " + ", ".join(f"{b}x{t}" for b, t in args.kernel_sizes))
         big = [make_workload(split, b, t, args.batches, DATA_SEED, "cuda", args.layout, False)
                for b, t in args.kernel_sizes]
-        kernel_rows = kernel_graph_timing(maskers, args.strategies, big, args.kernel_blocks, args.kernel_windows,
-                                          copy_bw)
+        kernel_rows = kernel_graph_timing(kernel_maskers(maskers, args.strategies, tok, cfg.masking), big,
+                                          args.kernel_blocks, args.kernel_windows, copy_bw)
         del big
         print_kernel_table(kernel_rows, copy_bw)
 

@@ -132,6 +132,24 @@ def test_hf_check_fails_when_the_collator_keeps_more_than_its_defaults(kjv_corpu
         assert passed == [True, True, ok], passed
 
 
+def test_kernel_alone_timing_covers_the_chain_strategy(kjv_corpus):
+    """The kernel-alone rows (CUDA only) time every strategy's kernel and structural with causal chains, reusing
+    --chain's masker where the run built one. The table is built on any machine; only its timing needs a GPU."""
+    from genesis.config import load_config
+
+    bench, cfg, tok = load_bench(), load_config("cpu.toml"), kjv_corpus.tokenizer
+    plain = {("triton-cuda", s): bench.make_masker(tok, cfg.masking, s, "triton") for s in ("weighted", "structural")}
+    built = bench.kernel_maskers(plain, ["weighted", "structural"], tok, cfg.masking)
+    assert list(built) == ["weighted", "structural", "structural+chain"]
+    chained = built["structural+chain"].config
+    assert (chained.strategy, chained.chain, chained.impl) == ("structural", True, "triton")
+    assert not built["structural"].config.chain and built["weighted"] is plain["triton-cuda", "weighted"]
+    with_flag = {**plain, ("triton-cuda+chain", "structural"): built["structural+chain"]}
+    assert bench.kernel_maskers(with_flag, ["structural"], tok, cfg.masking)["structural+chain"] is \
+        built["structural+chain"]
+    assert list(bench.kernel_maskers(plain, ["weighted"], tok, cfg.masking)) == ["weighted"]
+
+
 TRAIN_SCRIPT = ROOT / "bench" / "train_throughput.py"
 
 
