@@ -753,10 +753,11 @@ def copy_bandwidth_gb_s() -> dict:
 
 
 def bytes_moved(work: Workload) -> int:
-    """Read ids + verse_start, write ids + mask + classes (int64) + connectives (int64): 34 B/token for int64 ids.
-    Table reads (a few KB, cache-resident) and any copy the launcher makes of a strided batch are not counted."""
+    """Read ids + verse_start, write ids + mask + matched + classes (int64) + connectives (int64): 35 B/token for
+    int64 ids. Table reads (a few KB, cache-resident) and any copy the launcher makes of a strided batch are not
+    counted. (The H100 run of 2026-11-25 counted 34: it left out the matched flags.)"""
     id_bytes = work.cpu[0].x.element_size()
-    return work.tokens * (id_bytes + 1 + id_bytes + 1 + 8 + 8)
+    return work.tokens * (id_bytes + 1 + id_bytes + 1 + 1 + 8 + 8)
 
 
 def kernel_maskers(maskers: dict, strategies: list[str], tokenizer, masking_cfg) -> dict[str, ConnectiveMasker]:

@@ -22,14 +22,17 @@ def check_tensorboard(cfg: Config) -> None:
 
 
 def scalars(rec: dict) -> list[tuple[str, float]]:
-    """(tag, value) of every number in a metrics record: `train/loss`, `heldout/connective_accuracy`, and per
-    connective word `heldout_connective_accuracy/because` (one chart per statistic, a line per word)."""
+    """(tag, value) of every number in a metrics record: `train/loss`, `heldout/connective_accuracy`, per
+    connective word `heldout_connective_accuracy/because` (one chart per statistic, a line per word), and an adapt
+    record's new weights as `adapt_weight/because`."""
     kind = "heldout" if rec.get("kind") == "eval" else rec.get("kind", "train")
     out = []
     for key, value in rec.items():
         if key == "heldout_by_connective":
             out += [(f"heldout_connective_{stat}/{word}", v) for word, stats in sorted(value.items())
                     for stat, v in stats.items()]
+        elif key == "weights" and kind == "adapt":
+            out += [(f"adapt_weight/{word}", w) for word, w in sorted(value.items())]
         elif key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append((f"{kind}/{key.removeprefix('heldout_')}", value))
     return out

@@ -60,3 +60,12 @@ def test_without_the_package_it_is_one_line_before_the_run_dir(tmp_path, capsys,
     assert err == ("error: --set training.tensorboard=true: training.tensorboard: needs the tensorboard package "
                    "(pip install tensorboard, or pip install 'genesis-masking[tensorboard]')\n")
     assert not out.exists()
+
+
+def test_adapt_records_chart_each_new_weight():
+    """masking.adaptive's records: the targets observed, and each changed weight on its own line of one chart."""
+    from genesis.tensorboard import scalars as record_scalars
+
+    rec = {"kind": "adapt", "step": 40, "observed": 123, "weights": {"therefore": 1.2, "but": 0.27}}
+    assert record_scalars(rec) == [("adapt/observed", 123), ("adapt_weight/but", 0.27),
+                                   ("adapt_weight/therefore", 1.2)]
