@@ -59,6 +59,20 @@ def test_bootstrap_of_a_clear_improvement_says_proceed():
     assert result.seeds_relative_ci[0] > 0.0
 
 
+def test_the_decision_reads_the_five_percent_margin_not_the_difference():
+    """A sure +2% relative gain (its difference interval well above 0) is below the design notes' +5% bar: do not
+    proceed; a sure +10% clears it. With threshold 0 the same +2% proceeds, so the threshold is what decides."""
+    rng = np.random.default_rng(4)
+    baseline = (rng.random((1, 20000)) < 0.5).astype(float)
+    for extra, decision in ((0.01, "do not proceed"), (0.05, "proceed")):  # +2% and +10% of a 0.5 accuracy
+        strategy = np.maximum(baseline, rng.random((1, 20000)) < extra / 0.5 * (1 - baseline))
+        result = compare.paired_bootstrap(strategy, baseline, samples=1000)
+        assert result.diff_ci[0] > 0.005, extra  # surely better than the baseline, either way
+        assert result.relative == pytest.approx(2 * extra, abs=0.01) and result.decision == decision, extra
+        if extra == 0.01:
+            assert compare.paired_bootstrap(strategy, baseline, samples=1000, threshold=0.0).decision == "proceed"
+
+
 def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
     def result(by_class: dict[str, float]) -> dict:
         groups = {g: {"accuracy": a, "n": 10} for g, a in by_class.items()}

@@ -53,6 +53,7 @@ def assert_same_training(a: Path, b: Path) -> None:
     for x, y in zip(ra, rb):
         for key in ("loss", "grad_norm", "heldout_loss", "class_loss", "heldout_class_loss",
                     "heldout_connective_accuracy", "heldout_connective_logprob"):
+            assert (x.get(key) is None) == (y.get(key) is None), (key, x, y)  # both have it, or neither
             if x.get(key) is not None:
                 assert x[key] == pytest.approx(y[key], rel=1e-5), (key, x, y)
         for key in ("masked_fraction", "masked_connectives", "class_accuracy", "heldout_class_accuracy",

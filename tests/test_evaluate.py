@@ -753,6 +753,31 @@ def test_masked_context_loss_differs_from_the_visible_one_only_through_the_maske
     assert not np.isnan(scores.visible[:5]).any()
 
 
+def test_masked_context_result_is_the_mean_over_slots_of_the_run_mask_tokens_scores(ctx):
+    """On a model whose prediction depends on the token before (a low-rank bigram), the result's losses are the
+    means of the scorer's per-slot losses with the tokenizer's [MASK] hiding the connectives: not the visible
+    stream twice, not another mask id."""
+    V = vocab(ctx)
+    g = torch.Generator().manual_seed(3)
+    emb, out = torch.randn(V, 8, generator=g), torch.randn(8, V, generator=g)
+
+    class LowRankBigram(StubLM):
+        def logits(self, idx, zeros):
+            return emb[idx] @ out
+
+    model, k = LowRankBigram(V), 4
+    result = ev.masked_context_result(model, ctx, k, progress=False)
+    mask_id = ctx.tokenizer.token_to_id("[MASK]")
+    scores = ev.score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id, k, progress=False)
+    scored = ~np.isnan(scores.visible)
+    assert result["n"] == scored.sum() >= 300 and result["k"] == k
+    assert result["visible_loss"] == pytest.approx(scores.visible[scored].mean(), rel=1e-9)
+    assert result["masked_loss"] == pytest.approx(scores.masked[scored].mean(), rel=1e-9)
+    assert abs(result["gap"]) > 1e-3  # the hidden connective changed the next token's prediction
+    other = ev.score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id - 1, k, progress=False)
+    assert other.masked[scored].mean() != pytest.approx(result["masked_loss"], rel=1e-6)
+
+
 def test_masked_context_lands_in_the_result_and_a_uniform_model_has_no_gap(ctx, uniform_result):
     mc = uniform_result["masked_context"]
     assert mc["k"] == ev.DEFAULT_CONTEXT_K == 8 and mc["n"] == len(ctx.slots)  # every held-out slot is followed

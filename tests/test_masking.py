@@ -94,6 +94,7 @@ def torch_path(masker, x, step, verse_start=None, row_offset=0):
 
 def assert_same(a, b, case=""):
     names = ("input_ids", "mask", "classes", "connectives", "matched")
+    assert len(a) == len(b) and len(a) in (4, 5), f"{case}: {len(a)} vs {len(b)} outputs"  # 4: a MaskOutput's
     for name, u, v in zip(names, a, b):
         assert u.dtype == v.dtype and u.shape == v.shape, f"{case}: {name} {u.dtype}{tuple(u.shape)} vs {v.dtype}" \
             f"{tuple(v.shape)}"
@@ -528,25 +529,48 @@ def test_kernel_never_reads_out_of_bounds_on_invalid_ids(tok):
     x[1, ::5] = 10**6
     expected = torch_path(masker, x, 0)
     assert_same(kernel(masker, x, 0, block=32), expected)
-    assert (expected[0][x < 0] == x[x < 0]).all() and not expected[1][x < 0].any()
+    invalid = (x < 0) | (x >= masker.tables("cpu").vocab_size)
+    assert invalid.sum() >= 20 and expected[1][~invalid].any()  # p = 1: the valid connectives are all masked
+    assert torch.equal(expected[0][invalid], x[invalid]) and not expected[1][invalid].any()
 
 
 def test_row_counter_wraps_at_32_bits(tok, base_masker, kjv_rows):
-    """The row is one 32-bit Philox counter word: row_offset + b = 2**32 is row 0, as in the kernel. (A masker that
-    refuses such offsets with a MaskingError would be fine too.) Regression: the torch path once passed 2**32 on
-    unwrapped and drew other numbers than the kernel."""
+    """The row is one 32-bit Philox counter word. The masker refuses a batch whose last row would pass 2**32 (it
+    would repeat row 0's masks); below it, both torch layouts and the kernel wrap row_offset + b = 2**32 onto row 0
+    alike. Regression: the torch path once passed 2**32 on unwrapped and drew other numbers than the kernel."""
     masker = variant(base_masker, strategy="uniform", mask_prob=0.5)
     x = kjv_rows[0][:2, :200].contiguous()
-    try:
-        high = masker(x, step=3, row_offset=2**32 - 1)
-    except MaskingError:
-        return
+    with pytest.raises(MaskingError, match=r"row_offset \+ rows must be <= 2\*\*32"):
+        masker(x, step=3, row_offset=2**32 - 1)
+    wrap = 2**32 - 1
+    high = torch_path(masker, x, 3, row_offset=wrap)  # sparse == dense checked inside
     low = masker(x[1:], step=3, row_offset=0)
-    assert torch.equal(high.mask[1:], low.mask) and torch.equal(high.input_ids[1:], low.input_ids)
-    dense = mask_torch(x, None, masker.tables("cpu"), masker.seed, 3, 0, 2**32 - 1, layout="dense")
-    assert_same(dense, (high.input_ids, high.mask, high.classes, high.connectives), "dense layout")
+    assert low.mask.any() and torch.equal(high[1][1:], low.mask) and torch.equal(high[0][1:], low.input_ids)
+    assert not torch.equal(masker(x[1:], step=3, row_offset=1).mask, low.mask)  # the counter decides, not the row
+    top = masker(x[:1], step=3, row_offset=wrap)  # the last row the masker allows
+    assert torch.equal(top.mask, high[1][:1])
     if KERNEL_RUNS:
-        assert_same(kernel(masker, x, 3, row_offset=2**32 - 1), torch_path(masker, x, 3, row_offset=2**32 - 1))
+        assert_same(kernel(masker, x, 3, row_offset=wrap), high, "kernel at the wrap")
+
+
+@needs_kernel
+def test_kernel_equals_torch_at_the_largest_keys(base_masker, kjv_rows):
+    """Every Philox key and counter word at its top: seed 2**63 - 1 (both key words), step and rank 2**32 - 1 (Triton
+    types such an argument as int64, not int32), the last rows of the 32-bit row counter; the kernel, both torch
+    layouts and the masker agree exactly, and the masks differ from those at small keys."""
+    every = variant(base_masker, strategy="uniform", mask_prob=1.0)(kjv_rows[0][:200, :400], step=0).mask
+    rows = every.sum(dim=1).topk(4).indices  # the rows richest in connectives: enough draws to tell keys apart
+    x, vs = kjv_rows[0][rows, :400].contiguous(), kjv_rows[1][rows, :400].contiguous()
+    for strategy in ("uniform", "structural"):
+        masker = variant(base_masker, strategy=strategy, mask_prob=0.5, replacement="bert")
+        small = masker(x, step=1, verse_start=vs)
+        masker.seed, masker.rank = 2**63 - 1, 2**32 - 1
+        step, offset = 2**32 - 1, 2**32 - len(x)  # the last rows of the counter
+        expected = torch_path(masker, x, step, vs, row_offset=offset)
+        assert_same(kernel(masker, x, step, vs, row_offset=offset), expected, strategy)
+        out = masker(x, step=step, verse_start=vs, row_offset=offset)
+        assert_same((out.input_ids, out.mask, out.classes, out.connectives), expected[:4], f"{strategy} masker")
+        assert out.mask.sum() >= 5 and not torch.equal(out.mask, small.mask), strategy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1020,6 +1044,16 @@ def test_masks_are_keyed_by_seed_step_rank_row_column(tok, kjv_rows):
     y = x.clone()
     y[0] = torch.flip(y[0], [0])
     assert torch.equal(masker(y, step=5, verse_start=vs).mask[1:], a[1:])
+    # the decision itself, as docs/masking.md writes it: word 0 of the Philox draw at counter (start column, row,
+    # step, rank) under key seed, as a uniform u; masked where u < p. The column is in it, and so is the row.
+    decided = {}
+    for b in range(len(x)):
+        for start, _, _ in find_matches(x[b].tolist(), masker.lexicon):
+            c = torch.tensor([start])
+            w0 = philox4x32(masker.seed, c, torch.full_like(c, b), torch.full_like(c, 5), torch.zeros_like(c))[0]
+            decided[b, start] = bool(uniform_from_bits(w0).item() < 0.5)
+            assert bool(a[b, start]) == decided[b, start], (b, start)
+    assert len(decided) >= 50 and 0.3 < sum(decided.values()) / len(decided) < 0.7
 
 
 # ----------------------------------------------------------------------------------------------------------------
