@@ -973,5 +973,16 @@ def _main(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """Exit with `code`. An evaluation still running in its thread (after an interrupt) would have the interpreter
+    torn down under it, which aborts in torch's native code ("terminate called without an active exception", status
+    -6 instead of 130): then the process leaves at once, its output flushed (eval.json is written atomically)."""
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -3,6 +3,7 @@ config (two 5-step runs of a 2-layer model, 8 cloze items)."""
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +15,8 @@ import torch
 
 from genesis import compare
 from genesis.evaluate import checkpoint_identity
+
+from .helpers import ROOT
 
 TINY = ["--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_heads=2", "--set", "model.ffn_dim=128",
         "--set", "model.seq_len=64", "--set", "training.micro_batch=4", "--set", "training.eval_every=0",
@@ -113,6 +116,28 @@ def test_report_figures_are_written_beside_the_report_and_linked(tmp_path):
     assert "](compare-x-strategy_metrics.png)" in named
     assert (tmp_path / "docs" / "compare-x-learning_curves.png").is_file()
     assert section.startswith("\n## Figures\n")
+
+
+def test_ctrl_c_during_an_evaluation_exits_130_without_aborting(tmp_path):
+    """The evaluation runs in a thread: Ctrl-C while it scores leaves at once with status 130 and the usual line.
+    Regression: the interpreter was torn down under the running thread, and torch aborted the process
+    ("terminate called without an active exception", status -6)."""
+    out, err = tmp_path / "cmp", tmp_path / "stderr.txt"
+    argv = [sys.executable, "-m", "genesis.compare", "--strategies", "none", "--seeds", "1", "--steps", "5",
+            "--max-items", "0", "--bootstrap", "100", "--out", str(out), *TINY]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.time() + 600
+        while "next-token:" not in err.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # the model is scoring the held-out stream: native code in the thread
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    text = err.read_text()
+    assert code == 130 and "terminate called" not in text, (code, text[-1000:])
+    assert text.rstrip().endswith("interrupted (SIGINT): finished runs are kept; rerun the same command to continue")
+    assert (out / "runs" / "none-seed1" / "train.done").is_file()
+    assert not (out / "runs" / "none-seed1" / "eval.json").exists()
 
 
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
