@@ -706,8 +706,10 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         lines.append(f"| {r.name} | {t['summary'].get('steps', '?')} | "
                      f"{t['summary'].get('last_heldout_loss', float('nan')):.3f} | "
                      f"{100 * e['next_token']['accuracy']:.2f} | "
-                     f"{100 * e['cloze']['scorers']['model_verse']['accuracy']:.1f} | {t.get('train_s', 0):.0f} | "
-                     f"{e.get('eval_s', 0):.0f} |")
+                     f"{100 * e['cloze']['scorers']['model_verse']['accuracy']:.1f} | {t.get('train_s', 0):.0f}"
+                     f"{'*' if t.get('resumed') else ''} | {e.get('eval_s', 0):.0f} |")
+    if any(trained[r.name].get("resumed") for r in runs):
+        lines += ["", "\\* resumed after an interrupt: train s counts the last segment only."]
     lines += ["", f"Run directories: `{Path(args.out) / 'runs'}`; each holds eval.json with per-item credits.", ""]
     return "\n".join(lines)
 

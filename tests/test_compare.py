@@ -3,6 +3,7 @@ config (two 5-step runs of a 2-layer model, 8 cloze items)."""
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,9 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     third = capsys.readouterr().out
     assert "[2/2] same-seed1: resuming training" in third
     assert "resumed from" in (out / "runs" / "same-seed1" / "train.log").read_text()
+    report = (out / "report.md").read_text()  # its time is that of the last segment, and the report says so
+    assert re.search(r"^\| same-seed1 \| 5 \|.*\| \d+\* \| \d+ \|$", report, re.M) and "\\* resumed after an" in report
+    assert re.search(r"^\| none-seed1 \| 5 \|.*\| \d+ \| \d+ \|$", report, re.M)
 
     assert "[2/2] same-seed1: evaluation done, skipping" in third
     assert "[1/2] none-seed1: training done, skipping" in third
