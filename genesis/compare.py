@@ -3,7 +3,7 @@
     python -m genesis.compare                        # the CPU defaults (see DEFAULTS)
     python -m genesis.compare --strategies none,structural --seeds 1,2,3 --steps 0 --max-items 0   # full runs
     python -m genesis.compare --config high_vram.toml --steps 0 --out runs/compare-gpu
-    python -m genesis.compare --config research_cpu.toml --steps 0 --jobs 2   # informative (docs/evaluation.md)
+    python -m genesis.compare --config research_cpu.toml --steps 0 --max-items 0 --jobs 2   # informative, hours
 
 Every run lives in OUT/runs/<strategy>-seed<seed>/: a normal `genesis.train` run directory (trained by a
 `python -m genesis.train` process from compare.toml, its resolved config; up to --jobs at once, output in train.log)
