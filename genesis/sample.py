@@ -67,16 +67,15 @@ def generate(model: Llama, prompt: torch.Tensor, settings: SampleSettings, n: in
 
 def mask_prompt(ids: list[int], tokenizer, cfg) -> tuple[list[int], int]:
     """`ids` with every connective of the run's lexicon replaced by its mask token, and the count of masked words."""
-    from genesis.config import to_dict
-    from genesis.masking import ConnectiveMasker
+    from genesis.config import MaskingConfig
+    from genesis.masking import ConnectiveMasker, resolve_lexicon
+    from genesis.tokenizer import find_mask_id
 
     # the run's lexicon and nothing else of its masking: its schedule, adaptive weights or chains would each need
     # settings that masking every connective has no use for
-    lexicon = {key: value for key, value in to_dict(cfg.masking).items()
-               if key in ("connectives", "default_connectives", "clause_punctuation", "verse_separator")}
-    every = {"strategy": "uniform", "mask_prob": 1.0, "replacement": "mask", "impl": "torch", "enabled": True}
-    masker = ConnectiveMasker.from_tokenizer(tokenizer, {**lexicon, **every}, mask_token=cfg.tokenizer.mask_token,
-                                             log=None)
+    every = MaskingConfig(strategy="uniform", mask_prob=1.0, replacement="mask", impl="torch")
+    masker = ConnectiveMasker(resolve_lexicon(tokenizer, cfg.masking), every,
+                              find_mask_id(tokenizer, cfg.tokenizer.mask_token), log=None)
     out = masker(torch.tensor([ids]), step=0)
     words = masker.stats(out, torch.tensor([ids]))["masked_words"]
     return out.input_ids[0].tolist(), int(words)
