@@ -606,9 +606,8 @@ def load_config(name: str | None = None, mode: str | None = None,
             where = source
             key = f"modes.{mode}.{e.key}" if e.key in from_file_preset else e.key
         raise ConfigError(f"{where}: {key}: {e.reason}") from None
-    for key, switch in idle_keys(parts["masking"]):
-        key = f"masking.{key}"
-        line = f"{origin.get(key, source)}: {key} has no effect while masking.{switch}"
+    for key, message in idle_keys(parts["masking"]):
+        line = f"{origin.get(f'masking.{key}', source)}: {message}"
         if line not in _idle_warned:  # once per process: genesis.compare loads the same config for every run
             _idle_warned.add(line)
             warn(line)
@@ -620,11 +619,11 @@ _idle_warned: set[str] = set()
 
 
 def idle_keys(masking: MaskingConfig) -> list[tuple[str, str]]:
-    """(key, why) for the [masking] keys set to other than their defaults that their switches leave unread:
-    schedule_* with schedule = "constant", plateau_* without schedule = "plateau", chain_gap without chain, adapt_*
-    without adaptive. A warning, not an error: a comparison or a sweep turns the switches on and off over one base
-    config, whose keys wait for theirs; but a forgotten switch should not pass silently. Values at their defaults say
-    nothing (a run's saved config writes every key)."""
+    """(key, "masking.KEY has no effect while masking.SWITCH ...") for the [masking] keys set to other than their
+    defaults that their switches leave unread: schedule_* with schedule = "constant", plateau_* without
+    schedule = "plateau", chain_gap without chain, adapt_* without adaptive. A warning, not an error: a comparison
+    or a sweep turns the switches on and off over one base config, whose keys wait for theirs; but a forgotten
+    switch should not pass silently. Values at their defaults say nothing (a run's saved config writes every key)."""
     defaults = type(masking)()
     idle = []
     for key in (f.name for f in dataclasses.fields(masking)):
@@ -638,7 +637,7 @@ def idle_keys(masking: MaskingConfig) -> list[tuple[str, str]]:
             idle.append((key, "chain = false"))
         elif key.startswith("adapt_") and not masking.adaptive:
             idle.append((key, "adaptive = false"))
-    return idle
+    return [(key, f"masking.{key} has no effect while masking.{switch}") for key, switch in idle]
 
 
 def check_config(cfg: Config) -> None:

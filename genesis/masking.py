@@ -908,9 +908,9 @@ class ConnectiveMasker:
         except ConfigValueError as e:
             raise MaskingError(f"{e.key}: {e.reason}") from None
         given = set(overrides) | (set(config) if isinstance(config, Mapping) else set())
-        for key, switch in idle_keys(cfg):
+        for key, message in idle_keys(cfg):
             if key in given:  # a MaskingConfig was warned about where it was loaded (load_config)
-                warnings.warn(f"masking.{key} has no effect while masking.{switch}", UserWarning, stacklevel=2)
+                warnings.warn(message, UserWarning, stacklevel=2)
         enabled = cfg.enabled or not enabled_given
         _check_options(check_ids=check_ids, enabled=enabled, log=log)
         mask_id = find_mask_id(tokenizer, mask_token)  # before the lexicon (~1 s): a missing token fails at once
