@@ -526,6 +526,9 @@ def find_config(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"{name}: is a directory, not a config file (give a .toml file, e.g. {name.rstrip('/')}"
+                          f"/config.toml for a run's own config)")
     candidates = [Path("configs") / name, Path(__file__).resolve().parent.parent / "configs" / name]
     if not name.endswith(".toml"):
         candidates += [c.with_name(c.name + ".toml") for c in candidates]

@@ -11,6 +11,7 @@ batches.
 from __future__ import annotations
 
 import difflib
+import glob
 import hashlib
 import json
 import os
@@ -264,7 +265,10 @@ def check_token_cache(cache: Path, vocab_size: int) -> dict[str, TokenSplit]:
 
 
 def _move_aside(cache: Path, reason: str) -> Path:
-    """Rename a damaged entry out of the way (kept for inspection); gone already (another process moved it): fine."""
+    """Rename a damaged entry out of the way, kept for inspection until the next damaged copy replaces it (at most
+    one per entry: each is as large as the entry); gone already (another process moved it): fine."""
+    for older in cache.parent.glob(f"{glob.escape(cache.name)}.damaged-*"):
+        shutil.rmtree(older, ignore_errors=True)
     aside = cache.with_name(f"{cache.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     try:
         os.replace(cache, aside)

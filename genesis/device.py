@@ -50,7 +50,8 @@ def training_device(cfg: Config, world: World = ONE_PROCESS) -> tuple[torch.devi
     try:
         device = resolve_device(t.device)
     except DeviceError as e:
-        raise ConfigError(f"{cfg.source}: training.device: {t.device!r} requested but {e}") from None
+        raise ConfigError(f"{cfg.origin_of('training.device')}: training.device: {t.device!r} requested but {e}") \
+            from None
     if device.type == "cuda" and world.distributed:
         if device.index is not None:
             raise ConfigError(f"{cfg.origin_of('training.device')}: training.device: {t.device!r} names one GPU, but "

@@ -6,6 +6,7 @@ must have a mask token (`[MASK]`, `<mask>` or the configured name): there is no 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections.abc import Iterable
@@ -171,6 +172,8 @@ def _cached_tokenizer(path: Path, log) -> Tokenizer | None:
             return tok
         except (OSError, UnicodeDecodeError) as e:
             problem = f"its checksum {checksum.name} is unreadable ({e.strerror or e})"
+    for older in path.parent.glob(f"{glob.escape(path.name)}.damaged-*"):  # at most one damaged copy kept
+        older.unlink(missing_ok=True)
     aside = path.with_name(f"{path.name}.damaged-{os.getpid()}")
     try:
         os.replace(path, aside)

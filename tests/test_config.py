@@ -1,6 +1,8 @@
 """Config loading: shipped configs by bare name, precedence, presets and one-line errors."""
 
 
+import re
+
 import pytest
 
 from genesis.config import ConfigError, load_config, parse_override, to_toml
@@ -112,6 +114,8 @@ def test_bad_override_and_bad_toml(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config not found"):
         load_config("no_such_config.toml")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}: is a directory, not a config file "):
+        load_config(str(tmp_path))
 
 
 def test_override_values_are_toml():

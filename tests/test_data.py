@@ -259,6 +259,9 @@ def test_a_damaged_token_cache_is_moved_aside_and_rebuilt_with_one_line(small, d
     assert len(list(built.cache_dir.parent.glob(f"{built.cache_dir.name}.damaged-*"))) == 1  # kept for inspection
     lines.clear()
     assert _same_as_fresh(run(cache_dir, lines.append), expected) and not lines  # repaired: reused, silently
+    damage(built.cache_dir)  # damaged again: the newer copy replaces the older one (each is as large as the entry)
+    run(cache_dir, lambda *_: None)
+    assert len(list(built.cache_dir.parent.glob(f"{built.cache_dir.name}.damaged-*"))) == 1
 
 
 def test_a_damaged_cached_tokenizer_is_moved_aside_and_retrained_with_one_line(small):
@@ -275,6 +278,7 @@ def test_a_damaged_cached_tokenizer_is_moved_aside_and_retrained_with_one_line(s
         assert re.fullmatch(rf"cached tokenizer {re.escape(str(path))}: {reason}.*; moved it aside to "
                             rf"{path.name}\.damaged-\d+ and retraining it", lines[0]), lines[0]
         assert path.read_text() == good and _same_as_fresh(again, expected)
+        assert len(list(path.parent.glob(f"{path.name}.damaged-*"))) == 1  # the newest damaged copy only
 
 
 def test_a_cache_entry_that_cannot_be_moved_aside_names_the_directory_to_delete(small, monkeypatch):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import genesis.device as device_module
-from genesis.config import load_config
-from genesis.device import keep_freed_memory, set_threads, use_compile
+from genesis.config import ConfigError, load_config
+from genesis.device import keep_freed_memory, set_threads, training_device, use_compile
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -102,3 +102,10 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_blocks():
     assert faults("default") > 4 * pages  # the last 5 allocations
     assert faults("kept") < pages // 4
     assert not keep_freed_memory(torch.device("meta")) and not keep_freed_memory(CUDA)
+
+
+def test_an_unavailable_device_is_blamed_on_where_it_was_set():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"^--set training\.device=cuda: training\.device: 'cuda' requested but "):
+        training_device(load_config("cpu.toml", overrides=["training.device=cuda"]))
