@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from genesis.config import Config, ConfigError, DataConfig, cache_root
 from genesis.corpus import CorpusError, Verse, corpus_hash, load_corpus
+from genesis.errors import write_failure
 from genesis.tokenizer import TokenizerError, get_tokenizer, tokenizer_hash
 
 CACHE_FORMAT = "tokens-v2"  # bump when the cache layout or the text joining changes (v2: checksums)
@@ -298,7 +299,11 @@ def load_token_cache(cache: Path, vocab_size: int, build, building: str, log=pri
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        build(tmp)
+        try:
+            build(tmp)
+        except OSError as e:
+            raise TokenCacheError(f"{cache}: cannot build the token cache ({write_failure(e, tmp)}); the partial "
+                                  f"build is removed") from None
         for _ in range(3):
             try:
                 os.replace(tmp, cache)  # atomic: a half-written entry is never visible

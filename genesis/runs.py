@@ -21,6 +21,7 @@ import torch
 
 from genesis.config import SECTIONS, Config, to_dict
 from genesis.console import first_line
+from genesis.errors import as_disk_full, write_failure
 from genesis.model import Llama, ModelArgs
 
 if TYPE_CHECKING:
@@ -39,11 +40,11 @@ class SaveError(RunError):
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world: World | None = None,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, saved_step: int | None = None) -> None:
     """Atomic: written to a temporary file, fsynced, then renamed over the old checkpoint. Rank 0 writes it (every
     process holds the same weights); the others return at once. Any failure (torch.save raises RuntimeError for a
     full disk) is a SaveError line, the temporary file removed and the previous checkpoint left as it was. `extra`:
-    more entries of the checkpoint dict."""
+    more entries of the checkpoint dict; `saved_step`: the step of the checkpoint at `path` now, for the message."""
     processes = world.size if world is not None else 1
     if world is not None and not world.main:
         return
@@ -60,8 +61,15 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: Config, world:
     try:
         write_atomic(path, lambda f: torch.save(state, f), error=False)
     except (OSError, RuntimeError) as e:  # not a signal's Interrupted: the loop saves again for it
-        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was saved before"
-        raise SaveError(f"{path}: cannot save the checkpoint of step {step} ({first_line(e)}); {kept}") from None
+        raise SaveError(f"{path}: cannot save the checkpoint of step {step} ({write_failure(e, path)}); "
+                        f"{kept_checkpoint(path, saved_step)}") from None
+
+
+def kept_checkpoint(path: Path, saved_step: int | None) -> str:
+    """Which checkpoint a failed run leaves, in words."""
+    if not path.is_file():
+        return "no checkpoint was saved before"
+    return f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "the previous one is kept"
 
 
 STEP_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
@@ -200,12 +208,15 @@ def write_atomic(path: Path, content: str | Callable[[IO[bytes]], object], error
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException as caught:
+        e = as_disk_full(caught, tmp)  # while the partial file still fills the disk
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if e is not caught:
+            raise e from caught
         if not error or not isinstance(e, OSError):
             raise
-        raise RunError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise RunError(f"{path}: cannot write ({write_failure(e, path)})") from None
     _fsync_dir(path.parent)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from genesis.errors import write_failure
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[MASK]"]
 MASK_NAMES = ("[MASK]", "<mask>")
 PAD_NAMES = ("<pad>", "[PAD]")
@@ -138,8 +140,13 @@ def get_tokenizer(cfg, train_texts: list[str], train_hash: str, cache_dir: Path,
             text = tok.to_str(pretty=True)  # what tok.save writes
             for target, content in ((_checksum_path(path), _digest(text)), (path, text)):  # the checksum first
                 tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-                tmp.write_text(content, encoding="utf-8")
-                os.replace(tmp, target)
+                try:
+                    tmp.write_text(content, encoding="utf-8")
+                    os.replace(tmp, target)
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    raise TokenizerError(f"{target}: cannot cache the trained tokenizer ({write_failure(e, tmp)}); "
+                                         f"nothing was trained from it yet") from None
     find_mask_id(tok, cfg.mask_token)  # fail early, with the fix in the message
     return tok
 

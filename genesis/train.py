@@ -53,14 +53,17 @@ from genesis.distributed import (
     stop_vote,
     world_from_env,
 )
+from genesis.errors import write_failure
 from genesis.heldout import HeldoutConnectives, evaluate_loss
 from genesis.model import Llama, ModelArgs, build_model, check_memory, out_of_memory
 from genesis.runs import (
     CHECKPOINT,
+    METRICS,
     RunError,
     SaveError,
     claim_run_dir,
     keep_step_checkpoint,
+    kept_checkpoint,
     open_metrics,
     read_checkpoint,
     resume_changes,
@@ -358,8 +361,13 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
 def record(run: Run, rec: dict) -> None:
     """One line of metrics.jsonl, flushed (rank 0 only), and its scalars in the TensorBoard event files."""
     if run.world.main:
-        run.metrics.write(strict_json(rec) + "\n")
-        run.metrics.flush()
+        try:
+            run.metrics.write(strict_json(rec) + "\n")
+            run.metrics.flush()
+        except OSError as e:  # a full disk: the step's record is lost, so the step is not saved either
+            path = run.run_dir / METRICS
+            raise RunError(f"{path}: cannot write the record of step {rec['step']} ({write_failure(e, path)}); "
+                           f"training stopped, {kept_checkpoint(run.run_dir / CHECKPOINT, run.saved_step)}") from None
         if run.tensorboard is not None:
             run.tensorboard.write(rec)
 
@@ -402,7 +410,8 @@ def save(run: Run, every_process: bool = True) -> None:
     if run.curriculum.adaptive and run.world.distributed and every_process:
         counts = all_sum([run.curriculum.counts], run.world)[0]
     save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world,
-                    extra={"nonfinite_skipped": run.guard.skipped, "curriculum": run.curriculum.state_dict(counts)})
+                    extra={"nonfinite_skipped": run.guard.skipped, "curriculum": run.curriculum.state_dict(counts)},
+                    saved_step=run.saved_step)
     run.saved_step = run.completed
     if run.world.main:
         keep_step_checkpoint(run.run_dir / CHECKPOINT, run.completed, run.cfg.training.keep_checkpoints)

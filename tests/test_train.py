@@ -1,6 +1,7 @@
 """End-to-end runs of `python -m genesis.train`, as a user runs it."""
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -926,9 +927,90 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, m
                      "--set", "training.checkpoint_every=2")
     assert err == (f"error: {out / CHECKPOINT}: cannot save the checkpoint of step 4 (RuntimeError: [enforce fail at "
                    f"inline_container.cc:858] . PytorchStreamWriter failed writing file data/3: file write failed); "
-                   f"the previous checkpoint is kept")
+                   f"the checkpoint of step 2 is kept")
     assert len(calls) == 2 and not list(out.glob("*.tmp*"))
     assert load_model(out / CHECKPOINT)[1]["step"] == 2
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real tmpfs of a given size (a full disk, as torch.save and file writes meet it); skipped where this process
+    may not mount (not root, or a sandbox without the capability)."""
+    mounted = []
+
+    def mount(size_bytes: int):
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_full_disk_at_a_checkpoint_says_so_and_names_the_checkpoint_kept(tmp_path, small_tmpfs, capsys,
+                                                                          signal_handlers):
+    """A real full disk: the run directory on a tmpfs with room for one checkpoint beside the run's other files but
+    not for the next one's temporary copy. torch.save's own error reads "[enforce fail at inline_container.cc]
+    ... unexpected pos"; the line says what happened."""
+    sized = tmp_path / "sized"
+    assert trainer.main(["--config", "cpu.toml", *SMALL, "--out", str(sized), "--set", "training.steps=2",
+                         "--set", "training.eval_every=0", "--set", "training.checkpoint_every=2"]) == 0
+    room = sum(f.stat().st_size for f in sized.iterdir() if f.is_file())
+    out = small_tmpfs(room + (sized / CHECKPOINT).stat().st_size // 2) / "run"
+    capsys.readouterr()
+    err = main_error(capsys, "--out", str(out), "--set", "training.steps=6", "--set", "training.eval_every=0",
+                     "--set", "training.checkpoint_every=2")
+    assert err == (f"error: {out / CHECKPOINT}: cannot save the checkpoint of step 4 (no space left on device); the "
+                   f"checkpoint of step 2 is kept")
+    assert load_model(out / CHECKPOINT)[1]["step"] == 2 and not list(out.glob("*.tmp*"))
+
+
+def test_a_full_disk_at_a_metrics_record_names_the_file_the_step_and_the_checkpoint_kept(tmp_path, monkeypatch,
+                                                                                         capsys, signal_handlers):
+    """metrics.jsonl's write fails with ENOSPC at the step-10 record (a failing write: where the disk fills up
+    first depends on the file sizes): one line, not 'error: : No space left on device'."""
+    real_open = trainer.open_metrics
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, text):
+            if '"step": 10' in text:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_metrics(*args, **kwargs):
+        f, evaluated = real_open(*args, **kwargs)
+        return FillsUp(f), evaluated
+
+    monkeypatch.setattr(trainer, "open_metrics", open_metrics)
+    out = tmp_path / "run"
+    err = main_error(capsys, "--out", str(out), "--set", "training.steps=20", "--set", "training.eval_every=0",
+                     "--set", "training.checkpoint_every=5")
+    assert err == (f"error: {out / 'metrics.jsonl'}: cannot write the record of step 10 (no space left on device); "
+                   f"training stopped, the checkpoint of step 5 is kept")
+    assert load_model(out / CHECKPOINT)[1]["step"] == 5
+
+
+def test_a_full_disk_in_the_cache_names_the_file(tmp_path, small_tmpfs, monkeypatch, capsys, signal_handlers):
+    """The tokenizer trained for a new corpus split does not fit in the cache: one line naming the cached file."""
+    cache = small_tmpfs(16 * 1024)
+    monkeypatch.setenv("GENESIS_CACHE", str(cache))
+    err = main_error(capsys, "--out", str(tmp_path / "run"), "--set", "training.steps=2",
+                     "--set", "tokenizer.vocab_size=700")
+    assert err.startswith(f"error: {cache / 'tokenizers'}/") and err.endswith(
+        ": cannot cache the trained tokenizer (no space left on device); nothing was trained from it yet"), err
+    assert not list((cache / "tokenizers").glob("*.tmp*"))
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed_on_resume(finished_run, tmp_path, capsys,
