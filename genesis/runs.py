@@ -372,6 +372,15 @@ class RunLock:
 
     fd: int | None
 
+    def abandon(self, run_dir: Path) -> None:
+        """Remove a run directory that holds nothing but this lock (a start that failed before writing anything),
+        while the lock is still held; release it."""
+        with contextlib.suppress(OSError):
+            if [p.name for p in run_dir.iterdir()] == [LOCK]:
+                (run_dir / LOCK).unlink()
+                run_dir.rmdir()
+        self.release()
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the file releases the lock

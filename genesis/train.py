@@ -602,7 +602,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
         raise
     finally:
         if _lock is not None:
-            _lock.release()
+            _lock.release() if resume else _lock.abandon(run_dir)  # a failed start leaves no directory behind
             _lock = None
 
 

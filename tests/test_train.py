@@ -1013,6 +1013,15 @@ def test_a_full_disk_in_the_cache_names_the_file(tmp_path, small_tmpfs, monkeypa
     assert not list((cache / "tokenizers").glob("*.tmp*"))
 
 
+def test_a_start_that_fails_leaves_no_run_directory_holding_only_its_lock(small_tmpfs, capsys, signal_handlers):
+    """The run directory on a disk too small for the run's tokenizer.json: the start fails after the directory was
+    made and locked, and leaves nothing behind."""
+    out = small_tmpfs(64 * 1024) / "run"
+    err = main_error(capsys, "--out", str(out), "--set", "training.steps=2")
+    assert err == f"error: {out / 'tokenizer.json'}: cannot write (no space left on device)"
+    assert not out.exists()
+
+
 def test_stale_temporary_files_of_dead_processes_are_removed_on_resume(finished_run, tmp_path, capsys,
                                                                         signal_handlers):
     run_dir = tmp_path / "run"
