@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib.resources
 import math
 import os
@@ -458,6 +459,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 _ALIASES = {"class": "cls"}  # TOML keys that are Python keywords
 
 
+def did_you_mean(name: str, known: list[str]) -> str:
+    """'; did you mean "steps"?' for the closest known name, or nothing when none is close."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The keyword arguments of dataclass `cls` from a TOML table: unknown keys and wrong types raise, values are
     converted; no `__post_init__` checks yet. Errors carry the dotted key under `prefix`."""
@@ -468,8 +475,9 @@ def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
         name = _ALIASES.get(raw_key, raw_key)
         dotted = f"{prefix}.{raw_key}" if prefix else raw_key
         if name not in names:
-            valid = ", ".join(sorted({k for k, v in _ALIASES.items() if v in names} | names - set(_ALIASES.values())))
-            raise ConfigValueError(dotted, f"unknown key (valid keys: {valid})")
+            valid = sorted({k for k, v in _ALIASES.items() if v in names} | names - set(_ALIASES.values()))
+            suggestion = did_you_mean(raw_key, valid)
+            raise ConfigValueError(dotted, f"unknown key{suggestion} (valid keys: {', '.join(valid)})")
         kwargs[name] = _convert(value, hints[name], dotted)
     return kwargs
 
@@ -593,7 +601,8 @@ def load_config(name: str | None = None, mode: str | None = None,
     try:
         for section in table:
             if section not in SECTIONS:
-                raise ConfigValueError(section, f"unknown section (valid sections: {', '.join(SECTIONS)}, modes)")
+                raise ConfigValueError(section, f"unknown section{did_you_mean(section, [*SECTIONS, 'modes'])} "
+                                                f"(valid sections: {', '.join(SECTIONS)}, modes)")
             if not isinstance(table[section], dict):
                 raise ConfigValueError(section, "expected a table")
         parts = {s: build(tp, table.get(s, {}), s) for s, tp in SECTIONS.items()}

@@ -103,7 +103,8 @@ def test_bad_values_name_file_key_reason(tmp_path, text, key, reason):
 
 
 def test_bad_override_and_bad_toml(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--set training\.stepz=3: training\.stepz: unknown key"):
+    with pytest.raises(ConfigError, match=r"^--set training\.stepz=3: training\.stepz: unknown key; did you mean "
+                                          r"'steps'\? \(valid keys: "):
         load_config("cpu.toml", overrides=["training.stepz=3"])
     with pytest.raises(ConfigError, match=r"^--set model\.dim=130: model\.dim: must be divisible by n_heads"):
         load_config("cpu.toml", overrides=["model.dim=130"])
