@@ -173,6 +173,10 @@ def export_run(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str
             raise ExportError(f"{checkpoint}: the exported model's logits differ from Genesis's by {diff:.3g} "
                               f"(more than {FP32_TOLERANCE:g}): transformers {transformers.__version__} reads the "
                               f"Llama differently; nothing written")
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():  # transformers writes model.safetensors 600: every file as a plain write would be
+            path.chmod(0o666 & ~umask)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -2,6 +2,7 @@
 (mask token included) and its class head; bad input is one line."""
 
 import json
+import os
 import re
 
 import pytest
@@ -140,3 +141,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_runs, tmp_path, capsys):
     empty.mkdir()
     assert export.main(["--checkpoint", str(tiny_runs["tied"]), "--out", str(empty)]) == 0  # an empty one is fine
     assert (empty / "config.json").is_file()
+
+
+def test_every_exported_file_gets_the_mode_a_plain_write_gives(exported):
+    """transformers writes model.safetensors with mode 600; the export gives every file 666 less the umask, as the
+    tokenizer and config files already had."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exported["tied"].iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
