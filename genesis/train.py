@@ -205,7 +205,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     if resumed:
         log(f"resumed from {run_dir / CHECKPOINT} at step {start}")
         if start >= t.steps:
-            log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}")
+            log(f"nothing to do: the checkpoint is at step {start} and training.steps = {t.steps}; to train on, "
+                f"resume with --set training.steps=N (N > {start})")
     eval_model = model
     if use_compile(t.compile, device, log):
         eval_model = torch.compile(model)
