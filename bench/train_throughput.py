@@ -1,6 +1,7 @@
 """Training-step throughput: the Genesis Llama against transformers' LlamaForCausalLM of the same dimensions.
 
     python bench/train_throughput.py                                   # CPU: cpu.toml's model, eager, both sides
+    python bench/train_throughput.py --micro-batches 16 --threads 2    # CPU: one micro-batch, both cores
     python bench/train_throughput.py --device cuda --config high_vram.toml --micro-batches 4,8,16,32 \\
         --modes genesis-eager,genesis-compiled,hf-eager,hf-compiled --json train.json
 
@@ -37,6 +38,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from genesis.config import ConfigError, load_config  # noqa: E402
+from genesis.device import flush_denormals  # noqa: E402
 from genesis.model import Llama, ModelArgs  # noqa: E402
 from genesis.step import make_optimizer  # noqa: E402
 
@@ -254,11 +256,38 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def verdicts(report: dict) -> list[str]:
+    """One line per Genesis row that has a transformers peer: which side is faster, and by how much."""
+    lines = []
+    for r in report["results"]:
+        if r.get("vs_hf"):
+            peer = "hf-" + r["mode"].split("-")[1]
+            faster = "faster" if r["vs_hf"] >= 1 else "slower"
+            ratio = r["vs_hf"] if r["vs_hf"] >= 1 else 1 / r["vs_hf"]
+            lines.append(f"verdict: {r['mode']} is {ratio:.2f}x {faster} than {peer} at micro-batch {r['micro_batch']} "
+                         f"({r['tokens_per_s']:,.0f} vs {r['tokens_per_s'] / r['vs_hf']:,.0f} tokens/s)")
+    return lines
+
+
+def check_lines(checks: dict) -> list[str]:
+    lines = []
+    if "same_model" in checks:
+        c = checks["same_model"]
+        lines.append(f"check same model: {'passed' if c['passed'] else 'FAILED'} ({c['params_genesis']:,} parameters "
+                     f"each; fp32 loss on one batch {c['loss_genesis']} vs {c['loss_hf']})")
+    c = checks["same_start"]
+    lines.append(f"check same start: {'passed' if c['passed'] else 'FAILED'} (every side's first loss equal within "
+                 f"{c['tolerance']:g} relative, and finite, over {c['runs']} runs)")
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        flush_denormals()  # as training on the CPU does (genesis.device.training_device)
     if any(m.startswith("hf") for m in args.mode_list):
         try:
             import transformers  # noqa: F401
@@ -301,6 +330,7 @@ def main(argv=None) -> int:
     checks["same_start"] = same_start(report["results"], bf16=device.type == "cuda")
     report["checks"] = checks
     print(format_table(report))
+    print("\n".join(check_lines(checks) + verdicts(report)))
     if not checks["same_start"]["passed"]:
         print(f"error: the sides' losses differ or are not finite: {checks['same_start']}", file=sys.stderr)
     if args.json:

@@ -2,6 +2,7 @@
 passed checks. No timing is asserted (timings on shared machines are noise; the benchmark reports, never gates)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -171,6 +172,9 @@ def test_train_throughput_smoke_run_compares_genesis_with_transformers(tmp_path)
         assert row["micro_batch"] == 2 and row["tokens"] == 2 * report["model"]["seq_len"]
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["ms_p10"] <= row["ms_median"] <= row["ms_p90"]
     assert rows["genesis-eager"]["vs_hf"] > 0
+    assert "check same model: passed (" in proc.stdout and "check same start: passed (" in proc.stdout
+    assert re.search(r"^verdict: genesis-eager is \d+\.\d\dx (faster|slower) than hf-eager at micro-batch 2 ",
+                     proc.stdout, re.M), proc.stdout
     assert report["flops_per_token"] > 6 * 1_000_000 and report["peak"]["flops_per_s"] > 0
 
 
