@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -185,6 +186,24 @@ def test_slots_are_the_whole_word_connectives_of_the_heldout_verses(ctx):
     assert first_ids[("for", True)] != first_ids[("for", False)]
 
 
+def test_slots_carry_the_sense_rules_verdict_and_the_labelled_sample_is_made_of_them(ctx):
+    """Every slot's `conjunctive` is the rule's verdict on its verse; every item of the hand-labelled sample is a
+    held-out slot of the cpu.toml split, with the verse text of the corpus."""
+    lex = ctx.lex
+    for s in ctx.slots:
+        text = ctx.eval_split.verses[s.verse_index].text
+        assert s.conjunctive == ev.is_conjunctive(lex.words[s.entry], text, s.char_start, s.char_end)
+    n_conjunctive = sum(s.conjunctive for s in ctx.slots)
+    assert 300 < n_conjunctive < len(ctx.slots) - 300  # both sets are large: a rule stuck on one answer fails here
+    by_id = {s.item_id: s for s in ctx.slots}
+    rows = (Path(__file__).parent / "data" / "connective_senses.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    for row in rows:
+        item_id, word, marked = row.split("\t")[:3]
+        slot = by_id[item_id]
+        assert lex.words[slot.entry] == word
+        assert ctx.eval_split.verses[slot.verse_index].text == marked.replace("[[", "").replace("]]", "")
+
+
 def parse_item_id(item_id: str) -> tuple[str, int, int, int]:
     """"II Samuel 7:12@25" -> ("II Samuel", 7, 12, 25)."""
     reference, at = item_id.rsplit("@", 1)
@@ -352,6 +371,50 @@ def test_a_model_that_always_says_for_scores_exactly_the_majority_baseline(ctx):
     assert result["next_token"]["breakdowns"]["word"]["for"]["accuracy"] == pytest.approx(
         np.mean(favoured) / len(one_piece_fors))
     assert result["next_token"]["breakdowns"]["word"]["but"]["accuracy"] == 0.0
+
+
+def test_every_metric_is_given_on_the_conjunctive_set_of_its_items(ctx, oracle_result):
+    """`sets.all` repeats the top level; `sets.conjunctive` is the mean over the items whose record says
+    conjunctive (the oracle is wrong nowhere, so a stub whose credit depends on the item is used: majority)."""
+    result = ev.evaluate_model(StubLM(vocab(ctx)), ctx, progress=False)
+    cloze_items, next_items = result["items"]["cloze"], result["items"]["next_token"]
+    assert all(isinstance(item["conjunctive"], bool) for item in cloze_items + next_items)
+    assert [item["conjunctive"] for item in cloze_items] == [s.conjunctive for s in ctx.cloze.items]
+    assert 0 < sum(item["conjunctive"] for item in cloze_items) < len(cloze_items)
+    for name in ev.CLOZE_SCORERS:
+        summary = result["cloze"]["scorers"][name]
+        assert summary["sets"]["all"] == {"accuracy": summary["accuracy"], "n": summary["n"]}
+        mine = [item["credit"][name] for item in cloze_items if item["conjunctive"]]
+        assert summary["sets"]["conjunctive"]["n"] == len(mine)
+        assert summary["sets"]["conjunctive"]["accuracy"] == pytest.approx(np.mean(mine), abs=1e-6)
+    majority = result["cloze"]["scorers"]["majority"]["sets"]  # "for" is right on 0 or 1 item: the sets differ
+    assert majority["conjunctive"]["accuracy"] != pytest.approx(majority["all"]["accuracy"])
+    nt = result["next_token"]
+    mine = [item for item in next_items if item["conjunctive"]]
+    assert nt["sets"]["conjunctive"]["n"] == len(mine) == sum(s.conjunctive for s in ctx.slots if s.stream_pos > 0)
+    assert nt["sets"]["conjunctive"]["mean_logprob"] == pytest.approx(np.mean([i["logprob"] for i in mine]),
+                                                                      abs=1e-4)
+    assert nt["sets"]["all"]["mean_logprob"] == nt["mean_logprob"]
+    mc = result["masked_context"]  # every held-out slot is followed by tokens
+    assert mc["sets"]["conjunctive"]["n"] == sum(s.conjunctive for s in ctx.slots) < mc["n"]
+    assert oracle_result["cloze"]["scorers"]["model_verse"]["sets"]["conjunctive"]["accuracy"] == 1.0
+    text = ev.format_tables({**result, "checkpoint": "x", "step": 0, "corpus": "kjv", "split": "heldout",
+                             "train_corpus": "kjv"})
+    rows = [line for line in text.splitlines() if line.startswith("cloze, whole-verse score")]
+    assert [row.split()[3] for row in rows] == ["all", "conjunctive"]
+    assert "masked context (conjunctive only): loss" in text
+
+
+def test_tables_of_an_eval_json_from_before_the_sets_still_print(uniform_result):
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "sets"}
+        return value
+
+    old = strip({**uniform_result, "checkpoint": "x", "step": 0, "corpus": "kjv", "split": "heldout",
+                 "train_corpus": "kjv"})
+    text = ev.format_tables(old)
+    assert "conjunctive " not in text and "masked context: loss" in text
 
 
 def test_confusion_rows_sum_to_item_counts_and_breakdowns_add_up(ctx, uniform_result, oracle_result):
@@ -586,6 +649,17 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
     mc = result["masked_context"]
     assert mc["k"] == 8 and mc["n"] > 1000 and mc["gap"] == pytest.approx(mc["masked_loss"] - mc["visible_loss"])
     assert "masked context: loss (nats) on the 8 tokens after each of" in proc.stdout
+    # both item sets: every item record says which it is in, every summary gives both
+    items = result["items"]["cloze"] + result["items"]["next_token"]
+    assert all(type(item["conjunctive"]) is bool for item in items) and any(i["conjunctive"] for i in items)
+    assert not all(i["conjunctive"] for i in items)
+    for summary in [result["next_token"], *result["cloze"]["scorers"].values(), mc]:
+        assert list(summary["sets"]) == list(ev.SETS) and summary["sets"]["all"]["n"] == summary["n"]
+        assert 0 < summary["sets"]["conjunctive"]["n"] <= summary["n"]
+    conjunctive_next = sum(i["conjunctive"] for i in result["items"]["next_token"])
+    assert result["next_token"]["sets"]["conjunctive"]["n"] == conjunctive_next
+    assert "masked context (conjunctive only): loss" in proc.stdout
+    assert re.search(r"^cloze, whole-verse score +conjunctive +\d+", proc.stdout, re.MULTILINE)
 
 
 def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
@@ -705,6 +779,10 @@ def test_evaluate_cli_reports_the_class_head_against_the_majority_class(head_run
     majority = head["majority_class"]
     assert majority["class"] == "causal" and majority["accuracy"] == pytest.approx(by_class["causal"]["n"] / n)
     assert "class head (mask token -> type)" in proc.stdout and "confusion (rows: true class)" in proc.stdout
+    conjunctive = head["model"]["sets"]["conjunctive"]
+    assert conjunctive["n"] == result["next_token"]["sets"]["conjunctive"]["n"] < n
+    assert head["majority_class"]["sets"]["conjunctive"]["n"] == conjunctive["n"]
+    assert re.search(rf"^conjunctive uses +{conjunctive['n']} ", proc.stdout, re.MULTILINE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -774,6 +852,13 @@ def test_masked_context_result_is_the_mean_over_slots_of_the_run_mask_tokens_sco
     assert result["visible_loss"] == pytest.approx(scores.visible[scored].mean(), rel=1e-9)
     assert result["masked_loss"] == pytest.approx(scores.masked[scored].mean(), rel=1e-9)
     assert abs(result["gap"]) > 1e-3  # the hidden connective changed the next token's prediction
+    conjunctive = scored & np.array([s.conjunctive for s in ctx.slots])
+    assert result["sets"]["conjunctive"]["n"] == conjunctive.sum() < result["n"]
+    assert result["sets"]["conjunctive"]["masked_loss"] == pytest.approx(scores.masked[conjunctive].mean(), rel=1e-9)
+    assert result["sets"]["conjunctive"]["gap"] == pytest.approx(
+        scores.masked[conjunctive].mean() - scores.visible[conjunctive].mean(), rel=1e-9)
+    assert {k: result["sets"]["all"][k] for k in ("n", "visible_loss", "masked_loss", "gap")} == {
+        k: result[k] for k in ("n", "visible_loss", "masked_loss", "gap")}
     other = ev.score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id - 1, k, progress=False)
     assert other.masked[scored].mean() != pytest.approx(result["masked_loss"], rel=1e-6)
 

@@ -1,6 +1,6 @@
-"""Connective evaluation of a trained run, by stage: `items` (slots and cloze sets), `scorers` (next-token, class
-head, cloze, the n-gram baseline), `pipeline` (context, scoring, breakdowns), `report` (tables, JSON, plots); `run`
-loads the run and `cli` is `python -m genesis.evaluate`.
+"""Connective evaluation of a trained run, by stage: `items` (slots and cloze sets), `senses` (whether a slot is a
+connective use of its word), `scorers` (next-token, class head, cloze, the n-gram baseline), `pipeline` (context,
+scoring, breakdowns), `report` (tables, JSON, plots); `run` loads the run and `cli` is `python -m genesis.evaluate`.
 
 Items. A connective slot is a whole-word occurrence of a lexicon word (the run's [masking] lexicon) in a verse of the
 split, found by `genesis.lexicon.find_matches`, the same oracle the masker is tested against. Verses are encoded one
@@ -8,7 +8,8 @@ by one as text + "\\n" and concatenated; for byte-level BPE that is exactly the 
 carries: verse-initial (its first token is the verse's first token), clause length (`genesis.masking.clause_length`
 in the run's masking.clause_length mode, on the split's token stream: with the default "preceding", the tokens of the
 clause before the connective — for a verse-initial one, the last clause of the previous verse), book and genre
-(`genre_of`).
+(`genre_of`), and whether the word is used as a discourse connective there (`conjunctive`, by the rule in `senses`).
+Every metric below is given on all the items and on the conjunctive ones (`pipeline.SETS`).
 
 Metrics.
 * Next-token accuracy: the split's token stream is read in windows of the model's seq_len (`pack_windows`), each
@@ -58,6 +59,7 @@ from genesis.evaluate.items import (
 )
 from genesis.evaluate.pipeline import (
     BREAKDOWNS,
+    SETS,
     EvalContext,
     build_context,
     class_head_result,
@@ -65,9 +67,10 @@ from genesis.evaluate.pipeline import (
     evaluate_model,
     load_split_verses,
     masked_context_result,
+    set_masks,
     summarize,
 )
-from genesis.evaluate.report import format_class_head, format_tables, write_json, write_plots
+from genesis.evaluate.report import format_class_head, format_tables, in_set, result_sets, write_json, write_plots
 from genesis.evaluate.run import (
     EvalError,
     Run,
@@ -102,16 +105,17 @@ from genesis.evaluate.scorers import (
     score_next_token,
     token_logprobs,
 )
+from genesis.evaluate.senses import RULES, is_conjunctive
 
 __all__ = [
     "BREAKDOWNS", "CLAUSE_BUCKETS", "CLAUSE_LABELS", "CLOZE_SCORERS", "ClassHeadScores", "ClozeScores", "ClozeSet",
     "DEFAULT_BATCH_TOKENS", "DEFAULT_CONTEXT_K", "EncodedSplit", "EvalContext", "EvalError", "KneserNeyTrigram",
-    "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "Run", "Slot", "TIE_TOLERANCE",
-    "VERSE_SEPARATOR", "build_cloze", "build_context", "cased_like", "checkpoint_identity", "class_head_result",
-    "clause_bucket", "config_from_dict", "constant_shares", "encode_split", "evaluate_checkpoint", "evaluate_model",
-    "find_slots", "format_class_head", "format_tables", "load_run", "load_split_verses", "logits_at", "main",
-    "masked_context_result", "masked_stream", "model_max_len", "pack_windows", "parse_args", "prediction_shares",
-    "resolve_device", "run_connectives", "run_identity", "score_class_head", "score_cloze_model",
-    "score_cloze_ngram", "score_masked_context", "score_next_token", "select_evenly", "summarize", "token_logprobs",
-    "write_json", "write_plots",
+    "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "RULES", "Run", "SETS", "Slot",
+    "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "cased_like", "checkpoint_identity",
+    "class_head_result", "clause_bucket", "config_from_dict", "constant_shares", "encode_split", "evaluate_checkpoint",
+    "evaluate_model", "find_slots", "format_class_head", "format_tables", "in_set", "is_conjunctive", "load_run",
+    "load_split_verses", "logits_at", "main", "masked_context_result", "masked_stream", "model_max_len", "pack_windows",
+    "parse_args", "prediction_shares", "resolve_device", "result_sets", "run_connectives", "run_identity",
+    "score_class_head", "score_cloze_model", "score_cloze_ngram", "score_masked_context", "score_next_token",
+    "select_evenly", "set_masks", "summarize", "token_logprobs", "write_json", "write_plots",
 ]

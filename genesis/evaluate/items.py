@@ -9,6 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from genesis.corpus import Verse, genre_of
+from genesis.evaluate.senses import is_conjunctive
 from genesis.lexicon import ResolvedLexicon, find_matches
 from genesis.masking import clause_length
 
@@ -56,6 +57,9 @@ class Slot:
     char_end: int
     book: str
     genre: str
+    # a discourse-connective use of the word (`genesis.evaluate.senses`); True when offsets were not kept, since the
+    # rule reads the verse's characters (the training split's slots only feed counts by word and position)
+    conjunctive: bool = True
 
 
 def clause_bucket(clause_len: int) -> str:
@@ -96,6 +100,8 @@ def find_slots(split: EncodedSplit, lex: ResolvedLexicon, lookback: int, clause_
             clause_len=clause_length(split.stream, start, lex.clause_boundary, lex.verse_separator, lookback,
                                      clause_mode), char_start=char_start,
             char_end=char_end, book=verse.book, genre=genre_of(verse.book),
+            conjunctive=(is_conjunctive(lex.words[entry], verse.text, char_start, char_end) if char_start >= 0
+                         else True),
         ))
     return slots
 

@@ -48,6 +48,9 @@ from genesis.lexicon import CLASSES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
 
 BREAKDOWNS = ("word", "class", "position", "clause_length", "genre", "book")
+# Item sets every metric is given on: every slot, and the slots whose word is used as a connective
+# (`genesis.evaluate.senses`); the decision reads "conjunctive".
+SETS = ("all", "conjunctive")
 
 
 
@@ -162,13 +165,26 @@ def _group_order(dim: str, keys: list[str], lex: ResolvedLexicon) -> list[str]:
     return [k for k in fixed if k in present] if fixed else present  # books: canonical order of appearance
 
 
+def set_masks(slots: list[Slot]) -> dict[str, np.ndarray]:
+    """A boolean mask over `slots` per item set of `SETS`."""
+    conjunctive = np.fromiter((s.conjunctive for s in slots), dtype=bool, count=len(slots))
+    return {"all": np.ones(len(slots), dtype=bool), "conjunctive": conjunctive}
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def summarize(credit: np.ndarray, slots: list[Slot], lex: ResolvedLexicon) -> dict[str, Any]:
-    """Accuracy overall and per group of every breakdown; slots with a nan credit (skipped) are left out."""
+    """Accuracy overall (the "all" set), per item set (`SETS`) and per group of every breakdown; slots with a nan
+    credit (skipped) are left out."""
     keep = ~np.isnan(credit)
+    sets = {name: {"accuracy": _mean(credit[mask & keep]), "n": int((mask & keep).sum())}
+            for name, mask in set_masks(slots).items()}
     credit = credit[keep]
     kept = [s for s, k in zip(slots, keep) if k]
     keys = [_group_keys(s, lex) for s in kept]
-    out: dict[str, Any] = {"accuracy": float(credit.mean()) if len(credit) else float("nan"), "n": int(len(credit))}
+    out: dict[str, Any] = {"accuracy": _mean(credit), "n": int(len(credit)), "sets": sets}
     breakdowns = {}
     for dim in BREAKDOWNS:
         labels = [k[dim] for k in keys]
@@ -200,6 +216,9 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         "mean_logprob": float(np.mean(nt.logprob[scored])),
         "skipped": int((~scored).sum()),
     })
+    for name, mask in set_masks(ctx.slots).items():
+        next_token["sets"][name].update(first_piece_accuracy=_mean(nt.first_piece_credit[mask & scored]),
+                                        mean_logprob=_mean(nt.logprob[mask & scored]))
 
     t0 = time.time()
     masked_context = masked_context_result(model, ctx, context_k, device, batch_tokens, progress)
@@ -235,13 +254,13 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
     cloze_items = []
     for i, slot in enumerate(cloze.items):
         cloze_items.append({
-            "id": slot.item_id, "word": lex.words[slot.entry], "verse_initial": slot.verse_initial,
-            "clause_len": slot.clause_len, "book": slot.book,
+            "id": slot.item_id, "word": lex.words[slot.entry], "conjunctive": slot.conjunctive,
+            "verse_initial": slot.verse_initial, "clause_len": slot.clause_len, "book": slot.book,
             "credit": {name: round(float(credits[name][i]), 6) for name in shares},
             "predicted": {name: words[int(np.argmax(shares[name][i]))] for name in ("model_verse", "model_suffix")},
         })
-    next_items = [{"id": s.item_id, "word": lex.words[s.entry], "credit": round(float(c), 6),
-                   "logprob": round(float(lp), 4)}
+    next_items = [{"id": s.item_id, "word": lex.words[s.entry], "conjunctive": s.conjunctive,
+                   "credit": round(float(c), 6), "logprob": round(float(lp), 4)}
                   for s, c, lp in zip(ctx.slots, nt.credit, nt.logprob) if not math.isnan(c)]
     head = {}
     if getattr(model, "class_head", None) is not None:
@@ -265,12 +284,17 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
 def masked_context_result(model: torch.nn.Module, ctx: EvalContext, k: int, device: torch.device | str = "cpu",
                           batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Held-out loss on the k tokens after each connective with every held-out connective masked in the input, the
-    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them."""
+    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them, on every
+    item set (`SETS`; the top-level figures are the "all" set)."""
     mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
     scores = score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id, k, device, batch_tokens, progress)
     scored = ~np.isnan(scores.visible)
-    visible, masked = float(np.mean(scores.visible[scored])), float(np.mean(scores.masked[scored]))
-    return {"k": k, "n": int(scored.sum()), "visible_loss": visible, "masked_loss": masked, "gap": masked - visible}
+    sets = {}
+    for name, mask in set_masks(ctx.slots).items():
+        visible, masked = _mean(scores.visible[mask & scored]), _mean(scores.masked[mask & scored])
+        sets[name] = {"n": int((mask & scored).sum()), "visible_loss": visible, "masked_loss": masked,
+                      "gap": masked - visible}
+    return {"k": k, **sets["all"], "sets": sets}
 
 
 def class_head_result(model: torch.nn.Module, ctx: EvalContext, device: torch.device | str = "cpu",

@@ -18,6 +18,16 @@ def _pct(x: float | None) -> str:
     return "    -" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}"
 
 
+def result_sets(result: dict[str, Any]) -> tuple[str, ...]:
+    """The item sets a result has: ("all", "conjunctive"), or ("all",) for an eval.json from before the sets."""
+    return tuple(result["next_token"].get("sets", {"all": None}))
+
+
+def in_set(metric: dict[str, Any], name: str) -> dict[str, Any]:
+    """A metric's figures on one item set ("all" is the metric's own top level)."""
+    return metric if name == "all" else metric["sets"][name]
+
+
 def format_tables(result: dict[str, Any]) -> str:
     nt, cz = result["next_token"], result["cloze"]
     sc = cz["scorers"]
@@ -25,22 +35,31 @@ def format_tables(result: dict[str, Any]) -> str:
         f"checkpoint {result['checkpoint']} (step {result['step']}) | corpus {result['corpus']} {result['split']} "
         f"| tokenizer and lexicon of the run ({result['train_corpus']})",
         "",
-        f"{'metric (accuracy %)':<44}{'items':>7}{'model':>8}{'KN-3':>8}{'major.':>8}{'pos.maj':>8}",
-        f"{'next token, all pieces (teacher-forced)':<44}{nt['n']:>7}{_pct(nt['accuracy']):>8}",
-        f"{'next token, first piece':<44}{nt['n']:>7}{_pct(nt['first_piece_accuracy']):>8}",
-        f"{'next token, mean log p of the word (nats)':<44}{nt['n']:>7}{nt['mean_logprob']:>8.2f}",
-        f"{'cloze, whole-verse score':<44}{cz['n_items']:>7}{_pct(sc['model_verse']['accuracy']):>8}"
-        f"{_pct(sc['kn3_verse']['accuracy']):>8}{_pct(sc['majority']['accuracy']):>8}"
-        f"{_pct(sc['positional_majority']['accuracy']):>8}",
-        f"{'cloze, suffix-only score':<44}{cz['n_items']:>7}{_pct(sc['model_suffix']['accuracy']):>8}"
-        f"{_pct(sc['kn3_suffix']['accuracy']):>8}",
-        f"(chance = {100 / cz['n_candidates']:.1f}% with {cz['n_candidates']} candidates)",
+        f"{'metric (accuracy %)':<44}{'set':<13}{'items':>7}{'model':>8}{'KN-3':>8}{'major.':>8}{'pos.maj':>8}",
     ]
+    for name in result_sets(result):
+        n, nts = in_set(sc["model_verse"], name)["n"], in_set(nt, name)
+        cloze = {scorer: _pct(in_set(sc[scorer], name)["accuracy"]) for scorer in sc}
+        lines += [
+            f"{'next token, all pieces (teacher-forced)':<44}{name:<13}{nts['n']:>7}{_pct(nts['accuracy']):>8}",
+            f"{'next token, first piece':<44}{name:<13}{nts['n']:>7}{_pct(nts['first_piece_accuracy']):>8}",
+            f"{'next token, mean log p of the word (nats)':<44}{name:<13}{nts['n']:>7}{nts['mean_logprob']:>8.2f}",
+            f"{'cloze, whole-verse score':<44}{name:<13}{n:>7}{cloze['model_verse']:>8}{cloze['kn3_verse']:>8}"
+            f"{cloze['majority']:>8}{cloze['positional_majority']:>8}",
+            f"{'cloze, suffix-only score':<44}{name:<13}{n:>7}{cloze['model_suffix']:>8}{cloze['kn3_suffix']:>8}",
+        ]
+    lines.append(f"(chance = {100 / cz['n_candidates']:.1f}% with {cz['n_candidates']} candidates"
+                 + ("; conjunctive: the items whose word is used as a connective, genesis.evaluate.senses)"
+                    if "conjunctive" in result_sets(result) else ")"))
     if "masked_context" in result:  # an eval.json from before the metric existed lacks it
         mc = result["masked_context"]
-        lines += ["", f"masked context: loss (nats) on the {mc['k']} tokens after each of {mc['n']} connectives: "
-                      f"visible {mc['visible_loss']:.3f} | all connectives masked {mc['masked_loss']:.3f} | "
-                      f"gap {mc['gap']:+.3f}"]
+        lines.append("")
+        for name in result_sets(result) if "sets" in mc else ("all",):
+            m = in_set(mc, name)
+            title = "masked context" if name == "all" else f"masked context ({name} only)"
+            lines.append(f"{title}: loss (nats) on the {mc['k']} tokens after each of {m['n']} connectives: "
+                         f"visible {m['visible_loss']:.3f} | all connectives masked {m['masked_loss']:.3f} | "
+                         f"gap {m['gap']:+.3f}")
     columns = [("next", nt), ("verse", sc["model_verse"]), ("suffix", sc["model_suffix"]), ("KN-3", sc["kn3_verse"]),
                ("major.", sc["majority"])]
     for dim, title in (("word", "connective (cloze accuracy = recall)"), ("class", "class"),
@@ -64,6 +83,9 @@ def format_class_head(head: dict[str, Any]) -> list[str]:
     lines = [f"{'class head (mask token -> type)':<32}{'n':>7}{'head':>8}{'major.':>8}   "
              f"(majority class: {majority['class']})",
              f"{'all connectives':<32}{model['n']:>7}{_pct(model['accuracy']):>8}{_pct(majority['accuracy']):>8}"]
+    if "sets" in model:
+        conj, base = model["sets"]["conjunctive"], majority["sets"]["conjunctive"]
+        lines.append(f"{'conjunctive uses':<32}{conj['n']:>7}{_pct(conj['accuracy']):>8}{_pct(base['accuracy']):>8}")
     for label, group in model["breakdowns"]["class"].items():
         base = majority["breakdowns"]["class"].get(label, {}).get("accuracy")
         lines.append(f"{label:<32}{group['n']:>7}{_pct(group['accuracy']):>8}{_pct(base):>8}")
