@@ -97,10 +97,11 @@ BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
 
 # CPU defaults, sized for a 2-core machine (denormals flushed, see main): 7 strategies x 3 seeds of 120 cpu.toml
-# steps, each evaluated at every held-out slot and on 300 cloze items. Held-out loss is evaluated once, at the end
+# steps, each evaluated at every held-out slot and on 300 cloze items, each with up to 3 preceding verses of its
+# chapter (so "Therefore" follows what it concludes). Held-out loss is evaluated once, at the end
 # (training.eval_every=0). More steps, seeds or items: pass them, and expect proportionally longer.
 DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,
-            "max_items": 300, "context_verses": 0, "bootstrap": 2000}
+            "max_items": 300, "context_verses": 3, "bootstrap": 2000}
 RUN_OVERRIDES = ("training.eval_every=0",)  # applied to every run before the user's --set, so --set can undo them
 
 # Two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); 1.96 beyond 30.
@@ -1275,7 +1276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-items", type=int, default=DEFAULTS["max_items"],
                    help="cloze items, spread evenly over the held-out split (default 300; 0 = all)")
     p.add_argument("--context-verses", type=int, default=DEFAULTS["context_verses"],
-                   help="preceding verses given as cloze context (default 0)")
+                   help="preceding verses of the item's chapter given as cloze context (default 3)")
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the runs' own), e.g. asv")
     p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
                    help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
