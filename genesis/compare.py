@@ -14,15 +14,24 @@ matches the evaluation settings and the checkpoint now in the run directory) and
 interrupted from its checkpoint; a run directory holding other settings is an error, never silently reused. The
 report goes to OUT/report.md (or --report).
 
-Statistics, per metric: the mean over seeds with a 95% t-interval (seeds are the replicates). Against the baseline
-strategy (no masking), a paired bootstrap over cloze items: each item's credit is averaged over seeds, items are
-resampled with replacement (the same draw for both strategies), and the 2.5/97.5 percentiles give the intervals of
-the difference in cloze accuracy (whole-verse score) and of the relative improvement. The design notes' rule
-"> 5% improvement over the unmasked baseline -> proceed" is read as a relative improvement: proceed when the
-interval of `accuracy - 1.05 x baseline accuracy` lies above 0 (for a baseline above 0: the relative improvement's
-interval lies above +5%), do not proceed when it lies at or below 0, inconclusive when it straddles 0. A second
-interval resamples seeds (paired: the same seed means the same initialisation and batches) and then items, so
-training noise counts too; it is reported next to the decision, not used for it.
+Statistics, per metric: the mean over seeds with a 95% t-interval (seeds are the replicates), on each item set:
+`conjunctive` (the items eval.json tags as connectives in their discourse sense) and `all`; eval.json files without
+the tag give `all` only, and the report says so. Against the baseline strategy (no masking), a paired bootstrap
+clustered by held-out chapter (an item's chapter comes from its id, "1 Samuel 3:4@10" -> "1 Samuel 3"): each item's
+value is averaged over seeds, a resample draws the chapters with replacement and takes all their items, the same draw
+for both arms; the percentiles give the intervals of the difference and of the relative improvement. Holm's
+correction runs over the m strategies compared (per metric and item set): each strategy's bootstrap p-value is
+Holm-adjusted, and its intervals are read at the level of its rank, 1 - 0.05 / (m - k + 1) for the k-th smallest
+p-value while Holm rejects, and from the first rank it does not reject on, that rank's level for every later one.
+Beside every bootstrap interval, the seed-paired view: the t-interval of the per-seed differences (the same seed
+means the same initialisation and batches) and how many are above 0. The design notes' rule "> 5% improvement over
+the unmasked baseline -> proceed" is read as a relative improvement, on the cloze (whole-verse score) of the
+conjunctive set (of all items when untagged): proceed when the corrected interval of `accuracy - 1.05 x baseline
+accuracy` lies above 0, do not proceed when it lies at or below 0, inconclusive when it straddles 0. The same test of
+the difference (threshold 0) is made on next-token log p and accuracy at the connectives. A seeds+chapters interval
+(seeds resampled too) is shown, not used for the decision. The report also gives each strategy's masked-context gap
+against `none` and against the `random` control (seed-paired), and the realised masking rates from each run's
+metrics.jsonl.
 
 The comparison is informative only where the unmasked baseline beats the Kneser-Ney trigram's whole-verse cloze
 accuracy on the same items (the paired-bootstrap interval of baseline - trigram lies above 0); otherwise every
@@ -39,12 +48,14 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,6 +78,7 @@ from genesis.evaluate import (
     resolve_device,
     write_json,
 )
+from genesis.masking import connectives_of
 from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint
 from genesis.tokenizer import TokenizerError
 
@@ -85,10 +97,11 @@ BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline
 
 # CPU defaults, sized for a 2-core machine (denormals flushed, see main): 7 strategies x 3 seeds of 120 cpu.toml
-# steps, each evaluated at every held-out slot and on 300 cloze items. Held-out loss is evaluated once, at the end
+# steps, each evaluated at every held-out slot and on 300 cloze items, each with up to 3 preceding verses of its
+# chapter (so "Therefore" follows what it concludes). Held-out loss is evaluated once, at the end
 # (training.eval_every=0). More steps, seeds or items: pass them, and expect proportionally longer.
 DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "1,2,3", "steps": 120,
-            "max_items": 300, "context_verses": 0, "bootstrap": 2000}
+            "max_items": 300, "context_verses": 3, "bootstrap": 2000}
 RUN_OVERRIDES = ("training.eval_every=0",)  # applied to every run before the user's --set, so --set can undo them
 
 # Two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); 1.96 beyond 30.
@@ -116,51 +129,165 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+ALPHA = 0.05  # every interval is 95%, or its Holm level (holm_alphas)
+ITEM_ID = re.compile(r"(?P<chapter>.+ \d+):\d+@\d+")  # "1 Samuel 3:4@10": book chapter:verse @ offset
+
+
+def chapter_of(item_id: str) -> str:
+    """The held-out chapter an item comes from: "Romans 5:1@0" -> "Romans 5" (book names may hold spaces and
+    digits)."""
+    match = ITEM_ID.fullmatch(item_id)
+    if match is None:
+        raise CompareError(f"item id {item_id!r}: expected 'Book chapter:verse@offset' (an eval.json of another kind?)")
+    return match["chapter"]
+
+
+def resample_counts(units: Sequence[str], samples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, unit): counts (samples, distinct units) says how often each unit is drawn when a resample draws the
+    distinct units (held-out chapters) with replacement, as many as there are, and takes all their items; unit
+    (items,) is each item's column in counts."""
+    names, unit = np.unique(np.asarray(units, dtype=str), return_inverse=True)
+    n = len(names)
+    drawn = rng.integers(0, n, size=(samples, n))
+    counts = np.bincount((np.arange(samples)[:, None] * n + drawn).ravel(), minlength=samples * n)
+    return counts.reshape(samples, n).astype(np.float64), unit
+
+
+def _unit_sums(values: np.ndarray, unit: np.ndarray, n: int) -> np.ndarray:
+    """(rows, units): each row's values summed per unit."""
+    return np.stack([np.bincount(unit, weights=row, minlength=n) for row in np.atleast_2d(values)])
+
+
+@dataclass
+class PairedDraws:
+    """One arm against the baseline on the same items: the bootstrap distributions of both arms' means, from the
+    same resamples (paired)."""
+    strategy: np.ndarray  # (seeds, items), rows paired by seed, columns by item
+    baseline: np.ndarray
+    units: int  # the distinct resampling units (chapters)
+    means: tuple[np.ndarray, np.ndarray]  # (samples,) each: items averaged over seeds, units resampled
+    seed_means: tuple[np.ndarray, np.ndarray]  # (samples,) each: seeds and units resampled
+
+    def margin(self, threshold: float) -> np.ndarray:
+        xs, bs = self.means
+        return xs - (1 + threshold) * bs
+
+
+def paired_draws(strategy: np.ndarray, baseline: np.ndarray, units: Sequence[str], samples: int = 2000,
+                 seed: int = 0) -> PairedDraws:
+    """strategy, baseline: (seeds, items) values (credits, log p), columns paired by item, rows paired by seed;
+    units: each item's resampling unit (its chapter). Every resample draws units with replacement and takes all
+    their items, the same draw for both arms; a resample's mean is over the items it took."""
+    if strategy.shape != baseline.shape:
+        raise ValueError(f"unpaired values: {strategy.shape} vs {baseline.shape}")
+    if strategy.shape[1] != len(units) or not len(units):
+        raise ValueError(f"{strategy.shape[1]} items but {len(units)} units")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    n_seeds = strategy.shape[0]
+    counts, unit = resample_counts(units, samples, rng)
+    n = counts.shape[1]
+    sizes = counts @ np.bincount(unit, minlength=n)  # (samples,) items taken
+    means = tuple(counts @ _unit_sums(arm.mean(axis=0), unit, n)[0] / sizes for arm in (strategy, baseline))
+    seed_rows = rng.integers(0, n_seeds, size=(samples, n_seeds))
+    counts, _ = resample_counts(units, samples, rng)  # chapters drawn anew, the same for every resampled seed
+    sizes = (counts @ np.bincount(unit, minlength=n))[:, None]
+    seed_means = tuple(np.take_along_axis(counts @ _unit_sums(arm, unit, n).T / sizes, seed_rows, axis=1).mean(axis=1)
+                       for arm in (strategy, baseline))
+    return PairedDraws(strategy, baseline, n, means, seed_means)
+
+
+def percentile_interval(values: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
+    if not np.isfinite(values).all():
+        return float("nan"), float("nan")
+    return float(np.percentile(values, 50 * alpha)), float(np.percentile(values, 100 - 50 * alpha))
+
+
+def bootstrap_p(values: np.ndarray) -> float:
+    """The two-sided bootstrap p-value of "the statistic is 0": twice the smaller share of resamples on either side
+    of 0 (ties count on both), with the +1 that keeps it above 0."""
+    below, above = int((values <= 0).sum()), int((values >= 0).sum())
+    return min(1.0, 2 * (min(below, above) + 1) / (len(values) + 1))
+
+
+def holm_adjust(p: dict[str, float]) -> dict[str, float]:
+    """Holm's adjusted p-values: the k-th smallest of m is max over j <= k of min(1, (m - j + 1) p_(j))."""
+    order = sorted(p, key=lambda name: p[name])  # stable: ties keep the strategies' order
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def holm_alphas(p: dict[str, float], alpha: float = ALPHA) -> dict[str, float]:
+    """The error level of each test's interval under Holm's step-down: the k-th smallest p-value (rank k of m) gets
+    alpha / (m - k + 1) while Holm rejects ranks 1..k; from the first rank it does not reject, every later rank gets
+    that rank's level too (so no interval clears 0 where Holm stopped)."""
+    order = sorted(p, key=lambda name: p[name])
+    levels, stopped = {}, None
+    for rank, name in enumerate(order):
+        level = alpha / (len(p) - rank) if stopped is None else stopped
+        if stopped is None and p[name] > level:
+            stopped = level
+        levels[name] = level
+    return levels
+
+
 @dataclass
 class BootstrapResult:
-    diff: float  # strategy - baseline, accuracy (fraction)
+    diff: float  # strategy - baseline (a fraction for accuracies)
     diff_ci: tuple[float, float]
     relative: float  # strategy / baseline - 1
     relative_ci: tuple[float, float]
-    seeds_relative_ci: tuple[float, float]  # seeds and items resampled
+    seeds_relative_ci: tuple[float, float]  # seeds and chapters resampled
     decision: str
+    p: float = float("nan")  # the bootstrap p-value of the decision's test (margin = 0)
+    p_holm: float = float("nan")  # Holm-adjusted over the strategies compared
+    alpha: float = ALPHA  # the intervals' error level (Holm's for the strategy's rank)
+    seed_diff: tuple[float, float, float] = (float("nan"),) * 3  # per-seed differences: mean and 95% t-interval
+    seeds_positive: int = 0  # seeds whose difference is above 0
+    seeds: int = 0
+    units: int = 0  # chapters resampled
 
 
-def paired_bootstrap(strategy: np.ndarray, baseline: np.ndarray, samples: int = 2000, seed: int = 0,
-                     threshold: float = PROCEED_AT) -> BootstrapResult:
-    """strategy, baseline: (seeds, items) credits, columns paired by item, rows paired by seed (equal counts).
-
-    The decision reads the interval of the margin `strategy - (1 + threshold) * baseline`: proceed when it lies
-    above 0, do not proceed when it lies at or below 0, inconclusive when it straddles 0. For a baseline above 0
-    that is the relative improvement's interval against +threshold; for a baseline at 0 it still answers."""
-    if strategy.shape != baseline.shape:
-        raise ValueError(f"unpaired credits: {strategy.shape} vs {baseline.shape}")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    n_seeds, n_items = strategy.shape
-    x, b = strategy.mean(axis=0), baseline.mean(axis=0)  # per item, averaged over seeds
-    items = rng.integers(0, n_items, size=(samples, n_items))
-    xs, bs = x[items].mean(axis=1), b[items].mean(axis=1)
-    seed_rows = rng.integers(0, n_seeds, size=(samples, n_seeds))
-    items2 = rng.integers(0, n_items, size=(samples, n_items))
-    xs2 = strategy[seed_rows[:, :, None], items2[:, None, :]].mean(axis=(1, 2))
-    bs2 = baseline[seed_rows[:, :, None], items2[:, None, :]].mean(axis=(1, 2))
-
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        if not np.isfinite(values).all():
-            return float("nan"), float("nan")
-        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
+def bootstrap_result(draws: PairedDraws, threshold: float, alpha: float = ALPHA) -> BootstrapResult:
+    """The intervals at error level `alpha` and the decision: the interval of the margin `strategy - (1 + threshold)
+    x baseline` above 0 -> proceed, at or below 0 -> do not proceed, else inconclusive. For a baseline above 0 that is
+    the relative improvement's interval against +threshold; for a baseline at 0 it still answers."""
+    xs, bs = draws.means
+    x, b = float(draws.strategy.mean()), float(draws.baseline.mean())
     with np.errstate(divide="ignore", invalid="ignore"):
-        relative = float(x.mean() / b.mean() - 1) if b.mean() > 0 else float("nan")
-        rel_ci, rel2_ci = interval(xs / bs - 1), interval(xs2 / bs2 - 1)
-    margin_low, margin_high = interval(xs - (1 + threshold) * bs)
-    if margin_low > 0:
-        decision = "proceed"
-    elif margin_high <= 0:
-        decision = "do not proceed"
-    else:
-        decision = "inconclusive"
-    return BootstrapResult(float(x.mean() - b.mean()), interval(xs - bs), relative, rel_ci, rel2_ci, decision)
+        relative = x / b - 1 if b > 0 else float("nan")
+        rel_ci = percentile_interval(xs / bs - 1, alpha)
+        seeds_rel_ci = percentile_interval(draws.seed_means[0] / draws.seed_means[1] - 1, alpha)
+    low, high = percentile_interval(draws.margin(threshold), alpha)
+    decision = "proceed" if low > 0 else "do not proceed" if high <= 0 else "inconclusive"
+    per_seed = draws.strategy.mean(axis=1) - draws.baseline.mean(axis=1)
+    p = bootstrap_p(draws.margin(threshold))
+    return BootstrapResult(x - b, percentile_interval(xs - bs, alpha), relative, rel_ci, seeds_rel_ci, decision,
+                           p, p, alpha, mean_ci(list(per_seed)), int((per_seed > 0).sum()), len(per_seed),
+                           draws.units)
+
+
+def paired_bootstrap(strategy: np.ndarray, baseline: np.ndarray, units: Sequence[str], samples: int = 2000,
+                     seed: int = 0, threshold: float = PROCEED_AT, alpha: float = ALPHA) -> BootstrapResult:
+    """One strategy against the baseline, alone (no correction): `paired_draws` then `bootstrap_result`."""
+    return bootstrap_result(paired_draws(strategy, baseline, units, samples, seed), threshold, alpha)
+
+
+def holm_tests(arms: dict[str, np.ndarray], baseline: np.ndarray, units: Sequence[str], samples: int = 2000,
+               threshold: float = PROCEED_AT, alpha: float = ALPHA) -> dict[str, BootstrapResult]:
+    """Every strategy against the baseline on the same resamples, Holm-corrected over the m = len(arms) tests: each
+    test's p-value (margin = 0) is adjusted, and its intervals and decision are read at its rank's Holm level
+    (`holm_alphas`). threshold 0 tests the difference itself."""
+    draws = {name: paired_draws(arm, baseline, units, samples) for name, arm in arms.items()}
+    p = {name: bootstrap_p(d.margin(threshold)) for name, d in draws.items()}
+    adjusted, levels = holm_adjust(p), holm_alphas(p, alpha)
+    results = {}
+    for name, d in draws.items():
+        results[name] = bootstrap_result(d, threshold, levels[name])
+        results[name].p_holm = adjusted[name]
+    return results
 
 
 NOT_INFORMATIVE = "not informative at this scale"
@@ -173,6 +300,7 @@ class ScaleCheck:
     baseline: float  # cloze accuracy (fraction), averaged over seeds and items
     trigram: float
     diff_ci: tuple[float, float]  # paired bootstrap 95% interval of baseline - trigram
+    units: int = 0  # held-out chapters resampled
 
     @property
     def informative(self) -> bool:
@@ -188,15 +316,17 @@ class ScaleCheck:
         return ["", f"## Informative? `{BASELINE}` against the Kneser-Ney trigram", "",
                 f"`{BASELINE}` (no masking) {100 * self.baseline:.1f}% vs the trigram's {100 * self.trigram:.1f}% "
                 f"whole-verse cloze accuracy on the same items: Δ {100 * (self.baseline - self.trigram):+.1f} points "
-                f"[{100 * self.diff_ci[0]:+.1f}, {100 * self.diff_ci[1]:+.1f}] (paired bootstrap over items, 95%). "
+                f"[{100 * self.diff_ci[0]:+.1f}, {100 * self.diff_ci[1]:+.1f}] (paired bootstrap over {self.units} "
+                f"held-out chapters, 95%). "
                 f"{verdict}."]
 
 
-def informative_scale(baseline: np.ndarray, trigram: np.ndarray, samples: int = 2000) -> ScaleCheck:
-    """baseline, trigram: (seeds, items) whole-verse cloze credits, paired as for `paired_bootstrap` (the trigram's
-    rows are equal: it does not depend on the seed)."""
-    res = paired_bootstrap(baseline, trigram, samples, threshold=0.0)
-    return ScaleCheck(float(baseline.mean()), float(trigram.mean()), res.diff_ci)
+def informative_scale(baseline: np.ndarray, trigram: np.ndarray, units: Sequence[str],
+                      samples: int = 2000) -> ScaleCheck:
+    """baseline, trigram: (seeds, items) whole-verse cloze credits, paired as for `paired_draws` (the trigram's rows
+    are equal: it does not depend on the seed); units: each item's chapter."""
+    res = paired_bootstrap(baseline, trigram, units, samples, threshold=0.0)
+    return ScaleCheck(float(baseline.mean()), float(trigram.mean()), res.diff_ci, res.units)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,8 +571,123 @@ def evaluate_run(spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | Non
 # The report
 
 
-def _credits(result: dict, scorer: str) -> dict[str, float]:
-    return {item["id"]: item["credit"][scorer] for item in result["items"]["cloze"]}
+ITEM_SETS = ("conjunctive", "all")  # the connective-sense tag's set (eval.json items' "conjunctive") and every item
+CONTROL = "random"  # the control arm: masks non-connective words at a strategy's rate (sees the mask token too)
+UNIT_BOUNDS = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A column of the metrics table and a panel of the figure."""
+    name: str
+    title: str
+    kind: str  # "cloze" / "next_token": a mean over that kind's items (of the item set); "run": of the held-out text
+    field: str  # the item's value: a cloze scorer's credit, next-token "credit" or "logprob"; or the summary's key
+    scale: float
+    digits: int
+    bounds: tuple[float, float] | None = None  # an accuracy's interval is clipped to what the truth can be
+    baselines: str | None = None  # the figure draws the cloze baselines of this scoring ("verse" or "suffix")
+
+
+METRICS = (
+    Metric("next-token acc. %", "next-token accuracy (%)", "next_token", "credit", 100, 2, UNIT_BOUNDS),
+    Metric("next-token log p", "next-token mean log p (nats)", "next_token", "logprob", 1, 3),
+    Metric("cloze acc. % (verse)", "cloze accuracy, whole verse (%)", "cloze", "model_verse", 100, 1, UNIT_BOUNDS,
+           "verse"),
+    Metric("cloze acc. % (suffix)", "cloze accuracy, suffix only (%)", "cloze", "model_suffix", 100, 1, UNIT_BOUNDS,
+           "suffix"),
+    Metric("held-out loss", "held-out loss (end of training)", "run", "last_heldout_loss", 1, 3),
+)
+
+
+class ReportData:
+    """What every section of the report and its figures read, gathered once: the strategies and seeds, every run's
+    per-item values on the items common to all runs, the item sets, and each metric's per-seed values."""
+
+    def __init__(self, runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict]):
+        self.runs, self.trained, self.evaluated = runs, trained, evaluated
+        self.strategies = list(dict.fromkeys(r.strategy for r in runs))
+        self.seeds = list(dict.fromkeys(r.seed for r in runs))
+        self.first = evaluated[runs[0].name]
+        self._by_id = {r.name: {kind: {item["id"]: item for item in evaluated[r.name].get("items", {}).get(kind, [])}
+                                for kind in ("cloze", "next_token")} for r in runs}
+        self.items = {}  # kind -> the first run's items common to every run, by id (identical when tokenizers are)
+        for kind in ("cloze", "next_token"):
+            tables = [self._by_id[r.name][kind] for r in runs]
+            self.items[kind] = {i: tables[0][i] for i in sorted(set(tables[0]).intersection(*tables[1:]))}
+        # tagged only when every item of every run says which sense it is (eval.json files from before the tag lack it)
+        self.tagged = bool(self.items["cloze"]) and all(
+            isinstance(item.get("conjunctive"), bool) for table in self._by_id.values() for items in table.values()
+            for item in items.values())
+        self.sets = ITEM_SETS if self.tagged else ("all",)
+        self.decision_set = "conjunctive" if self.tagged and self.ids("cloze", "conjunctive") else "all"
+        self._matrices: dict[tuple, np.ndarray] = {}
+
+    def ids(self, kind: str, item_set: str) -> list[str]:
+        return [i for i, item in self.items[kind].items() if item_set == "all" or item["conjunctive"]]
+
+    def units(self, kind: str, item_set: str) -> list[str]:
+        """Each item's resampling unit: its held-out chapter."""
+        return [chapter_of(i) for i in self.ids(kind, item_set)]
+
+    def matrix(self, strategy: str, kind: str, field: str, item_set: str) -> np.ndarray:
+        """(seeds, items): the field's value per seed and item of the set, rows in seed order, columns in id order."""
+        key = (strategy, kind, field, item_set)
+        if key not in self._matrices:
+            ids = self.ids(kind, item_set)
+            rows = [[self._by_id[f"{strategy}-seed{s}"][kind][i]["credit"][field] if kind == "cloze" else
+                     self._by_id[f"{strategy}-seed{s}"][kind][i][field] for i in ids] for s in self.seeds]
+            self._matrices[key] = np.array(rows, dtype=np.float64).reshape(len(self.seeds), len(ids))
+        return self._matrices[key]
+
+    def values(self, metric: Metric, strategy: str, item_set: str) -> list[float]:
+        """The metric's value per seed: the mean over the set's items, or the run's own (held-out loss)."""
+        if metric.kind == "run":
+            return [self.trained[f"{strategy}-seed{s}"]["summary"].get(metric.field, float("nan")) for s in self.seeds]
+        m = self.matrix(strategy, metric.kind, metric.field, item_set)
+        return list(m.mean(axis=1)) if m.shape[1] else [float("nan")] * len(self.seeds)
+
+    def scorer_accuracy(self, scorer: str, item_set: str) -> float:
+        """A model-independent cloze scorer's accuracy (trigram, majority) on the set's items."""
+        m = self.matrix(BASELINE, "cloze", scorer, item_set)
+        return float(m[0].mean()) if m.shape[1] else float("nan")
+
+    def tests(self, kind: str, field: str, item_set: str, samples: int,
+              threshold: float = 0.0) -> dict[str, BootstrapResult]:
+        """Every strategy against the baseline on the set's items: chapter-clustered, Holm-corrected (`holm_tests`)."""
+        if not self.ids(kind, item_set):
+            return {}
+        arms = {s: self.matrix(s, kind, field, item_set) for s in self.strategies if s != BASELINE}
+        return holm_tests(arms, self.matrix(BASELINE, kind, field, item_set), self.units(kind, item_set), samples,
+                          threshold)
+
+    def set_label(self, item_set: str) -> str:
+        n = {kind: len(self.ids(kind, item_set)) for kind in ("cloze", "next_token")}
+        return (f"{item_set} items ({n['cloze']} cloze items in {len(set(self.units('cloze', item_set)))} chapters, "
+                f"{n['next_token']} next-token slots)")
+
+
+def run_rates(run_dir: Path) -> dict[str, Any] | None:
+    """Realised masking over training, from the run's metrics.jsonl train records (every log step): the share of
+    connective words masked (sum of masked_connectives / sum of connective_words; nan where the records do not count
+    connective_words), masked tokens per 1,000 (the mean masked_fraction), and the adaptive weights as the last adapt
+    record of each word left them. None without metrics.jsonl or without masking records."""
+    try:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    train = [r for r in records if r.get("kind") == "train" and "masked_fraction" in r]
+    if not train:
+        return None
+    masked = sum(r.get("masked_connectives", 0) for r in train)
+    counted = [r["connective_words"] for r in train if "connective_words" in r]
+    weights: dict[str, float] = {}
+    for r in records:
+        if r.get("kind") == "adapt":
+            weights.update(r.get("weights", {}))
+    return {"connective_share": masked / sum(counted) if len(counted) == len(train) and sum(counted) else float("nan"),
+            "per_1000": 1000 * float(np.mean([r["masked_fraction"] for r in train])),
+            "masked_per_step": masked / len(train), "adapted": weights}
 
 
 def _fmt_ci(m: float, lo: float, hi: float, scale: float = 100.0, digits: int = 1, bounds=None) -> str:
@@ -553,44 +798,35 @@ def success_criteria_section(strategies: list[str], seeds: list[int], evaluated:
     return lines
 
 
-def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
-                 args: argparse.Namespace, command: str, wall_s: float, missing: list[str] = ()) -> str:
-    strategies = list(dict.fromkeys(r.strategy for r in runs))
-    seeds = list(dict.fromkeys(r.seed for r in runs))
-    first = evaluated[runs[0].name]
-    # items common to every run (identical when the tokenizer is: the usual case)
-    common = set(_credits(first, "model_verse"))
-    for r in runs:
-        common &= set(_credits(evaluated[r.name], "model_verse"))
-    item_ids = sorted(common)
+def _level(alpha: float) -> str:
+    return f"{100 * (1 - alpha):.4g}%"
 
-    def credit_matrix(strategy: str, scorer: str = "model_verse") -> np.ndarray:
-        rows = []
-        for seed in seeds:
-            c = _credits(evaluated[f"{strategy}-seed{seed}"], scorer)
-            rows.append([c[i] for i in item_ids])
-        return np.array(rows, dtype=np.float64)
 
-    # name -> (value from a run's eval.json and train.done, display scale, decimals, bounds)
-    unit = (0.0, 1.0)
-    metrics = {
-        "next-token acc. %": (lambda e, t: e["next_token"]["accuracy"], 100, 2, unit),
-        "next-token log p": (lambda e, t: e["next_token"]["mean_logprob"], 1, 3, None),
-        "cloze acc. % (verse)": (lambda e, t: e["cloze"]["scorers"]["model_verse"]["accuracy"], 100, 1, unit),
-        "cloze acc. % (suffix)": (lambda e, t: e["cloze"]["scorers"]["model_suffix"]["accuracy"], 100, 1, unit),
-        "held-out loss": (lambda e, t: t["summary"].get("last_heldout_loss", float("nan")), 1, 3, None),
-        "loss after connectives, visible": (lambda e, t: e["masked_context"]["visible_loss"], 1, 3, None),
-        "… masked": (lambda e, t: e["masked_context"]["masked_loss"], 1, 3, None),
-        "… gap": (lambda e, t: e["masked_context"]["gap"], 1, 3, None),
-    }
-    cfg_steps = load_config(args.config, None, runs[0].overrides).training.steps
-    total_train = sum(t.get("train_s", 0) for t in trained.values())
-    total_eval = sum(e.get("eval_s", 0) for e in evaluated.values())
-    lines = [
-        "# Connective masking: strategy comparison",
-        "",
-        f"Produced by `{command}`",
-        "",
+def _diff_cell(res: BootstrapResult, scale: float = 100, digits: int = 1) -> str:
+    low, high = res.diff_ci
+    return f"{scale * res.diff:+.{digits}f} [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+
+
+def _seed_cell(res: BootstrapResult, scale: float = 100, digits: int = 1) -> str:
+    """The seed-paired view: the mean of the per-seed differences, its 95% t-interval, the seeds above 0."""
+    m, lo, hi = res.seed_diff
+    interval = f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]" if res.seeds > 1 else ""
+    return f"{scale * m:+.{digits}f}{interval}, {res.seeds_positive}/{res.seeds} > 0"
+
+
+def _p_cell(res: BootstrapResult) -> str:
+    return f"{res.p:.3g} / {res.p_holm:.3g}"
+
+
+def header_section(data: ReportData, args: argparse.Namespace, command: str, wall_s: float,
+                   missing: list[str]) -> list[str]:
+    first, strategies, seeds = data.first, data.strategies, data.seeds
+    cfg_steps = load_config(args.config, None, data.runs[0].overrides).training.steps
+    total_train = sum(t.get("train_s", 0) for t in data.trained.values())
+    total_eval = sum(e.get("eval_s", 0) for e in data.evaluated.values())
+    chapters = len(set(data.units("cloze", data.decision_set)))
+    return [
+        "# Connective masking: strategy comparison", "", f"Produced by `{command}`", "",
         f"Equivalent full command: `python -m genesis.compare --config {args.config} --strategies "
         f"{','.join(strategies)} --seeds {','.join(map(str, seeds))} --steps {args.steps} --max-items "
         f"{args.max_items} --context-verses {args.context_verses} --context-k {args.context_k} --bootstrap "
@@ -600,178 +836,317 @@ def build_report(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[
         "",
         f"- config: `{args.config}`, training.steps = {cfg_steps}, overrides for every run: "
         f"{', '.join(f'`{s}`' for s in (*RUN_OVERRIDES, *args.set))}; CPU denormals flushed to zero "
-        "(`torch.set_flush_denormal(True)`: ~10x faster training steps on this CPU)",
+        "(`torch.set_flush_denormal(True)`)",
         "- strategies: " + "; ".join(f"**{s}** = {', '.join(f'`{o}`' for o in STRATEGIES[s])}" for s in strategies),
         f"- seeds: {', '.join(map(str, seeds))} (`training.seed`, which also seeds masking)",
-        f"- evaluation: {first['corpus']} {first['split']}, next-token on {first['next_token']['n']} connective slots, "
-        f"cloze on {len(item_ids)} items x {first['cloze']['n_candidates']} candidates "
+        f"- evaluation: {first['corpus']} {first['split']}, next-token on {len(data.items['next_token'])} connective "
+        f"slots, cloze on {len(data.items['cloze'])} items x {first['cloze']['n_candidates']} candidates "
         f"(--max-items {args.max_items}, --context-verses {args.context_verses}); bootstrap {args.bootstrap} resamples",
+        f"- statistics: resampling unit = held-out chapters ({chapters} for the cloze items of the decision's set, "
+        f"{data.decision_set}); correction = Holm over the m = {len(strategies) - 1} strategies compared (per metric "
+        "and item set); the seed-paired interval (t over the per-seed differences) beside every bootstrap interval",
+        (f"- items: every metric on the conjunctive set (connectives in their discourse sense) and on all items; the "
+         f"decision reads the {data.decision_set} set" + ("" if data.decision_set == "conjunctive" else
+                                                            " (no cloze item is conjunctive)") if data.tagged else
+         "- items: not tagged by connective sense (the eval.json files carry no `conjunctive` field), so every metric "
+         "is on all items and the decision reads all items"),
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"device {first.get('device', '?')}; {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- wall time of this invocation: {wall_s / 60:.1f} min; compute recorded for all runs: training "
         f"{total_train / 60:.1f} min, evaluation {total_eval / 60:.1f} min",
         *([f"- **incomplete**: left out {', '.join(missing)} (a run that failed or did not finish, or a run "
             "unpaired without it); rerun the same command to complete them"] if missing else []),
-        "",
-        "## Metrics per strategy",
-        "",
-        f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more. Next-token "
-        "accuracy: all pieces of the connective are the argmax (teacher-forced). Cloze: the original connective ranks "
-        "first among all lexicon words (whole-verse or suffix-only log-likelihood). Log p: mean log-probability of "
-        "the connective's pieces (nats). Loss: the held-out loss logged at the end of training. Loss after "
-        f"connectives: the mean loss (nats) on the {args.context_k} tokens after each held-out connective with the "
-        "connectives visible, with every held-out connective masked in the input, and the gap (masked - visible): "
-        "what masking trains is reading on when a connective is hidden, so it should close the gap.",
     ]
-    top1 = [evaluated[r.name]["next_token"]["accuracy"] for r in runs]
+
+
+def metrics_section(data: ReportData) -> list[str]:
+    """Each metric's mean over seeds with its t-interval, per strategy, one table per item set (the held-out loss,
+    a property of the whole held-out text, in the `all` table only)."""
+    lines = ["", "## Metrics per strategy", "",
+             f"Mean over {len(data.seeds)} seed(s), with a 95% t-interval across seeds where there are two or more. "
+             "Next-token accuracy: all pieces of the connective are the argmax (teacher-forced). Cloze: the original "
+             "connective ranks first among all lexicon words (whole-verse or suffix-only log-likelihood). Log p: "
+             "mean log-probability of the connective's pieces (nats). Loss: the held-out loss logged at the end of "
+             "training."]
+    top1 = [v for s in data.strategies for v in data.values(METRICS[0], s, "all")]
     if max(top1) < 0.005:
         lines += ["", "Note: top-1 next-token accuracy at connective positions is below 0.5% in every run: at this "
                   "training budget the models never rank a connective first there (they predict *and*, *the*, "
                   "punctuation), so the log p column carries the next-token comparison."]
-    lines += ["", "| strategy | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for strategy in strategies:
-        cells = []
-        for get, scale, digits, bounds in metrics.values():
-            values = [get(evaluated[f"{strategy}-seed{s}"], trained[f"{strategy}-seed{s}"]) for s in seeds]
-            cells.append(_fmt_ci(*mean_ci(values), scale=scale, digits=digits, bounds=bounds))
-        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    for item_set in data.sets:
+        metrics = [m for m in METRICS if m.kind != "run" or item_set == "all"]
+        lines += ["", f"**{data.set_label(item_set)}**", "",
+                  "| strategy | " + " | ".join(m.name for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for strategy in data.strategies:
+            cells = [_fmt_ci(*mean_ci(data.values(m, strategy, item_set)), scale=m.scale, digits=m.digits,
+                             bounds=m.bounds) for m in metrics]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return lines
 
-    scorers = first["cloze"]["scorers"]
-    lines += [
-        "",
-        "## Baselines on the same cloze items",
-        "",
-        "Model-independent; trained on the runs' training split.",
-        "",
-        "| baseline | cloze accuracy % |",
-        "|---|---|",
-        f"| majority connective | {100 * scorers['majority']['accuracy']:.1f} |",
-        "| majority given position (verse-initial / inside) | "
-        f"{100 * scorers['positional_majority']['accuracy']:.1f} |",
-        f"| Kneser-Ney token trigram, whole verse | {100 * scorers['kn3_verse']['accuracy']:.1f} |",
-        f"| Kneser-Ney token trigram, suffix only | {100 * scorers['kn3_suffix']['accuracy']:.1f} |",
-        f"| chance | {100 / first['cloze']['n_candidates']:.1f} |",
-    ]
-    scale = informative_scale(credit_matrix(BASELINE), credit_matrix(BASELINE, "kn3_verse"), args.bootstrap)
-    lines += [*scale.lines(), "",
-        f"## Decision: > {100 * PROCEED_AT:.0f}% improvement over `{BASELINE}`?",
-        "",
-        "Paired bootstrap over cloze items (whole-verse score, each item's credit averaged over seeds). "
-        f"**proceed** if the 95% interval of `accuracy - {1 + PROCEED_AT:.2f} x baseline accuracy` lies above 0 "
-        f"(for a baseline above 0: the relative improvement's interval lies above +{100 * PROCEED_AT:.0f}%), "
-        "**do not proceed** if it lies at or below 0, **inconclusive** if it straddles 0. The seeds+items interval "
-        "also resamples seeds (training noise); it is shown, not used for the decision.",
-        "",
-        f"| strategy | cloze acc. % | Δ vs {BASELINE} (points) [95% CI] | relative Δ [95% CI] "
-        "| relative Δ, seeds+items | decision |",
-        "|---|---|---|---|---|---|",
-    ]
-    base = credit_matrix(BASELINE)
-    decisions = {}
-    for strategy in strategies:
-        if strategy == BASELINE:
+
+def baselines_section(data: ReportData) -> list[str]:
+    scorers = (("majority connective", "majority"),
+               ("majority given position (verse-initial / inside)", "positional_majority"),
+               ("Kneser-Ney token trigram, whole verse", "kn3_verse"),
+               ("Kneser-Ney token trigram, suffix only", "kn3_suffix"))
+    lines = ["", "## Baselines on the same cloze items", "", "Model-independent; trained on the runs' training split.",
+             "", "| baseline | " + " | ".join(f"{s} % " for s in data.sets) + "|", "|---" * (len(data.sets) + 1) + "|"]
+    for name, scorer in scorers:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * data.scorer_accuracy(scorer, s):.1f}" for s in data.sets)
+                     + " |")
+    lines.append("| chance | " + " | ".join(f"{100 / data.first['cloze']['n_candidates']:.1f}" for _ in data.sets)
+                 + " |")
+    return lines
+
+
+def decision_section(data: ReportData, decisions: dict[str, dict[str, BootstrapResult]]) -> list[str]:
+    lines = ["", f"## Decision: > {100 * PROCEED_AT:.0f}% improvement over `{BASELINE}`?", "",
+             "Paired bootstrap of cloze accuracy (whole-verse score, each item's credit averaged over seeds), "
+             "resampling held-out chapters with all their items, the same draw for both arms. Holm's correction over "
+             "the m strategies: each strategy's p-value (of its margin being 0) is Holm-adjusted, and its intervals "
+             "are read at the level of its rank (the k-th smallest p of m: 1 - 0.05/(m - k + 1); from the first rank "
+             "Holm does not reject, that rank's level for every later one). "
+             f"**proceed** if the corrected interval of `accuracy - {1 + PROCEED_AT:.2f} x baseline accuracy` lies "
+             f"above 0 (for a baseline above 0: the relative improvement's interval lies above +{100 * PROCEED_AT:.0f}"
+             "%), **do not proceed** if it lies at or below 0, **inconclusive** if it straddles 0. Beside it: the "
+             "seeds+chapters interval (seeds resampled too, at the same level) and the seed-paired Δ (the mean of the "
+             "per-seed differences with its 95% t-interval, uncorrected, and how many seeds are above 0); they are "
+             "shown, not used for the decision."]
+    for item_set in data.sets:
+        base = data.matrix(BASELINE, "cloze", "model_verse", item_set)
+        role = "the decision" if item_set == data.decision_set else "shown, not the decision"
+        lines += ["", f"**{data.set_label(item_set)}**: {role}", ""]
+        if not base.size:
+            lines.append("No cloze item in this set.")
             continue
-        res = paired_bootstrap(credit_matrix(strategy), base, args.bootstrap)
-        if not scale.informative:
-            res.decision = NOT_INFORMATIVE
-        decisions[strategy] = res
-        rel = "n/a" if math.isnan(res.relative) else f"{100 * res.relative:+.1f}%"
-        lines.append(
-            f"| {strategy} | {100 * credit_matrix(strategy).mean():.1f} | {100 * res.diff:+.1f} "
-            f"[{100 * res.diff_ci[0]:+.1f}, {100 * res.diff_ci[1]:+.1f}] | {rel} {_pct_interval(res.relative_ci)} | "
-            f"{_pct_interval(res.seeds_relative_ci)} | **{res.decision}** |")
-    lines.append(f"| {BASELINE} (baseline) | {100 * base.mean():.1f} | | | | |")
-    lines += success_criteria_section(strategies, seeds, evaluated, decisions)
+        lines += [f"| strategy | cloze acc. % | Δ vs {BASELINE} (points) [CI] | relative Δ [CI] "
+                  "| relative Δ, seeds+chapters [CI] | CI level | p / Holm p | seed-paired Δ (points) | decision |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for strategy, res in decisions[item_set].items():
+            rel = "n/a" if math.isnan(res.relative) else f"{100 * res.relative:+.1f}%"
+            lines.append(
+                f"| {strategy} | {100 * data.matrix(strategy, 'cloze', 'model_verse', item_set).mean():.1f} | "
+                f"{_diff_cell(res)} | {rel} {_pct_interval(res.relative_ci)} | {_pct_interval(res.seeds_relative_ci)}"
+                f" | {_level(res.alpha)} | {_p_cell(res)} | {_seed_cell(res)} | **{res.decision}** |")
+        lines.append(f"| {BASELINE} (baseline) | {100 * base.mean():.1f} | | | | | | | |")
+    return lines
 
-    lines += ["", "## Cloze accuracy by class and position (whole-verse score)", "",
-              f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more.", ""]
-    groups = [("class", g) for g in first["cloze"]["scorers"]["model_verse"]["breakdowns"]["class"]]
-    groups += [("position", g) for g in first["cloze"]["scorers"]["model_verse"]["breakdowns"]["position"]]
+
+def next_token_section(data: ReportData, args: argparse.Namespace) -> list[str]:
+    """The design notes' own metric, tested as the cloze is: log p and accuracy at every connective slot."""
+    if not data.items["next_token"]:
+        return ["", "## Next-token at connectives: paired tests", "",
+                "The eval.json files carry no per-slot next-token values (`items.next_token`): no paired test."]
+    lines = ["", f"## Next-token at connectives: paired tests against `{BASELINE}`", "",
+             "The design notes' own metric at every held-out connective slot: the mean log p of the connective's "
+             "pieces (nats) and next-token accuracy (points). Δ = strategy - baseline with its chapter-clustered "
+             "paired bootstrap interval at the Holm level of the strategy's rank (over the m strategies, per metric "
+             "and item set; the level is given), the p-value of Δ = 0 and its Holm adjustment, and beside it the "
+             "seed-paired Δ (mean of the per-seed differences, 95% t-interval, seeds above 0)."]
+    for item_set in data.sets:
+        logp = data.tests("next_token", "logprob", item_set, args.bootstrap)
+        accuracy = data.tests("next_token", "credit", item_set, args.bootstrap)
+        lines += ["", f"**{data.set_label(item_set)}**", ""]
+        if not logp:
+            lines.append("No next-token slot in this set.")
+            continue
+        lines += ["| strategy | Δ log p [CI] | CI level | p / Holm p | seed-paired Δ log p | Δ accuracy (points) [CI] "
+                  "| CI level | p / Holm p | seed-paired Δ accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+        for strategy in logp:
+            lp, acc = logp[strategy], accuracy[strategy]
+            lines.append(f"| {strategy} | {_diff_cell(lp, 1, 3)} | {_level(lp.alpha)} | {_p_cell(lp)} | "
+                         f"{_seed_cell(lp, 1, 3)} | {_diff_cell(acc, 100, 2)} | {_level(acc.alpha)} | {_p_cell(acc)} | "
+                         f"{_seed_cell(acc, 100, 2)} |")
+    return lines
+
+
+def _seed_paired(values: list[float], against: list[float], digits: int = 3) -> str:
+    """Per-seed differences (the same seed: the same initialisation and batches): mean [95% t], seeds above 0."""
+    diffs = [a - b for a, b in zip(values, against)]
+    if any(math.isnan(d) for d in diffs):
+        return "n/a"
+    return f"{_fmt_ci(*mean_ci(diffs), scale=1, digits=digits)}, {sum(d > 0 for d in diffs)}/{len(diffs)} > 0"
+
+
+def masked_context_section(data: ReportData, args: argparse.Namespace) -> list[str]:
+    def per_seed(strategy: str, key: str) -> list[float]:
+        return [data.evaluated[f"{strategy}-seed{s}"]["masked_context"].get(key, float("nan")) for s in data.seeds]
+
+    controls = [BASELINE, *([CONTROL] if CONTROL in data.strategies and CONTROL != BASELINE else [])]
+    deletion = all("deletion_gap" in data.evaluated[r.name]["masked_context"] for r in data.runs)
+    gaps = ["gap", *(["deletion_gap"] if deletion else [])]
+    columns = ["visible", "masked", "gap", *[f"gap - {c}'s" for c in controls]]
+    if deletion:
+        columns += ["deleted", "deletion gap", *[f"deletion gap - {c}'s" for c in controls]]
+    lines = ["", "## Loss after connectives: the masked-context control", "",
+             f"The mean loss (nats) on the {args.context_k} tokens after each held-out connective: visible, with every "
+             "held-out connective replaced by the mask token, and the gap (masked - visible); "
+             + ("deleted (the connective removed instead) and its gap (deleted - visible); " if deletion else "")
+             + "mean over seeds [95% t-interval]. A strategy's gap against a control is seed-paired (its seed s minus "
+             f"the control's seed s): mean [95% t-interval], seeds above 0. `{BASELINE}` never saw the mask token as "
+             f"an input, so its gap also measures an unfamiliar input; `{CONTROL}` sees it as often without hiding "
+             "connectives.", ""]
+    if CONTROL not in controls:
+        lines += [f"No `{CONTROL}` runs in this comparison: the gaps against the control are not measured.", ""]
+    if not deletion:
+        lines += ["No deletion variant: the eval.json files carry no `deletion_gap` (evaluated before it existed).", ""]
+    lines += ["| strategy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for strategy in data.strategies:
+        cells = [_fmt_ci(*mean_ci(per_seed(strategy, key)), scale=1, digits=3) for key in ("visible_loss",
+                                                                                             "masked_loss", "gap")]
+        for gap in gaps:
+            if gap == "deletion_gap":
+                cells += [_fmt_ci(*mean_ci(per_seed(strategy, k)), scale=1, digits=3) for k in ("deleted_loss", gap)]
+            cells += ["" if strategy == c else _seed_paired(per_seed(strategy, gap), per_seed(c, gap))
+                      for c in controls]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def rates_section(data: ReportData, args: argparse.Namespace) -> list[str]:
+    """Realised masking per strategy (`run_rates`), and the final adaptive weights where a strategy adapts them."""
+    lines = ["", "## Realised masking rates", "",
+             "From each run's metrics.jsonl train records (every log step): the share of connective words masked "
+             "(masked connectives / connective words in the batches) and masked tokens per 1,000 tokens; mean over "
+             "seeds [95% t-interval].", "", "| strategy | connective words masked % | masked tokens per 1,000 "
+             "| masked connectives per logged step |", "|---|---|---|---|"]
+    adaptive, uncounted = [], False
+    for strategy in data.strategies:
+        spec = next(r for r in data.runs if r.strategy == strategy)
+        cfg = load_config(args.config, None, spec.overrides).masking
+        rates = [run_rates(r.run_dir) for r in data.runs if r.strategy == strategy]
+        if not cfg.enabled or any(r is None for r in rates):
+            lines.append(f"| {strategy} | {'no masking' if not cfg.enabled else 'n/a (no masking records)'} | | |")
+            continue
+        uncounted |= any(math.isnan(r["connective_share"]) for r in rates)
+        cells = [_fmt_ci(*mean_ci([r[key] for r in rates]), scale=scale, digits=1, bounds=bounds)
+                 for key, scale, bounds in (("connective_share", 100, UNIT_BOUNDS), ("per_1000", 1, (0, 1000)),
+                                            ("masked_per_step", 1, (0, math.inf)))]
+        lines.append(f"| {strategy} | " + " | ".join("n/a" if "nan" in c else c for c in cells) + " |")
+        if cfg.adaptive:
+            adaptive.append((strategy, connectives_of(cfg), [r["adapted"] for r in rates]))
+    if uncounted:
+        lines += ["", "n/a: the train records do not count `connective_words` (trained before they did), so the share "
+                  "of connective words masked cannot be computed; the per-1,000 rate is."]
+    for strategy, initial, adapted in adaptive:
+        final = {w: float(np.mean([a.get(w, weight) for a in adapted])) for w, (weight, _) in initial.items()}
+        changed = sorted((w for w in final if any(w in a for a in adapted)), key=lambda w: -final[w])
+        lines += ["", f"**{strategy}**: final adaptive weights, mean over {len(adapted)} seed(s) (initial in "
+                  "parentheses): " + (", ".join(f"*{w}* {final[w]:.2f} ({initial[w][0]:.2f})" for w in changed)
+                                      or "none changed")
+                  + f"; {len(final) - len(changed)} other words at their initial weights."]
+    return lines
+
+
+def breakdown_section(data: ReportData) -> list[str]:
+    """Cloze accuracy by class and position, from each run's eval.json breakdowns (all items)."""
+    seeds, scorers = data.seeds, data.first["cloze"]["scorers"]
+    lines = ["", "## Cloze accuracy by class and position (whole-verse score, all items)", "",
+             f"Mean over {len(seeds)} seed(s), with a 95% t-interval across seeds where there are two or more.", ""]
+    groups = [("class", g) for g in scorers["model_verse"]["breakdowns"]["class"]]
+    groups += [("position", g) for g in scorers["model_verse"]["breakdowns"]["position"]]
     lines += ["| strategy | " + " | ".join(f"{g} (n={scorers['model_verse']['breakdowns'][d][g]['n']})"
                                            for d, g in groups) + " |",
               "|---" * (len(groups) + 1) + "|"]
-    for strategy in strategies:
-        cells = [breakdown_cell([evaluated[f"{strategy}-seed{s}"] for s in seeds], dim, group) for dim, group in groups]
+    for strategy in data.strategies:
+        cells = [breakdown_cell([data.evaluated[f"{strategy}-seed{s}"] for s in seeds], dim, group)
+                 for dim, group in groups]
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     for name, scorer in (("KN trigram", "kn3_verse"), ("majority", "majority")):
         cells = [f"{100 * scorers[scorer]['breakdowns'][d].get(g, {}).get('accuracy', float('nan')):.1f}"
                  for d, g in groups]
         lines.append(f"| *{name}* | " + " | ".join(cells) + " |")
+    return lines
 
-    lines += class_head_section(strategies, seeds, evaluated)
-    lines += ["", "## Runs", "", "| run | steps | held-out loss | next-token % | cloze % (verse) | train s | eval s |",
-              "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        e, t = evaluated[r.name], trained[r.name]
+
+def runs_section(data: ReportData, args: argparse.Namespace) -> list[str]:
+    lines = ["", "## Runs", "", "| run | steps | held-out loss | next-token % | cloze % (verse) | train s | eval s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data.runs:
+        e, t = data.evaluated[r.name], data.trained[r.name]
         lines.append(f"| {r.name} | {t['summary'].get('steps', '?')} | "
                      f"{t['summary'].get('last_heldout_loss', float('nan')):.3f} | "
                      f"{100 * e['next_token']['accuracy']:.2f} | "
                      f"{100 * e['cloze']['scorers']['model_verse']['accuracy']:.1f} | {t.get('train_s', 0):.0f}"
                      f"{'*' if t.get('resumed') else ''} | {e.get('eval_s', 0):.0f} |")
-    if any(trained[r.name].get("resumed") for r in runs):
+    if any(data.trained[r.name].get("resumed") for r in data.runs):
         lines += ["", "\\* resumed after an interrupt: train s counts the last segment only."]
-    lines += ["", f"Run directories: `{Path(args.out) / 'runs'}`; each holds eval.json with per-item credits.", ""]
+    return lines + ["", f"Run directories: `{Path(args.out) / 'runs'}`; each holds eval.json with per-item credits.",
+                    ""]
+
+
+def build_report(data: ReportData, args: argparse.Namespace, command: str, wall_s: float,
+                 missing: list[str] = ()) -> str:
+    """The Markdown report: one section per function, every number from `data`."""
+    chosen = data.decision_set
+    scale = informative_scale(data.matrix(BASELINE, "cloze", "model_verse", chosen),
+                              data.matrix(BASELINE, "cloze", "kn3_verse", chosen), data.units("cloze", chosen),
+                              args.bootstrap)
+    decisions = {s: data.tests("cloze", "model_verse", s, args.bootstrap, PROCEED_AT) for s in data.sets}
+    if not scale.informative:
+        for results in decisions.values():
+            for res in results.values():
+                res.decision = NOT_INFORMATIVE
+    lines = header_section(data, args, command, wall_s, list(missing))
+    lines += metrics_section(data)
+    lines += baselines_section(data)
+    lines += scale.lines()
+    lines += decision_section(data, decisions)
+    lines += next_token_section(data, args)
+    lines += masked_context_section(data, args)
+    lines += rates_section(data, args)
+    lines += success_criteria_section(data.strategies, data.seeds, data.evaluated, decisions[chosen])
+    lines += breakdown_section(data)
+    lines += class_head_section(data.strategies, data.seeds, data.evaluated)
+    lines += runs_section(data, args)
     return "\n".join(lines)
 
 
-# The figure of metrics per strategy: (title, value from a run's eval.json and train.done, display scale, the cloze
-# scorer whose baselines are drawn)
-FIGURE_METRICS = (
-    ("next-token accuracy (%)", lambda e, t: e["next_token"]["accuracy"], 100, None),
-    ("next-token mean log p (nats)", lambda e, t: e["next_token"]["mean_logprob"], 1, None),
-    ("cloze accuracy, whole verse (%)", lambda e, t: e["cloze"]["scorers"]["model_verse"]["accuracy"], 100, "verse"),
-    ("cloze accuracy, suffix only (%)", lambda e, t: e["cloze"]["scorers"]["model_suffix"]["accuracy"], 100, "suffix"),
-    ("held-out loss (end of training)", lambda e, t: t["summary"].get("last_heldout_loss", float("nan")), 1, None),
-)
-
-
-def write_report_figures(runs: list[RunSpec], trained: dict[str, dict], evaluated: dict[str, dict],
-                         out_dir: Path, prefix: str = "") -> str:
-    """strategy_metrics.png (each metric per strategy: the mean over seeds with its 95% t-interval, every seed as a
-    dot, the cloze baselines as lines) and learning_curves.png (genesis.plot's figure of every run) in `out_dir`,
-    beside report.md (their names prefixed by `prefix`); returns the report's Markdown section that links them."""
+def write_report_figures(data: ReportData, out_dir: Path, prefix: str = "") -> str:
+    """strategy_metrics.png (each metric of METRICS per strategy on the decision's item set: the mean over seeds with
+    its 95% t-interval, every seed as a dot, the cloze baselines as lines) and learning_curves.png (genesis.plot's
+    figure of every run) in `out_dir`, beside report.md (their names prefixed by `prefix`); returns the report's
+    Markdown section that links them."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from genesis.plot import PlotError, plot_curves, read_curves
 
-    strategies = list(dict.fromkeys(r.strategy for r in runs))
-    seeds = list(dict.fromkeys(r.seed for r in runs))
-    scorers = evaluated[runs[0].name]["cloze"]["scorers"]
-    fig = Figure(figsize=(4.2 * len(FIGURE_METRICS), 4.2), layout="constrained")
+    strategies, chosen = data.strategies, data.decision_set
+    fig = Figure(figsize=(4.2 * len(METRICS), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
-    x = np.arange(len(strategies))
-    for k, (title, get, scale, cloze) in enumerate(FIGURE_METRICS):
-        ax = fig.add_subplot(1, len(FIGURE_METRICS), k + 1)
+    for k, metric in enumerate(METRICS):
+        ax = fig.add_subplot(1, len(METRICS), k + 1)
         for i, strategy in enumerate(strategies):
-            values = [scale * get(evaluated[f"{strategy}-seed{s}"], trained[f"{strategy}-seed{s}"]) for s in seeds]
+            values = [metric.scale * v for v in data.values(metric, strategy, chosen)]
             mean, low, high = mean_ci(values)
-            if scale == 100:  # an accuracy's t-interval can leave [0, 100] with few seeds; the truth cannot
-                low, high = max(low, 0.0), min(high, 100.0)
+            if metric.bounds:  # an accuracy's t-interval can leave [0, 100] with few seeds; the truth cannot
+                low, high = max(low, metric.scale * metric.bounds[0]), min(high, metric.scale * metric.bounds[1])
             ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color=f"C{i % 10}", capsize=6,
                         markersize=7, lw=1.5)
             ax.scatter(np.full(len(values), i + 0.12), values, s=12, color=f"C{i % 10}", alpha=0.6)
-        if cloze is not None:
-            for name, scorer, style in (("KN trigram", f"kn3_{cloze}", "--"), ("majority", "majority", ":")):
-                if scorer in scorers:
-                    ax.axhline(scale * scorers[scorer]["accuracy"], color="gray", ls=style, lw=1, label=name)
+        if metric.baselines is not None:
+            for name, scorer, style in (("KN trigram", f"kn3_{metric.baselines}", "--"), ("majority", "majority", ":")):
+                ax.axhline(metric.scale * data.scorer_accuracy(scorer, chosen), color="gray", ls=style, lw=1,
+                           label=name)
             ax.legend(fontsize=7, loc="best")
-        ax.set_xticks(x, strategies, rotation=20)
+        ax.set_xticks(np.arange(len(strategies)), strategies, rotation=20)
         ax.set_xlim(-0.5, len(strategies) - 0.5)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(metric.title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Per strategy: mean over {len(seeds)} seed(s) with its 95% t-interval (dots: the seeds)",
-                 fontsize=10)
+    fig.suptitle(f"Per strategy, {chosen} items: mean over {len(data.seeds)} seed(s) with its 95% t-interval "
+                 "(dots: the seeds)", fontsize=10)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_dir / f"{prefix}strategy_metrics.png", dpi=110)
-    lines = ["", "## Figures", "", "Each metric per strategy: the mean over seeds with its 95% t-interval, every seed "
-             "as a dot, and the cloze baselines (KN trigram, majority connective) as lines.", "",
+    lines = ["", "## Figures", "", f"Each metric per strategy on the {chosen} items (the numbers of the metrics "
+             "table): the mean over seeds with its 95% t-interval, every seed as a dot, and the cloze baselines "
+             "(KN trigram, majority connective) as lines.", "",
              f"![metrics per strategy]({prefix}strategy_metrics.png)", ""]
     try:
-        curves = [read_curves(str(r.run_dir)) for r in runs]
+        curves = [read_curves(str(r.run_dir)) for r in data.runs]
     except PlotError:  # a run without metrics.jsonl (a run directory from elsewhere): no curves
         return "\n".join(lines)
-    for r, c in zip(runs, curves):
+    for r, c in zip(data.runs, curves):
         c.label = r.name
     plot_curves(curves, out_dir / f"{prefix}learning_curves.png")
     lines += ["The runs' learning curves, from their metrics.jsonl (`python -m genesis.plot`).", "",
@@ -901,7 +1276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-items", type=int, default=DEFAULTS["max_items"],
                    help="cloze items, spread evenly over the held-out split (default 300; 0 = all)")
     p.add_argument("--context-verses", type=int, default=DEFAULTS["context_verses"],
-                   help="preceding verses given as cloze context (default 0)")
+                   help="preceding verses of the item's chapter given as cloze context (default 3)")
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the runs' own), e.g. asv")
     p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
                    help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
@@ -948,11 +1323,12 @@ def _main(args: argparse.Namespace, command: str) -> int:
         shown, missing = reportable(runs, evaluated)
         if not shown:
             raise CompareError(f"no report: no run of the baseline '{BASELINE}' finished")
-        report = build_report(shown, trained, evaluated, args, command, time.time() - t0, missing)
+        data = ReportData(shown, trained, evaluated)
+        report = build_report(data, args, command, time.time() - t0, missing)
         report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
         # beside a report named otherwise than report.md (docs/compare-NAME.md), the figures carry its name
         prefix = "" if report_path.name == "report.md" else f"{report_path.stem}-"
-        report += write_report_figures(shown, trained, evaluated, report_path.parent, prefix)
+        report += write_report_figures(data, report_path.parent, prefix)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(report)
         print(f"compare: wrote {report_path} ({(time.time() - t0) / 60:.1f} min)", flush=True)

@@ -27,6 +27,11 @@ TINY = ["--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_
         "--set", "data.heldout_every=200"]
 
 
+def _chapters(n: int, per: int = 10) -> list[str]:
+    """Each of n items' chapter, `per` items to a chapter."""
+    return [f"Book {i // per + 1}" for i in range(n)]
+
+
 def test_mean_ci_is_a_student_t_interval():
     m, lo, hi = compare.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and hi - m == pytest.approx(4.303 * 1.0 / math.sqrt(3))
@@ -38,7 +43,7 @@ def test_mean_ci_is_a_student_t_interval():
 def test_bootstrap_of_a_strategy_identical_to_the_baseline_contains_zero():
     rng = np.random.default_rng(1)
     baseline = (rng.random((2, 300)) < 0.4).astype(float)
-    result = compare.paired_bootstrap(baseline.copy(), baseline, samples=1000)
+    result = compare.paired_bootstrap(baseline.copy(), baseline, _chapters(300), samples=1000)
     assert result.diff == 0.0 and result.diff_ci[0] <= 0.0 <= result.diff_ci[1]
     assert result.relative_ci[0] <= 0.0 <= result.relative_ci[1]
     assert result.decision == "do not proceed"  # +0% is surely below +5%
@@ -48,7 +53,7 @@ def test_bootstrap_of_unrelated_noise_contains_zero_and_is_inconclusive():
     rng = np.random.default_rng(2)
     baseline = (rng.random((3, 200)) < 0.4).astype(float)
     strategy = (rng.random((3, 200)) < 0.4).astype(float)
-    result = compare.paired_bootstrap(strategy, baseline, samples=2000)
+    result = compare.paired_bootstrap(strategy, baseline, _chapters(200), samples=2000)
     assert result.diff_ci[0] < 0.0 < result.diff_ci[1]
     assert result.decision == "inconclusive"
 
@@ -57,7 +62,7 @@ def test_bootstrap_of_a_clear_improvement_says_proceed():
     rng = np.random.default_rng(3)
     baseline = (rng.random((2, 400)) < 0.3).astype(float)
     strategy = np.maximum(baseline, (rng.random((2, 400)) < 0.3))  # right wherever the baseline is, and more
-    result = compare.paired_bootstrap(strategy, baseline, samples=2000)
+    result = compare.paired_bootstrap(strategy, baseline, _chapters(400), samples=2000)
     assert result.diff_ci[0] > 0.1 and result.relative_ci[0] > compare.PROCEED_AT
     assert result.decision == "proceed"
     assert result.seeds_relative_ci[0] > 0.0
@@ -68,13 +73,92 @@ def test_the_decision_reads_the_five_percent_margin_not_the_difference():
     proceed; a sure +10% clears it. With threshold 0 the same +2% proceeds, so the threshold is what decides."""
     rng = np.random.default_rng(4)
     baseline = (rng.random((1, 20000)) < 0.5).astype(float)
+    units = _chapters(20000)
     for extra, decision in ((0.01, "do not proceed"), (0.05, "proceed")):  # +2% and +10% of a 0.5 accuracy
         strategy = np.maximum(baseline, rng.random((1, 20000)) < extra / 0.5 * (1 - baseline))
-        result = compare.paired_bootstrap(strategy, baseline, samples=1000)
+        result = compare.paired_bootstrap(strategy, baseline, units, samples=1000)
         assert result.diff_ci[0] > 0.005, extra  # surely better than the baseline, either way
         assert result.relative == pytest.approx(2 * extra, abs=0.01) and result.decision == decision, extra
         if extra == 0.01:
-            assert compare.paired_bootstrap(strategy, baseline, samples=1000, threshold=0.0).decision == "proceed"
+            without = compare.paired_bootstrap(strategy, baseline, units, samples=1000, threshold=0.0)
+            assert without.decision == "proceed"
+
+
+def test_an_item_id_names_its_chapter():
+    assert compare.chapter_of("Romans 5:1@0") == "Romans 5"
+    assert compare.chapter_of("1 Samuel 3:4@10") == "1 Samuel 3"
+    assert compare.chapter_of("Song of Solomon 2:12@31") == "Song of Solomon 2"
+    with pytest.raises(compare.CompareError, match=r"item id 'item7': expected 'Book chapter:verse@offset'"):
+        compare.chapter_of("item7")
+
+
+def test_items_correlated_within_chapters_widen_the_chapter_interval():
+    """40 chapters of 25 items whose difference is mostly the chapter's own: resampling items as if independent
+    gives a far narrower interval than resampling chapters, the unit the items really vary by."""
+    rng = np.random.default_rng(8)
+    chapter_effect = np.repeat(rng.normal(0.0, 1.0, 40), 25)
+    strategy = (chapter_effect + rng.normal(0.0, 0.1, 1000))[None, :]
+    baseline = np.zeros_like(strategy)
+    chapters = _chapters(1000, per=25)
+    items = [f"{c}:{i}@0" for i, c in enumerate(chapters)]  # every item its own unit: item-level resampling
+    by_chapter = compare.paired_bootstrap(strategy, baseline, chapters, samples=2000, threshold=0.0)
+    by_item = compare.paired_bootstrap(strategy, baseline, items, samples=2000, threshold=0.0)
+    width = {name: r.diff_ci[1] - r.diff_ci[0] for name, r in (("chapter", by_chapter), ("item", by_item))}
+    assert by_chapter.units == 40 and by_item.units == 1000
+    assert by_chapter.diff == by_item.diff
+    assert width["chapter"] > 3 * width["item"], width  # ~sqrt(25) = 5 for a pure chapter effect
+
+
+def test_a_resample_takes_whole_chapters_the_same_for_both_arms():
+    counts, unit = compare.resample_counts(["b", "a", "b", "c"], 500, np.random.default_rng(0))
+    assert counts.shape == (500, 3) and (counts.sum(axis=1) == 3).all()  # as many chapters drawn as there are
+    assert unit.tolist() == [1, 0, 1, 2]
+    # one chapter always all right in the strategy and all wrong in the baseline, the other equal: every resample's
+    # difference is the share of items drawn from the first chapter, never a mix of arms from different draws
+    strategy = np.array([[1.0, 1.0, 0.5, 0.5]])
+    baseline = np.array([[0.0, 0.0, 0.5, 0.5]])
+    draws = compare.paired_draws(strategy, baseline, ["x", "x", "y", "y"], samples=400)
+    assert set(np.round(draws.means[0] - draws.means[1], 6)) == {0.0, 0.5, 1.0}
+
+
+def test_holm_adjusts_known_p_values_and_sets_each_rank_its_level():
+    p = {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}
+    adjusted = compare.holm_adjust(p)
+    # ranks d, a, c, b: 4 x 0.005, max(., 3 x 0.01), max(., 2 x 0.03), max(., 1 x 0.04)
+    assert list(sorted(adjusted, key=adjusted.get)) == ["d", "a", "c", "b"]
+    assert adjusted == pytest.approx({"d": 0.02, "a": 0.03, "c": 0.06, "b": 0.06})
+    levels = compare.holm_alphas(p)
+    # d and a are rejected at 0.05/4 and 0.05/3; c is not at 0.05/2, so b (which 0.05/1 would reject) keeps 0.05/2
+    assert levels == pytest.approx({"d": 0.0125, "a": 0.05 / 3, "c": 0.025, "b": 0.025})
+    assert compare.holm_adjust({"only": 0.03}) == {"only": 0.03} and compare.holm_alphas({"only": 0.03}) == {
+        "only": 0.05}
+
+
+def test_the_decision_reads_the_holm_corrected_interval():
+    """A +6.5% gain (p about 0.03 against the +5% bar): proceed when it is the only strategy tested; with four
+    strategies like it, Holm's first level is 0.05/4, and the corrected interval straddles the bar: inconclusive."""
+    rng = np.random.default_rng(7)
+    baseline = (rng.random((3, 600)) < 0.5).astype(float)
+    strategy = np.maximum(baseline, np.random.default_rng(11).random((3, 600)) < 0.065)
+    units = _chapters(600)
+    alone = compare.paired_bootstrap(strategy, baseline, units)
+    assert alone.decision == "proceed" and alone.alpha == 0.05 and 0.0125 < alone.p < 0.05
+    assert compare.holm_tests({"weighted": strategy}, baseline, units)["weighted"].decision == "proceed"
+    four = compare.holm_tests({name: strategy for name in ("a", "b", "c", "d")}, baseline, units)
+    for res in four.values():
+        assert res.decision == "inconclusive" and res.alpha == 0.0125 and res.p_holm > 0.05
+        assert res.diff_ci[0] < alone.diff_ci[0] and res.diff_ci[1] > alone.diff_ci[1]  # the wider, corrected one
+
+
+def test_the_seed_paired_interval_is_a_t_interval_over_per_seed_differences():
+    strategy = np.array([[0.5] * 4, [0.6] * 4, [0.7] * 4])  # per seed: 0.5, 0.6, 0.7
+    baseline = np.array([[0.4] * 4, [0.4] * 4, [0.5] * 4])  # per seed: 0.4, 0.4, 0.5 -> differences .1, .2, .2
+    res = compare.paired_bootstrap(strategy, baseline, ["A 1", "A 1", "A 2", "A 2"], samples=200)
+    mean, low, high = res.seed_diff
+    half = 4.303 * np.std([0.1, 0.2, 0.2], ddof=1) / math.sqrt(3)
+    assert mean == pytest.approx(0.5 / 3) and (low, high) == pytest.approx((mean - half, mean + half))
+    assert (res.seeds_positive, res.seeds) == (3, 3)
+    assert compare._seed_cell(res) == f"+16.7 [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}], 3/3 > 0"
 
 
 def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
@@ -102,18 +186,18 @@ def test_report_figures_are_written_beside_the_report_and_linked(tmp_path):
         (spec.run_dir / "metrics.jsonl").write_text("".join(
             json.dumps({"kind": "train", "step": step, "loss": 9 - step / 10 - k / 20}) + "\n" for step in (5, 10))
             + json.dumps({"kind": "eval", "step": 10, "heldout_loss": 8.0 - k / 10}) + "\n")
-        scorers = {name: {"accuracy": 0.1 + k / 50} for name in ("model_verse", "model_suffix")}
-        scorers.update(kn3_verse={"accuracy": 0.2}, kn3_suffix={"accuracy": 0.15}, majority={"accuracy": 0.3})
-        evaluated[spec.name] = {"next_token": {"accuracy": 0.01 * k, "mean_logprob": -5 - k / 10},
-                                "cloze": {"scorers": scorers}}
+        model = (np.arange(50) < 5 + k).astype(float)
+        evaluated[spec.name] = _fake_eval(model, (np.arange(50) < 10).astype(float))
         trained[spec.name] = {"summary": {"last_heldout_loss": 8.0 - k / 10}}
         runs.append(spec)
-    section = compare.write_report_figures(runs, trained, evaluated, tmp_path / "report")
+    data = compare.ReportData(runs, trained, evaluated)
+    assert data.values(compare.METRICS[2], "weighted", "all") == [0.14, 0.16]  # the table's and the figure's numbers
+    section = compare.write_report_figures(data, tmp_path / "report")
     for name in ("strategy_metrics", "learning_curves"):
         png = tmp_path / "report" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"]({name}.png)" in section
-    named = compare.write_report_figures(runs, trained, evaluated, tmp_path / "docs", prefix="compare-x-")
+    named = compare.write_report_figures(data, tmp_path / "docs", prefix="compare-x-")
     assert "](compare-x-strategy_metrics.png)" in named
     assert (tmp_path / "docs" / "compare-x-learning_curves.png").is_file()
     assert section.startswith("\n## Figures\n")
@@ -272,40 +356,55 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def _fake_eval(model: np.ndarray, trigram: np.ndarray) -> dict:
-    """An eval.json-shaped result with these per-item whole-verse credits (the model's and the trigram's)."""
+def _fake_eval(model: np.ndarray, trigram: np.ndarray, conjunctive: np.ndarray | None = None,
+               masked_context: dict | None = None) -> dict:
+    """An eval.json-shaped result with these per-item whole-verse credits (the model's and the trigram's), 8 items to
+    a chapter; the next-token slots are the same items (log p falls with the model's credit); `conjunctive` tags
+    them (None: untagged, as eval.json files were before the tag)."""
     def scorer(credits: np.ndarray) -> dict:
         return {"accuracy": float(credits.mean()), "breakdowns": {"class": {"causal": {"accuracy": 0.5, "n": 1}},
                                                                   "position": {"inside": {"accuracy": 0.5, "n": 1}},
                                                                   "word": {"therefore": {"accuracy": 0.8, "n": 40},
                                                                            "but": {"accuracy": 0.6, "n": 90}}}}
-    items = [{"id": f"item{i}", "credit": {"model_verse": float(m), "kn3_verse": float(t)}}
-             for i, (m, t) in enumerate(zip(model, trigram))]
+    ids = [f"1 Kings {i // 8 + 1}:{i % 8 + 1}@0" for i in range(len(model))]
+    tags = [{} if conjunctive is None else {"conjunctive": bool(c)} for c in (conjunctive if conjunctive is not None
+                                                                              else model)]
+    cloze = [{"id": i, "credit": {"model_verse": float(m), "model_suffix": float(m), "kn3_verse": float(t),
+                                  "kn3_suffix": float(t), "majority": float(t), "positional_majority": float(t)}, **tag}
+             for i, m, t, tag in zip(ids, model, trigram, tags)]
+    next_token = [{"id": i, "credit": float(m) / 10, "logprob": -3.0 - (1 - float(m)), **tag}
+                  for i, m, tag in zip(ids, model, tags)]
     return {"corpus": "kjv", "split": "heldout", "device": "cpu",
             "next_token": {"accuracy": 0.1, "mean_logprob": -3.0, "n": 10,
                            "breakdowns": {"word": {"therefore": {"accuracy": 0.1, "n": 40}}}},
-            "masked_context": {"k": 8, "n": 10, "visible_loss": 4.0, "masked_loss": 4.5, "gap": 0.5},
+            "masked_context": masked_context or {"k": 8, "n": 10, "visible_loss": 4.0, "masked_loss": 4.5, "gap": 0.5},
             "cloze": {"n_candidates": 14, "scorers": {"model_verse": scorer(model), "model_suffix": scorer(model),
                                                       "kn3_verse": scorer(trigram), "kn3_suffix": scorer(trigram),
                                                       "majority": scorer(trigram),
                                                       "positional_majority": scorer(trigram)}},
-            "items": {"cloze": items}}
+            "items": {"cloze": cloze, "next_token": next_token}}
 
 
-def _fake_report(tmp_path, baseline_accuracy: float) -> str:
-    """The report of none vs a strategy that is right wherever the baseline is and on 40% more items, 3 seeds, 400
-    items; the trigram is right on the first 60%."""
+def _fake_report(tmp_path, baseline_accuracy: float, tagged: bool = False, conjunctive_only: bool = False,
+                 strategies: str = "none,weighted", masked_context=None) -> str:
+    """The report of none vs a strategy that is right wherever the baseline is and on 40% more items (with
+    conjunctive_only, on the conjunctive half only: every other item), 3 seeds, 400 items in 50 chapters; the
+    trigram is right on the first 60%. masked_context(strategy, seed) gives a run's masked_context."""
     rng = np.random.default_rng(5)
     trigram = (np.arange(400) < 240).astype(float)
-    args = compare.parse_args(["--strategies", "none,weighted", "--out", str(tmp_path), "--bootstrap", "500"])
+    conjunctive = np.arange(400) % 2 == 0
+    args = compare.parse_args(["--strategies", strategies, "--out", str(tmp_path), "--bootstrap", "500"])
     runs = compare.plan_runs(args)
     trained, evaluated = {}, {}
     for r in runs:
         base = (rng.random(400) < baseline_accuracy).astype(float)
-        credits = base if r.strategy == "none" else np.maximum(base, rng.random(400) < 0.4)
-        evaluated[r.name] = _fake_eval(credits, trigram)
+        better = (rng.random(400) < 0.4) & (conjunctive if conjunctive_only else True)
+        credits = base if r.strategy == "none" else np.maximum(base, better)
+        evaluated[r.name] = _fake_eval(credits, trigram, conjunctive if tagged else None,
+                                       masked_context(r.strategy, r.seed) if masked_context else None)
         trained[r.name] = {"summary": {"steps": 5, "last_heldout_loss": 4.0}, "train_s": 1}
-    return compare.build_report(runs, trained, evaluated, args, "python -m genesis.compare", 1.0)
+    data = compare.ReportData(runs, trained, evaluated)
+    return compare.build_report(data, args, "python -m genesis.compare", 1.0)
 
 
 def test_a_baseline_below_the_trigram_makes_the_report_not_informative(tmp_path):
@@ -316,8 +415,10 @@ def test_a_baseline_below_the_trigram_makes_the_report_not_informative(tmp_path)
     assert row.endswith("| **not informative at this scale** |")
     assert "| not met (not informative at this scale) |" in report  # not a success either
     assert report.index("## Informative?") < report.index("## Decision")
-    assert "| loss after connectives, visible | … masked | … gap |" in report
-    assert "| 4.000 | 4.500 | 0.500 |" in report
+    masked = report.split("## Loss after connectives")[1].split("\n## ")[0]
+    assert "| strategy | visible | masked | gap | gap - none's |" in masked
+    assert "| weighted | 4.000 | 4.500 | 0.500 | 0.000, 0/3 > 0 |" in masked
+    assert "No `random` runs in this comparison" in masked and "No deletion variant" in masked
 
 
 def test_a_baseline_above_the_trigram_decides_as_before(tmp_path):
@@ -334,14 +435,137 @@ def test_a_baseline_above_the_trigram_decides_as_before(tmp_path):
         "| met (proceed) |"]
 
 
+def test_the_decision_reads_the_conjunctive_set_when_tagged_and_all_items_when_not(tmp_path):
+    """The strategy gains on the conjunctive half only: +12% there (proceed), +4% over all items (inconclusive)."""
+    tagged = _fake_report(tmp_path / "tagged", 0.8, tagged=True, conjunctive_only=True)
+    untagged = _fake_report(tmp_path / "untagged", 0.8, tagged=False, conjunctive_only=True)
+    decision = tagged.split("## Decision")[1].split("\n## ")[0]
+    conjunctive, everything = decision.split("**all items (")
+    assert "**conjunctive items (200 cloze items in 50 chapters, 200 next-token slots)**: the decision" in conjunctive
+    assert "all items (" not in conjunctive and "400 cloze items in 50 chapters" in everything
+    assert "shown, not the decision" in everything
+    assert _row(conjunctive, "weighted").endswith("| **proceed** |")
+    assert _row(everything, "weighted").endswith("| **inconclusive** |")
+    assert "| met (proceed) |" in tagged and "the decision reads the conjunctive set" in tagged
+    for section in ("## Metrics per strategy", "## Next-token at connectives", "## Baselines"):
+        assert "conjunctive" in tagged.split(section)[1].split("\n## ")[0], section
+    # untagged: one line says so, every table is on all items, and the decision reads them
+    assert "- items: not tagged by connective sense (the eval.json files carry no `conjunctive` field)" in untagged
+    assert "conjunctive items (" not in untagged and "conjunctive %" not in untagged
+    assert _row(untagged.split("## Decision")[1], "weighted").endswith("| **inconclusive** |")
+    assert "| not met (inconclusive) |" in untagged
+
+
+
+def test_tagged_items_with_no_conjunctive_cloze_item_decide_on_all_items(tmp_path):
+    args = compare.parse_args(["--strategies", "none", "--seeds", "1", "--out", str(tmp_path), "--bootstrap", "200"])
+    runs = compare.plan_runs(args)
+    credits = (np.arange(40) % 3 == 0).astype(float)
+    evaluated = {runs[0].name: _fake_eval(credits, credits, conjunctive=np.zeros(40, dtype=bool))}
+    data = compare.ReportData(runs, {runs[0].name: {"summary": {"steps": 5}}}, evaluated)
+    assert data.tagged and data.sets == ("conjunctive", "all") and data.decision_set == "all"
+    report = compare.build_report(data, args, "python -m genesis.compare", 1.0)
+    assert "the decision reads the all set (no cloze item is conjunctive)" in report
+    assert "**conjunctive items (0 cloze items in 0 chapters, 0 next-token slots)**: shown, not the decision\n\n" \
+           "No cloze item in this set." in report
+
+
+def _row(text: str, strategy: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {strategy} |"))
+
+
+def test_the_report_states_its_statistics_and_tests_next_token_log_p(tmp_path):
+    report = _fake_report(tmp_path, 0.8, strategies="none,weighted,structural,uniform")
+    assert ("- statistics: resampling unit = held-out chapters (50 for the cloze items of the decision's set, all); "
+            "correction = Holm over the m = 3 strategies compared") in report
+    decision = report.split("## Decision")[1].split("\n## ")[0]
+    # Holm rejects the two smallest p-values (at 0.05/3 and 0.05/2) and reaches the third: each interval is at the
+    # level of its rank by p, 1 - 0.05/3, 1 - 0.05/2, 1 - 0.05
+    cells = [re.search(r"\| (\d+(?:\.\d+)?)% \| ([\d.e-]+) / ([\d.e-]+) \|", _row(decision, s))
+             for s in ("weighted", "structural", "uniform")]
+    by_p = sorted(cells, key=lambda m: float(m[2]))
+    assert [m[1] for m in by_p] == ["98.33", "97.5", "95"], [m[0] for m in cells]
+    assert [float(m[3]) <= 0.05 for m in by_p] == [True, True, False], [m[0] for m in cells]
+    assert re.search(r"\| \+\d+\.\d \[[-+]\d+\.\d, [-+]\d+\.\d\], 3/3 > 0 \|", _row(decision, "weighted"))
+    nt = report.split("## Next-token at connectives: paired tests against `none`")[1].split("\n## ")[0]
+    assert "| strategy | Δ log p [CI] | CI level | p / Holm p | seed-paired Δ log p |" in nt
+    assert re.match(r"\| weighted \| \+0\.\d{3} \[[-+]0\.\d{3}, [-+]0\.\d{3}\] \| [\d.]+% \|", _row(nt, "weighted"))
+
+
+def test_the_masked_context_gap_is_paired_against_none_and_the_random_control(tmp_path, monkeypatch):
+    monkeypatch.setitem(compare.STRATEGIES, "random", ("masking.enabled=true", "masking.strategy=uniform"))
+
+    def masked_context(strategy, seed):  # gaps: none 0.7 + seed/100, random 0.2, weighted 0.1 (+ seed/1000)
+        gap = {"none": 0.7 + seed / 100, "random": 0.2, "weighted": 0.1 + seed / 1000}[strategy]
+        return {"k": 8, "n": 10, "visible_loss": 4.0, "masked_loss": 4.0 + gap, "gap": gap,
+                "deleted_loss": 4.3, "deletion_gap": 0.3}
+
+    report = _fake_report(tmp_path, 0.8, strategies="none,random,weighted", masked_context=masked_context)
+    masked = report.split("## Loss after connectives")[1].split("\n## ")[0]
+    assert "No `random` runs" not in masked and "No deletion variant" not in masked
+    assert ("| strategy | visible | masked | gap | gap - none's | gap - random's | deleted | deletion gap "
+            "| deletion gap - none's | deletion gap - random's |") in masked
+    cells = [c.strip() for c in _row(masked, "weighted").split("|")[1:-1]]
+    # weighted - none per seed: -0.6 - 0.009 s (s = 1, 2, 3): mean -0.618, t half-width 4.303 x 0.009 / sqrt(3)
+    assert cells[4] == "-0.618 [-0.640, -0.596], 0/3 > 0"
+    assert cells[5].startswith("-0.098 [") and cells[5].endswith(", 0/3 > 0")
+    assert cells[6:] == ["4.300", "0.300", "0.000, 0/3 > 0", "0.000, 0/3 > 0"]
+    assert _row(masked, "random").split("|")[6].strip() == ""  # no gap against itself
+
+
+def test_realised_rates_come_from_metrics_jsonl(tmp_path):
+    def write(run_dir, records):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    counted = tmp_path / "counted"
+    write(counted, [{"kind": "train", "step": 5, "masked_fraction": 0.01, "masked_connectives": 6,
+                     "connective_words": 20},
+                    {"kind": "adapt", "step": 5, "observed": 30, "weights": {"for": 0.6, "but": 0.45}},
+                    {"kind": "eval", "step": 5, "heldout_loss": 4.0},
+                    {"kind": "train", "step": 10, "masked_fraction": 0.03, "masked_connectives": 4,
+                     "connective_words": 30},
+                    {"kind": "adapt", "step": 10, "observed": 30, "weights": {"for": 0.72}}])
+    rates = compare.run_rates(counted)
+    assert rates["connective_share"] == pytest.approx(10 / 50) and rates["per_1000"] == pytest.approx(20.0)
+    assert rates["masked_per_step"] == 5 and rates["adapted"] == {"for": 0.72, "but": 0.45}
+    older = tmp_path / "older"  # records from before connective_words was counted: no share, the rate still
+    write(older, [{"kind": "train", "step": 5, "masked_fraction": 0.01, "masked_connectives": 6}])
+    assert math.isnan(compare.run_rates(older)["connective_share"]) and compare.run_rates(older)["per_1000"] == 10
+    write(tmp_path / "unmasked", [{"kind": "train", "step": 5, "loss": 4.0}])
+    assert compare.run_rates(tmp_path / "unmasked") is None and compare.run_rates(tmp_path / "absent") is None
+
+
+def test_the_report_lists_realised_rates_and_final_adaptive_weights(tmp_path):
+    args = compare.parse_args(["--strategies", "none,adaptive", "--seeds", "1,2", "--out", str(tmp_path)])
+    for spec in compare.plan_runs(args):
+        spec.run_dir.mkdir(parents=True)
+        if spec.strategy == "adaptive":
+            records = [{"kind": "train", "step": 5, "masked_fraction": 0.01 * spec.seed, "masked_connectives": 5,
+                        "connective_words": 10 * spec.seed},
+                       {"kind": "adapt", "step": 5, "observed": 9, "weights": {"for": 0.5 + spec.seed / 2}}]
+            (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = compare.ReportData(compare.plan_runs(args), {}, {r.name: {} for r in compare.plan_runs(args)})
+    section = "\n".join(compare.rates_section(data, args))
+    assert "| none | no masking | | |" in section
+    # connective share per seed 50% and 25%: mean 37.5 +- 12.706 x 17.68 / sqrt(2), clipped to [0, 100]; per 1,000:
+    # 10 and 20
+    assert "| adaptive | 37.5 [0.0, 100.0] | 15.0 [0.0, 78.5] | 5.0 |" in section
+    # "for" ends at 1.0 and 1.5 (mean 1.25) from its default weight; the other words never moved
+    assert re.search(r"\*\*adaptive\*\*: final adaptive weights, mean over 2 seed\(s\) \(initial in parentheses\): "
+                     r"\*for\* 1\.25 \(\d\.\d\d\); \d+ other words at their initial weights\.", section)
+
+
 def test_the_scale_check_is_a_paired_interval_of_baseline_minus_trigram():
     trigram = np.tile((np.arange(300) < 180).astype(float), (2, 1))
-    assert compare.informative_scale(trigram.copy(), trigram, 500).diff_ci == (0.0, 0.0)  # equal: not above 0
-    assert not compare.informative_scale(trigram.copy(), trigram, 500).informative
+    units = [f"Book {i % 30 + 1}" for i in range(300)]  # 30 chapters, each with items from all along
+    assert compare.informative_scale(trigram.copy(), trigram, units, 500).diff_ci == (0.0, 0.0)  # equal: not above 0
+    assert not compare.informative_scale(trigram.copy(), trigram, units, 500).informative
     better = trigram.copy()
     better[:, 180:240] = 1.0  # right wherever the trigram is, and on 20% more items
-    check = compare.informative_scale(better, trigram, 500)
+    check = compare.informative_scale(better, trigram, units, 500)
     assert check.informative and check.diff_ci[0] > 0.1 and check.baseline - check.trigram == pytest.approx(0.2)
+    assert check.units == 30 and "paired bootstrap over 30 held-out chapters, 95%" in "\n".join(check.lines())
 
 
 def _outcomes(run_dir) -> dict:
