@@ -396,9 +396,14 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     return runs
 
 
+# What an eval.json holds: 2 = items tagged conjunctive, masked context with the deletion variant. An eval.json of
+# another format is evaluated again rather than reported with fields missing.
+EVAL_FORMAT = 2
+
+
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_items": args.max_items, "context_verses": args.context_verses, "corpus": args.corpus,
-            "context_k": args.context_k}
+            "context_k": args.context_k, "eval_format": EVAL_FORMAT}
 
 
 def _same_settings(saved: dict, cfg, source: Path) -> bool:

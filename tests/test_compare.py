@@ -308,6 +308,12 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     fifth = capsys.readouterr().out
     assert "[1/2] none-seed1: evaluating" in fifth and "[2/2] same-seed1: evaluation done, skipping" in fifth
     assert "## Cloze accuracy by class and position" in (out / "report.md").read_text()
+    # an eval.json of an older format (no conjunctive tags, no deletion variant) is evaluated again
+    older = json.loads((done / "eval.json").read_text())
+    older["compare_settings"]["eval_format"] = compare.EVAL_FORMAT - 1
+    (done / "eval.json").write_text(json.dumps(older))
+    assert compare.main(argv) == 0
+    assert "[1/2] none-seed1: evaluating" in capsys.readouterr().out
 
     # a finished run whose checkpoint was deleted is trained again; the same seed gives the same weights, so its
     # eval.json (which names the weights it measured) still answers
