@@ -265,12 +265,18 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
 def masked_context_result(model: torch.nn.Module, ctx: EvalContext, k: int, device: torch.device | str = "cpu",
                           batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Held-out loss on the k tokens after each connective with every held-out connective masked in the input, the
-    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them."""
+    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them. Also
+    the same tokens with every held-out connective deleted from the input ("deleted_loss") and the deletion gap
+    (deleted - visible), over the slots with a deleted score (`score_masked_context`; all of them unless one opens
+    the stream and only one token follows it)."""
     mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
     scores = score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id, k, device, batch_tokens, progress)
     scored = ~np.isnan(scores.visible)
     visible, masked = float(np.mean(scores.visible[scored])), float(np.mean(scores.masked[scored]))
-    return {"k": k, "n": int(scored.sum()), "visible_loss": visible, "masked_loss": masked, "gap": masked - visible}
+    both = scored & ~np.isnan(scores.deleted)
+    return {"k": k, "n": int(scored.sum()), "visible_loss": visible, "masked_loss": masked, "gap": masked - visible,
+            "deleted_loss": float(np.mean(scores.deleted[both])),
+            "deletion_gap": float(np.mean(scores.deleted[both] - scores.visible[both]))}
 
 
 def class_head_result(model: torch.nn.Module, ctx: EvalContext, device: torch.device | str = "cpu",
