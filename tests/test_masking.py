@@ -1448,3 +1448,14 @@ def test_control_kernel_equals_torch_on_odd_shapes(control_masker):
         assert_same(got, expected, label)
         masked += int(expected[1].sum())
     assert masked > 10
+
+
+def test_stats_count_the_lexicon_words_of_the_batch_masked_or_not(base_masker, kjv_rows):
+    """matched_words (logged as connective_words) is the oracle's match count, whatever was masked."""
+    x, vs = kjv_rows
+    x, vs = x[10:14], vs[10:14]
+    out = base_masker(x, step=3, verse_start=vs)
+    stats = base_masker.stats(out, x)
+    assert int(stats["matched_words"]) == sum(len(find_matches(row, base_masker.lexicon)) for row in x.tolist())
+    assert 0 < int(stats["masked_words"]) < int(stats["matched_words"])
+    assert "connective_words" not in stats  # the real connectives' counts are the control arm's alone
