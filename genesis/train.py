@@ -154,7 +154,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
     masker = None
     if cfg.masking.enabled:  # built before the run directory: a masking setting that cannot run leaves nothing
-        masker = build_masker(cfg, tok, train_data, device, ckpt)
+        masker = build_masker(cfg, tok, train_data, device, ckpt, run_dir / CHECKPOINT)
     # the connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation (the real
     # connectives, also under the control arm, whose masker's lexicon holds its control words)
     from genesis.masking import resolve_lexicon
@@ -231,7 +231,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     return run
 
 
-def build_masker(cfg: Config, tok: Any, train_data: TokenSplit, device: torch.device, ckpt: dict | None) -> Any:
+def build_masker(cfg: Config, tok: Any, train_data: TokenSplit, device: torch.device, ckpt: dict | None,
+                 checkpoint: Path) -> Any:
     """The run's ConnectiveMasker on `device` (its impl chosen now); for strategy = "random" the control arm's,
     chosen from the training split, and on --resume checked against the words and p the checkpoint recorded."""
     from genesis.masking import ConnectiveMasker
@@ -249,7 +250,7 @@ def build_masker(cfg: Config, tok: Any, train_data: TokenSplit, device: torch.de
             now = masker.control_arm.record()
             if recorded["words"] != now["words"] or not math.isclose(recorded["probability"], now["probability"],
                                                                      rel_tol=1e-9):
-                raise RunError(f"the control arm now chooses other words or p than the checkpoint recorded (p "
+                raise RunError(f"{checkpoint}: the control arm now chooses other words or p than it recorded (p "
                                f"{now['probability']:.6g} vs {recorded['probability']:.6g}): the training split or "
                                f"the tokenizer changed; start a new run")
     log(masker.describe())

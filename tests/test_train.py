@@ -1084,6 +1084,13 @@ def test_the_random_control_arm_trains_logs_its_words_and_resumes_with_them(tmp_
     keep = ("step", "loss", "masked_fraction", "masked_control_words", "control_words", "connective_words")
     assert [[r[k] for k in keep] for r in records(tmp_path / "b", "train")] == [[r[k] for k in keep] for r in steps]
     assert same_weights(tmp_path / "a", tmp_path / "b")
+    # a checkpoint whose control arm is not the one the run would choose again is refused, with one line
+    ckpt = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
+    ckpt["control"]["probability"] *= 1.01
+    torch.save(ckpt, tmp_path / "b" / CHECKPOINT)
+    with pytest.raises(trainer.RunError, match=r"checkpoint.pt: the control arm now chooses other words or p than it "
+                                               r"recorded \(p 0\.\d+ vs 0\.\d+\).*start a new run$"):
+        train(small_config(*args, "training.steps=11"), tmp_path / "b", resume=True)
 
 
 def test_a_random_run_evaluates_and_samples_on_the_real_connectives(kjv_tokenizer):
