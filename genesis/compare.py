@@ -92,6 +92,7 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
     "structural_head": ("masking.enabled=true", "masking.strategy=structural", "model.class_head=true"),
     "chain": ("masking.enabled=true", "masking.strategy=structural", "masking.chain=true"),
     "adaptive": ("masking.enabled=true", "masking.strategy=weighted", "masking.adaptive=true"),
+    "random": ("masking.enabled=true", "masking.strategy=random", "masking.control_reference=structural"),
 }
 BASELINE = next(iter(STRATEGIES))
 PROCEED_AT = 0.05  # the design notes' threshold: > 5% relative improvement over the unmasked baseline

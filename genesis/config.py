@@ -254,14 +254,17 @@ class ConnectiveEntry:
         _check(self.cls in CLASSES, "class", f"must be one of {', '.join(CLASSES)} (got {self.cls!r})")
 
 
-STRATEGIES = ("uniform", "weighted", "structural")
+STRATEGIES = ("uniform", "weighted", "structural", "random")
+# the strategies a random (control) run may match its masking rate to
+CONTROL_REFERENCES = ("uniform", "weighted", "structural")
 SCHEDULES = ("constant", "linear", "cosine", "plateau")
 
 
 @dataclass
 class MaskingConfig:
     enabled: bool = doc(False, "mask connectives in the inputs inside the training step")
-    strategy: str = doc("weighted", "uniform | weighted | structural")
+    strategy: str = doc("weighted", "uniform | weighted | structural | random (the control arm: non-connective words "
+                                    "at control_reference's realised rate, docs/masking.md)")
     mask_prob: float = doc(0.3, "uniform: probability for every connective")
     base_probability: float = doc(0.4, "weighted: p = base_probability * weight")
     structural_weights: bool = doc(False, "structural: multiply the rule probability by the connective's weight")
@@ -304,12 +307,22 @@ class MaskingConfig:
     plateau_delta: float = doc(0.01, "schedule = \"plateau\": masking starts once the training loss's EMA has "
                                      "improved by less than this over plateau_window steps")
     plateau_window: int = doc(100, "schedule = \"plateau\": the steps over which the EMA's improvement is measured")
+    control_reference: str = doc("structural", "strategy = \"random\": the strategy (with this section's other keys) "
+                                               "whose realised masking rate on the training split the control "
+                                               "words are masked at: uniform | weighted | structural")
     impl: str = doc("auto", "auto | triton | torch (env GENESIS_MASK_IMPL overrides)")
     seed: int | None = doc(None, f"masking seed, in {SEED_RANGE}; default training.seed")
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "strategy",
                f"must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        _check(self.control_reference in CONTROL_REFERENCES, "control_reference",
+               f"must be one of {', '.join(CONTROL_REFERENCES)} (got {self.control_reference!r})")
+        if self.strategy == "random":  # the control arm masks other words: the connective-specific options mean nothing
+            _check(not self.adaptive, "adaptive", "adapts the connectives' weights, which strategy = \"random\" "
+                   "(the control arm) does not mask: set one or the other", also=("strategy",))
+            _check(not self.chain, "chain", "chains causal connectives, which strategy = \"random\" (the control arm) "
+                   "does not mask: set one or the other", also=("strategy",))
         _check(0.0 <= self.mask_prob <= 1.0, "mask_prob", f"must be in [0, 1] (got {self.mask_prob})")
         _check(0.0 <= self.base_probability <= 1.0, "base_probability",
                f"must be in [0, 1] (got {self.base_probability})")
@@ -633,9 +646,10 @@ _idle_warned: set[str] = set()
 def idle_keys(masking: MaskingConfig) -> list[tuple[str, str]]:
     """(key, "masking.KEY has no effect while masking.SWITCH ...") for the [masking] keys set to other than their
     defaults that their switches leave unread: schedule_* with schedule = "constant", plateau_* without
-    schedule = "plateau", chain_gap without chain, adapt_* without adaptive. A warning, not an error: a comparison
-    or a sweep turns the switches on and off over one base config, whose keys wait for theirs; but a forgotten
-    switch should not pass silently. Values at their defaults say nothing (a run's saved config writes every key)."""
+    schedule = "plateau", chain_gap without chain, adapt_* without adaptive, control_reference without
+    strategy = "random". A warning, not an error: a comparison or a sweep turns the switches on and off over one
+    base config, whose keys wait for theirs; but a forgotten switch should not pass silently. Values at their
+    defaults say nothing (a run's saved config writes every key)."""
     defaults = type(masking)()
     idle = []
     for key in (f.name for f in dataclasses.fields(masking)):
@@ -649,6 +663,8 @@ def idle_keys(masking: MaskingConfig) -> list[tuple[str, str]]:
             idle.append((key, "chain = false"))
         elif key.startswith("adapt_") and not masking.adaptive:
             idle.append((key, "adaptive = false"))
+        elif key == "control_reference" and masking.strategy != "random":
+            idle.append((key, f'strategy = "{masking.strategy}"'))
     return [(key, f"masking.{key} has no effect while masking.{switch}") for key, switch in idle]
 
 
@@ -668,6 +684,13 @@ def check_sections(parts: dict[str, Any]) -> None:
            also=("masking.enabled",))
     _check(not parts["masking"].adaptive or parts["masking"].enabled, "masking.adaptive",
            "adapts the masking weights: it needs masking.enabled = true", also=("masking.enabled",))
+    random = parts["masking"].enabled and parts["masking"].strategy == "random"
+    _check(not (parts["model"].class_head and random), "model.class_head",
+           "learns the class of masked connectives, and strategy = \"random\" (the control arm) masks other words: "
+           "set one or the other", also=("masking.strategy",))
+    _check(parts["training"].connective_loss_weight == 1 or not random, "training.connective_loss_weight",
+           "weights the connectives the masker finds, and under strategy = \"random\" (the control arm) it finds "
+           "the control words: set one or the other", also=("masking.strategy",))
     _check(parts["training"].connective_loss_weight == 1 or parts["masking"].enabled, "training.connective_loss_weight",
            "finds the connectives with the masker: it needs masking.enabled = true (to weight without masking, add "
            "masking.strategy = \"uniform\" with masking.mask_prob = 0)", also=("masking.enabled",))

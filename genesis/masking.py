@@ -4,6 +4,8 @@
     out = masker(input_ids, step=step, verse_start=None)     # (B, T) ids on any device
     logits = model(out.input_ids)                            # targets stay as they are
 
+    control = ConnectiveMasker.control(tokenizer, {"strategy": "random"}, train_tokens, seq_len=256)  # the control arm
+
 `mask_torch` here and the Triton kernel in `genesis.kernels.mask` implement the same semantics bit for bit.
 Semantics: docs/masking.md.
 """
@@ -186,7 +188,7 @@ class MaskTables:
 def compile_prob_table(cfg: MaskingConfig) -> tuple[torch.Tensor, bool]:
     """The (2, lookback + 1) probability table for the strategy, flattened, and whether weights multiply it."""
     cells = torch.zeros(2, cfg.lookback + 1, dtype=torch.float32)
-    if cfg.strategy == "uniform":
+    if cfg.strategy in ("uniform", "random"):  # random: the control words, mask_prob calibrated (genesis.control)
         cells.fill_(cfg.mask_prob)
         return cells.flatten(), False
     if cfg.strategy == "weighted":
@@ -845,8 +847,12 @@ class ConnectiveMasker:
         self._factor: dict[torch.device, float] = {}  # the schedule factor each device's prob_table holds now
         self._impl: dict[torch.device, str] = {}
         self._kernel_ran: set[torch.device] = set()  # devices where the kernel compiled and ran once
+        self._reference_tables: dict[torch.device, MaskTables] = {}  # the control arm's real-connective matcher
         # schedule = "plateau": the step masking starts ramping at, set by whoever watches the loss (the trainer)
         self.plateau_step: int | None = None
+        # strategy = "random" (`control`): the ControlArm chosen, and the real connectives' lexicon (for the counts)
+        self.control_arm: Any = None
+        self.reference_lexicon: ResolvedLexicon | None = None
 
     @property
     def seed(self) -> int:
@@ -911,6 +917,9 @@ class ConnectiveMasker:
         for key, message in idle_keys(cfg):
             if key in given:  # a MaskingConfig was warned about where it was loaded (load_config)
                 warnings.warn(message, UserWarning, stacklevel=2)
+        if cfg.strategy == "random":
+            raise MaskingError("strategy 'random' (the control arm) picks its words and its rate from the training "
+                               "tokens: build it with ConnectiveMasker.control(tokenizer, config, tokens, seq_len=...)")
         enabled = cfg.enabled or not enabled_given
         _check_options(check_ids=check_ids, enabled=enabled, log=log)
         mask_id = find_mask_id(tokenizer, mask_token)  # before the lexicon (~1 s): a missing token fails at once
@@ -921,6 +930,55 @@ class ConnectiveMasker:
         if not enabled and log is not None:
             log("masking: disabled (enabled = false): the masker returns its inputs unchanged")
         return masker
+
+    @classmethod
+    def control(cls, tokenizer: Any, config: MaskingConfig | Mapping[str, Any] | None, tokens: Any, *,
+                seq_len: int, verse_start: Any = None, mask_token: str = "", seed: int | None = None, rank: int = 0,
+                check_ids: bool = True, log: Callable[[str], None] | None = logger.info,
+                warn: Callable[[str], None] | None = None, **overrides) -> ConnectiveMasker:
+        """The control arm's masker (strategy = "random", semantics in `genesis.control`): the training split's
+        `tokens` (1-D ids, e.g. `Corpus.splits["train"].tokens`) and their `verse_start` flags (optional), read as
+        rows of `seq_len`, choose the control words and calibrate p against config's control_reference. `config`
+        and `overrides` as in `from_tokenizer` (strategy = "random" is implied); `warn` receives the line saying p
+        was capped at 1 (default: `log`). The masker's `control_arm` holds the ControlArm (words, p, rates); its
+        `lexicon` is the control words'; `reference_lexicon` the real connectives'. ~2 s on the KJV."""
+        from genesis.control import build_control
+
+        table = to_dict(config) if isinstance(config, MaskingConfig) else to_dict(dict(config or {}))
+        table.update(to_dict(overrides))
+        table["strategy"] = "random"
+        if isinstance(table.get("connectives"), Mapping):
+            table["connectives"] = {word: _connective_table(word, value)
+                                    for word, value in table["connectives"].items()}
+        try:
+            cfg = build(MaskingConfig, table, "masking")
+        except ConfigValueError as e:
+            raise MaskingError(f"{e.key}: {e.reason}") from None
+        _check_options(check_ids=check_ids, enabled=True, log=log)
+        if seed is None:
+            seed = cfg.seed if cfg.seed is not None else 0
+        _counter_word(seed, "seed", bits=63)
+        _counter_word(rank, "rank")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise MaskingError(f"seq_len must be a positive integer (got {seq_len!r:.60})")
+        tokens = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise MaskingError(f"tokens must be 1-D token ids (got shape {tokens.shape})")
+        if verse_start is not None:
+            if isinstance(verse_start, torch.Tensor):
+                verse_start = verse_start.detach().cpu().numpy()
+            verse_start = np.asarray(verse_start)
+            if verse_start.shape != tokens.shape:
+                raise MaskingError(f"verse_start must have the shape of tokens {tokens.shape} (got "
+                                   f"{verse_start.shape})")
+        mask_id = find_mask_id(tokenizer, mask_token)
+        try:
+            return build_control(cls, tokenizer, cfg, tokens, verse_start, seq_len, mask_id, seed, rank, check_ids,
+                                 log, warn if warn is not None else log)
+        except ValueError as e:
+            if isinstance(e, MaskingError):
+                raise
+            raise MaskingError(f"strategy 'random': {e}") from None
 
     # -- tables and dispatch ----------------------------------------------------------------------------------
 
@@ -1113,16 +1171,22 @@ class ConnectiveMasker:
         return MaskOutput(*result)
 
     def stats(self, out: MaskOutput, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Counts as 0-d device tensors (no host sync): masked tokens, and masked words — a masked position starts
-        a word unless it glues onto a masked piece of the same connective just before it; with chain = true also
-        masked chains (of two or more causal words) and the words in them."""
+        """Counts as 0-d device tensors (no host sync): masked tokens, masked words — a masked position starts
+        a word unless it glues onto a masked piece of the same connective just before it — and matched words (the
+        lexicon's words in the batch, masked or not); with chain = true also masked chains (of two or more causal
+        words) and the words in them; for the control arm (`control_arm`) also the real connectives in the batch
+        ("connective_words") and those masked ("masked_connective_words", 0 unless a control word is one)."""
         m, c = out.mask, out.connectives
         tables = self.tables(input_ids.device)
         ids = input_ids.long().clamp(0, tables.vocab_size)  # invalid ids are never masked; any slot will do
         glued = _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1])
         word_start = m.clone()
         word_start[:, 1:] &= ~(m[:, :-1] & (c[:, 1:] == c[:, :-1]) & glued)
-        counts = {"masked_tokens": m.sum(), "masked_words": word_start.sum()}
+        # a match never glues onto the token before it (lexicon.find_matches): its unglued pieces are its starts
+        glued_before = torch.zeros_like(m)
+        glued_before[:, 1:] = glued
+        counts = {"masked_tokens": m.sum(), "masked_words": word_start.sum(),
+                  "matched_words": (out.matched & ~glued_before).sum()}
         if tables.chain:  # masked causal words within chain_gap of each other: one chain (all-or-nothing)
             causal = word_start & (out.classes == tables.chain_class)
             B, T = m.shape
@@ -1135,7 +1199,22 @@ class ConnectiveMasker:
             linked_after = causal & (after - column <= tables.chain_gap)
             counts["masked_chains"] = (linked_after & ~linked_before).sum()
             counts["masked_chain_words"] = (linked_before | linked_after).sum()
+        if self.reference_lexicon is not None:
+            starts = self._reference_starts(ids)
+            counts["connective_words"] = starts.sum()
+            counts["masked_connective_words"] = (starts & m).sum()
         return counts
+
+    def _reference_starts(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: where a word of `reference_lexicon` (the real connectives) starts, by the dense matcher."""
+        device = ids.device
+        if device not in self._reference_tables:
+            cfg = dataclasses.replace(self.config, strategy="uniform", default_connectives=True, connectives={})
+            self._reference_tables[device] = build_tables(self.reference_lexicon, cfg, self.mask_id).to(device)
+        B, T = ids.shape
+        word_start, entry = _word_entries(ids, self._reference_tables[device],
+                                          torch.arange(T, device=device).expand(B, T))
+        return word_start & (entry >= 0)
 
     # -- reporting --------------------------------------------------------------------------------------------
 
@@ -1187,6 +1266,8 @@ class ConnectiveMasker:
         n_patterns = len(lex.pattern_len)
         if c.strategy == "uniform":
             rule = f"p={c.mask_prob}"
+        elif c.strategy == "random":
+            rule = f"control words at p={c.mask_prob:.4f}, {c.control_reference}'s rate"
         elif c.strategy == "weighted":
             rule = f"p={c.base_probability} x weight"
         else:
@@ -1202,6 +1283,7 @@ class ConnectiveMasker:
             rule += f", x {c.schedule} ramp {c.schedule_start:g} -> 1 over {c.schedule_steps} steps"
         unresolved = f" | unresolved: {', '.join(lex.unresolved)}" if lex.unresolved else ""
         disabled = "" if self.enabled else "disabled (enabled = false): inputs pass through unchanged | configured: "
-        return (f"masking: {disabled}{c.strategy} ({rule}) | {len(lex.words)} connectives -> {n_patterns} token "
+        kind = "control words" if c.strategy == "random" else "connectives"
+        return (f"masking: {disabled}{c.strategy} ({rule}) | {len(lex.words)} {kind} -> {n_patterns} token "
                 f"patterns{unresolved} | replacement {c.replacement} | "
                 f"seed {self.seed} | classes {', '.join(CLASSES)}")

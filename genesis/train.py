@@ -154,19 +154,18 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     check_windows(corpus, cfg)
     check_memory(cfg, corpus.tokenizer.get_vocab_size(with_added_tokens=True), device)  # before the run dir
     tok = corpus.tokenizer
+    train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
     masker = None
     if cfg.masking.enabled:  # built before the run directory: a masking setting that cannot run leaves nothing
-        from genesis.masking import ConnectiveMasker
-
-        masker = ConnectiveMasker.from_tokenizer(tok, cfg.masking, mask_token=cfg.tokenizer.mask_token,
-                                                 seed=cfg.masking.seed if cfg.masking.seed is not None else t.seed,
-                                                 check_ids=False, log=log).to(device)  # .to: impl chosen now
-        log(masker.describe())
-    train_data, heldout = corpus.splits["train"], corpus.splits["heldout"]
-    # the connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation
+        masker = build_masker(cfg, tok, train_data, device, ckpt, run_dir / CHECKPOINT)
+    # the connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation (the real
+    # connectives, also under the control arm, whose masker's lexicon holds its control words)
     from genesis.masking import resolve_lexicon
 
-    lexicon = masker.lexicon if masker is not None else resolve_lexicon(tok, cfg.masking)
+    if masker is None:
+        lexicon = resolve_lexicon(tok, cfg.masking)
+    else:
+        lexicon = masker.reference_lexicon if masker.control_arm is not None else masker.lexicon
     heldout_connectives = HeldoutConnectives.find(heldout, cfg, lexicon)
     log(f"data: {cfg.data.corpus} | train {len(train_data):,} tokens | held-out {len(heldout):,} tokens "
         f"| vocab {tok.get_vocab_size(with_added_tokens=True):,} | cache {corpus.cache_dir}")
@@ -225,12 +224,43 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
         tensorboard = TensorBoardWriter(run_dir, start if resumed else None) if t.tensorboard else None
     if resumed and world.distributed:  # every process must agree on which evaluations are still to come
         evaluated = broadcast_steps(evaluated)
-    return Run(cfg=cfg, world=world, device=device, amp=amp, run_dir=run_dir, model=model, eval_model=eval_model,
-               step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
-               heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
-               progress=Progress(t.steps, enabled=world.main, keep=False), curriculum=curriculum, completed=start,
-               summary={"run_dir": str(run_dir)}, t_last=time.time(), tensorboard=tensorboard,
-               guard=NonFiniteGuard(optimizer, t.skip_nonfinite, skipped), saved_step=start if resumed else None)
+    run = Run(cfg=cfg, world=world, device=device, amp=amp, run_dir=run_dir, model=model, eval_model=eval_model,
+              step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
+              heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
+              progress=Progress(t.steps, enabled=world.main, keep=False), curriculum=curriculum, completed=start,
+              summary={"run_dir": str(run_dir)}, t_last=time.time(), tensorboard=tensorboard,
+              guard=NonFiniteGuard(optimizer, t.skip_nonfinite, skipped), saved_step=start if resumed else None)
+    if masker is not None and masker.control_arm is not None and not resumed:  # a resumed run keeps its step-0 one
+        record(run, {"kind": "control", "step": 0, **masker.control_arm.record()})
+    return run
+
+
+def build_masker(cfg: Config, tok: Any, train_data: TokenSplit, device: torch.device, ckpt: dict | None,
+                 checkpoint: Path) -> Any:
+    """The run's ConnectiveMasker on `device` (its impl chosen now); for strategy = "random" the control arm's,
+    chosen from the training split, and on --resume checked against the words and p the checkpoint recorded."""
+    from genesis.masking import ConnectiveMasker
+
+    seed = cfg.masking.seed if cfg.masking.seed is not None else cfg.training.seed
+    if cfg.masking.strategy != "random":
+        masker = ConnectiveMasker.from_tokenizer(tok, cfg.masking, mask_token=cfg.tokenizer.mask_token, seed=seed,
+                                                 check_ids=False, log=log)
+    else:
+        masker = ConnectiveMasker.control(tok, cfg.masking, train_data.tokens, verse_start=train_data.verse_start,
+                                          seq_len=cfg.model.seq_len, mask_token=cfg.tokenizer.mask_token, seed=seed,
+                                          check_ids=False, log=log, warn=warn)
+        recorded = (ckpt or {}).get("control")
+        if recorded is not None:
+            now = masker.control_arm.record()
+            if recorded["words"] != now["words"] or not math.isclose(recorded["probability"], now["probability"],
+                                                                     rel_tol=1e-9):
+                raise RunError(f"{checkpoint}: the control arm now chooses other words or p than it recorded (p "
+                               f"{now['probability']:.6g} vs {recorded['probability']:.6g}): the training split or "
+                               f"the tokenizer changed; start a new run")
+    log(masker.describe())
+    if masker.control_arm is not None:  # the words and p, for a reader of the run's log
+        log(masker.control_arm.describe())
+    return masker.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,27 +326,24 @@ def adapt_step(run: Run, done: int, counts: torch.Tensor) -> None:
 
 
 def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tensor,
-                masked: list) -> list[float] | None:
-    """At a log step, the loss, the masked counts and the class head's statistics summed over the processes (their
-    one collective: before the optimizer step, so that a failed one leaves the weights of step `completed`); None
-    at other steps."""
+                masked: list) -> dict[str, float] | None:
+    """At a log step, the loss, the masker's counts (`ConnectiveMasker.stats`, by name) and the class head's
+    statistics ("class_loss_sum", "class_correct", "class_labelled"), summed over the processes (their one
+    collective: before the optimizer step, so that a failed one leaves the weights of step `completed`); None at
+    other steps."""
     t = run.cfg.training
     if not (done % t.log_every == 0 or done == t.steps):
         return None
-    values = [loss]
+    values = {"loss": loss}
     if run.masker is not None:
         mask_stats = [run.masker.stats(out, ids) for out, ids in masked]
-        values += [sum(s[key] for s in mask_stats) for key in ("masked_tokens", "masked_words")]
-        if run.cfg.masking.chain:  # at the end: the class head's values keep their places
-            chain_values = [sum(s[key] for s in mask_stats) for key in ("masked_chains", "masked_chain_words")]
+        values.update({key: sum(s[key] for s in mask_stats) for key in mask_stats[0]})
     if run.model.class_head is not None:
-        values += list(class_stats.unbind())
-    if run.masker is not None and run.cfg.masking.chain:
-        values += chain_values
-    return [v.item() for v in all_sum(values, run.world)]
+        values.update(zip(("class_loss_sum", "class_correct", "class_labelled"), class_stats.unbind()))
+    return dict(zip(values, (v.item() for v in all_sum(list(values.values()), run.world))))
 
 
-def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_norm: torch.Tensor) -> None:
+def log_step(run: Run, done: int, values: dict[str, float] | None, lr: float, grad_norm: torch.Tensor) -> None:
     """The train record and console line of a log step (`values` from `step_values`). The record first: once it is
     written, step `done` is complete (`updating` ends), even if the console line fails (a closed pipe)."""
     t, world, device = run.cfg.training, run.world, run.device
@@ -327,23 +354,34 @@ def log_step(run: Run, done: int, values: list[float] | None, lr: float, grad_no
         torch.cuda.synchronize()
     dt = (time.time() - run.t_last) / run.steps_since
     tokens = t.micro_batch * run.cfg.model.seq_len * t.grad_accum * world.size
-    rec = {"kind": "train", "step": done, "loss": values[0] / world.size, "lr": lr,
+    rec = {"kind": "train", "step": done, "loss": values["loss"] / world.size, "lr": lr,
            "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "ms_per_step": dt * 1000}
     line = (f"step {done:>6}/{t.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad {rec['grad_norm']:.3f}"
             f" | {rec['tokens_per_s'] / 1e3:8.1f}k tok/s | {rec['ms_per_step']:7.1f} ms/step")
     if run.masker is not None:
-        rec["masked_fraction"] = values[1] / tokens
-        rec["masked_connectives"] = round(values[2])
-        line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
-        if run.cfg.masking.chain:  # the last two values (step_values)
-            rec["masked_chains"], rec["masked_chain_words"] = round(values[-2]), round(values[-1])
+        rec["masked_fraction"] = values["masked_tokens"] / tokens
+        if run.masker.control_arm is None:
+            rec["masked_connectives"] = round(values["masked_words"])
+            rec["connective_words"] = round(values["matched_words"])
+            line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
+        else:  # the control arm: its words, and the real connectives it must leave alone
+            rec["masked_connectives"] = round(values["masked_connective_words"])
+            rec["connective_words"] = round(values["connective_words"])
+            rec["masked_control_words"] = round(values["masked_words"])
+            rec["control_words"] = round(values["matched_words"])
+            line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_control_words']} of "
+                     f"{rec['control_words']} control words, {rec['masked_connectives']} of "
+                     f"{rec['connective_words']} connectives")
+        if run.cfg.masking.chain:
+            rec["masked_chains"], rec["masked_chain_words"] = (round(values["masked_chains"]),
+                                                               round(values["masked_chain_words"]))
             line += f" ({rec['masked_chains']} causal chains of {rec['masked_chain_words']})"
     if run.guard.skipped:
         rec["skipped_steps"] = len(run.guard.skipped)
     if run.model.class_head is not None:  # over this step's masked tokens (every piece of a masked word)
-        labelled = values[5]
-        rec["class_loss"] = values[3] / labelled if labelled else None
-        rec["class_accuracy"] = values[4] / labelled if labelled else None
+        labelled = values["class_labelled"]
+        rec["class_loss"] = values["class_loss_sum"] / labelled if labelled else None
+        rec["class_accuracy"] = values["class_correct"] / labelled if labelled else None
         if labelled:
             line += f" | class loss {rec['class_loss']:.3f} acc {100 * rec['class_accuracy']:.1f}%"
     if device.type == "cuda":
@@ -410,9 +448,11 @@ def save(run: Run, every_process: bool = True) -> None:
     counts = None
     if run.curriculum.adaptive and run.world.distributed and every_process:
         counts = all_sum([run.curriculum.counts], run.world)[0]
+    extra = {"nonfinite_skipped": run.guard.skipped, "curriculum": run.curriculum.state_dict(counts)}
+    if run.masker is not None and run.masker.control_arm is not None:  # what --resume checks its own choice against
+        extra["control"] = run.masker.control_arm.record()
     save_checkpoint(run.run_dir / CHECKPOINT, run.model, run.optimizer, run.completed, run.cfg, run.world,
-                    extra={"nonfinite_skipped": run.guard.skipped, "curriculum": run.curriculum.state_dict(counts)},
-                    saved_step=run.saved_step)
+                    extra=extra, saved_step=run.saved_step)
     run.saved_step = run.completed
     if run.world.main:
         keep_step_checkpoint(run.run_dir / CHECKPOINT, run.completed, run.cfg.training.keep_checkpoints)

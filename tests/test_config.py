@@ -79,7 +79,8 @@ def test_config_knows_where_each_value_came_from(tmp_path):
         ("[model]\ndim = 'big'\n", "model.dim", "expected an integer, got 'big'"),
         ("[training]\nlr = -1.0\n", "training.lr", "must be > 0"),
         ("[model]\ndim = 100\nn_heads = 3\n", "model.dim", "must be divisible by n_heads"),
-        ("[masking]\nstrategy = 'random'\n", "masking.strategy", "must be one of uniform, weighted, structural"),
+        ("[masking]\nstrategy = 'shuffled'\n", "masking.strategy",
+         "must be one of uniform, weighted, structural, random"),
         ("[masking]\nbert_split = [0.5, 0.1, 0.1]\n", "masking.bert_split", "must sum to 1"),
         ("[[masking.rules]]\np = 1.5\n", "masking.rules[0].p", "must be in [0, 1]"),
         ("[masking.connectives.hence]\nweight = 0.5\nclass = 'causl'\n", "masking.connectives.hence.class",
@@ -356,3 +357,38 @@ def test_keys_their_switch_leaves_unread_get_one_warning_each(capsys, tmp_path, 
     assert "adapt_up" in saved.read_text() and "plateau_window" in saved.read_text()
     load_config(str(saved))
     assert capsys.readouterr().err == ""  # the switches on, and the shipped configs: nothing to say
+
+
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["masking.adaptive=true"], "masking.adaptive",
+     "adapts the connectives' weights, which strategy = \"random\" (the control arm) does not mask"),
+    (["masking.chain=true"], "masking.chain",
+     "chains causal connectives, which strategy = \"random\" (the control arm) does not mask"),
+    (["model.class_head=true"], "model.class_head",
+     "learns the class of masked connectives, and strategy = \"random\" (the control arm) masks other words"),
+    (["training.connective_loss_weight=2.0"], "training.connective_loss_weight",
+     "weights the connectives the masker finds, and under strategy = \"random\" (the control arm) it finds the "
+     "control words"),
+    (["masking.control_reference=random"], "masking.control_reference",
+     "must be one of uniform, weighted, structural (got 'random')"),
+])
+def test_the_random_control_arm_refuses_what_it_cannot_mean(overrides, key, reason):
+    """Each combination that makes no sense with the control arm is one config error line naming the --set."""
+    with pytest.raises(ConfigError) as e:
+        load_config("cpu.toml", overrides=["masking.enabled=true", "masking.strategy=random", *overrides])
+    message = str(e.value)
+    assert "\n" not in message and f": {key}: {reason}" in message and message.startswith("--set ")
+    assert load_config("cpu.toml", overrides=["masking.enabled=true", "masking.strategy=random"]).masking.strategy \
+        == "random"
+
+
+def test_control_reference_without_the_random_strategy_is_an_idle_key(capsys, monkeypatch):
+    import genesis.config
+
+    monkeypatch.setattr(genesis.config, "_idle_warned", set())
+    load_config("cpu.toml", overrides=["masking.control_reference=uniform"])
+    assert capsys.readouterr().err.strip() == ("warning: --set masking.control_reference=uniform: "
+                                               "masking.control_reference has no effect while masking.strategy = "
+                                               "\"weighted\"")
+    load_config("cpu.toml", overrides=["masking.strategy=random", "masking.control_reference=uniform"])
+    assert capsys.readouterr().err == ""

@@ -831,6 +831,67 @@ def test_masked_context_loss_differs_from_the_visible_one_only_through_the_maske
     assert not np.isnan(scores.visible[:5]).any()
 
 
+def test_deleted_context_predicts_each_token_from_the_stream_less_the_slots():
+    """The deletion variant on a bigram model, where the answer is known: each of the k tokens after a slot is
+    predicted from the last token before it that is no slot piece (the slot's own pieces and a slot inside the k
+    tokens are skipped, not masked); a target with nothing left before it (after the slot opening the stream) is
+    left out."""
+    from genesis.evaluate.scorers import deleted_stream
+
+    rng = np.random.default_rng(11)
+    vocab_size, mask_id, k = 40, 39, 3
+    stream = rng.integers(0, 39, size=300).astype(np.int64)
+    table = torch.from_numpy(rng.normal(size=(vocab_size, vocab_size))).float()
+
+    def slot(pos: int, n_pieces: int) -> ev.Slot:
+        return ev.Slot(f"s{pos}", 0, pos, n_pieces, 0, False, 5, -1, -1, "Genesis", "law")
+
+    slots = [slot(0, 2), slot(40, 1), slot(42, 1), slot(100, 2), slot(250, 2), slot(299, 1)]
+    scores = ev.score_masked_context(BigramLM(table, seq_len=16), stream, slots, mask_id, k, batch_tokens=48,
+                                     progress=False)
+    shortened, kept_before = deleted_stream(stream, slots)
+    pieces = {0, 1, 40, 42, 100, 101, 250, 251, 299}
+    assert len(shortened) == 300 - len(pieces) and kept_before[2] == 0 and kept_before[43] == 40 - 2 + 1
+    logp = torch.log_softmax(table, dim=-1).double().numpy()
+    for i, s in enumerate(slots):
+        targets = [t for t in range(s.stream_pos + s.n_pieces, s.stream_pos + s.n_pieces + k) if t < len(stream)]
+        if not targets:
+            assert math.isnan(scores.deleted[i])
+            continue
+        before = [max((u for u in range(t) if u not in pieces), default=None) for t in targets]
+        expected = [logp[stream[b], stream[t]] for t, b in zip(targets, before) if b is not None]
+        assert scores.deleted[i] == pytest.approx(-np.mean(expected)), s
+    assert scores.deleted[0] == pytest.approx(-np.mean([logp[stream[2], stream[3]], logp[stream[3], stream[4]]]))
+    # slot 40's targets 41 (after 39), 42 (the slot at 42: predicted from 41) and 43 (from 41, as 42 is gone)
+    assert scores.deleted[1] == pytest.approx(-np.mean([logp[stream[39], stream[41]], logp[stream[41], stream[42]],
+                                                        logp[stream[41], stream[43]]]))
+
+
+def test_deleted_context_on_a_real_model_equals_one_forward_over_the_shortened_stream():
+    """A (randomly initialised) Llama over a stream shorter than its context: the scorer's deleted losses are the
+    shortened stream's next-token losses from a single forward pass, and differ from the visible ones."""
+    from genesis.evaluate.scorers import deleted_stream
+    from genesis.model import Llama, ModelArgs
+
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(vocab_size=50, n_layers=2, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64, seq_len=64)).eval()
+    stream = np.random.default_rng(5).integers(0, 49, size=60).astype(np.int64)
+
+    def slot(pos: int, n_pieces: int) -> ev.Slot:
+        return ev.Slot(f"s{pos}", 0, pos, n_pieces, 0, False, 5, -1, -1, "Genesis", "law")
+
+    slots, k = [slot(5, 1), slot(9, 2), slot(30, 1), slot(33, 1)], 4
+    scores = ev.score_masked_context(model, stream, slots, 49, k, progress=False)
+    shortened, kept_before = deleted_stream(stream, slots)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.from_numpy(shortened)[None])[0][0].double(), dim=-1).numpy()
+    for i, s in enumerate(slots):
+        targets = range(s.stream_pos + s.n_pieces, s.stream_pos + s.n_pieces + k)
+        expected = -np.mean([logp[kept_before[t] - 1, stream[t]] for t in targets])
+        assert scores.deleted[i] == pytest.approx(expected, rel=1e-5)
+    assert not np.allclose(scores.deleted, scores.visible)
+
+
 def test_masked_context_result_is_the_mean_over_slots_of_the_run_mask_tokens_scores(ctx):
     """On a model whose prediction depends on the token before (a low-rank bigram), the result's losses are the
     means of the scorer's per-slot losses with the tokenizer's [MASK] hiding the connectives: not the visible
@@ -852,13 +913,16 @@ def test_masked_context_result_is_the_mean_over_slots_of_the_run_mask_tokens_sco
     assert result["visible_loss"] == pytest.approx(scores.visible[scored].mean(), rel=1e-9)
     assert result["masked_loss"] == pytest.approx(scores.masked[scored].mean(), rel=1e-9)
     assert abs(result["gap"]) > 1e-3  # the hidden connective changed the next token's prediction
+    assert result["deleted_loss"] == pytest.approx(scores.deleted[scored].mean(), rel=1e-9)
+    assert result["deletion_gap"] == pytest.approx(result["deleted_loss"] - result["visible_loss"], rel=1e-9)
+    assert abs(result["deletion_gap"]) > 1e-3
     conjunctive = scored & np.array([s.conjunctive for s in ctx.slots])
     assert result["sets"]["conjunctive"]["n"] == conjunctive.sum() < result["n"]
     assert result["sets"]["conjunctive"]["masked_loss"] == pytest.approx(scores.masked[conjunctive].mean(), rel=1e-9)
     assert result["sets"]["conjunctive"]["gap"] == pytest.approx(
         scores.masked[conjunctive].mean() - scores.visible[conjunctive].mean(), rel=1e-9)
-    assert {k: result["sets"]["all"][k] for k in ("n", "visible_loss", "masked_loss", "gap")} == {
-        k: result[k] for k in ("n", "visible_loss", "masked_loss", "gap")}
+    assert {k: result["sets"]["all"][k] for k in ("n", "visible_loss", "masked_loss", "gap", "deleted_loss")} == {
+        k: result[k] for k in ("n", "visible_loss", "masked_loss", "gap", "deleted_loss")}
     other = ev.score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id - 1, k, progress=False)
     assert other.masked[scored].mean() != pytest.approx(result["masked_loss"], rel=1e-6)
 
@@ -868,5 +932,6 @@ def test_masked_context_lands_in_the_result_and_a_uniform_model_has_no_gap(ctx, 
     assert mc["k"] == ev.DEFAULT_CONTEXT_K == 8 and mc["n"] == len(ctx.slots)  # every held-out slot is followed
     assert mc["visible_loss"] == pytest.approx(math.log(vocab(ctx))) and mc["masked_loss"] == pytest.approx(
         mc["visible_loss"]) and mc["gap"] == pytest.approx(0.0, abs=1e-9)
+    assert mc["deleted_loss"] == pytest.approx(mc["visible_loss"]) and mc["deletion_gap"] == pytest.approx(0, abs=1e-9)
     assert "masked context: loss (nats) on the 8 tokens after each of" in ev.format_tables(
         {**uniform_result, "checkpoint": "x", "step": 0, "corpus": "kjv", "split": "heldout", "train_corpus": "kjv"})

@@ -1289,3 +1289,173 @@ def test_cuda_bad_ids_raise_before_any_device_assert(tok):
     out = unchecked(torch.tensor([[1, 99999, -5]], device="cuda"), step=0)
     torch.cuda.synchronize()
     assert out.input_ids.tolist() == [[1, 99999, -5]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The control arm (strategy = "random")
+
+
+@pytest.fixture(scope="module")
+def control_masker(kjv_corpus):
+    """The control arm of the default [masking] keys (reference: structural), calibrated on the training split as
+    rows of 1024 tokens, the rows `kjv_rows` holds."""
+    data = kjv_corpus.splits["train"]
+    return ConnectiveMasker.control(kjv_corpus.tokenizer, {}, data.tokens, verse_start=data.verse_start,
+                                    seq_len=1024, seed=1234, log=None)
+
+
+def test_control_words_are_paired_by_training_frequency():
+    """Greedy, most frequent connective first, closest count (ties: the larger, then alphabetical), never a lexicon
+    word or its final-s form, alphabetic words only; a connective that never occurs gets no word."""
+    from collections import Counter
+
+    from genesis.control import pair_words
+
+    counts = Counter({"for": 100, "but": 60, "so": 58, "fors": 99, "unto": 97, "lord": 103, "me": 59, "x1": 60,
+                      "thee": 61, "abc": 61, "then": 0})
+    pairs = pair_words(counts, ["for", "but", "so", "then", "afterward"])
+    # for: unto and lord both 3 away, lord the more frequent ("fors" is a form of "for"); but: abc, thee and me 1
+    # away, abc and thee the more frequent, abc first ("x1" is not alphabetic); so: me, the one left 1 away
+    assert list(pairs.items()) == [("for", ("lord", 100, 103)), ("but", ("abc", 60, 61)), ("so", ("me", 58, 59))]
+
+
+def test_the_control_arm_masks_control_words_never_connectives(base_masker, control_masker, kjv_rows):
+    """Over the whole split at 4 steps: every masked position lies in a control-word match and never in a
+    connective's; every control word that occurs is masked somewhere; the control words are no lexicon words."""
+    arm, x, vs = control_masker.control_arm, *kjv_rows
+    assert set(arm.pairs.values()).isdisjoint(DEFAULT_CONNECTIVES) and set(arm.pairs) <= set(DEFAULT_CONNECTIVES)
+    assert control_masker.lexicon.words == tuple(arm.pairs.values()) and not control_masker.lexicon.unresolved
+    connective = base_masker(x, step=0, verse_start=vs).matched  # every connective piece, masked or not
+    masked_entries = set()
+    for step in range(100, 104):
+        out = control_masker(x, step=step, verse_start=vs)
+        assert out.mask.any() and not (out.mask & connective).any()
+        assert not (out.mask & ~out.matched).any()
+        masked_entries |= set(out.connectives[out.mask].tolist())
+        stats = control_masker.stats(out, x)
+        assert stats["masked_connective_words"] == 0 and stats["connective_words"] > 10_000
+        assert 0 < stats["masked_words"] < stats["matched_words"]
+    occurring = set(torch.unique(control_masker(x, step=0).connectives[control_masker(x, step=0).mask]).tolist())
+    assert occurring <= masked_entries and len(masked_entries) == len(arm.pairs)
+
+
+def match_lengths(out, tables, x):
+    """The piece count of every match in a masker's output (a match's first piece never glues onto the token before
+    it; its other pieces do)."""
+    ids = x.reshape(-1)
+    matched = out.matched.reshape(-1).numpy()
+    glued = np.zeros_like(matched)
+    glued[1:] = (tables.glue_left[ids[1:]] & tables.word_end[ids[:-1]]).numpy()
+    glued[:: x.shape[1]] = False  # row starts
+    word = np.cumsum(matched & ~glued)[matched]
+    return np.bincount(word)[1:]
+
+
+def test_the_control_arm_masks_at_the_reference_rate(control_masker, kjv_rows):
+    """The realised rate over the split's rows at 8 steps the calibration never drew (100..107) matches the
+    reference's (structural, with the same keys) at the same steps, within 5 sigma of the difference's Bernoulli
+    noise: the control's is exact (each control match of n pieces adds n^2 p (1 - p)), the reference's bounded by
+    n^2 / 4 per match (p (1 - p) <= 1/4), and the calibration's mean over CALIBRATION_STEPS adds the reference's
+    / CALIBRATION_STEPS. At ~8,300 masked tokens a step, 5 sigma is ~3% of the rate; a mismatched p is not."""
+    from genesis.control import CALIBRATION_STEPS
+
+    arm, (x, vs) = control_masker.control_arm, kjv_rows
+    reference = variant(control_masker, strategy="structural")  # for the tables only: its lexicon is the controls'
+    reference = ConnectiveMasker(control_masker.reference_lexicon, reference.config, control_masker.mask_id,
+                                 seed=control_masker.seed, log=None)
+    steps = range(100, 108)
+    control_outs = [control_masker(x, step=s, verse_start=vs) for s in steps]
+    reference_outs = [reference(x, step=s, verse_start=vs) for s in steps]
+    control_rate = sum(int(o.mask.sum()) for o in control_outs) / len(steps)
+    reference_rate = sum(int(o.mask.sum()) for o in reference_outs) / len(steps)
+    p = arm.probability
+    var_control = float((match_lengths(control_outs[0], control_masker.tables("cpu"), x) ** 2).sum()) * p * (1 - p)
+    var_reference = float((match_lengths(reference_outs[0], reference.tables("cpu"), x) ** 2).sum()) / 4
+    sigma = math.sqrt(var_control / len(steps) + var_reference / len(steps) + var_reference / CALIBRATION_STEPS)
+    assert abs(control_rate - reference_rate) < 5 * sigma, (control_rate, reference_rate, sigma)
+    assert abs(control_rate - p * arm.control_tokens) < 5 * math.sqrt(var_control / len(steps))
+    assert 5 * sigma < 0.04 * reference_rate  # the bound can tell a 4% mismatch
+    assert arm.tokens == x.numel() and arm.expected_rate == pytest.approx(arm.reference_rate, rel=1e-9)
+
+
+def test_the_control_arm_is_deterministic_and_caps_p_with_a_warning(kjv_corpus):
+    """The same tokens and keys give the same words and p; a reference that masks more tokens than the control
+    words hold (every "the", paired with the rarer "and") caps p at 1 with one warning line."""
+    data = kjv_corpus.splits["train"]
+    tokens = np.asarray(data.tokens[:200_000])
+    keys = dict(strategy="random", control_reference="uniform", mask_prob=1.0, default_connectives=False,
+                connectives={"the": (1.0, "additive")})
+    said = []
+    masker = ConnectiveMasker.control(kjv_corpus.tokenizer, keys, tokens, seq_len=100, log=None, warn=said.append)
+    again = ConnectiveMasker.control(kjv_corpus.tokenizer, keys, tokens, seq_len=100, log=None, warn=said.append)
+    arm = masker.control_arm
+    assert arm.pairs == again.control_arm.pairs == {"the": "and"} and arm.probability == 1.0 and arm.capped
+    assert masker.config.mask_prob == 1.0 and arm.expected_rate < arm.reference_rate
+    assert len(said) == 2 and said[0] == said[1] and "too rare to reach uniform's rate" in said[0]
+    assert "\n" not in said[0]
+
+
+def test_the_random_strategy_needs_the_training_tokens(tok):
+    with pytest.raises(MaskingError, match=r"strategy 'random' \(the control arm\) picks its words .* "
+                                           r"ConnectiveMasker.control\(tokenizer, config, tokens"):
+        make_masker(tok, strategy="random")
+    with pytest.raises(MaskingError, match="adaptive: adapts the connectives' weights"):
+        ConnectiveMasker.control(tok, {"adaptive": True}, np.zeros(10, dtype=np.int64), seq_len=4, log=None)
+    with pytest.raises(MaskingError, match=r"tokens must be 1-D token ids"):
+        ConnectiveMasker.control(tok, {}, np.zeros((2, 10), dtype=np.int64), seq_len=4, log=None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("replacement", list(REPLACEMENTS))
+def test_control_kernel_equals_torch_on_kjv_batches(control_masker, kjv_rows, replacement):
+    """As test_kernel_equals_torch_on_kjv_batches, for the control masker at a denser p, as STRATEGIES' uniform
+    (torch_path also checks the dense layout against the sparse one)."""
+    masker = variant(control_masker, **REPLACEMENTS[replacement], mask_prob=0.7)
+    x, vs = kjv_rows
+    x, vs = x[3:5, 100:400].contiguous(), vs[3:5, 100:400].contiguous()
+    for verse_start in (vs, None):
+        expected = torch_path(masker, x, 17, verse_start)
+        assert expected[1].any()
+        assert_same(kernel(masker, x, 17, verse_start, block=128), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("replacement", list(REPLACEMENTS))
+def test_control_kernel_equals_torch_on_adversarial_batches(control_masker, replacement):
+    """As test_kernel_equals_torch_on_adversarial_batches: rows built from the control words' patterns."""
+    masker = variant(control_masker, **REPLACEMENTS[replacement], lookback=12, mask_prob=0.7)
+    x = adversarial_batch(masker, (2, 193), seed=11)
+    vs = torch.from_numpy(np.random.default_rng(11).random((2, 193)) < 0.1)
+    for verse_start in (vs, None):
+        expected = torch_path(masker, x, 3, verse_start, row_offset=5)
+        assert expected[1].sum() > 10
+        assert_same(kernel(masker, x, 3, verse_start, row_offset=5, block=64), expected)
+
+
+@needs_kernel
+def test_control_kernel_equals_torch_on_odd_shapes(control_masker):
+    """ODD_CASES (B=1, T=1, T not a multiple of the block, int32 ids) for the control masker."""
+    single = [p[0] for p in map(control_masker.lexicon.pattern_ids, range(control_masker.lexicon.num_patterns))
+              if len(p) == 1]
+    masked = 0
+    for i, (shape, dtype, replacement, flags, block) in enumerate(ODD_CASES):
+        masker = variant(control_masker, **REPLACEMENTS[replacement], mask_prob=0.9)
+        x = torch.tensor(single[i:i + shape[0]]).view(shape) if shape[1] == 1 else adversarial_batch(masker, shape, i)
+        x = x.to(dtype)
+        vs = torch.from_numpy(np.random.default_rng(i).random(shape) < 0.3) if flags else None
+        label = f"random: {shape} {dtype} {replacement} verse_start={flags} block={block}"
+        got, expected = kernel(masker, x, 2, vs, block=block), torch_path(masker, x, 2, vs)
+        assert_same(got, expected, label)
+        masked += int(expected[1].sum())
+    assert masked > 10
+
+
+def test_stats_count_the_lexicon_words_of_the_batch_masked_or_not(base_masker, kjv_rows):
+    """matched_words (logged as connective_words) is the oracle's match count, whatever was masked."""
+    x, vs = kjv_rows
+    x, vs = x[10:14], vs[10:14]
+    out = base_masker(x, step=3, verse_start=vs)
+    stats = base_masker.stats(out, x)
+    assert int(stats["matched_words"]) == sum(len(find_matches(row, base_masker.lexicon)) for row in x.tolist())
+    assert 0 < int(stats["masked_words"]) < int(stats["matched_words"])
+    assert "connective_words" not in stats  # the real connectives' counts are the control arm's alone

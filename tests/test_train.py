@@ -19,6 +19,7 @@ import torch
 import genesis.train as trainer
 from genesis.config import ConfigError, load_config
 from genesis.device import training_device
+from genesis.lexicon import DEFAULT_CONNECTIVES
 from genesis.masking import ConnectiveMasker
 from genesis.runs import load_model
 from genesis.train import CHECKPOINT, Interrupted, lr_at, train
@@ -1142,3 +1143,54 @@ def test_keep_checkpoints_copies_where_there_are_no_hard_links(tmp_path, monkeyp
     path.write_bytes(b"step 7")
     keep_step_checkpoint(path, 7, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-7.pt", CHECKPOINT]
+
+
+def test_the_random_control_arm_trains_logs_its_words_and_resumes_with_them(tmp_path, capsys):
+    """masking.strategy = "random": the run logs its control words and p (the log, a "control" record at step 0, the
+    checkpoint), masks control words and never a connective (masked_connectives 0 of connective_words at every log
+    step), evaluates on the real connectives, and 5 + 5 resumed steps equal 10 uninterrupted ones."""
+    args = ("masking.enabled=true", "masking.strategy=random", "training.eval_every=5", "training.warmup_steps=0",
+            "training.lr=0.002", "training.min_lr=0.002")
+    train(small_config(*args, "training.steps=10"), tmp_path / "a")
+    out = capsys.readouterr().out
+    assert "masking: random (control words at p=" in out and "control arm: " in out and "for->" in out
+    (control,) = records(tmp_path / "a", "control")
+    assert control["step"] == 0 and control["reference"] == "structural" and 0 < control["probability"] < 1
+    assert control["expected_rate"] == pytest.approx(control["reference_rate"], rel=1e-6)
+    words = set(control["words"].values())
+    assert "for" in control["words"] and not words & set(DEFAULT_CONNECTIVES)
+    steps = records(tmp_path / "a", "train")
+    assert steps and all(r["masked_connectives"] == 0 < r["connective_words"] for r in steps)
+    assert all(0 < r["masked_control_words"] <= r["control_words"] and r["masked_fraction"] > 0 for r in steps)
+    assert sum(r["masked_control_words"] for r in steps) < sum(r["control_words"] for r in steps)
+    # the held-out evaluation scores the real connectives, not the control words
+    by_word = records(tmp_path / "a", "eval")[-1]["heldout_by_connective"]
+    assert "for" in by_word and not words & set(by_word)
+    ckpt_control = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["control"]
+    assert ckpt_control["words"] == control["words"] and ckpt_control["probability"] == control["probability"]
+
+    train(small_config(*args, "training.steps=5"), tmp_path / "b")
+    train(small_config(*args, "training.steps=10"), tmp_path / "b", resume=True)
+    assert records(tmp_path / "b", "control") == [control]
+    keep = ("step", "loss", "masked_fraction", "masked_control_words", "control_words", "connective_words")
+    assert [[r[k] for k in keep] for r in records(tmp_path / "b", "train")] == [[r[k] for k in keep] for r in steps]
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    # a checkpoint whose control arm is not the one the run would choose again is refused, with one line
+    ckpt = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
+    ckpt["control"]["probability"] *= 1.01
+    torch.save(ckpt, tmp_path / "b" / CHECKPOINT)
+    with pytest.raises(trainer.RunError, match=r"checkpoint.pt: the control arm now chooses other words or p than it "
+                                               r"recorded \(p 0\.\d+ vs 0\.\d+\).*start a new run$"):
+        train(small_config(*args, "training.steps=11"), tmp_path / "b", resume=True)
+
+
+def test_a_random_run_evaluates_and_samples_on_the_real_connectives(kjv_tokenizer):
+    """The control arm's config keeps the run's lexicon: genesis.evaluate and sample --mask-connectives read it."""
+    from genesis.evaluate import run_connectives
+    from genesis.sample import mask_prompt
+
+    cfg = small_config("masking.enabled=true", "masking.strategy=random")
+    assert run_connectives(cfg.masking) == DEFAULT_CONNECTIVES
+    ids = kjv_tokenizer.encode("For God so loved the world").ids
+    masked, words = mask_prompt(ids, kjv_tokenizer, cfg)
+    assert words == 2 and masked != ids

@@ -284,16 +284,21 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
 def masked_context_result(model: torch.nn.Module, ctx: EvalContext, k: int, device: torch.device | str = "cpu",
                           batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Held-out loss on the k tokens after each connective with every held-out connective masked in the input, the
-    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them, on every
-    item set (`SETS`; the top-level figures are the "all" set)."""
+    same with them visible, and the gap (masked - visible): means over the slots that have tokens after them. Also
+    the same tokens with every held-out connective deleted from the input ("deleted_loss") and the deletion gap
+    (deleted - visible), over the slots with a deleted score (`score_masked_context`; all of them unless one opens
+    the stream and only one token follows it). On every item set (`SETS`; the top-level figures are the "all" set)."""
     mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
     scores = score_masked_context(model, ctx.eval_split.stream, ctx.slots, mask_id, k, device, batch_tokens, progress)
     scored = ~np.isnan(scores.visible)
+    both = scored & ~np.isnan(scores.deleted)
     sets = {}
     for name, mask in set_masks(ctx.slots).items():
         visible, masked = _mean(scores.visible[mask & scored]), _mean(scores.masked[mask & scored])
+        deleted = _mean(scores.deleted[mask & both])
         sets[name] = {"n": int((mask & scored).sum()), "visible_loss": visible, "masked_loss": masked,
-                      "gap": masked - visible}
+                      "gap": masked - visible, "deleted_loss": deleted,
+                      "deletion_gap": _mean(scores.deleted[mask & both] - scores.visible[mask & both])}
     return {"k": k, **sets["all"], "sets": sets}
 
 

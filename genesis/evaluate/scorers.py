@@ -125,6 +125,9 @@ DEFAULT_CONTEXT_K = 8  # tokens after each connective whose loss the masked-cont
 class MaskedContextScores:
     visible: np.ndarray  # (n,) mean loss (nats) of the k tokens after each slot, connectives visible; nan: none follow
     masked: np.ndarray  # (n,) the same with every slot's pieces replaced by the mask token in the input
+    # (n,) the same k tokens with every slot's pieces removed from the input (`deleted_stream`): the tokens after a
+    # slot move up to the token before it; nan where none of them has a token left before it
+    deleted: np.ndarray
 
 
 def masked_stream(stream: np.ndarray, slots: list[Slot], mask_id: int) -> np.ndarray:
@@ -135,11 +138,22 @@ def masked_stream(stream: np.ndarray, slots: list[Slot], mask_id: int) -> np.nda
     return out
 
 
+def deleted_stream(stream: np.ndarray, slots: list[Slot]) -> tuple[np.ndarray, np.ndarray]:
+    """`stream` without the pieces of every slot, and for each stream position t the number of tokens kept before it:
+    the shortened stream's first `kept_before[t]` tokens are what precedes t once the slots are deleted."""
+    keep = np.ones(len(stream), dtype=bool)
+    if slots:
+        keep[np.concatenate([np.arange(s.stream_pos, s.stream_pos + s.n_pieces) for s in slots])] = False
+    return stream[keep], np.cumsum(keep) - keep
+
+
 @torch.inference_mode()
 def token_logprobs(model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray, positions: np.ndarray,
                    device: torch.device | str = "cpu", batch_tokens: int = DEFAULT_BATCH_TOKENS, label: str = "",
-                   path: str = "auto") -> np.ndarray:
-    """log p(targets[t] | inputs[:t]) for the sorted stream positions t >= 1, float64, from windows of `inputs`.
+                   path: str = "auto", target_ids: np.ndarray | None = None) -> np.ndarray:
+    """log p(targets[t] | inputs[:t]) for the sorted stream positions t >= 1, float64, from windows of `inputs`;
+    with `target_ids` (one per position), log p(target_ids[j] | inputs[:positions[j]]) instead (positions may then
+    repeat, and reach len(inputs)).
 
     A window opens `window // 2` tokens before the first position not yet covered and takes every later position
     inside it (as `pack_windows`), so each is predicted with at least window // 2 tokens of context."""
@@ -156,8 +170,8 @@ def token_logprobs(model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarr
         index = np.concatenate([members for _, members in batch])
         col = positions[index] - 1 - starts[row]
         picked = logits_at(model, x, torch.from_numpy(row).to(device), torch.from_numpy(col).to(device), path)
-        target = torch.from_numpy(targets[positions[index]]).to(device)
-        out[index] = piece_scores(picked, target)[1].cpu().numpy()
+        wanted = targets[positions[index]] if target_ids is None else target_ids[index]
+        out[index] = piece_scores(picked, torch.from_numpy(wanted).to(device))[1].cpu().numpy()
     return out
 
 
@@ -165,9 +179,11 @@ def score_masked_context(model: torch.nn.Module, stream: np.ndarray, slots: list
                          k: int = DEFAULT_CONTEXT_K, device: torch.device | str = "cpu",
                          batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True,
                          path: str = "auto") -> MaskedContextScores:
-    """Each slot's mean loss on the (up to) k tokens after its word, predicted from the stream as it is and from
-    the stream with every slot masked (`masked_stream`): what the model reads on with when a connective is hidden.
-    The targets are the true tokens in both (a connective among the k tokens is itself to be predicted)."""
+    """Each slot's mean loss on the (up to) k tokens after its word, predicted from the stream as it is, from the
+    stream with every slot masked (`masked_stream`) and from the stream with every slot deleted (`deleted_stream`):
+    what the model reads on with when a connective is hidden, or gone. The targets are the true tokens in all three
+    (a connective among the k tokens is itself to be predicted, from the stream before it less the slots); a target
+    with no token left before it once the slots are deleted (a slot opening the stream) is left out of `deleted`."""
     ends = [s.stream_pos + s.n_pieces for s in slots]
     spans = [np.arange(max(end, 1), min(end + k, len(stream))) for end in ends]
     positions = np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *spans])).astype(np.int64)
@@ -175,13 +191,23 @@ def score_masked_context(model: torch.nn.Module, stream: np.ndarray, slots: list
                              "context, visible" if progress else "", path)
     masked = token_logprobs(model, masked_stream(stream, slots, mask_id), stream, positions, device, batch_tokens,
                             "context, masked" if progress else "", path)
+    shortened, kept_before = deleted_stream(stream, slots)
+    with_context = positions[kept_before[positions] >= 1]  # kept_before is sorted, so these stay sorted
+    deleted = np.full(len(positions), np.nan)
+    if len(with_context) and len(shortened):
+        deleted[kept_before[positions] >= 1] = token_logprobs(
+            model, shortened, shortened, kept_before[with_context], device, batch_tokens,
+            "context, deleted" if progress else "", path, target_ids=stream[with_context])
     where = {int(t): j for j, t in enumerate(positions)}
-    loss_visible, loss_masked = np.full(len(slots), np.nan), np.full(len(slots), np.nan)
+    loss_visible, loss_masked, loss_deleted = (np.full(len(slots), np.nan) for _ in range(3))
     for i, span in enumerate(spans):
         if len(span):
             index = [where[int(t)] for t in span]
             loss_visible[i], loss_masked[i] = -visible[index].mean(), -masked[index].mean()
-    return MaskedContextScores(loss_visible, loss_masked)
+            kept = deleted[index][~np.isnan(deleted[index])]
+            if len(kept):
+                loss_deleted[i] = -kept.mean()
+    return MaskedContextScores(loss_visible, loss_masked, loss_deleted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
