@@ -6,6 +6,7 @@ arrive untouched; gradient accumulation continues the row offsets; the stats rea
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 
@@ -69,6 +70,19 @@ def check_training_batches(seen, tokenizer, rank: int = 0) -> list[int]:
     return per_step
 
 
+def run_launcher(command: list[str], cwd) -> None:
+    """Run a multi-process launch (its processes in their own session, all ended if it overruns); it must pass."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+
+
 # -- transformers -------------------------------------------------------------------------------------------------
 
 
@@ -86,7 +100,7 @@ def recording_llama():
     return RecordingLlama
 
 
-def hf_trainer(data_dir, out_dir, **masking_options):
+def hf_trainer(data_dir, out_dir, use_cpu: bool = True, **masking_options):
     """A ConnectiveMaskingTrainer on a 1-layer Llama: 3 steps of 2 micro-batches of 4 rows, logging every step."""
     from transformers import LlamaConfig, TrainingArguments
 
@@ -100,7 +114,7 @@ def hf_trainer(data_dir, out_dir, **masking_options):
     model = recording_llama()(config)
     model.seen = []
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=B, per_device_eval_batch_size=B,
-                             gradient_accumulation_steps=ACCUM, max_steps=STEPS, report_to=[], use_cpu=True,
+                             gradient_accumulation_steps=ACCUM, max_steps=STEPS, report_to=[], use_cpu=use_cpu,
                              save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
     trainer = ConnectiveMaskingTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset[:B],
                                        masker=MASKING, masker_tokenizer=tokenizer, **masking_options)
@@ -142,10 +156,8 @@ def test_trainer_under_torchrun_masks_each_process_with_its_rank(data_dir, tmp_p
     pytest.importorskip("accelerate")
     script = tmp_path / "train.py"
     script.write_text(_HF_TWO_PROCESSES.format(root=str(ROOT), data=str(data_dir), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                 tmp_path)
     tokenizer = load_rows(data_dir)[0]
     per_rank = []
     for rank in (0, 1):
@@ -215,7 +227,8 @@ COLLATE = {
 }
 
 
-def lightning_run(data_dir, root_dir, shape: str = "tuple", devices: int = 1, **callback_options):
+def lightning_run(data_dir, root_dir, shape: str = "tuple", devices: int = 1, accelerator: str = "cpu",
+                  module_class=None, callback_class=None, **callback_options):
     """Fit TinyLM for 3 steps of 2 micro-batches with ConnectiveMasking, logging every step; then validate."""
     import lightning.pytorch as L
     from torch.utils.data import DataLoader
@@ -227,9 +240,10 @@ def lightning_run(data_dir, root_dir, shape: str = "tuple", devices: int = 1, **
     input_key = "tokens" if shape == "key" else None
     loader = DataLoader(list(rows), batch_size=B, collate_fn=COLLATE[shape])
     torch.manual_seed(0)
-    module, logger = TinyLM(tokenizer.get_vocab_size(), input_key), RecordingLogger()
-    callback = ConnectiveMasking(MASKING, tokenizer=tokenizer, input_key=input_key, **callback_options)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    module, logger = (module_class or TinyLM)(tokenizer.get_vocab_size(), input_key), RecordingLogger()
+    callback_class = callback_class or ConnectiveMasking
+    callback = callback_class(MASKING, tokenizer=tokenizer, input_key=input_key, **callback_options)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_steps=STEPS, accumulate_grad_batches=ACCUM, callbacks=[callback], logger=logger,
                         log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root_dir))
@@ -260,3 +274,128 @@ def test_lightning_callback_passes_the_classes_to_a_dict_batch(data_dir, tmp_pat
     assert all(r["classes"] is not None for r in trained)
     check_training_batches(trained, tokenizer)
     assert validated[0]["classes"] is None
+
+
+_LIGHTNING_TWO_PROCESSES = """
+import sys, torch
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.test_integrations import lightning_run
+trainer, _, trained, validated, logged = lightning_run(Path({data!r}), {out!r}, "dict", devices=2)
+torch.save({{"rank": trainer.global_rank, "world": trainer.world_size, "seen": trained, "validated": validated,
+            "log": logged}}, {out!r} + f"/rank{{trainer.global_rank}}.pt")
+"""
+
+
+def test_lightning_ddp_masks_each_process_with_its_rank(data_dir, tmp_path):
+    """strategy="ddp" on 2 CPU processes (gloo), launched by Lightning itself (it runs the script again as rank 1)."""
+    pytest.importorskip("lightning")
+    script = tmp_path / "train.py"
+    script.write_text(_LIGHTNING_TWO_PROCESSES.format(root=str(ROOT), data=str(data_dir), out=str(tmp_path)))
+    run_launcher([sys.executable, str(script)], tmp_path)
+    tokenizer = load_rows(data_dir)[0]
+    records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    per_rank = []
+    for rank, record in enumerate(records):
+        assert (record["rank"], record["world"]) == (rank, 2)
+        per_rank.append(check_training_batches(record["seen"], tokenizer, rank=rank))
+        assert all(torch.equal(r["input_ids"], r["labels"]) for r in record["validated"])
+    assert records[0]["log"] == [a + b for a, b in zip(*per_rank)]  # summed over the processes
+
+
+def test_lightning_callback_masks_the_batch_after_its_transfer(data_dir, tmp_path):
+    """The callback masks the tensors that transfer_batch_to_device returned (here: fresh copies, as a move to a
+    GPU makes), and training_step receives those same tensors, masked."""
+    pytest.importorskip("lightning")
+    from genesis.integrations.lightning import ConnectiveMasking
+
+    TinyLM, _ = lightning_classes()
+    moved, masked = [], []
+
+    class Moving(TinyLM):
+        def transfer_batch_to_device(self, batch, device, dataloader_idx):
+            batch = tuple(t.clone() for t in super().transfer_batch_to_device(batch, device, dataloader_idx))
+            moved.append(batch[0])
+            return batch
+
+    class Watching(ConnectiveMasking):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            masked.append(batch[0])
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    _, tokenizer, trained, _, _ = lightning_run(data_dir, tmp_path, "tuple", module_class=Moving,
+                                                callback_class=Watching)
+    assert [t.data_ptr() for t in masked] == [t.data_ptr() for t in moved[: len(masked)]]
+    assert len(masked) == STEPS * ACCUM
+    check_training_batches(trained, tokenizer)
+    assert all(torch.equal(r["input_ids"], t) for r, t in zip(trained, masked))
+
+
+@pytest.mark.cuda
+def test_both_integrations_mask_on_the_gpu(data_dir, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (the CPU twins: the tests above)")
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    _, tokenizer, trained, _, _ = lightning_run(data_dir, tmp_path / "lightning", "dict", accelerator="gpu")
+    assert all(r["input_ids"].is_cuda for r in trained)
+    check_training_batches([{k: v.cpu() for k, v in r.items() if k in ("input_ids", "labels")} for r in trained],
+                           tokenizer)
+    trainer, tokenizer = hf_trainer(data_dir, tmp_path / "transformers", use_cpu=False)
+    trainer.train()
+    assert all(r["input_ids"].is_cuda for r in trainer.model.seen)
+    check_training_batches([{k: r[k].cpu() for k in ("input_ids", "labels")} for r in trainer.model.seen], tokenizer)
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, blocked, extra", [("lightning", "lightning", "lightning"),
+                                                    ("transformers", "transformers", "transformers"),
+                                                    ("transformers", "accelerate", "transformers")])
+def test_a_missing_framework_names_the_extra_to_install(monkeypatch, module, blocked, extra):
+    import importlib
+
+    for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, blocked, None)  # import of `blocked` now raises ImportError
+    monkeypatch.delitem(sys.modules, f"genesis.integrations.{module}", raising=False)
+    with pytest.raises(ImportError) as error:
+        importlib.import_module(f"genesis.integrations.{module}")
+    assert f'pip install "genesis-masking[{extra}]"' in str(error.value)
+    assert str(error.value).count("\n") == 0
+
+
+def test_bad_batches_and_arguments_fail_with_one_line(data_dir):
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from genesis.integrations import TrainingMasks, build_masker
+    from genesis.integrations.lightning import ConnectiveMasking
+    from genesis.masking import MaskingError
+
+    tokenizer, rows = load_rows(data_dir)
+    x = rows[:B]
+    trainer = SimpleNamespace(global_step=0, global_rank=0)
+    callback = ConnectiveMasking(MASKING, tokenizer=tokenizer)
+    cases = [
+        (callback, (x, x), "memory shared with element 1"),  # y is x: masking x in place would mask y
+        (callback, (x[:, :-1], x[:, 1:]), "memory shared with element 1"),  # targets sliced from the same tensor
+        (callback, {"tokens": x.clone()}, "has no 'input_ids'"),
+        (callback, x.clone(), "neither a dict nor a tuple or list"),
+        (ConnectiveMasking(MASKING, tokenizer=tokenizer, input_key=2), [x.clone()], "has no element 2"),
+        (ConnectiveMasking(MASKING, tokenizer=tokenizer, classes_key="c"), (x.clone(),), "add entries to a dict"),
+    ]
+    for cb, batch, message in cases:
+        before = [t.clone() for t in batch] if isinstance(batch, tuple) else None
+        with pytest.raises(MaskingError, match=message):
+            cb.on_train_batch_start(trainer, None, batch, 0)
+        if before is not None and "memory shared" in message:
+            assert all(torch.equal(a, b) for a, b in zip(before, batch))  # refused before any change
+    with pytest.raises(MaskingError, match="needs the tokenizer"):
+        build_masker(MASKING)
+    with pytest.raises(MaskingError, match="input_key must be"):
+        ConnectiveMasking(MASKING, tokenizer=tokenizer, input_key=1.5)
+    with pytest.raises(MaskingError, match="has no readout"):
+        masks = TrainingMasks(build_masker(MASKING, tokenizer), readout_key="readout")
+        masks.head_inputs(masks(x, 0))
