@@ -41,7 +41,10 @@ class ConnectiveMaskingTrainer(Trainer):
                  classes_key: str | None = None, readout_key: str | None = None, log_stats: bool = True,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
-        tokenizer = masker_tokenizer if masker_tokenizer is not None else getattr(self, "processing_class", None)
+        tokenizer = masker_tokenizer
+        if isinstance(masker, Mapping):
+            for name in ("processing_class", "tokenizer"):  # transformers < 4.46 calls it tokenizer
+                tokenizer = tokenizer if tokenizer is not None else getattr(self, name, None)
         masker = build_masker(masker, tokenizer)
         masker.rank = self.args.process_index  # one key per process
         self.masking = TrainingMasks(masker, classes_key=classes_key, readout_key=readout_key, log_stats=log_stats)
