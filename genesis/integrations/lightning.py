@@ -65,11 +65,12 @@ class ConnectiveMasking(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         key = self._key(batch)
-        out = self.masking(batch[key], trainer.global_step)
-        extra = self.masking.head_inputs(out)
-        if extra and not isinstance(batch, MutableMapping):
+        wants_heads = self.masking.classes_key is not None or self.masking.readout_key is not None
+        if wants_heads and not isinstance(batch, MutableMapping):
             raise MaskingError(f"ConnectiveMasking: classes_key / readout_key add entries to a dict batch; this "
                                f"batch is a {type(batch).__name__} (read callback.output.classes in training_step)")
+        out = self.masking(batch[key], trainer.global_step)
+        extra = self.masking.head_inputs(out)
         if isinstance(batch, (MutableMapping, list)):
             batch[key] = out.input_ids
         else:
