@@ -1,7 +1,8 @@
 """The checkout works as users run it: from its root, other distributions' top-level packages are not shadowed, and
-the README's Hugging Face `Trainer` example trains a transformers model with the masker."""
+the Trainer and Lightning examples of docs/integrations.md train with the masker."""
 
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -46,9 +47,8 @@ def test_transformers_imports_from_the_checkout_root():
     assert proc.stdout.strip() == "ok"
 
 
-_TRAINER_DRIVER = '''
+_EXAMPLE_SETUP = '''
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from genesis.corpus import load_corpus
 from genesis.masking import ConnectiveMasker
@@ -59,7 +59,6 @@ tokenizer = train_bpe([v.text + "\\n" for v in verses], vocab_size=1000)
 ids = torch.tensor(tokenizer.encode("".join(v.text + "\\n" for v in verses)).ids)
 T = 64
 rows = [ids[i : i + T] for i in range(0, 32 * T, T)]
-dataset = [{"input_ids": r, "labels": r.clone()} for r in rows]
 
 
 class CountingMasker(ConnectiveMasker):
@@ -74,31 +73,84 @@ class CountingMasker(ConnectiveMasker):
 masker = CountingMasker.from_tokenizer(tokenizer, strategy="uniform", mask_prob=1.0, log=None)
 masker.seen = []
 torch.manual_seed(0)
+'''
+
+_TRAINER_SETUP = _EXAMPLE_SETUP + '''
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+dataset = [{"input_ids": r, "labels": r.clone()} for r in rows]
 config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=T)
+model = LlamaForCausalLM(config)
 args = TrainingArguments(output_dir="{out}", per_device_train_batch_size=4, gradient_accumulation_steps=2,
                          max_steps=3, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
                          disable_tqdm=True)
-trainer = ConnectiveMaskingTrainer(model=LlamaForCausalLM(config), args=args, train_dataset=dataset, masker=masker)
-trainer.train()
-print("seen", masker.seen)
 '''
 
+_LIGHTNING_SETUP = _EXAMPLE_SETUP + '''
+import lightning as L
 
-def test_readme_trainer_example_trains_from_the_checkout_root(tmp_path):
-    """The README's `Trainer` subclass, verbatim, trains a transformers Llama for 3 steps of 2 micro-batches, run
-    from the checkout root: every step masks connectives (all of them: mask_prob 1), and the second micro-batch of a
-    step continues the first's rows (row_offset 4)."""
+
+class LitLM(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(tokenizer.get_vocab_size(), 16)
+        self.head = torch.nn.Linear(16, tokenizer.get_vocab_size())
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.head(self.embedding(x[:, :-1]))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+lit_module = LitLM()
+train_loader = torch.utils.data.DataLoader([(r, r.clone()) for r in rows], batch_size=4)
+'''
+
+# every optimizer step masks connectives (all of them: mask_prob 1), and the second micro-batch of a step continues
+# the first's rows (row_offset 4)
+_ACCUMULATED_STEPS = [(0, 0), (0, 4), (1, 0), (1, 4), (2, 0), (2, 4)]
+
+
+def _masker_calls(stdout: str) -> list[tuple[int, int, int]]:
+    seen = eval(stdout.split("seen", 1)[1])
+    assert [(step, offset) for step, offset, _ in seen] == _ACCUMULATED_STEPS
+    assert all(sum(masked for s, _, masked in seen if s == step) > 0 for step in range(3))
+    return seen
+
+
+def test_docs_trainer_example_trains_from_the_checkout_root(tmp_path):
+    """docs/integrations.md's `ConnectiveMaskingTrainer` lines, verbatim, train a transformers Llama for 3 steps of 2
+    micro-batches, run from the checkout root."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from .test_readme import example_block
 
-    code = example_block("trainer-example") + _TRAINER_DRIVER.replace("{out}", str(tmp_path / "out"))
+    code = (_TRAINER_SETUP.replace("{out}", str(tmp_path / "out")) + example_block("trainer-example")
+            + "print('seen', masker.seen)\n")
     proc = _python_in_root(code, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = eval(proc.stdout.split("seen", 1)[1])
-    assert [(step, offset) for step, offset, _ in seen] == [(0, 0), (0, 4), (1, 0), (1, 4), (2, 0), (2, 4)]
-    assert all(sum(masked for s, _, masked in seen if s == step) > 0 for step in range(3))
+    _masker_calls(proc.stdout)
+
+
+def test_docs_lightning_example_trains(tmp_path):
+    """docs/integrations.md's Lightning lines, verbatim but for max_steps (3), train a LightningModule on (x, y)
+    batches for 3 steps of 2 micro-batches."""
+    pytest.importorskip("lightning")
+    from .test_readme import example_block
+
+    example = example_block("lightning-example")
+    assert "max_steps=1000" in example
+    script = tmp_path / "example.py"
+    script.write_text(_LIGHTNING_SETUP + example.replace("max_steps=1000", "max_steps=3")
+                      + "print('seen', masker.seen)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _masker_calls(proc.stdout)
 
 
 def test_triton_is_an_extra_and_every_console_script_names_a_main():
