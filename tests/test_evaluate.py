@@ -570,6 +570,7 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
                    "--out", str(out), "--json", str(tmp_path / "result.json"), "--batch-tokens", "2048")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["step"] == 5 and result["corpus"] == "kjv" and result["seq_len"] == 64
+    assert result["context_verses"] == 3  # the default: up to 3 preceding verses, cut to the model's 64 tokens
     assert result["checkpoint_identity"] == ev.checkpoint_identity(tiny_run) and len(
         result["checkpoint_identity"]["sha256"]) == 64 and result["checkpoint_identity"]["step"] == 5
     # a 64-token model cannot hold the longest verses: those items are skipped, and counted
