@@ -32,10 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from genesis.config import ConfigError  # noqa: E402
+from genesis.corpus import CorpusError  # noqa: E402
 from genesis.device import flushed_denormals, keep_freed_memory  # noqa: E402
 from genesis.evaluate.pipeline import build_context  # noqa: E402
-from genesis.evaluate.run import load_run, model_max_len, resolve_device  # noqa: E402
+from genesis.evaluate.run import EvalError, load_run, model_max_len, resolve_device  # noqa: E402
 from genesis.evaluate.scorers import DEFAULT_BATCH_TOKENS, PREFIX_PATH_TOLERANCE, score_cloze_model  # noqa: E402
+from genesis.runs import RunError  # noqa: E402
 
 PATHS = ("full", "prefix")
 
@@ -86,6 +89,14 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return bench(args, argv)
+    except (ConfigError, CorpusError, RunError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def bench(args: argparse.Namespace, argv) -> int:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     keep_freed_memory(device)  # as `python -m genesis.evaluate` does
@@ -139,7 +150,8 @@ def main(argv=None) -> int:
                      "ratio": statistics.median(t) / base})
     print(f"\ncloze-model scoring only, {run.checkpoint} (step {run.step}), {device}, {args.threads} thread(s), "
           f"{args.repeats} rounds; load {load_start[0]:.2f} -> {load_end[0]:.2f}")
-    print("| scorer | context verses | items | sequences | tokens run | s median [min, max] | ms/item | x first |")
+    print("| scorer | context verses | items | sequences | tokens run (unpadded) | s median [min, max] | ms/item | "
+          "x first |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['path']} | {row['context_verses']} | {row['items']:,} | {row['sequences']:,} | "
