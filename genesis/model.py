@@ -73,13 +73,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Past(NamedTuple):
-    """What a batch of continuations attends to before itself: the keys and values of the prefix each row continues
-    (B, H_kv, P, D), RoPE applied, and which keys each query may see, (B, 1, T, P + T) bool: its prefix's real
-    tokens and, causally, its own row."""
+    """What a batch of continuations attends to before itself: cached prefixes' keys and values (N, H_kv, P, D),
+    RoPE applied; the prefix each row continues, rows (B,); and which keys each query may see, (B, 1, T, P + T)
+    bool: its prefix's real tokens and, causally, its own row."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    rows: torch.Tensor
     mask: torch.Tensor
+
+
+def after_prefix(prefix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, P + T, D): row b is prefix[rows[b]] (of N, H, P, D), then x[b] (of B, H, T, D). Gathered straight into
+    place: one copy, where indexing and then concatenating copy the prefixes twice."""
+    B, H, T, D = x.shape
+    P = prefix.size(2)
+    out = x.new_empty(B, H, P + T, D)
+    torch.index_select(prefix, 0, rows, out=out[:, :, :P])
+    out[:, :, P:] = x
+    return out
 
 
 class Attention(nn.Module):
@@ -102,7 +114,7 @@ class Attention(nn.Module):
         if keep is not None:
             keep.append((k, v))
         if past is not None:
-            k, v = torch.cat([past.keys, k], dim=2), torch.cat([past.values, v], dim=2)  # (B, H_kv, P + T, D)
+            k, v = after_prefix(past.keys, past.rows, k), after_prefix(past.values, past.rows, v)  # (B, H_kv, P + T, D)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -262,7 +274,7 @@ class Llama(nn.Module):
         mask = torch.cat([real_prefix[:, None, None, :].expand(R, 1, T, P), causal.expand(R, 1, T, T)], dim=-1)
         x = self.embed(idx)  # (R, T, C)
         for block, (keys, values) in zip(self.blocks, cache.layers):
-            x = block(x, cos, sin, Past(keys[prefix_of], values[prefix_of], mask))
+            x = block(x, cos, sin, Past(keys, values, prefix_of, mask))
         return self.norm(x)
 
 

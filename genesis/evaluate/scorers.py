@@ -388,9 +388,12 @@ def _prefix_parts(model: Llama, cloze: ClozeSet, parts: np.ndarray, device: torc
         prefix_of = np.repeat(np.arange(len(items)), shared[items].sum(axis=1))
         blank_start = cloze.blank_start[seq]
         tail = _pad_rows([cloze.tokens[j][b:] for j, b in zip(seq, blank_start)])  # (R, W): token t at t - blank_start
-        # every candidate's first piece, from the prefix's last position
-        first = _head_logprobs(model, h, prefix_of, prefix_len[items][prefix_of] - 1, tail[:, 0], device)
-        _add_parts(parts, cloze, seq, blank_start, first)
+        # every candidate's first piece, from the prefix's last position: one output head per item, not per candidate
+        last = torch.from_numpy(prefix_len[items] - 1).to(device)
+        last_logprobs = torch.log_softmax(model.lm_head(h[torch.arange(len(items), device=device), last]).float(),
+                                          dim=-1)  # (N, V)
+        first = last_logprobs[torch.from_numpy(prefix_of).to(device), torch.from_numpy(tail[:, 0]).to(device)]
+        _add_parts(parts, cloze, seq, blank_start, first.double().cpu().numpy())
         # the rest: the tail but its last column as input (a row's last token is only predicted; shorter rows' is
         # padding after everything they score)
         hc = model.continue_prefixes(torch.from_numpy(tail[:, :-1]).to(device), cache,
