@@ -65,10 +65,33 @@ def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); rotate pairs (x[..., :D/2], x[..., D/2:]) — the "rotate half" convention
+    # x: (B, H, T, D); rotate pairs (x[..., :D/2], x[..., D/2:]) — the "rotate half" convention. cos, sin: the table
+    # (>= T, D/2), whose first T rows are positions 0..T-1, or (B, 1, T, D/2): each row its own positions
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[: x.size(-2)], sin[: x.size(-2)]
+    cos, sin = cos[..., : x.size(-2), :], sin[..., : x.size(-2), :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Past(NamedTuple):
+    """What a batch of continuations attends to before itself: cached prefixes' keys and values (N, H_kv, P, D),
+    RoPE applied; the prefix each row continues, rows (B,); and which keys each query may see, (B, 1, T, P + T)
+    bool: its prefix's real tokens and, causally, its own row."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+
+def after_prefix(prefix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, P + T, D): row b is prefix[rows[b]] (of N, H, P, D), then x[b] (of B, H, T, D). Gathered straight into
+    place: one copy, where indexing and then concatenating copy the prefixes twice."""
+    B, H, T, D = x.shape
+    P = prefix.size(2)
+    out = x.new_empty(B, H, P + T, D)
+    torch.index_select(prefix, 0, rows, out=out[:, :, :P])
+    out[:, :, P:] = x
+    return out
 
 
 class Attention(nn.Module):
@@ -80,16 +103,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * self.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, past: Past | None = None, keep: list | None = None):
+        """Causal self-attention over x (B, T, C); with `past`, x's rows continue cached prefixes and attend to them
+        first; with `keep`, this layer's (keys, values) are appended to it, for continuations of x to read."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if keep is not None:
+            keep.append((k, v))
+        if past is not None:
+            k, v = after_prefix(past.keys, past.rows, k), after_prefix(past.values, past.rows, v)  # (B, H_kv, P + T, D)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if past is None else past.mask,
+                                           is_causal=past is None)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -110,8 +140,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(a.dim, a.norm_eps), Attention(a)
         self.mlp_norm, self.mlp = RMSNorm(a.dim, a.norm_eps), SwiGLU(a)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, past: Past | None = None, keep: list | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, past, keep)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -134,6 +164,13 @@ def class_loss(class_logits: torch.Tensor, classes: torch.Tensor) -> ClassLoss:
     total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((logits.argmax(-1) == labels) & labelled).sum()
     return ClassLoss(total / count.clamp(min=1), correct, count)
+
+
+class PrefixCache(NamedTuple):
+    """Keys and values of a batch of right-padded prefixes (`Llama.read_prefixes`), for their continuations."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per block: (keys, values), each (N, H_kv, P, D), RoPE applied
+    lengths: torch.Tensor  # (N,) real tokens of each prefix; the positions after them are padding
 
 
 class Llama(nn.Module):
@@ -202,6 +239,43 @@ class Llama(nn.Module):
         if self.class_head is None:
             raise ValueError("classes given, but this model has no class head (model.class_head = false)")
         return logits, loss, class_loss(self.class_head(h), classes)  # (B, T, K) logits: K x C per token, cheap
+
+    # Continuations of cached prefixes: many endings of one left context (the cloze candidates of an item) read the
+    # context once, not once per ending
+
+    def read_prefixes(self, idx: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, PrefixCache]:
+        """Hidden states (N, P, C) of right-padded prefixes idx (N, P) whose real tokens number lengths (N,), as
+        `hidden` gives them (causal: a real position never sees the padding after it), and the prefixes' keys and
+        values for `continue_prefixes`."""
+        if idx.size(1) > self.args.seq_len:
+            raise ValueError(f"prefix length {idx.size(1)} exceeds the model's seq_len {self.args.seq_len}")
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        x = self.embed(idx)  # (N, P, C)
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin, keep=layers)
+        return self.norm(x), PrefixCache(layers, lengths)
+
+    def continue_prefixes(self, idx: torch.Tensor, cache: PrefixCache, prefix_of: torch.Tensor) -> torch.Tensor:
+        """Hidden states (R, T, C) of continuations idx (R, T): row r continues prefix prefix_of[r] of `cache`, its
+        token t at position lengths[prefix_of[r]] + t, seeing that prefix's real tokens and, causally, its own row:
+        what `hidden` gives for the prefix and the continuation as one sequence. Right padding in idx is seen only
+        by the padding after it."""
+        R, T = idx.shape
+        P = cache.layers[0][0].size(2)
+        lengths = cache.lengths[prefix_of]  # (R,)
+        if int(lengths.max()) + 1 > self.args.seq_len:
+            raise ValueError(f"a continuation starts at position {int(lengths.max())}, past the model's seq_len "
+                             f"{self.args.seq_len}")
+        # right padding may run past the last position: clamped there, it is never read
+        positions = (lengths[:, None] + torch.arange(T, device=idx.device)).clamp(max=self.args.seq_len - 1)
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (R, 1, T, D/2)
+        real_prefix = torch.arange(P, device=idx.device) < lengths[:, None]  # (R, P)
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        mask = torch.cat([real_prefix[:, None, None, :].expand(R, 1, T, P), causal.expand(R, 1, T, T)], dim=-1)
+        x = self.embed(idx)  # (R, T, C)
+        for block, (keys, values) in zip(self.blocks, cache.layers):
+            x = block(x, cos, sin, Past(keys, values, prefix_of, mask))
+        return self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -184,3 +184,34 @@ def test_train_throughput_bad_arguments_fail_with_a_message():
         proc = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+CONTEXT_SCRIPT = ROOT / "bench" / "eval_context.py"
+
+
+def test_eval_context_smoke_run_checks_the_prefix_scorer_then_times_every_case(tiny_runs, tmp_path):
+    """bench/eval_context.py on a real (4-step) run: the prefix scorer checked against the full one on the
+    3-verse items, then every case timed in every round, the first the baseline of the ratios; bad input is one
+    line, exit 2."""
+    out = tmp_path / "context.json"
+    proc = subprocess.run([sys.executable, str(CONTEXT_SCRIPT), "--checkpoint", str(tiny_runs["tied"]),
+                           "--max-items", "6", "--repeats", "2", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads(out.read_text())
+    check = report["checks"]["3"]
+    assert check["ok"] and check["picks_changed"] == 0 and 0 < check["max_abs_diff_nats"] <= check["tolerance_nats"]
+    rows = {(r["path"], r["context_verses"]): r for r in report["cases"]}
+    assert list(rows) == [("full", 0), ("prefix", 3), ("full", 3)] and rows[("full", 0)]["ratio"] == 1.0
+    for row in rows.values():
+        assert len(row["times_s"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["items"] == rows[("full", 0)]["items"] >= 4  # of 6: a 64-token model skips the longest verses
+    assert rows[("prefix", 3)]["tokens_run"] < rows[("full", 3)]["tokens_run"]
+    assert "| prefix | 3 | " in proc.stdout and report["run_identity"]["step"] == 4
+    for args, message in ((["--cases", "prefix3"], "--cases: expected path:verses"),
+                          (["--cases", "cached:3"], "--cases: paths are full, prefix"),
+                          (["--checkpoint", str(tmp_path / "none")], "error: ")):
+        argv = ["--checkpoint", str(tiny_runs["tied"]), *args] if args[0] == "--cases" else args
+        bad = subprocess.run([sys.executable, str(CONTEXT_SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

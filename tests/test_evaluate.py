@@ -19,6 +19,7 @@ from genesis import evaluate as ev
 from genesis.config import load_config
 from genesis.corpus import load_corpus
 from genesis.evaluate.pipeline import _majority
+from genesis.evaluate.scorers import PREFIX_PATH_TOLERANCE
 from genesis.lexicon import CLASSES
 from genesis.masking import clause_length
 
@@ -632,6 +633,7 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
                    "--out", str(out), "--json", str(tmp_path / "result.json"), "--batch-tokens", "2048")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["step"] == 5 and result["corpus"] == "kjv" and result["seq_len"] == 64
+    assert result["context_verses"] == 3  # the default: up to 3 preceding verses, cut to the model's 64 tokens
     assert result["checkpoint_identity"] == ev.checkpoint_identity(tiny_run) and len(
         result["checkpoint_identity"]["sha256"]) == 64 and result["checkpoint_identity"]["step"] == 5
     # a 64-token model cannot hold the longest verses: those items are skipped, and counted
@@ -711,6 +713,61 @@ def test_output_head_path_equals_the_full_forward_on_a_llama(ctx):
     assert np.allclose(head.logprob, full.logprob, atol=1e-4)
     with pytest.raises(ValueError, match="path must be one of"):
         ev.score_cloze_model(llama, cloze, progress=False, path="fast")
+
+
+def with_prefixes_that_differ(cloze: ev.ClozeSet) -> ev.ClozeSet:
+    """`cloze` with two candidates whose tokens before the blank differ from their answer's (BPE never makes one):
+    one token of the context changed in one, one of the verse before the blank in another."""
+    cloze = dataclasses.replace(cloze, tokens=list(cloze.tokens), prefix_shared=cloze.prefix_shared.copy())
+    K = cloze.n_candidates
+    in_context = next(i * K + (cloze.answer[i] + 1) % K for i in range(len(cloze.items))
+                      if cloze.verse_start[i * K] > 1)
+    in_verse = next(i * K + (cloze.answer[i] + 2) % K for i in range(len(cloze.items))
+                    if cloze.blank_start[i * K] > cloze.verse_start[i * K] + 1 and i * K != in_context // K * K)
+    for j, t in ((in_context, cloze.verse_start[in_context] - 1), (in_verse, cloze.blank_start[in_verse] - 1)):
+        cloze.tokens[j] = cloze.tokens[j].copy()
+        cloze.tokens[j][t] = (cloze.tokens[j][t] + 1) % 100
+        cloze.prefix_shared[j] = False
+    return cloze
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("run", ["tied", "untied-head"])
+def test_the_prefix_cached_cloze_scorer_gives_the_full_scorers_scores_and_picks(ctx, tiny_runs, run, dtype):
+    """`score_cloze_model(path="prefix")` (each item's left context once, the candidates against its cached keys
+    and values) against every candidate sequence in full, on real trained runs (4 steps; multi-head and grouped-query
+    attention), with 0 and 3 verses of context cut to the runs' 64 tokens, and candidates whose prefix differs.
+    Scores agree within PREFIX_PATH_TOLERANCE: 1e-4 nats in fp32 (the sums are ~300 nats, the differences ~1e-5:
+    rounding of other batch shapes and kernels); 0.5 in bf16 (~0.1 seen), where a pick may change only where the
+    best two are within twice that. Picks are the same."""
+    model = ev.load_run(tiny_runs[run]).model.to(dtype)
+    tolerance = PREFIX_PATH_TOLERANCE[dtype]
+    max_len = ev.model_max_len(model)
+    slots = ev.select_evenly(ctx.slots, 40)
+    for verses in (0, 3):
+        cloze = ev.build_cloze(ctx.eval_split, slots, ctx.tokenizer, ctx.lex, ctx.cloze.candidates, max_len, verses)
+        first = cloze.verse_start[:: cloze.n_candidates]
+        if verses:  # contexts cut to fit: fewer tokens than the 3 verses before (all in the chapter, in these items)
+            whole = [1 + sum(len(ctx.eval_split.verse_ids[v]) for v in range(s.verse_index - 3, s.verse_index))
+                     for s in cloze.items]
+            assert sum(f < w for f, w in zip(first, whole)) >= 5 and (first > 1).sum() >= 20
+        else:
+            assert (first == 1).all()  # the separator alone
+        cloze = with_prefixes_that_differ(cloze) if verses else cloze
+        full = ev.score_cloze_model(model, cloze, progress=False, path="full")
+        for batch_tokens in (ev.DEFAULT_BATCH_TOKENS, 300):  # one item a batch, over the budget, at 300
+            cached = ev.score_cloze_model(model, cloze, batch_tokens=batch_tokens, progress=False, path="prefix")
+            for a, b in ((full.verse, cached.verse), (full.suffix, cached.suffix)):
+                assert 0 < np.abs(a - b).max() <= tolerance  # 0: the full path again, not the cached one
+                top2 = np.sort(a, axis=1)[:, -2:]
+                clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+                assert np.array_equal(a.argmax(1)[clear], b.argmax(1)[clear])
+                if dtype == torch.float32:
+                    assert np.array_equal(a.argmax(1), b.argmax(1))
+        auto = ev.score_cloze_model(model, cloze, batch_tokens=300, progress=False)  # a Llama: the cached path
+        assert np.array_equal(auto.verse, cached.verse) and np.array_equal(auto.suffix, cached.suffix)
+    with pytest.raises(ValueError, match="path 'prefix' needs a Llama"):
+        ev.score_cloze_model(StubLM(vocab(ctx)), cloze, progress=False, path="prefix")
 
 
 # ----------------------------------------------------------------------------------------------------------------

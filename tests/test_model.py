@@ -38,6 +38,30 @@ def test_causal():
     assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5) and not torch.allclose(a[:, 12:], b[:, 12:])
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "rope_theta": 500.0}])
+def test_continuations_of_cached_prefixes_read_as_the_whole_sequence(kw):
+    """Prefixes run once and kept as keys and values, then continuations against them (several rows per prefix,
+    one prefix continued by none), give the hidden states of prefix + continuation run as one sequence; the
+    padding after a prefix and after a continuation is random tokens, so that a padded key seen would show."""
+    m = tiny(**kw).eval()
+    g = torch.Generator().manual_seed(1)
+    prefix_lengths, prefix_of, continuation_lengths = [5, 1, 19, 11], [2, 0, 0, 3, 2, 2, 0], [13, 1, 7, 20, 4, 9, 2]
+    prefixes = torch.randint(0, 97, (4, 19), generator=g)
+    continuations = torch.randint(0, 97, (7, 20), generator=g)
+    with torch.no_grad():
+        prefix_h, cache = m.read_prefixes(prefixes, torch.tensor(prefix_lengths))
+        continued = m.continue_prefixes(continuations, cache, torch.tensor(prefix_of))
+        for n, p in enumerate(prefix_lengths):
+            assert torch.allclose(prefix_h[n, :p], m.hidden(prefixes[n : n + 1, :p])[0], atol=1e-5)
+        for r, (n, c) in enumerate(zip(prefix_of, continuation_lengths)):
+            p = prefix_lengths[n]
+            whole = m.hidden(torch.cat([prefixes[n, :p], continuations[r, :c]])[None])[0]
+            assert torch.allclose(continued[r, :c], whole[p:], atol=1e-5), r
+        with pytest.raises(ValueError, match="starts at position 32, past the model's seq_len 32"):
+            too_long = cache._replace(lengths=torch.tensor([5, 1, 32, 11]))
+            m.continue_prefixes(continuations, too_long, torch.tensor([2]))
+
+
 def test_ignore_index_targets_do_not_count():
     m = tiny()
     x = torch.randint(0, 97, (2, 10))

@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="directory for eval.json and the plots (default <run dir>/eval-<corpus>-<split>)")
     p.add_argument("--json", help="where to write the JSON (default OUT/eval.json)")
     p.add_argument("--max-items", type=int, default=0, help="cap the cloze items, spread evenly (default 0: all)")
-    p.add_argument("--context-verses", type=int, default=0,
-                   help="preceding verses of the chapter given as cloze context (default 0: the verse alone)")
+    p.add_argument("--context-verses", type=int, default=3,
+                   help="up to this many preceding verses of the chapter as cloze context, as many as fit in the "
+                        "model's seq_len with the verse (default 3; 0: the verse alone)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per forward pass")
     p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,

@@ -279,35 +279,71 @@ def _add_parts(parts: np.ndarray, cloze: ClozeSet, seq: np.ndarray, pos: np.ndar
     np.add.at(parts, (seq, part), logprob)
 
 
+CLOZE_PATHS = ("auto", "prefix", "head", "full")
+# nats by which a sequence's log-likelihood from the "prefix" path may differ from the full path's: the same sums,
+# rounded differently (other batch shapes, a masked attention kernel instead of the causal one)
+PREFIX_PATH_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.5}
+
+
 @torch.inference_mode()
 def score_cloze_model(model: torch.nn.Module, cloze: ClozeSet, device: torch.device | str = "cpu",
                       batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True, path: str = "auto"
                       ) -> ClozeScores:
-    """Candidate sequences sorted by length and right-padded into batches of ~batch_tokens tokens (padding sits after
-    every scored token, so causal attention never sees it); log-softmax only at the scored positions.
+    """The model's log-likelihood of every candidate sequence, in parts (before the blank, the blank, after it).
+
+    "prefix" (a Llama): what comes before the blank is the same for an item's candidates, so it is run once per
+    item and its keys and values kept; the candidates' continuations run against them (`_prefix_parts`).
+    "head" / "full": every candidate sequence in full, logits as `logits_at` computes them (`_full_parts`): the
+    reference. "auto" picks "prefix" for a Llama, else "full"."""
+    if path not in CLOZE_PATHS:
+        raise ValueError(f"path must be one of {CLOZE_PATHS} (got {path!r})")
+    if path == "auto":
+        path = "prefix" if isinstance(model, Llama) else "full"
+    if path == "prefix" and not isinstance(model, Llama):
+        raise ValueError(f"path 'prefix' needs a Llama (got {type(model).__name__})")
+    parts = np.zeros((len(cloze.tokens), 3))
+    if path == "prefix":
+        _prefix_parts(model, cloze, parts, device, batch_tokens, progress)
+    else:
+        _full_parts(model, cloze, parts, np.arange(len(cloze.tokens)), device, batch_tokens, progress, path)
+    return _scores_from_parts(cloze, parts)
+
+
+def _answer_of(cloze: ClozeSet) -> np.ndarray:
+    """(n * K,) the answer's sequence of each sequence's item."""
+    K = cloze.n_candidates
+    return np.arange(len(cloze.tokens)) // K * K + np.repeat(cloze.answer, K)
+
+
+def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """Token rows right-padded with 0 into one (len(rows), longest) int64 array."""
+    x = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = r
+    return x
+
+
+def _full_parts(model: torch.nn.Module, cloze: ClozeSet, parts: np.ndarray, seqs: np.ndarray,
+                device: torch.device | str, batch_tokens: int, progress: bool, path: str) -> None:
+    """Adds the parts of sequences `seqs` to `parts`. Candidate sequences sorted by length and right-padded into
+    batches of ~batch_tokens tokens (padding sits after every scored token, so causal attention never sees it);
+    log-softmax only at the scored positions.
 
     Tokens before the blank are the same for every candidate (the model is causal), so their log-prob is computed
     once, on the answer's sequence, and reused; a candidate whose prefix tokens differ is scored in full."""
-    K = cloze.n_candidates
     lengths = cloze.lengths()
-    n_seq = len(lengths)
-    is_answer = np.zeros(n_seq, dtype=bool)
-    is_answer[np.arange(len(cloze.items)) * K + cloze.answer] = True
-    own_prefix = is_answer | ~cloze.prefix_shared
+    answer_of = _answer_of(cloze)
+    own_prefix = (answer_of == np.arange(len(lengths))) | ~cloze.prefix_shared
     first_scored = np.where(own_prefix, cloze.verse_start, cloze.blank_start)
-    order = np.argsort(-lengths, kind="stable")
+    order = seqs[np.argsort(-lengths[seqs], kind="stable")]
     batches, start = [], 0
-    while start < n_seq:
+    while start < len(order):
         per_batch = max(1, batch_tokens // int(lengths[order[start]]))  # the first is the longest
         batches.append(order[start : start + per_batch])
         start += per_batch
-    parts = np.zeros((n_seq, 3))
     bar = Progress(len(batches), "cloze/model", every=25) if progress else None
     for done, batch in enumerate(batches, start=1):
-        width = int(lengths[batch].max())
-        x = np.zeros((len(batch), width), dtype=np.int64)
-        for r, j in enumerate(batch):
-            x[r, : lengths[j]] = cloze.tokens[j]
+        x = _pad_rows([cloze.tokens[j] for j in batch])
         row, pos = _targets(first_scored[batch], lengths[batch])
         rows_t, pos_t = torch.from_numpy(row).to(device), torch.from_numpy(pos).to(device)
         # position t - 1 predicts token t
@@ -317,9 +353,87 @@ def score_cloze_model(model: torch.nn.Module, cloze: ClozeSet, device: torch.dev
         _add_parts(parts, cloze, batch[row], pos, logprob)
         if bar:
             bar.update(done)
-    borrow = ~own_prefix
-    parts[borrow, 0] = parts[(np.arange(n_seq) // K * K + np.repeat(cloze.answer, K))[borrow], 0]
-    return _scores_from_parts(cloze, parts)
+    borrow = seqs[~own_prefix[seqs]]
+    parts[borrow, 0] = parts[answer_of[borrow], 0]
+
+
+def _head_logprobs(model: Llama, h: torch.Tensor, rows: np.ndarray, cols: np.ndarray, targets: np.ndarray,
+                   device: torch.device | str) -> np.ndarray:
+    """log p(targets) (float64) from the hidden states h (B, T, C) at (rows, cols): the output head and the
+    log-softmax at those positions only."""
+    rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+    picked = torch.log_softmax(model.lm_head(h[rows_t, cols_t]).float(), dim=-1)
+    return picked.gather(1, torch.from_numpy(targets).to(device)[:, None]).squeeze(1).double().cpu().numpy()
+
+
+def _prefix_batches(cloze: ClozeSet, prefix_len: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Items cut into batches of ~batch_tokens tokens: the padded prefixes plus the padded tails of the candidates
+    that share them. Sorted by their longest tail, which runs once per candidate, where a prefix runs once per item:
+    little padding where it costs the most."""
+    K, n_items = cloze.n_candidates, len(cloze.items)
+    shared = cloze.prefix_shared.reshape(n_items, K)
+    tail_len = (cloze.lengths() - 1 - cloze.blank_start).reshape(n_items, K)  # each tail's input tokens
+    rows_of = shared.sum(axis=1)
+    longest_of = np.where(shared, tail_len, 0).max(axis=1)
+    batches: list[list[int]] = []
+    rows = longest_prefix = 0
+    for item in np.argsort(-longest_of, kind="stable"):
+        more_rows, more_prefix = rows + rows_of[item], max(longest_prefix, prefix_len[item])
+        if batches and (len(batches[-1]) + 1) * more_prefix + more_rows * longest_of[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(item)
+            rows, longest_prefix = more_rows, more_prefix
+        else:
+            batches.append([item])
+            rows, longest_prefix = rows_of[item], prefix_len[item]
+    return [np.array(b, dtype=np.int64) for b in batches]
+
+
+def _prefix_parts(model: Llama, cloze: ClozeSet, parts: np.ndarray, device: torch.device | str, batch_tokens: int,
+                  progress: bool) -> None:
+    """Adds every sequence's parts to `parts`. Each item's prefix (the tokens before the blank, the same for its
+    candidates: the model is causal) is run once (`Llama.read_prefixes`): it scores the verse's tokens before the
+    blank, and its last position every candidate's first piece. Each candidate's tail (the blank and what follows,
+    but the last token, which is only predicted) then runs against the prefix's cached keys and values
+    (`Llama.continue_prefixes`) and scores the rest. A candidate whose prefix tokens differ from the answer's is
+    scored in full (`_full_parts`)."""
+    K, n_items = cloze.n_candidates, len(cloze.items)
+    lengths = cloze.lengths()
+    answer_seq = np.arange(n_items) * K + cloze.answer
+    prefix_len = cloze.blank_start[answer_seq]  # >= 1: the verse separator comes first
+    shared = cloze.prefix_shared.reshape(n_items, K)
+    batches = _prefix_batches(cloze, prefix_len, batch_tokens)
+    bar = Progress(len(batches), "cloze/model", every=25) if progress else None
+    for done, items in enumerate(batches, start=1):
+        x = _pad_rows([cloze.tokens[answer_seq[i]][: prefix_len[i]] for i in items])  # (N, P)
+        h, cache = model.read_prefixes(torch.from_numpy(x).to(device), torch.from_numpy(prefix_len[items]).to(device))
+        # the verse before the blank, on the answer's sequence (the others borrow it below): t - 1 predicts t
+        row, pos = _targets(cloze.verse_start[answer_seq[items]], prefix_len[items])
+        logprob = _head_logprobs(model, h, row, pos - 1, x[row, pos], device)
+        _add_parts(parts, cloze, answer_seq[items][row], pos, logprob)
+        seq = (items[:, None] * K + np.arange(K))[shared[items]]  # the candidates sharing it, item-major
+        prefix_of = np.repeat(np.arange(len(items)), shared[items].sum(axis=1))
+        blank_start = cloze.blank_start[seq]
+        tail = _pad_rows([cloze.tokens[j][b:] for j, b in zip(seq, blank_start)])  # (R, W): token t at t - blank_start
+        # every candidate's first piece, from the prefix's last position: one output head per item, not per candidate
+        last = torch.from_numpy(prefix_len[items] - 1).to(device)
+        last_logprobs = torch.log_softmax(model.lm_head(h[torch.arange(len(items), device=device), last]).float(),
+                                          dim=-1)  # (N, V)
+        first = last_logprobs[torch.from_numpy(prefix_of).to(device), torch.from_numpy(tail[:, 0]).to(device)]
+        _add_parts(parts, cloze, seq, blank_start, first.double().cpu().numpy())
+        # the rest: the tail but its last column as input (a row's last token is only predicted; shorter rows' is
+        # padding after everything they score)
+        hc = model.continue_prefixes(torch.from_numpy(tail[:, :-1]).to(device), cache,
+                                     torch.from_numpy(prefix_of).to(device))
+        row, pos = _targets(blank_start + 1, lengths[seq])
+        col = pos - blank_start[row]
+        logprob = _head_logprobs(model, hc, row, col - 1, tail[row, col], device)
+        _add_parts(parts, cloze, seq[row], pos, logprob)
+        if bar:
+            bar.update(done)
+    answer_of = _answer_of(cloze)
+    borrow = cloze.prefix_shared & (answer_of != np.arange(len(lengths)))
+    parts[borrow, 0] = parts[answer_of[borrow], 0]
+    _full_parts(model, cloze, parts, np.flatnonzero(~cloze.prefix_shared), device, batch_tokens, False, "head")
 
 
 class KneserNeyTrigram:
