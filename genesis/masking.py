@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from genesis.config import DEFAULT_CHAIN_GAP, STRATEGIES, ConfigValueError, MaskingConfig, build, idle_keys, to_dict
+from genesis.console import first_line
 from genesis.flags import CLAUSE_BOUNDARY, GLUE_LEFT, IGNORE_INDEX, VERSE_SEPARATOR, WORD_END
 from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, ResolvedLexicon, resolve
 from genesis.tokenizer import find_mask_id
@@ -983,15 +984,23 @@ class ConnectiveMasker:
     # -- tables and dispatch ----------------------------------------------------------------------------------
 
     def tables(self, device: torch.device | str) -> MaskTables:
-        """The tables on `device` (built once per device)."""
-        device = torch.device(device)
+        """The tables on `device` (built once per device); a MaskingError for a device string torch does not know or
+        a device this torch cannot use."""
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise MaskingError(f"{device!r}: not a torch device ({first_line(e)})") from None
         if device.type == "cuda" and not torch.cuda.is_available():  # current_device() would raise AssertionError
             raise MaskingError(f"{device}: CUDA is not available to this torch ({torch.__version__}); "
                                f"use a CPU device or a CUDA build of torch")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._tables:
-            tables = self._host_tables.to(device)
+            try:
+                tables = self._host_tables.to(device)
+            except (RuntimeError, AssertionError) as e:  # mps or xpu without support: RuntimeError, AssertionError
+                raise MaskingError(f"{device}: this torch ({torch.__version__}) cannot use it ({first_line(e)})") \
+                    from None
             if self.config.schedule != "constant":  # its own table to scale (CPU tables share the host's tensors)
                 self._prob_base[device] = tables.prob_table
                 tables.prob_table = tables.prob_table.clone()

@@ -104,6 +104,25 @@ def test_step_on_the_meta_device_is_a_masking_error(masker, rows):
         masker(rows, step=5, row_offset=torch.tensor(0, device="meta"))
 
 
+@pytest.mark.parametrize("device, message", [
+    ("bogus", r"^'bogus': not a torch device \(RuntimeError: Expected one of cpu, cuda"),
+    ("tpu", r"^'tpu': not a torch device \("),
+    (3.5, r"^3\.5: not a torch device \(TypeError: "),
+    ("cuda", r"^cuda: CUDA is not available to this torch "),
+    ("mps", r"^mps: this torch \(.*\) cannot use it \("),
+    ("xpu", r"^xpu: this torch \(.*\) cannot use it \("),
+])
+def test_to_an_unknown_or_unavailable_device_is_a_masking_error(masker, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if device == "xpu" and getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(MaskingError, match=message):
+        again(masker).to(device)
+
+
 def test_row_offset_plus_rows_must_not_wrap_past_2_to_the_32(masker, rows):
     """Row 1 at row_offset 2**32 - 1 would draw with counter word 0: the masks of row 0 at row_offset 0."""
     with pytest.raises(MaskingError, match=r"row_offset \+ rows must be <= 2\*\*32.*=4294967295 with 2 rows"):
