@@ -86,6 +86,19 @@ def _connective_table(word: str, value: Any) -> Any:
                        f"{{weight = .., class = ..}}, got {value!r:.80}")
 
 
+def _masking_config(config: MaskingConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> MaskingConfig:
+    """A MaskingConfig from a config or a mapping of its keys, with `overrides` on top; a MaskingError names a bad key.
+    to_dict turns dataclass values (MaskRule, ConnectiveEntry) into the tables `build` reads."""
+    table = to_dict(config) if isinstance(config, MaskingConfig) else to_dict(dict(config or {}))
+    table.update(to_dict(overrides))
+    if isinstance(table.get("connectives"), Mapping):
+        table["connectives"] = {word: _connective_table(word, value) for word, value in table["connectives"].items()}
+    try:
+        return build(MaskingConfig, table, "masking")
+    except ConfigValueError as e:
+        raise MaskingError(f"{e.key}: {e.reason}") from None
+
+
 def connectives_of(cfg: MaskingConfig) -> dict[str, tuple[float, str]]:
     """The lexicon a [masking] config describes: word -> (weight, class)."""
     connectives: dict[str, tuple[float, str]] = dict(DEFAULT_CONNECTIVES) if cfg.default_connectives else {}
@@ -903,17 +916,8 @@ class ConnectiveMasker:
         if seed is not None:
             _counter_word(seed, "seed", bits=63)
         _counter_word(rank, "rank")
-        # to_dict: dataclass values (MaskRule, ConnectiveEntry) become the tables `build` reads
-        table = to_dict(config) if isinstance(config, MaskingConfig) else to_dict(dict(config or {}))
-        table.update(to_dict(overrides))
+        cfg = _masking_config(config, overrides)
         enabled_given = "enabled" in overrides or (isinstance(config, Mapping) and "enabled" in config)
-        if isinstance(table.get("connectives"), Mapping):
-            table["connectives"] = {word: _connective_table(word, value)
-                                    for word, value in table["connectives"].items()}
-        try:
-            cfg = build(MaskingConfig, table, "masking")
-        except ConfigValueError as e:
-            raise MaskingError(f"{e.key}: {e.reason}") from None
         given = set(overrides) | (set(config) if isinstance(config, Mapping) else set())
         for key, message in idle_keys(cfg):
             if key in given:  # a MaskingConfig was warned about where it was loaded (load_config)
@@ -945,16 +949,7 @@ class ConnectiveMasker:
         `lexicon` is the control words'; `reference_lexicon` the real connectives'. ~2 s on the KJV."""
         from genesis.control import build_control
 
-        table = to_dict(config) if isinstance(config, MaskingConfig) else to_dict(dict(config or {}))
-        table.update(to_dict(overrides))
-        table["strategy"] = "random"
-        if isinstance(table.get("connectives"), Mapping):
-            table["connectives"] = {word: _connective_table(word, value)
-                                    for word, value in table["connectives"].items()}
-        try:
-            cfg = build(MaskingConfig, table, "masking")
-        except ConfigValueError as e:
-            raise MaskingError(f"{e.key}: {e.reason}") from None
+        cfg = _masking_config(config, {**overrides, "strategy": "random"})
         _check_options(check_ids=check_ids, enabled=True, log=log)
         if seed is None:
             seed = cfg.seed if cfg.seed is not None else 0
