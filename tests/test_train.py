@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1012,6 +1013,19 @@ def test_a_full_disk_in_the_cache_names_the_file(tmp_path, small_tmpfs, monkeypa
     assert err.startswith(f"error: {cache / 'tokenizers'}/") and err.endswith(
         ": cannot cache the trained tokenizer (no space left on device); nothing was trained from it yet"), err
     assert not list((cache / "tokenizers").glob("*.tmp*"))
+
+
+def test_a_full_disk_while_building_the_token_cache_names_the_entry(tmp_path, small_tmpfs, monkeypatch, capsys,
+                                                                     signal_handlers):
+    """Room for the cached tokenizer (a few hundred kB) but not for the token cache (megabytes): one line naming the
+    entry, and no partial build left behind."""
+    cache = small_tmpfs(2 * 1024 * 1024)
+    monkeypatch.setenv("GENESIS_CACHE", str(cache))
+    err = main_error(capsys, "--out", str(tmp_path / "run"), "--set", "training.steps=2")
+    assert re.fullmatch(rf"error: {re.escape(str(cache))}/\S+: cannot build the token cache \(no space left on "
+                        rf"device\); the partial build is removed", err), err
+    assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_start_that_fails_leaves_no_run_directory_holding_only_its_lock(small_tmpfs, capsys, signal_handlers):
