@@ -1,6 +1,7 @@
 """Connective evaluation of a trained run, by stage: `items` (slots and cloze sets), `senses` (whether a slot is a
 connective use of its word), `scorers` (next-token, class head, cloze, the n-gram baseline), `pipeline` (context,
-scoring, breakdowns), `report` (tables, JSON, plots); `run` loads the run and `cli` is `python -m genesis.evaluate`.
+scoring, breakdowns), `report` (tables, JSON, plots), `lm_eval_task` (the cloze as an lm-evaluation-harness task);
+`run` loads the run and `cli` is `python -m genesis.evaluate`.
 
 Items. A connective slot is a whole-word occurrence of a lexicon word (the run's [masking] lexicon) in a verse of the
 split, found by `genesis.lexicon.find_matches`, the same oracle the masker is tested against. Verses are encoded one
