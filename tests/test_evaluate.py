@@ -160,6 +160,16 @@ def test_hardest_connectives_plot_keeps_words_with_enough_items(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+def test_the_next_token_axis_has_at_most_five_round_ticks_in_whole_percents_where_the_step_allows():
+    from genesis.evaluate.report import percent_ticks
+
+    ticks, labels = percent_ticks(0.27)
+    assert labels == ["0%", "10%", "20%"] and ticks == pytest.approx([0.0, 0.1, 0.2])
+    assert percent_ticks(0.0945)[1] == ["0%", "2%", "4%", "6%", "8%"]
+    assert percent_ticks(0.004)[1] == ["0.0%", "0.1%", "0.2%", "0.3%", "0.4%"]
+    assert all(len(percent_ticks(top)[0]) <= 5 for top in np.linspace(0.001, 1.0, 200))
+
+
 def test_clause_buckets():
     assert [ev.clause_bucket(n) for n in (0, 1, 2, 5, 6, 11, 16, 29, 30)] == \
         ["0", "1", "2-5", "2-5", "6-10", "11-15", "16-29", "16-29", "30+"]
@@ -1042,6 +1052,10 @@ def test_the_lm_eval_task_holds_the_items_genesis_scores_in_both_sets(lm_eval_ta
     command = (f"lm_eval --model hf --model_args pretrained={tiny_run}-hf,dtype=float32,prefix_token_id={newline[0]} "
                f"--include_path {lm_eval_task.dir} --tasks genesis_cloze_all,genesis_cloze_conjunctive")
     assert command in lm_eval_task.stdout
+    a_file = lm_eval_task.dir / "genesis_cloze.json"
+    refused = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--lm-eval-task", str(a_file), "--quiet",
+                      check=False)
+    assert refused.returncode == 2 and refused.stderr == f"error: {a_file}: not a directory\n"
 
 
 def test_harness_tokens_are_the_cloze_sequences_and_an_item_lm_eval_would_see_differently_is_left_out(tiny_run):

@@ -153,6 +153,8 @@ def export_task(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, corpu
                 split: str = "heldout", max_items: int = 0, context_verses: int = 0, say=note) -> dict:
     """Writes the task for a run's items (the same `build_items` call as `genesis.evaluate`'s) and returns what it
     wrote: the files, the item counts, what was left out, the prefix token id and the `lm_eval` command."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # before the run is loaded and its items built
+        raise TaskExportError(f"{out_dir}: not a directory")
     run = load_run(checkpoint, "cpu")
     max_len = model_max_len(run.model)
     items = build_items(run.cfg, run.tokenizer, max_len, corpus or run.cfg.data.corpus, split, max_items,
