@@ -1105,11 +1105,20 @@ def test_lm_eval_picks_what_genesis_picks_on_every_item_of_an_exported_run(lm_ev
     result = lm_eval_task.result
     candidates = result["cloze"]["candidates"]
     genesis_pick = {i["id"]: i["predicted"]["model_verse"] for i in result["items"]["cloze"]}
+    # Genesis's whole-verse scores of the same items: lm-eval's log-likelihoods differ from them by one constant per
+    # item (its context's scored newline), so the differences between candidates agree, chapter openings included
+    run = ev.load_run(tiny_run)
+    items = ev.build_items(run.cfg, run.tokenizer, 64, "kjv", max_items=60, context_verses=3, say=lambda _: None)
+    verse = ev.score_cloze_model(run.model, items.cloze, progress=False).verse
+    row = {slot.item_id: i for i, slot in enumerate(items.cloze.items)}
     for name in ("all", "conjunctive"):
         samples = out["samples"][f"genesis_cloze_{name}"]
         assert len(samples) == result["cloze"]["scorers"]["model_verse"]["sets"][name]["n"]
         picks = {s["doc"]["id"]: candidates[int(np.argmax([float(r[0]) for r in s["filtered_resps"]]))]
                  for s in samples}
         assert picks == {i: genesis_pick[i] for i in picks}
+        for s in samples:
+            theirs, ours = np.array([float(r[0]) for r in s["filtered_resps"]]), verse[row[s["doc"]["id"]]]
+            assert np.abs((theirs - theirs[0]) - (ours - ours[0])).max() < 1e-3, s["doc"]["id"]
         acc = out["results"][f"genesis_cloze_{name}"]["acc,none"]
         assert acc == pytest.approx(result["cloze"]["scorers"]["model_verse"]["sets"][name]["accuracy"], abs=1e-12)

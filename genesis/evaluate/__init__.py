@@ -61,8 +61,10 @@ from genesis.evaluate.items import (
 from genesis.evaluate.pipeline import (
     BREAKDOWNS,
     SETS,
+    ClozeItems,
     EvalContext,
     build_context,
+    build_items,
     class_head_result,
     evaluate_checkpoint,
     evaluate_model,
@@ -109,10 +111,11 @@ from genesis.evaluate.scorers import (
 from genesis.evaluate.senses import RULES, is_conjunctive
 
 __all__ = [
-    "BREAKDOWNS", "CLAUSE_BUCKETS", "CLAUSE_LABELS", "CLOZE_SCORERS", "ClassHeadScores", "ClozeScores", "ClozeSet",
-    "DEFAULT_BATCH_TOKENS", "DEFAULT_CONTEXT_K", "EncodedSplit", "EvalContext", "EvalError", "KneserNeyTrigram",
-    "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "RULES", "Run", "SETS", "Slot",
-    "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "cased_like", "checkpoint_identity",
+    "BREAKDOWNS", "CLAUSE_BUCKETS", "CLAUSE_LABELS", "CLOZE_SCORERS", "ClassHeadScores", "ClozeItems", "ClozeScores",
+    "ClozeSet", "DEFAULT_BATCH_TOKENS", "DEFAULT_CONTEXT_K", "EncodedSplit", "EvalContext", "EvalError",
+    "KneserNeyTrigram", "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "RULES", "Run",
+    "SETS", "Slot", "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "build_items", "cased_like",
+    "checkpoint_identity",
     "class_head_result", "clause_bucket", "config_from_dict", "constant_shares", "encode_split", "evaluate_checkpoint",
     "evaluate_model", "find_slots", "format_class_head", "format_tables", "in_set", "is_conjunctive", "load_run",
     "load_split_verses", "logits_at", "main", "masked_context_result", "masked_stream", "model_max_len", "pack_windows",
