@@ -3,10 +3,11 @@
     python -m genesis.plot runs/uniform runs/structural                     # writes learning_curves.png
     python -m genesis.plot runs/a runs/b runs/c --out /tmp/curves.png
 
-Panels, each drawn where at least one run has the values: training loss (every log step), held-out loss, and at
-each evaluation the held-out connectives' next-token accuracy and mean log p, and the class head's held-out accuracy.
-A run is labelled by its directory name (by its path where two runs share a name). RUN is a run directory or its
-metrics.jsonl.
+Panels, each drawn where at least one run has two or more points of it: training loss (every log step), held-out
+loss, and at each evaluation the held-out connectives' next-token accuracy and mean log p, and the class head's
+held-out accuracy. A metric with one point per run (runs that evaluate only at the end) is no curve: it is printed as
+a table instead, and where no metric has a curve no PNG is written. A run is labelled by its directory name (by its
+path where two runs share a name). RUN is a run directory or its metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -80,12 +81,36 @@ def distinct_labels(runs: list[Curves]) -> None:
             r.label = str(r.path.parent)
 
 
-def plot_curves(runs: list[Curves], out: Path) -> Path:
-    """One PNG with a panel per metric that any run has; matplotlib's Agg backend (no display needed)."""
+def curve_panels(runs: list[Curves]) -> tuple[list[tuple], list[tuple]]:
+    """The PANELS entries that some run has as a curve (two or more points), and those every run that has them has
+    at one point only."""
+    present = [p for p in PANELS if any(p[1] in r.series for r in runs)]
+    curves = [p for p in present if any(len(r.series.get(p[1], ([], []))[0]) > 1 for r in runs)]
+    return curves, [p for p in present if p not in curves]
+
+
+def single_point_table(runs: list[Curves], panels: list[tuple]) -> str:
+    """The one value per run of each of `panels`, as a plain-text table (run, step, value)."""
+    width = max(len(r.label) for r in runs)
+    lines = []
+    for _, key, title, scale in panels:
+        lines.append(f"{title}:")
+        for r in runs:
+            if key in r.series:
+                (step,), (value,) = r.series[key]
+                lines.append(f"  {r.label:<{width}}  step {step:>7,}  {value * scale:.4g}")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[Curves], out: Path) -> Path | None:
+    """One PNG with a panel per metric that some run has as a curve (`curve_panels`); None, and nothing written,
+    where there is none. matplotlib's Agg backend (no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [p for p in PANELS if any(p[1] in r.series for r in runs)]
+    panels, _ = curve_panels(runs)
+    if not panels:
+        return None
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
     fig = Figure(figsize=(6.4 * cols, 3.8 * rows), layout="constrained")
@@ -130,13 +155,18 @@ def main(argv=None) -> int:
         runs = [read_curves(run) for run in args.runs]
         distinct_labels(runs)
         out = plot_curves(runs, Path(args.out))
+        _, single = curve_panels(runs)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({len(runs)} run{'s' * (len(runs) != 1)})")
+    plural = "s" * (len(runs) != 1)
+    print(f"wrote {out} ({len(runs)} run{plural})" if out else
+          f"no curve to draw: every metric has one point per run ({len(runs)} run{plural}); no PNG written")
+    if single:
+        print(f"one point per run, not plotted:\n{single_point_table(runs, single)}")
     return 0
 
 

@@ -203,6 +203,54 @@ def test_report_figures_are_written_beside_the_report_and_linked(tmp_path):
     assert section.startswith("\n## Figures\n")
 
 
+def _end_only_runs(tmp_path, train_steps: tuple[int, ...]) -> compare.ReportData:
+    """Two strategies x two seeds that evaluate once, at the end, with a next-token accuracy of 0 everywhere (a short
+    CPU run); each logs the training loss at `train_steps`."""
+    runs, trained, evaluated = [], {}, {}
+    for k, (strategy, seed) in enumerate([(s, seed) for s in ("none", "weighted") for seed in (1, 2)]):
+        spec = compare.RunSpec(strategy, seed, [], tmp_path / "runs" / f"{strategy}-seed{seed}")
+        spec.run_dir.mkdir(parents=True)
+        (spec.run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "train", "step": step, "loss": 9 - step / 10 - k / 20}) + "\n" for step in train_steps)
+            + json.dumps({"kind": "eval", "step": 10, "heldout_loss": 8.0 - k / 10, "heldout_connective_accuracy": 0.0,
+                          "heldout_connective_logprob": -4.0 - k / 10}) + "\n")
+        evaluated[spec.name] = _fake_eval((np.arange(50) < 5 + k).astype(float), (np.arange(50) < 10).astype(float))
+        for item in evaluated[spec.name]["items"]["next_token"]:
+            item["credit"] = 0.0
+        trained[spec.name] = {"summary": {"last_heldout_loss": 8.0 - k / 10}}
+        runs.append(spec)
+    return compare.ReportData(runs, trained, evaluated)
+
+
+def test_figures_leave_out_panels_without_data_and_curves_of_one_point(tmp_path):
+    """A next-token accuracy of 0 in every run gets no panel (the others do, in a grid); metrics evaluated once per
+    run are no curves: the learning-curve figure keeps the training loss, and the section says where the rest is."""
+    data = _end_only_runs(tmp_path, (5, 10))
+    shown = compare.figure_metrics(data, data.decision_set)
+    assert [m.field for m in shown] == ["logprob", "model_verse", "model_suffix", "last_heldout_loss"]
+    section = compare.write_report_figures(data, tmp_path / "report")
+    assert "Left out, with nothing to show (no value, or an accuracy below 0.5% in every run): next-token " \
+           "accuracy (%)." in section
+    assert "learning curves, from their metrics.jsonl (`python -m genesis.plot`): training loss. Evaluated once per " \
+           "run, so not curves: held-out loss, held-out connectives: next-token accuracy (%), held-out connectives: " \
+           "mean log p (in the tables above)." in section
+    for name in ("strategy_metrics", "learning_curves"):
+        assert (tmp_path / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name}.png)" in section
+
+
+def test_runs_with_one_point_per_metric_get_no_learning_curves_and_an_older_figure_goes(tmp_path):
+    data = _end_only_runs(tmp_path, (10,))
+    stale = tmp_path / "report" / "learning_curves.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an older report's figure")
+    section = compare.write_report_figures(data, tmp_path / "report")
+    assert not stale.exists() and "learning_curves.png" not in section
+    assert "Every run has one point per metric in its metrics.jsonl (evaluated once, at the end): no learning " \
+           "curves; the end-of-training values are in the tables above." in section
+    assert (tmp_path / "report" / "strategy_metrics.png").is_file()
+
+
 def test_ctrl_c_during_an_evaluation_exits_130_without_aborting(tmp_path):
     """The evaluation runs in a thread: Ctrl-C while it scores leaves at once with status 130 and the usual line.
     Regression: the interpreter was torn down under the running thread, and torch aborted the process

@@ -160,6 +160,16 @@ def test_hardest_connectives_plot_keeps_words_with_enough_items(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+def test_the_next_token_axis_has_at_most_five_round_ticks_in_whole_percents_where_the_step_allows():
+    from genesis.evaluate.report import percent_ticks
+
+    ticks, labels = percent_ticks(0.27)
+    assert labels == ["0%", "10%", "20%"] and ticks == pytest.approx([0.0, 0.1, 0.2])
+    assert percent_ticks(0.0945)[1] == ["0%", "2%", "4%", "6%", "8%"]
+    assert percent_ticks(0.004)[1] == ["0.0%", "0.1%", "0.2%", "0.3%", "0.4%"]
+    assert all(len(percent_ticks(top)[0]) <= 5 for top in np.linspace(0.001, 1.0, 200))
+
+
 def test_clause_buckets():
     assert [ev.clause_bucket(n) for n in (0, 1, 2, 5, 6, 11, 16, 29, 30)] == \
         ["0", "1", "2-5", "2-5", "6-10", "11-15", "16-29", "16-29", "30+"]
@@ -992,3 +1002,123 @@ def test_masked_context_lands_in_the_result_and_a_uniform_model_has_no_gap(ctx, 
     assert mc["deleted_loss"] == pytest.approx(mc["visible_loss"]) and mc["deletion_gap"] == pytest.approx(0, abs=1e-9)
     assert "masked context: loss (nats) on the 8 tokens after each of" in ev.format_tables(
         {**uniform_result, "checkpoint": "x", "step": 0, "corpus": "kjv", "split": "heldout", "train_corpus": "kjv"})
+
+
+# The cloze as an lm-evaluation-harness task
+
+
+@pytest.fixture(scope="module")
+def lm_eval_task(tiny_run, tmp_path_factory):
+    """The tiny run's first 60 cloze items exported as lm-eval tasks, and genesis.evaluate's result on them."""
+    root = tmp_path_factory.mktemp("lm-eval")
+    proc = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--max-items", "60", "--lm-eval-task",
+                   str(root / "task"))
+    run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--max-items", "60", "--no-plots", "--quiet",
+            "--json", str(root / "eval.json"))
+    return SimpleNamespace(dir=root / "task", stdout=proc.stdout, result=json.loads((root / "eval.json").read_text()),
+                           info=json.loads((root / "task" / "genesis_cloze.json").read_text()))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_lm_eval_task_holds_the_items_genesis_scores_in_both_sets(lm_eval_task, tiny_run):
+    docs = read_jsonl(lm_eval_task.dir / "genesis_cloze_all.jsonl")
+    items = lm_eval_task.result["items"]["cloze"]
+    assert [d["id"] for d in docs] == [i["id"] for i in items] and lm_eval_task.info["left_out"] == {}
+    assert [d["conjunctive"] for d in docs] == [i["conjunctive"] for i in items]
+    assert read_jsonl(lm_eval_task.dir / "genesis_cloze_conjunctive.jsonl") == [d for d in docs if d["conjunctive"]]
+    candidates = lm_eval_task.result["cloze"]["candidates"]
+    tokenizer = Tokenizer.from_file(str(tiny_run / "tokenizer.json"))
+    newline = tokenizer.encode("\n", add_special_tokens=False).ids
+    assert lm_eval_task.info["prefix_token_id"] == newline[0] and len(newline) == 1
+    for doc, item in zip(docs, items):
+        assert len(doc["choices"]) == len(candidates) and candidates[doc["answer"]] == doc["word"] == item["word"]
+        # the verse with each candidate in the slot, cased like the original, and its newline
+        verse = doc["choices"][doc["answer"]]
+        assert verse.endswith("\n") and verse.count("\n") == 1
+        start = int(item["id"].rsplit("@", 1)[1])
+        assert verse[start:].lower().startswith(doc["word"])
+        assert all(c[:start] == verse[:start] for c in doc["choices"])
+        # a chapter's first verse: an empty context (lm-eval then conditions on prefix_token_id = "\n"); else the
+        # preceding verses (cut to the model's 64 tokens), each with its newline
+        assert doc["context"] == "" if parse_item_id(item["id"])[2] == 1 else doc["context"].endswith("\n")
+    assert any(d["context"] == "" for d in docs) and any(d["context"].count("\n") >= 3 for d in docs)
+    yaml = (lm_eval_task.dir / "genesis_cloze_all.yaml").read_text()
+    for line in ("task: genesis_cloze_all", "output_type: multiple_choice", 'target_delimiter: ""',
+                 f'    test: "{lm_eval_task.dir.resolve() / "genesis_cloze_all.jsonl"}"', "  - metric: acc"):
+        assert line in yaml.splitlines()
+    command = (f"lm_eval --model hf --model_args pretrained={tiny_run}-hf,dtype=float32,prefix_token_id={newline[0]} "
+               f"--include_path {lm_eval_task.dir} --tasks genesis_cloze_all,genesis_cloze_conjunctive")
+    assert command in lm_eval_task.stdout
+    a_file = lm_eval_task.dir / "genesis_cloze.json"
+    refused = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--lm-eval-task", str(a_file), "--quiet",
+                      check=False)
+    assert refused.returncode == 2 and refused.stderr == f"error: {a_file}: not a directory\n"
+
+
+def test_harness_tokens_are_the_cloze_sequences_and_an_item_lm_eval_would_see_differently_is_left_out(tiny_run):
+    from genesis.evaluate.lm_eval_task import harness_tokens, task_documents
+    from genesis.evaluate.pipeline import build_items
+    from genesis.evaluate.run import load_run
+
+    run = load_run(tiny_run)
+    items = build_items(run.cfg, run.tokenizer, 64, "kjv", max_items=20, context_verses=3, say=lambda _: None)
+    cloze, words = items.cloze, [items.lex.words[c] for c in items.cloze.candidates]
+    texts = [ev.items.candidate_texts(items.eval_split.verses[s.verse_index].text, s,
+                                      [ev.cased_like(items.eval_split.verses[s.verse_index].text[s.char_start:
+                                                                                                 s.char_end], w)
+                                       for w in words]) for s in cloze.items]
+    task = task_documents(cloze, run.tokenizer, words, texts)
+    K, newline = cloze.n_candidates, run.tokenizer.encode("\n", add_special_tokens=False).ids[0]
+    assert len(task.docs) == len(cloze.items)
+    for i, doc in enumerate(task.docs):
+        for k, choice in enumerate(doc["choices"]):
+            ids, scored_from = harness_tokens(run.tokenizer, doc["context"], choice, newline)
+            assert ids == cloze.tokens[i * K + k].tolist() and scored_from <= cloze.verse_start[i * K + k]
+    # lm-eval would move "\n" into the continuation and find an empty context: refused, as lm-eval asserts
+    assert harness_tokens(run.tokenizer, "\n", "And God said.\n", newline) == ([], 0)
+    # a candidate whose text does not encode to the cloze's tokens: the item is left out and counted
+    texts[0] = [t.replace(" ", "  ", 1) for t in texts[0]]
+    assert task_documents(cloze, run.tokenizer, words, texts).left_out == {"tokens_differ_in_lm_eval": 1}
+
+
+def test_lm_eval_picks_what_genesis_picks_on_every_item_of_an_exported_run(lm_eval_task, tiny_run, tmp_path,
+                                                                          monkeypatch):
+    """lm-eval's own harness on the exported run: its accuracy is Genesis's whole-verse cloze, item by item."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))  # the json loader's cache, read at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is a test extra: pip install "genesis-masking[lm-eval]"')
+    from lm_eval.tasks import TaskManager
+
+    from genesis import export
+
+    model_dir = tmp_path / "hf"
+    assert export.main(["--checkpoint", str(tiny_run), "--out", str(model_dir)]) == 0
+    prefix = lm_eval_task.info["prefix_token_id"]
+    out = lm_eval.simple_evaluate(model="hf",
+                                  model_args=f"pretrained={model_dir},dtype=float32,prefix_token_id={prefix}",
+                                  tasks=["genesis_cloze_all", "genesis_cloze_conjunctive"], batch_size=16, device="cpu",
+                                  task_manager=TaskManager(include_path=str(lm_eval_task.dir)), log_samples=True)
+    result = lm_eval_task.result
+    candidates = result["cloze"]["candidates"]
+    genesis_pick = {i["id"]: i["predicted"]["model_verse"] for i in result["items"]["cloze"]}
+    # Genesis's whole-verse scores of the same items: lm-eval's log-likelihoods differ from them by one constant per
+    # item (its context's scored newline), so the differences between candidates agree, chapter openings included
+    run = ev.load_run(tiny_run)
+    items = ev.build_items(run.cfg, run.tokenizer, 64, "kjv", max_items=60, context_verses=3, say=lambda _: None)
+    verse = ev.score_cloze_model(run.model, items.cloze, progress=False).verse
+    row = {slot.item_id: i for i, slot in enumerate(items.cloze.items)}
+    for name in ("all", "conjunctive"):
+        samples = out["samples"][f"genesis_cloze_{name}"]
+        assert len(samples) == result["cloze"]["scorers"]["model_verse"]["sets"][name]["n"]
+        picks = {s["doc"]["id"]: candidates[int(np.argmax([float(r[0]) for r in s["filtered_resps"]]))]
+                 for s in samples}
+        assert picks == {i: genesis_pick[i] for i in picks}
+        for s in samples:
+            theirs, ours = np.array([float(r[0]) for r in s["filtered_resps"]]), verse[row[s["doc"]["id"]]]
+            assert np.abs((theirs - theirs[0]) - (ours - ours[0])).max() < 1e-3, s["doc"]["id"]
+        acc = out["results"][f"genesis_cloze_{name}"]["acc,none"]
+        assert acc == pytest.approx(result["cloze"]["scorers"]["model_verse"]["sets"][name]["accuracy"], abs=1e-12)

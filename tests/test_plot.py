@@ -52,3 +52,38 @@ def test_a_bad_run_is_one_line(tiny_runs, tmp_path, monkeypatch, capsys, case, m
 def test_out_must_be_a_png(tiny_runs, capsys):
     assert plot.main([str(tiny_runs["tied"]), "--out", "curves.pdf"]) == 2
     assert capsys.readouterr().err == "error: --out curves.pdf: name a .png file\n"
+
+
+def _end_only_run(path, train_steps: tuple[int, ...], loss: float) -> str:
+    """A run that logs the training loss at `train_steps` and evaluates once, at step 10."""
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 9.0 - s / 10})
+                                                + "\n" for s in train_steps)
+                                        + json.dumps({"kind": "eval", "step": 10, "heldout_loss": loss,
+                                                      "heldout_connective_accuracy": 0.125}) + "\n")
+    return str(path)
+
+
+def test_metrics_with_one_point_per_run_are_a_table_not_a_panel(tmp_path, capsys):
+    runs = [_end_only_run(tmp_path / "a", (5, 10), 7.5), _end_only_run(tmp_path / "b", (5, 10), 7.25)]
+    curves = [plot.read_curves(r) for r in runs]
+    drawn, single = plot.curve_panels(curves)
+    assert [p[1] for p in drawn] == ["loss"]
+    assert [p[1] for p in single] == ["heldout_loss", "heldout_connective_accuracy"]
+    out = tmp_path / "curves.png"
+    assert plot.main([*runs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == (
+        f"wrote {out} (2 runs)\none point per run, not plotted:\nheld-out loss:\n  a  step      10  7.5\n"
+        "  b  step      10  7.25\nheld-out connectives: next-token accuracy (%):\n  a  step      10  12.5\n"
+        "  b  step      10  12.5\n")
+
+
+def test_runs_with_one_point_per_metric_write_no_png(tmp_path, capsys):
+    runs = [_end_only_run(tmp_path / "a", (10,), 7.5), _end_only_run(tmp_path / "b", (10,), 7.25)]
+    out = tmp_path / "curves.png"
+    assert plot.main([*runs, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("no curve to draw: every metric has one point per run (2 runs); no PNG written\n"
+                              "one point per run, not plotted:\ntraining loss:\n  a  step      10  8\n")
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """Connective evaluation of a trained run, by stage: `items` (slots and cloze sets), `senses` (whether a slot is a
 connective use of its word), `scorers` (next-token, class head, cloze, the n-gram baseline), `pipeline` (context,
-scoring, breakdowns), `report` (tables, JSON, plots); `run` loads the run and `cli` is `python -m genesis.evaluate`.
+scoring, breakdowns), `report` (tables, JSON, plots), `lm_eval_task` (the cloze as an lm-evaluation-harness task);
+`run` loads the run and `cli` is `python -m genesis.evaluate`.
 
 Items. A connective slot is a whole-word occurrence of a lexicon word (the run's [masking] lexicon) in a verse of the
 split, found by `genesis.lexicon.find_matches`, the same oracle the masker is tested against. Verses are encoded one
@@ -60,8 +61,10 @@ from genesis.evaluate.items import (
 from genesis.evaluate.pipeline import (
     BREAKDOWNS,
     SETS,
+    ClozeItems,
     EvalContext,
     build_context,
+    build_items,
     class_head_result,
     evaluate_checkpoint,
     evaluate_model,
@@ -108,10 +111,11 @@ from genesis.evaluate.scorers import (
 from genesis.evaluate.senses import RULES, is_conjunctive
 
 __all__ = [
-    "BREAKDOWNS", "CLAUSE_BUCKETS", "CLAUSE_LABELS", "CLOZE_SCORERS", "ClassHeadScores", "ClozeScores", "ClozeSet",
-    "DEFAULT_BATCH_TOKENS", "DEFAULT_CONTEXT_K", "EncodedSplit", "EvalContext", "EvalError", "KneserNeyTrigram",
-    "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "RULES", "Run", "SETS", "Slot",
-    "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "cased_like", "checkpoint_identity",
+    "BREAKDOWNS", "CLAUSE_BUCKETS", "CLAUSE_LABELS", "CLOZE_SCORERS", "ClassHeadScores", "ClozeItems", "ClozeScores",
+    "ClozeSet", "DEFAULT_BATCH_TOKENS", "DEFAULT_CONTEXT_K", "EncodedSplit", "EvalContext", "EvalError",
+    "KneserNeyTrigram", "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "RULES", "Run",
+    "SETS", "Slot", "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "build_items", "cased_like",
+    "checkpoint_identity",
     "class_head_result", "clause_bucket", "config_from_dict", "constant_shares", "encode_split", "evaluate_checkpoint",
     "evaluate_model", "find_slots", "format_class_head", "format_tables", "in_set", "is_conjunctive", "load_run",
     "load_split_verses", "logits_at", "main", "masked_context_result", "masked_stream", "model_max_len", "pack_windows",

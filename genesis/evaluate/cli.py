@@ -3,10 +3,13 @@
     python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt                  # the KJV held-out chapters
     python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt --corpus asv     # same chapters, ASV wording
     python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt --max-items 300 --out /tmp/eval --json /tmp/e.json
+    python -m genesis.evaluate --checkpoint runs/cpu --max-items 300 --lm-eval-task runs/cpu/lm-eval-task
 
 Writes OUT/eval.json (or --json), OUT/hardest_connectives.png, OUT/accuracy_by_clause_length.png,
 OUT/confusion.png and OUT/accuracy_by_genre.png (and OUT/class_head_confusion.png for a model with a class head),
-and prints the tables. OUT defaults to <run dir>/eval-<corpus>-<split>.
+and prints the tables. OUT defaults to <run dir>/eval-<corpus>-<split>. With --lm-eval-task DIR it scores nothing and
+writes the same cloze items as a local lm-evaluation-harness task instead (`genesis.evaluate.lm_eval_task`), and
+prints the lm_eval command.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import sys
 from pathlib import Path
 
 from genesis.config import ConfigError
+from genesis.console import note
 from genesis.corpus import CorpusError
 from genesis.device import flushed_denormals
 from genesis.distributed import refuse_several_processes
+from genesis.evaluate.lm_eval_task import TaskExportError, export_task
 from genesis.evaluate.pipeline import evaluate_checkpoint
 from genesis.evaluate.report import format_tables, write_json, write_plots
 from genesis.evaluate.run import EvalError
@@ -44,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per forward pass")
     p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
                    help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
+    p.add_argument("--lm-eval-task", metavar="DIR",
+                   help="write the cloze items as lm-eval tasks genesis_cloze_all / genesis_cloze_conjunctive in DIR "
+                        "(a YAML and a JSONL each) and print the lm_eval command, instead of evaluating")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
@@ -60,6 +68,8 @@ def _main(args: argparse.Namespace, argv) -> int:
         refuse_several_processes("python -m genesis.evaluate")
         if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1 or args.context_k < 1:
             raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens and --context-k >= 1")
+        if args.lm_eval_task:
+            return _write_lm_eval_task(args)
         result, ctx = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.max_items,
                                           args.context_verses, args.device, args.batch_tokens, not args.quiet,
                                           context_k=args.context_k)
@@ -75,7 +85,7 @@ def _main(args: argparse.Namespace, argv) -> int:
         write_json(result, json_path)
         print(format_tables(result))
         print(f"\nwrote {json_path}" + "".join(f"\nwrote {p}" for p in plots))
-    except (ConfigError, CorpusError, TokenizerError, RunError, EvalError) as e:
+    except (ConfigError, CorpusError, TokenizerError, RunError, EvalError, TaskExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -83,4 +93,19 @@ def _main(args: argparse.Namespace, argv) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _write_lm_eval_task(args: argparse.Namespace) -> int:
+    info = export_task(args.checkpoint, args.lm_eval_task, args.corpus, args.split, args.max_items,
+                       args.context_verses, note if not args.quiet else lambda _: None)
+    counts = ", ".join(f"{n:,} {name}" for name, n in info["n_items"].items())
+    left = f"; left out, lm-eval would see other tokens: {info['left_out']}" if info["left_out"] else ""
+    print(f"cloze items: {counts}{left}")
+    print("".join(f"wrote {f}\n" for f in info["files"]), end="")
+    print(f"the verse separator \"\\n\" is token {info['prefix_token_id']}: lm-eval's prefix_token_id for the "
+          "items that open a chapter")
+    print(f"run it on this run exported (python -m genesis.export --checkpoint {args.checkpoint} --out "
+          f"{info['model_dir']}), or on any transformers model:")
+    print(info["command"])
     return 0

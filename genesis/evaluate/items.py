@@ -124,6 +124,11 @@ def cased_like(original: str, word: str) -> str:
     return word.lower()
 
 
+def candidate_texts(verse_text: str, slot: Slot, forms: list[str]) -> list[str]:
+    """The verse with each form in the slot's place, followed by the verse separator: what a cloze sequence encodes."""
+    return [verse_text[: slot.char_start] + f + verse_text[slot.char_end :] + VERSE_SEPARATOR for f in forms]
+
+
 @dataclass
 class ClozeSet:
     """Candidate sequences for the kept items, item-major: sequence i * K + k holds candidate k in item i's slot."""
@@ -160,7 +165,7 @@ def build_cloze(split: EncodedSplit, slots: list[Slot], tokenizer: Tokenizer, le
             skipped["text_differs_from_word"] += 1  # a normalizing tokenizer changed the characters
             continue
         forms = [cased_like(original, lex.words[c]) for c in candidates]
-        texts = [verse.text[: slot.char_start] + f + verse.text[slot.char_end :] + VERSE_SEPARATOR for f in forms]
+        texts = candidate_texts(verse.text, slot, forms)
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         longest = max(len(e.ids) for e in encodings)
         room = max_len - longest

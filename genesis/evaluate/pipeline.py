@@ -99,13 +99,22 @@ def load_split_verses(corpus: str, cfg: Config, split: str) -> list[Verse]:
     return split_verses(verses, cfg.data, cfg.origin_of)[split]  # errors name the checkpoint its config came from
 
 
-def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str | None = None, split: str = "heldout",
-                  max_items: int = 0, context_verses: int = 0, say: Callable[[str], None] = note) -> EvalContext:
-    timings: dict[str, float] = {}
+@dataclass
+class ClozeItems:
+    """The items of a split and the cloze set built on them: what the scorers and the lm-eval task share."""
+
+    lex: ResolvedLexicon
+    eval_split: EncodedSplit
+    slots: list[Slot]
+    cloze: ClozeSet
+
+
+def build_items(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str, split: str = "heldout",
+                max_items: int = 0, context_verses: int = 0, say: Callable[[str], None] = note,
+                timings: dict[str, float] | None = None) -> ClozeItems:
+    timings = {} if timings is None else timings
     t0 = time.time()
-    corpus = corpus or cfg.data.corpus
     eval_verses = load_split_verses(corpus, cfg, split)  # first: a bad corpus fails before the slow set-up
-    train_verses = load_split_verses(cfg.data.corpus, cfg, "train")
     timings["corpora_s"] = time.time() - t0
     t0 = time.time()
     say("resolving the connective lexicon against the run's tokenizer")
@@ -127,17 +136,27 @@ def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str |
     if not cloze.items:
         raise EvalError(f"no cloze item fits the model's {max_len} tokens ({cloze.skipped})")
     timings["items_s"] = time.time() - t0
-    t0 = time.time()
-    train_split = encode_split(train_verses, tokenizer, keep_offsets=False)
-    train_counts = Counter((s.entry, s.verse_initial)
-                           for s in find_slots(train_split, lex, cfg.masking.lookback, cfg.masking.clause_length))
-    ngram = KneserNeyTrigram(train_split.stream, tokenizer.get_vocab_size(with_added_tokens=True))
-    timings["baselines_s"] = time.time() - t0
     say(f"cloze: {len(cloze.items):,} items x {cloze.n_candidates} candidates = {len(cloze.tokens):,} sequences"
         + (f" (skipped {cloze.skipped})" if cloze.skipped else ""))
-    return EvalContext(cfg=cfg, tokenizer=tokenizer, lex=lex, corpus=corpus, split=split, eval_split=eval_split,
-                       slots=slots, cloze=cloze, train_counts=train_counts, ngram=ngram, max_items=max_items,
-                       context_verses=context_verses, max_len=max_len, timings=timings)
+    return ClozeItems(lex, eval_split, slots, cloze)
+
+
+def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str | None = None, split: str = "heldout",
+                  max_items: int = 0, context_verses: int = 0, say: Callable[[str], None] = note) -> EvalContext:
+    timings: dict[str, float] = {}
+    corpus = corpus or cfg.data.corpus
+    items = build_items(cfg, tokenizer, max_len, corpus, split, max_items, context_verses, say, timings)
+    t0 = time.time()
+    train_verses = load_split_verses(cfg.data.corpus, cfg, "train")
+    train_split = encode_split(train_verses, tokenizer, keep_offsets=False)
+    train_counts = Counter((s.entry, s.verse_initial)
+                           for s in find_slots(train_split, items.lex, cfg.masking.lookback, cfg.masking.clause_length))
+    ngram = KneserNeyTrigram(train_split.stream, tokenizer.get_vocab_size(with_added_tokens=True))
+    timings["baselines_s"] = time.time() - t0
+    return EvalContext(cfg=cfg, tokenizer=tokenizer, lex=items.lex, corpus=corpus, split=split,
+                       eval_split=items.eval_split, slots=items.slots, cloze=items.cloze, train_counts=train_counts,
+                       ngram=ngram, max_items=max_items, context_verses=context_verses, max_len=max_len,
+                       timings=timings)
 
 
 def _majority(counts: Counter, candidates: list[int], verse_initial: bool | None) -> int:

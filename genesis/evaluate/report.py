@@ -113,7 +113,7 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
 
     paths.append(plot_hardest_connectives(plt, result, out_dir / "hardest_connectives.png", min_items))
 
-    # accuracy vs clause length
+    # accuracy vs clause length; each series a little apart on x, so the intervals do not hide each other
     fig, ax = plt.subplots(figsize=(10, 4.5))
     buckets = [b for b in CLAUSE_LABELS if b in sc["model_verse"]["breakdowns"]["clause_length"]
                or b in nt["breakdowns"]["clause_length"]]
@@ -121,15 +121,17 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
     series = [("next token (model)", nt), ("cloze, whole verse (model)", sc["model_verse"]),
               ("cloze, suffix only (model)", sc["model_suffix"]), ("cloze, KN trigram", sc["kn3_verse"]),
               ("cloze, majority", sc["majority"])]
-    for label, metric in series:
-        values = [metric["breakdowns"]["clause_length"].get(b, {}).get("accuracy", np.nan) for b in buckets]
-        ax.plot(x, values, marker="o", label=label)
+    shift = 0.05 * (np.arange(len(series)) - (len(series) - 1) / 2)
+    for k, (label, metric) in enumerate(series):
+        values, counts = _group_values(metric, "clause_length", buckets)
+        ax.errorbar(x + shift[k], 100 * values, yerr=100 * _errors(values, counts), marker="o", ms=5, capsize=3,
+                    lw=1.3, elinewidth=0.8, label=label)
     counts = [sc["model_verse"]["breakdowns"]["clause_length"].get(b, {}).get("n", 0) for b in buckets]
     ax.set_xticks(x, [f"{b}\n(n={c})" for b, c in zip(buckets, counts)])
-    ax.set_ylim(0, 1)
+    _percent_axis(ax)
     clause_mode = result.get("clause_length_mode", "preceding")
     ax.set_xlabel(f"clause length in tokens (masking.clause_length = {clause_mode}; n = cloze items)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (Wilson 95% interval over items)")
     ax.set_title(f"Accuracy vs clause length — {title_tail}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
@@ -166,14 +168,16 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
     x = np.arange(len(genres))
     width = 0.8 / len(series)
     for k, (label, metric) in enumerate(series):
-        values = [metric["breakdowns"]["genre"].get(g, {}).get("accuracy", np.nan) for g in genres]
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width=width, label=label)
+        values, counts = _group_values(metric, "genre", genres)
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, 100 * values, width=width, label=label,
+               yerr=100 * _errors(values, counts), error_kw={"capsize": 2, "lw": 0.7})
     counts = [sc["model_verse"]["breakdowns"]["genre"][g]["n"] for g in genres]
     ax.set_xticks(x, [f"{g}\n(n={c})" for g, c in zip(genres, counts)])
-    ax.set_ylim(0, 1)
+    _percent_axis(ax)
     ax.set_xlabel("genre (n = cloze items)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (Wilson 95% interval over items)")
     ax.set_title(f"Accuracy by genre — {title_tail}")
+    ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out_dir / "accuracy_by_genre.png")
@@ -220,6 +224,31 @@ def _errors(values: list[float], counts: list[int]) -> np.ndarray:
     return np.clip(np.stack([np.array(values) - bounds[:, 0], bounds[:, 1] - np.array(values)]), 0, None)
 
 
+def _group_values(metric: dict[str, Any], dim: str, groups: list[str]) -> tuple[np.ndarray, list[int]]:
+    """A breakdown's accuracy per group (nan where the metric has no such group) and its own item counts."""
+    table = metric["breakdowns"][dim]
+    values = np.array([table.get(g, {}).get("accuracy", np.nan) for g in groups], dtype=np.float64)
+    return values, [table.get(g, {}).get("n", 0) for g in groups]
+
+
+def _percent_axis(ax) -> None:
+    """An accuracy axis from 0% to 100%, as the other figures draw it."""
+    from matplotlib.ticker import PercentFormatter
+
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
+
+
+def percent_ticks(top: float, most: int = 5) -> tuple[np.ndarray, list[str]]:
+    """At most `most` round ticks from 0 to `top` (a share), in whole percents where the step allows: a narrow
+    panel keeps its labels apart."""
+    steps = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5)
+    step = next((st for st in steps if top / st < most), 0.5)
+    ticks = np.arange(0.0, top + 1e-12, step)
+    digits = 0 if step >= 0.01 else 1
+    return ticks, [f"{100 * t:.{digits}f}%" for t in ticks]
+
+
 def hardest_words(result: dict[str, Any], min_items: int = 20) -> list[str]:
     """The connectives with at least `min_items` cloze items, lowest cloze recall first (more items first among
     equals)."""
@@ -264,7 +293,7 @@ def plot_hardest_connectives(plt, result: dict[str, Any], path: Path, min_items:
     right.set_xlim(0, min(1.0, top * 1.35) or 0.01)
     for k, v in enumerate(nxt):
         right.text(v + errors[1][k] + top * 0.02, k, f"{100 * v:.1f}%", va="center", fontsize=7)
-    right.xaxis.set_major_formatter(PercentFormatter(1.0))
+    right.set_xticks(*percent_ticks(right.get_xlim()[1]))
     right.set_xlabel("next-token accuracy, all pieces (own scale)")
     shown, total = len(words), len(by_word)
     fig.suptitle(f"Hardest connectives first: n >= {min_items} cloze items ({shown} of {total} words) — "
