@@ -60,6 +60,7 @@ from genesis.runs import (
     CHECKPOINT,
     METRICS,
     RunError,
+    RunLock,
     SaveError,
     claim_run_dir,
     keep_step_checkpoint,
@@ -76,8 +77,14 @@ from genesis.step import NonFiniteError, NonFiniteGuard, accumulate_gradients, l
 from genesis.tensorboard import TensorBoardWriter, check_tensorboard
 from genesis.tokenizer import TokenizerError
 
-_saved = False  # the running training's checkpoint has been saved for the way it is stopping
-_lock = None  # rank 0's RunLock on the run directory, from setup to the end of train()
+
+@dataclass
+class Claim:
+    """What a training process holds from before its Run exists to its end: rank 0's lock on the run directory, and
+    whether the checkpoint has been saved for the way the run is stopping."""
+
+    lock: RunLock | None = None
+    saved: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,19 +133,19 @@ class Run:
     guard: NonFiniteGuard | None = None  # takes the optimizer step unless the loss or gradient norm is non-finite
     saved_step: int | None = None  # the step of the checkpoint in the run directory (None: none yet)
     tensorboard: TensorBoardWriter | None = None  # rank 0's event files with training.tensorboard
+    claim: Claim = field(default_factory=Claim)  # the run directory's lock, and whether the run's end was saved
 
 
 def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.device,
-          amp_dtype: torch.dtype) -> Run:
-    """Data, masker, model and optimizer, the checkpoint loaded on --resume, and the run directory written."""
-    global _saved, _lock
+          amp_dtype: torch.dtype, claim: Claim) -> Run:
+    """Data, masker, model and optimizer, the checkpoint loaded on --resume, and the run directory written (claimed
+    in `claim`)."""
     t = cfg.training
-    _saved = False
     amp = autocast(device, amp_dtype)
     torch.manual_seed(t.seed)
     ckpt = None
     if resume and world.main:  # before reading the checkpoint: no other process writes it meanwhile
-        _lock = claim_run_dir(run_dir, resume, log)
+        claim.lock = claim_run_dir(run_dir, resume, log)
     if resume:
         ckpt = read_checkpoint(run_dir / CHECKPOINT, device, need=("model", "optimizer", "step"))
         if "config" in ckpt:  # checkpoints from before configs were saved in them are not checked
@@ -173,7 +180,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
     model = build_model(args, device, cfg)
     if world.main and not resume:  # once the model is built: a run that cannot start leaves no run directory
-        _lock = claim_run_dir(run_dir, resume, log)
+        claim.lock = claim_run_dir(run_dir, resume, log)
     model.grad_checkpointing = t.grad_checkpointing
     processes = f" x {world.size} processes (DDP)" if world.distributed else ""
     log(f"model: {model.num_params() / 1e6:.2f} M parameters | {args.n_layers} layers x {args.dim} | "
@@ -228,7 +235,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
               step_model=step_model, optimizer=optimizer, masker=masker, train_data=train_data, heldout=heldout,
               heldout_connectives=heldout_connectives, start=start, metrics=metrics, evaluated=evaluated,
               progress=Progress(t.steps, enabled=world.main, keep=False), curriculum=curriculum, completed=start,
-              summary={"run_dir": str(run_dir)}, t_last=time.time(), tensorboard=tensorboard,
+              summary={"run_dir": str(run_dir)}, t_last=time.time(), tensorboard=tensorboard, claim=claim,
               guard=NonFiniteGuard(optimizer, t.skip_nonfinite, skipped), saved_step=start if resumed else None)
     if masker is not None and masker.control_arm is not None and not resumed:  # a resumed run keeps its step-0 one
         record(run, {"kind": "control", "step": 0, **masker.control_arm.record()})
@@ -474,7 +481,6 @@ def check_finite(run: Run, sync: bool = True) -> None:
 
 def save_and_raise(run: Run, e: BaseException) -> None:
     """Save the checkpoint of step `completed` after an interrupt, then raise it (marked as saved)."""
-    global _saved
     run.progress.clear()
     if run.world.distributed and run.device.type == "cuda":
         # every process's queued GPU work, collectives included, finishes before any of them leaves: rank 0's save
@@ -483,7 +489,7 @@ def save_and_raise(run: Run, e: BaseException) -> None:
     try:
         with signals_held():  # a second Ctrl-C does not cut the save short (it is raised after it)
             save(run)
-            _saved = True
+            run.claim.saved = True
             log(f"interrupted: checkpoint at step {run.completed} saved to {run.run_dir / CHECKPOINT}; "
                 f"continue with --resume")
     except (KeyboardInterrupt, Interrupted) as again:
@@ -496,7 +502,6 @@ def save_and_raise(run: Run, e: BaseException) -> None:
 def save_after_error(run: Run, e: Exception) -> str:
     """After an error outside the optimizer step (the weights are those of step `completed`): save them, so that
     --resume continues once the cause is fixed. What to tell the user."""
-    global _saved
     run.progress.clear()
     if not run.world.main:
         return ""
@@ -507,7 +512,7 @@ def save_after_error(run: Run, e: Exception) -> str:
     try:
         with signals_held():
             save(run, every_process=False)
-            _saved = True
+            run.claim.saved = True
     except (KeyboardInterrupt, Interrupted):  # raised once the save is done (torchrun stopping the others)
         pass
     except Exception as again:  # a full disk, a dead GPU
@@ -522,7 +527,6 @@ def save_after_error(run: Run, e: Exception) -> str:
 def train_loop(run: Run) -> dict:
     """Steps from `start` to training.steps, evaluating and saving on schedule; the last step's evaluation and
     checkpoint; a checkpoint also when a signal or an error outside the optimizer step stops it."""
-    global _saved
     t, world = run.cfg.training, run.world
     # Several processes vote on stopping at every step (and evaluation round) instead of stopping where the signal
     # finds each of them, and save while signals stay deferred; one process stops at once.
@@ -547,7 +551,7 @@ def train_loop(run: Run) -> dict:
                 evaluate(run, run.completed)
             with signals_held():
                 save(run)
-                _saved = True
+                run.claim.saved = True
         except (KeyboardInterrupt, Interrupted) as e:
             save_and_raise(run, e)
         except (NonFiniteError, SaveError):  # one line; the checkpoint saved before stays as it is
@@ -624,27 +628,26 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> dict:
-    global _lock
+    claim = Claim()
     device, amp_dtype = training_device(cfg, world)
     set_threads(cfg.training.threads, device, log)
     keep_freed_memory(device)
     try:
         with process_group(world, device):
             try:
-                run = setup(cfg, run_dir, resume, world, device, amp_dtype)
+                run = setup(cfg, run_dir, resume, world, device, amp_dtype, claim)
                 return train_loop(run)
             except Exception as e:
                 if isinstance(e, Interrupted) or not (world.distributed and collective_failed(e)):
                     raise
                 raise PeerStopped.after(e) from None  # while starting: nothing to save yet
     except (KeyboardInterrupt, Interrupted) as e:
-        if _saved:  # e.g. torchrun's own SIGINT after the terminal's, during the teardown: the checkpoint is saved
+        if claim.saved:  # e.g. torchrun's own SIGINT after the terminal's, during the teardown: the checkpoint is saved
             e.checkpoint_saved = True
         raise
     finally:
-        if _lock is not None:
-            _lock.release() if resume else _lock.abandon(run_dir)  # a failed start leaves no directory behind
-            _lock = None
+        if claim.lock is not None:
+            claim.lock.release() if resume else claim.lock.abandon(run_dir)  # a failed start leaves no directory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
