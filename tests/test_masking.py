@@ -21,6 +21,7 @@ from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, find_matches
 from genesis.masking import (
     ConnectiveMasker,
     MaskingError,
+    MaskOutput,
     choose_impl,
     clause_length,
     mask_torch,
@@ -1523,7 +1524,7 @@ def test_readout_kernel_equals_torch_and_the_oracle(tok, base_masker, kjv_rows, 
         batches.append((f"{shape} {dtype}", adversarial_batch(masker, shape, seed=i).to(dtype), flags, block))
     batches += [("(0, 5)", torch.zeros(0, 5, dtype=torch.int64), None, 32),
                 ("(4, 0)", torch.zeros(4, 0, dtype=torch.int64), None, 32)]
-    targets = 0
+    counts = dict.fromkeys(("readout_targets", "readout_shared", "readout_dropped"), 0)
     for name, x, flags, block in batches:
         random_flags = torch.from_numpy(rng.random(tuple(x.shape)) < 0.1)
         flag_choices = [flags, None] if isinstance(flags, torch.Tensor) else [random_flags, None] if flags else [None]
@@ -1531,8 +1532,10 @@ def test_readout_kernel_equals_torch_and_the_oracle(tok, base_masker, kjv_rows, 
             label = f"{strategy}/{name}, verse_start {'given' if verse_start is not None else 'None'}"
             got = check_readout(masker, x, 3, verse_start, block=block, label=label)
             assert_same(got[:5], mask_torch(x, verse_start, plain.tables("cpu"), plain.seed, 3), label)
-            targets += int((got[5] >= 0).sum())
-    assert targets > 50
+            for key, value in masker.stats(MaskOutput(*got), x).items():
+                counts[key] = counts.get(key, 0) + int(value)
+    assert counts["readout_targets"] > 50 and counts["readout_shared"] > 5 and counts["readout_dropped"] > 5, counts
+    assert counts["readout_targets"] + counts["readout_shared"] + counts["readout_dropped"] == counts["masked_words"]
 
 
 def encode_row(tok, text):
@@ -1555,8 +1558,7 @@ def test_readout_positions_follow_the_definition(tok, base_masker, layout):
             out = kernel(masker, x, 0, verse_start, block=32)
         else:
             out = mask_torch(x, verse_start, masker.tables("cpu"), masker.seed, 0, layout=layout)
-        stats = masker.stats(SimpleNamespace(**dict(zip(("input_ids", "mask", "classes", "connectives", "matched",
-                                                         "readout", "readout_start"), out))), x)
+        stats = masker.stats(MaskOutput(*out), x)
         written = {int(c): (int(out[5][0, c]), int(out[6][0, c])) for c in torch.nonzero(out[5][0] >= 0).flatten()}
         counts = tuple(int(stats[k]) for k in ("readout_targets", "readout_shared", "readout_dropped"))
         return x, written, counts
@@ -1601,8 +1603,7 @@ def test_readout_stats_count_every_masked_word_once(base_masker, kjv_rows, layou
     x, vs = x[20:28], vs[20:28]
     tables = masker.tables("cpu")
     out = mask_torch(x, vs, tables, masker.seed, 9, layout=layout)
-    stats = masker.stats(SimpleNamespace(**dict(zip(("input_ids", "mask", "classes", "connectives", "matched",
-                                                     "readout", "readout_start"), out))), x)
+    stats = masker.stats(MaskOutput(*out), x)
     positions, words = [], 0
     stop = tables.clause_stop.tolist()
     for b in range(x.shape[0]):
