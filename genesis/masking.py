@@ -1386,7 +1386,8 @@ class ConnectiveMasker:
         else:
             ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).view(1, -1)  # a copy: memmaps are read-only
         every = dataclasses.replace(self._host_tables, prob_table=torch.ones_like(self._host_tables.prob_table),
-                                    use_cells=False, use_weight=False, bert=False, chain=False)
+                                    use_cells=False, use_weight=False, bert=False, chain=False,
+                                    readout=False)
         _, _, _, entry, matched = mask_torch(ids, None, every, 0, 0, layout="sparse")  # p = 1: every match
         entry, matched, ids, h = entry.view(-1).numpy(), matched.view(-1).numpy(), ids.view(-1).numpy(), every.host()
         # a match starts at a matched piece that does not continue a word of the same entry

@@ -4,6 +4,8 @@ One program handles BLOCK positions of one row; no position depends on another p
 independent of BLOCK and of the launch grid, and it equals `genesis.masking.mask_torch` bit for bit (tests compare
 them with `torch.equal` under TRITON_INTERPRET=1). Version 2 (`connective_mask_triton(..., version=2)`) scans one
 window per program instead of gathering per position; version 1 stays the default until the benchmark has timed both.
+With masking.readout a second, small kernel (`_readout_kernel`) computes the readout targets from either version's
+outputs, one program walking each row.
 
 Semantics, and how both versions work: docs/masking.md. Timings: bench/RESULTS.md.
 """
