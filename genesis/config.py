@@ -281,6 +281,9 @@ class MaskingConfig:
     verse_separator: str = doc("\n", "text whose tokens separate verses (used when a batch carries no verse_start)")
     replacement: str = doc("mask", "'mask': [MASK]; 'bert': split selected words into mask / random / keep")
     bert_split: list[float] = doc([0.8, 0.1, 0.1], "replacement='bert': fractions for mask, random token, keep")
+    readout: bool = doc(False, "also emit the link head's readout targets (out.readout, out.readout_start): each "
+                               "masked word's lexicon index at the clause stop after what follows it "
+                               "(docs/masking.md#readout-targets); replacement = \"mask\" only")
     default_connectives: bool = doc(True, "start from the built-in lexicon; false uses only [masking.connectives]")
     connectives: dict[str, ConnectiveEntry] = doc({}, "[masking.connectives] word = {weight = .., class = ..}")
     schedule: str = doc("constant", "constant | linear | cosine: every masking probability x a factor that ramps "
@@ -333,6 +336,8 @@ class MaskingConfig:
         _check(len(self.bert_split) == 3, "bert_split", "needs three fractions: mask, random, keep")
         _check(all(x >= 0 for x in self.bert_split), "bert_split", "fractions must be >= 0")
         _check(abs(sum(self.bert_split) - 1.0) < 1e-6, "bert_split", f"must sum to 1 (got {sum(self.bert_split)})")
+        _check(not (self.readout and self.replacement == "bert"), "readout", "needs replacement = \"mask\": with "
+               "\"bert\" a kept word would show the answer the readout asks for", also=("replacement",))
         _check(self.impl in ("auto", "triton", "torch"), "impl", f"must be auto, triton or torch (got {self.impl!r})")
         _check(self.schedule in SCHEDULES, "schedule",
                f"must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")

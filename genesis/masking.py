@@ -168,6 +168,7 @@ class MaskTables:
     chain: bool = False  # masking.chain: causal matches within chain_gap of each other share their head's draw
     chain_gap: int = DEFAULT_CHAIN_GAP  # the most tokens from one chained match's start to the next one's
     chain_class: int = 0  # the class id whose matches chain (CLASSES.index("causal"))
+    readout: bool = False  # masking.readout: also compute the readout targets (two more (B, T) outputs)
 
     def to(self, device: torch.device | str) -> MaskTables:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -288,7 +289,7 @@ def build_tables(lex: ResolvedLexicon, cfg: MaskingConfig, mask_id: int) -> Mask
         bert=cfg.replacement == "bert", p_mask=float(cfg.bert_split[0]),
         p_mask_or_random=float(cfg.bert_split[0] + cfg.bert_split[1]),
         start_can_stop=bool((scan_code == SCAN_START | SCAN_STOP).any()),
-        chain=cfg.chain, chain_gap=cfg.chain_gap, chain_class=CLASSES.index("causal"),
+        chain=cfg.chain, chain_gap=cfg.chain_gap, chain_class=CLASSES.index("causal"), readout=cfg.readout,
     )
 
 
@@ -317,6 +318,46 @@ def clause_length(row, pos: int, clause_boundary, verse_separator, lookback: int
             break
         count += 1
     return count
+
+
+def readout_position(row, last_piece: int, clause_stop, verse_start=None) -> int | None:
+    """The readout position of a word whose last piece is at column `last_piece` of `row` (a sequence of valid
+    ids), one position at a time: the documented semantics in plain Python (docs/masking.md#readout-targets). The
+    vectorised paths are tested against it. A column is a stop when its token is a clause stop (`clause_stop`:
+    clause-boundary or verse-separator tokens) or, with `verse_start` flags, when the next column starts a verse.
+    Skip the stops right after the word, then one or more other tokens; the first stop after them is the readout
+    position. None when the row ends first."""
+    def is_stop(column: int) -> bool:
+        next_starts_verse = verse_start is not None and column + 1 < len(row) and bool(verse_start[column + 1])
+        return bool(clause_stop[row[column]]) or next_starts_verse
+
+    column = last_piece + 1
+    while column < len(row) and is_stop(column):  # the run of stops right after the word
+        column += 1
+    if column >= len(row):
+        return None
+    while column < len(row) and not is_stop(column):  # what follows the word, up to its stop
+        column += 1
+    return column if column < len(row) else None
+
+
+def readout_reference(row, mask_row, connective_row, tables: MaskTables, verse_start=None):
+    """(readout, readout_start) of one row as lists, from the masker's mask and connectives, one masked word at a
+    time with `readout_position`: the later word wins a shared position; a word without one is dropped."""
+    T = len(row)
+    readout, readout_start = [IGNORE_INDEX] * T, [-1] * T
+    clause_stop, glue, wend = tables.clause_stop.tolist(), tables.glue_left.tolist(), tables.word_end.tolist()
+    for column in range(T):
+        if not mask_row[column]:
+            continue
+        continues = (column + 1 < T and mask_row[column + 1] and connective_row[column + 1] == connective_row[column]
+                     and glue[row[column + 1]] and wend[row[column]])
+        if continues:  # not the word's last piece
+            continue
+        position = readout_position(row, column, clause_stop, verse_start)
+        if position is not None:  # words come in column order: a later one overwrites
+            readout[position], readout_start[position] = connective_row[column], column + 1
+    return readout, readout_start
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,15 +464,21 @@ def mask_torch(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables
     device = input_ids.device
     out = input_ids.clone(memory_format=torch.contiguous_format)
     if B * T == 0:
-        return (out, *_unmasked(B, T, device))
+        return (out, *_unmasked(B, T, device), *_no_readout(B, T, device, tables.readout))
     layout = layout or ("sparse" if device.type == "cpu" else "dense")
     if layout == "sparse":
         if device.type != "cpu":
             raise MaskingError(f"the sparse torch path runs on CPU tensors (got a {device.type} tensor)")
-        return _mask_sparse(out, verse_start, tables, seed, step, rank, row_offset)
+        result = _mask_sparse(out, verse_start, tables, seed, step, rank, row_offset)
+        if tables.readout:
+            result += _readout_sparse(input_ids, verse_start, result[1], result[3], tables)
+        return result
     if layout != "dense":
         raise MaskingError(f"layout must be 'sparse' or 'dense' (got {layout!r})")
-    return _mask_dense(out, verse_start, tables, seed, step, rank, row_offset, ids_checked)
+    result = _mask_dense(out, verse_start, tables, seed, step, rank, row_offset, ids_checked)
+    if tables.readout:
+        result += _readout_dense(input_ids, verse_start, result[1], result[3], tables, ids_checked)
+    return result
 
 
 def uniform_from_bits_numpy(word: np.ndarray) -> np.ndarray:
@@ -579,6 +626,49 @@ def _unmasked(B: int, T: int, device: torch.device | str = "cpu") -> tuple[torch
             torch.zeros((B, T), dtype=torch.bool, device=device))
 
 
+def _no_readout(B: int, T: int, device: torch.device | str, readout: bool) -> tuple[torch.Tensor, ...]:
+    """readout and readout_start of a (B, T) batch without any readout target (-100, -1); () without readout."""
+    if not readout:
+        return ()
+    return (torch.full((B, T), IGNORE_INDEX, dtype=torch.int64, device=device),
+            torch.full((B, T), -1, dtype=torch.int64, device=device))
+
+
+def _readout_sparse(input_ids: torch.Tensor, verse_start: torch.Tensor | None, mask: torch.Tensor,
+                    connectives: torch.Tensor, tables: MaskTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readout targets (sparse layout, CPU tensors), per masked word: its last piece, then one binary search
+    among the batch's closing stops (a stop right after a non-stop) for the first one at least two columns on."""
+    B, T = mask.shape
+    readout, readout_start = _no_readout(B, T, "cpu", True)
+    masked_flat = mask.view(-1).numpy()
+    pos = masked_flat.nonzero()[0]
+    if pos.size == 0:
+        return readout, readout_start
+    h, V = tables.host(), tables.vocab_size
+    ids = input_ids.reshape(-1).numpy().astype(np.int64)
+    ids[(ids < 0) | (ids >= V)] = V  # invalid ids: the neutral slot, no flags
+    stop = h.clause_stop.take(ids).reshape(B, T)
+    if verse_start is not None:  # the last column of a verse is a stop
+        stop[:, :-1] |= verse_start.numpy()[:, 1:] != 0
+    closes = np.zeros((B, T), dtype=bool)
+    closes[:, 1:] = stop[:, 1:] & ~stop[:, :-1]
+    closing = closes.reshape(-1).nonzero()[0]
+    entry = connectives.view(-1).numpy()
+    following = np.minimum(pos + 1, B * T - 1)
+    continues = ((pos + 1) % T != 0) & masked_flat.take(following) & (entry.take(following) == entry.take(pos)) \
+        & h.glue_left.take(ids.take(following)) & h.word_end.take(ids.take(pos))
+    last_piece = pos[~continues]
+    at = closing.searchsorted(last_piece + 2)
+    position = closing.take(np.minimum(at, closing.size - 1)) if closing.size else at
+    found = (at < closing.size) & (position // T == last_piece // T)  # a position in a later row is past the end
+    last_piece, position = last_piece[found], position[found]
+    wins = np.ones(position.size, dtype=bool)  # positions never decrease: the later word wins
+    wins[:-1] = position[1:] != position[:-1]
+    readout.view(-1).numpy()[position[wins]] = entry.take(last_piece[wins])
+    readout_start.view(-1).numpy()[position[wins]] = last_piece[wins] % T + 1
+    return readout, readout_start
+
+
 _NEIGHBOURS_NP = np.array([[-1], [0], [1]])
 _SENTINEL = np.array([-2])
 
@@ -639,6 +729,33 @@ def _match_longer_words(ids: np.ndarray, s, entry, multi, tables: MaskTables, h,
 def _shift_right(x: torch.Tensor, fill) -> torch.Tensor:
     """x[:, j-1] at column j, `fill` in column 0."""
     return torch.nn.functional.pad(x[:, :-1], (1, 0), value=fill)
+
+
+def _readout_dense(input_ids: torch.Tensor, verse_start: torch.Tensor | None, mask: torch.Tensor,
+                   connectives: torch.Tensor, tables: MaskTables,
+                   ids_checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readout targets (dense layout), from each closing stop's point of view: the latest masked word ending two
+    or more columns before it reads there unless another closing stop lies between them. Running maxima over each
+    row and gathers; no scatter (whose order among equal positions is not defined on a GPU), no host sync."""
+    B, T = mask.shape
+    V = tables.vocab_size
+    ids = input_ids.long()
+    if not ids_checked:
+        ids = ids.clamp(-1, V).remainder_(V + 1)
+    column = torch.arange(T, device=ids.device).expand(B, T)
+    stop = _take(tables.clause_stop, ids)
+    if verse_start is not None:  # the last column of a verse is a stop
+        stop = stop | torch.nn.functional.pad(verse_start[:, 1:] != 0, (0, 1), value=False)
+    closes = stop & ~_shift_right(stop, True)
+    continues = torch.zeros_like(mask)  # the next column is a piece of the same masked word
+    continues[:, :-1] = (mask[:, 1:] & (connectives[:, 1:] == connectives[:, :-1])
+                         & _take(tables.glue_left, ids[:, 1:]) & _take(tables.word_end, ids[:, :-1]))
+    last_piece = torch.where(mask & ~continues, column, -1).cummax(1).values
+    last_piece = _shift_right(_shift_right(last_piece, -1), -1)  # the latest word end two or more columns back
+    previous_close = _shift_right(torch.where(closes, column, -1).cummax(1).values, -1)
+    hit = closes & (last_piece >= 0) & (previous_close < last_piece + 2)
+    readout = torch.where(hit, connectives.gather(1, last_piece.clamp(min=0)), IGNORE_INDEX)
+    return readout, torch.where(hit, last_piece + 1, -1)
 
 
 def _mask_dense(out: torch.Tensor, verse_start: torch.Tensor | None, tables: MaskTables, seed: int, step: int,
@@ -834,6 +951,9 @@ class MaskOutput:
     classes: torch.Tensor  # (B, T) int64: class id at masked positions, -100 elsewhere
     connectives: torch.Tensor  # (B, T) int64: lexicon entry index at masked positions, -100 elsewhere
     matched: torch.Tensor  # (B, T) bool: every piece of every lexicon match found, masked or not
+    # masking.readout only (else None), docs/masking.md#readout-targets:
+    readout: torch.Tensor | None = None  # (B, T) int64: a masked word's lexicon index at its readout position
+    readout_start: torch.Tensor | None = None  # (B, T) int64: there, the column after that word's last piece; -1
 
 
 class ConnectiveMasker:
@@ -1140,7 +1260,8 @@ class ConnectiveMasker:
                                f"[0, 2**32), like rank (got row_offset={row_offset} with {input_ids.shape[0]} rows)")
         if not self.enabled:
             return MaskOutput(input_ids.clone(memory_format=torch.contiguous_format),
-                              *_unmasked(*input_ids.shape, input_ids.device))
+                              *_unmasked(*input_ids.shape, input_ids.device),
+                              *_no_readout(*input_ids.shape, input_ids.device, self.config.readout))
         if verse_start is not None and verse_start.dtype != torch.bool:
             verse_start = verse_start != 0
         device = input_ids.device
@@ -1178,8 +1299,11 @@ class ConnectiveMasker:
         """Counts as 0-d device tensors (no host sync): masked tokens, masked words — a masked position starts
         a word unless it glues onto a masked piece of the same connective just before it — and matched words (the
         lexicon's words in the batch, masked or not); with chain = true also masked chains (of two or more causal
-        words) and the words in them; for the control arm (`control_arm`) also the real connectives in the batch
-        ("connective_words") and those masked ("masked_connective_words", 0 unless a control word is one)."""
+        words) and the words in them; with readout = true the readout positions written ("readout_targets") and the
+        masked words without one: their position taken by a later word ("readout_shared") or past the row's end
+        ("readout_dropped"), the three adding up to masked_words; for the control arm (`control_arm`) also the real
+        connectives in the batch ("connective_words") and those masked ("masked_connective_words", 0 unless a control
+        word is one)."""
         m, c = out.mask, out.connectives
         tables = self.tables(input_ids.device)
         ids = input_ids.long().clamp(0, tables.vocab_size)  # invalid ids are never masked; any slot will do
@@ -1203,6 +1327,18 @@ class ConnectiveMasker:
             linked_after = causal & (after - column <= tables.chain_gap)
             counts["masked_chains"] = (linked_after & ~linked_before).sum()
             counts["masked_chain_words"] = (linked_before | linked_after).sum()
+        if out.readout is not None:  # every masked word is exactly one of: a target, shared (lost), dropped
+            written = out.readout != IGNORE_INDEX
+            continues = torch.zeros_like(m)
+            continues[:, :-1] = m[:, 1:] & (c[:, 1:] == c[:, :-1]) & glued
+            column = torch.arange(m.shape[1], device=m.device)
+            # the words without a target are those ending after the row's last target minus one (any earlier word
+            # has a readout position at or before that target, docs/masking.md#readout-targets)
+            last_target = torch.nn.functional.pad(torch.where(written, column, -1), (1, 0), value=-1).amax(1)
+            dropped = (m & ~continues & (column >= last_target.unsqueeze(1) - 1)).sum()
+            counts["readout_targets"] = written.sum()
+            counts["readout_dropped"] = dropped
+            counts["readout_shared"] = counts["masked_words"] - counts["readout_targets"] - dropped
         if self.reference_lexicon is not None:
             starts = self._reference_starts(ids)
             counts["connective_words"] = starts.sum()
@@ -1250,7 +1386,8 @@ class ConnectiveMasker:
         else:
             ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).view(1, -1)  # a copy: memmaps are read-only
         every = dataclasses.replace(self._host_tables, prob_table=torch.ones_like(self._host_tables.prob_table),
-                                    use_cells=False, use_weight=False, bert=False, chain=False)
+                                    use_cells=False, use_weight=False, bert=False, chain=False,
+                                    readout=False)
         _, _, _, entry, matched = mask_torch(ids, None, every, 0, 0, layout="sparse")  # p = 1: every match
         entry, matched, ids, h = entry.view(-1).numpy(), matched.view(-1).numpy(), ids.view(-1).numpy(), every.host()
         # a match starts at a matched piece that does not continue a word of the same entry

@@ -4,6 +4,8 @@ One program handles BLOCK positions of one row; no position depends on another p
 independent of BLOCK and of the launch grid, and it equals `genesis.masking.mask_torch` bit for bit (tests compare
 them with `torch.equal` under TRITON_INTERPRET=1). Version 2 (`connective_mask_triton(..., version=2)`) scans one
 window per program instead of gathering per position; version 1 stays the default until the benchmark has timed both.
+With masking.readout a second, small kernel (`_readout_kernel`) computes the readout targets from either version's
+outputs, one program walking each row.
 
 Semantics, and how both versions work: docs/masking.md. Timings: bench/RESULTS.md.
 """
@@ -470,6 +472,71 @@ def _mask_window(
     return chain_last, chain_head
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Readout targets (masking.readout): a second, small kernel over the masking kernel's outputs
+
+
+@triton.jit
+def _stop_at(x_row, vs_row, pos, T, V, token_flags, valid, HAS_VERSE_START: tl.constexpr):
+    """True where column `pos` is a stop: a clause-stop token or, with verse_start flags, a verse's last column."""
+    ok = valid & (pos >= 0) & (pos < T)
+    stop = (_flags_at(x_row, pos, V, token_flags, ok) & STOP) != 0
+    if HAS_VERSE_START:
+        stop = stop | (tl.load(vs_row + pos + 1, mask=ok & (pos + 1 < T), other=0) != 0)
+    return stop
+
+
+@triton.jit
+def _readout_kernel(
+    # pointers: the batch and the masking kernel's outputs
+    x_ptr, verse_start_ptr, mask_ptr, connective_ptr, readout_ptr, readout_start_ptr,
+    # pointers: tables
+    token_flags,
+    # sizes and strides
+    T, V, stride_x, stride_vs, stride_out,
+    # meta-parameters
+    HAS_VERSE_START: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row, its blocks in order. A readout is written from the closing stop's point of view (a stop
+    right after a non-stop): the latest masked word ending two or more columns before it reads there unless another
+    closing stop lies between them. Two running maxima carried from block to block (the latest word end, the latest
+    closing stop) find both, as the torch path's cummax does; each position is written once, so no store races."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    vs_row = verse_start_ptr + row.to(tl.int64) * stride_vs
+    out_row = row.to(tl.int64) * stride_out
+    last_piece = tl.full([], -1, tl.int64)  # carried: column of the latest masked word end before the block
+    last_close = tl.full([], -1, tl.int64)  # carried: column of the latest closing stop before the block
+    for block_index in range(0, tl.cdiv(T, BLOCK)):
+        col = block_index * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        in_row = col < T
+        stop = _stop_at(x_row, vs_row, col, T, V, token_flags, in_row, HAS_VERSE_START)
+        stop_1 = _stop_at(x_row, vs_row, col - 1, T, V, token_flags, in_row, HAS_VERSE_START)
+        stop_2 = _stop_at(x_row, vs_row, col - 2, T, V, token_flags, in_row, HAS_VERSE_START)
+        closes = in_row & (col >= 1) & stop & ~stop_1
+        closed_before = in_row & (col >= 2) & stop_1 & ~stop_2  # column col - 1 closes
+        # does a masked word end at col - 2? (its next column is no piece of the same masked word)
+        end = col - 2
+        ok = in_row & (end >= 0)
+        masked = tl.load(mask_ptr + out_row + end, mask=ok, other=0) != 0
+        entry = tl.load(connective_ptr + out_row + end, mask=ok, other=IGNORE_INDEX)
+        next_masked = tl.load(mask_ptr + out_row + end + 1, mask=ok, other=0) != 0
+        next_entry = tl.load(connective_ptr + out_row + end + 1, mask=ok, other=IGNORE_INDEX)
+        glued = _attach(x_row, end + 1, T, V, token_flags, ok)
+        ends = ok & masked & ~(next_masked & (next_entry == entry) & glued)
+        piece = tl.maximum(tl.associative_scan(tl.where(ends, end, -1), 0, _max), last_piece)
+        close = tl.maximum(tl.associative_scan(tl.where(closed_before, col - 1, -1), 0, _max), last_close)
+        hit = closes & (piece >= 0) & (close < piece + 2)
+        target = tl.load(connective_ptr + out_row + piece, mask=hit, other=IGNORE_INDEX)
+        tl.store(readout_ptr + out_row + col, tl.where(hit, target, IGNORE_INDEX), mask=in_row)
+        tl.store(readout_start_ptr + out_row + col, tl.where(hit, piece + 1, -1), mask=in_row)
+        last_piece = tl.max(piece, axis=0)
+        last_close = tl.max(close, axis=0)
+
+
+READOUT_BLOCK = 256  # columns per step of the readout kernel's walk along its row
+
+
 def window_geometry(tables, window: int | None = None) -> tuple[int, int, int]:
     """(WINDOW, HALO_LEFT, BLOCK_OUT) of version 2 for these tables: the halo covers a word start MAX_PIECES-1
     back and its clause 2 x LOOKBACK further; the default window is the smallest power of two >= 256 that leaves
@@ -485,37 +552,59 @@ def window_geometry(tables, window: int | None = None) -> tuple[int, int, int]:
 
 def connective_mask_triton(input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables, seed: int, step: int,
                            rank: int = 0, row_offset: int = 0, block: int = DEFAULT_BLOCK, version: int = 1,
-                           window: int | None = None):
+                           window: int | None = None, readout_block: int = READOUT_BLOCK):
     """Launch the fused kernel.
 
     input_ids: (B, T) int32 or int64, contiguous rows; verse_start: (B, T) bool/uint8 or None; tables: a
     `genesis.masking.MaskTables` on the same device. Returns (input_ids masked copy, mask bool, classes int64,
     connectives int64, matched bool), all (B, T); classes and connectives hold -100 where nothing is masked;
-    matched marks every piece of every lexicon match, masked or not. `version` 1 (the
+    matched marks every piece of every lexicon match, masked or not. With `tables.readout` two more (B, T) int64
+    outputs follow: readout (-100 where none) and readout_start (-1 where none), from the readout kernel walking
+    each row `readout_block` (a power of two) columns at a time. `version` 1 (the
     default, per-position look-around tiles, `block` positions per program) or 2 (a window per program, scans;
     `window` tokens, see `window_geometry`): identical results, timed against each other by
     bench/mask_throughput.py on a GPU.
     """
     B, T = input_ids.shape
-    outputs = _empty_outputs(input_ids)
+    outputs = _empty_outputs(input_ids, tables.readout)
     if B == 0 or T == 0:
+        if tables.readout:
+            outputs[5].fill_(flags.IGNORE_INDEX)
+            outputs[6].fill_(-1)
         return outputs
-    kernel, args, meta, columns, options = _launch(input_ids, verse_start, outputs, tables, seed, step, rank,
+    kernel, args, meta, columns, options = _launch(input_ids, verse_start, outputs[:5], tables, seed, step, rank,
                                                    row_offset, block, version, window)
     # with chains one program per row walks its blocks in order (the chain state is carried from block to block)
     kernel[(1 if tables.chain else triton.cdiv(T, columns), B)](*args, **meta, **options)
+    if tables.readout:
+        # A readout position can lie any number of blocks after its word, and both masking kernels are built on
+        # blocks whose columns do not depend on each other: a second pass, one program per row walking it in order,
+        # keeps them unchanged and costs nothing when readout is off (~20 B/token more read when on).
+        args, meta = _readout_arguments(input_ids, verse_start, outputs, tables, readout_block)
+        _readout_kernel[(B,)](*args, **meta)
     return outputs
 
 
-def _empty_outputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _empty_outputs(input_ids: torch.Tensor, readout: bool = False) -> tuple[torch.Tensor, ...]:
     """The kernel's five (B, T) outputs, uninitialised, on the input's device: ids (its dtype), mask, classes,
-    connectives and matched. Row-major whatever the input's layout: the kernel writes column c of row r at
-    r * T + c."""
+    connectives and matched; with `readout` also readout and readout_start (int64). Row-major whatever the input's
+    layout: the kernel writes column c of row r at r * T + c."""
     shape, device = input_ids.shape, input_ids.device
+    int64 = (torch.empty(shape, dtype=torch.int64, device=device) for _ in range(4 if readout else 2))
     return (torch.empty(shape, dtype=input_ids.dtype, device=device),
-            torch.empty(shape, dtype=torch.bool, device=device),
-            torch.empty(shape, dtype=torch.int64, device=device), torch.empty(shape, dtype=torch.int64, device=device),
-            torch.empty(shape, dtype=torch.bool, device=device))
+            torch.empty(shape, dtype=torch.bool, device=device), next(int64), next(int64),
+            torch.empty(shape, dtype=torch.bool, device=device), *int64)
+
+
+def _readout_arguments(input_ids, verse_start, outputs, tables, block=READOUT_BLOCK):
+    """The readout kernel's positional arguments and meta-parameters."""
+    _, mask, _, connectives, _, readout, readout_start = outputs
+    x = input_ids if input_ids.stride(1) == 1 else input_ids.contiguous()
+    vs = x if verse_start is None else (verse_start if verse_start.stride(1) == 1 else verse_start.contiguous())
+    vs = vs if verse_start is None else vs.view(torch.uint8)
+    args = (x, vs, mask.view(torch.int8), connectives, readout, readout_start, tables.token_flags,
+            x.shape[1], tables.vocab_size, x.stride(0), vs.stride(0), readout.stride(0))
+    return args, dict(HAS_VERSE_START=verse_start is not None, BLOCK=block)
 
 
 def _launch(input_ids, verse_start, outputs, tables, seed, step, rank, row_offset, block, version, window):
@@ -573,11 +662,22 @@ def compile_for(capability: int, input_ids: torch.Tensor, verse_start: torch.Ten
     types and meta-parameters a launch with these inputs would use, and return Triton's compiled kernel (its
     `asm` holds the PTX and cubin). Needs Triton with its NVIDIA backend, not a GPU: tests use it to check on a
     CPU-only machine what the interpreter cannot, that the compiler accepts the kernel. Inputs may be CPU tensors."""
+    kernel, args, meta, _, options = _launch(input_ids, verse_start, _empty_outputs(input_ids), tables, 0, 0, 0, 0,
+                                             block, version, window)
+    return _compile(capability, kernel, args, meta, options)
+
+
+def compile_readout_for(capability: int, input_ids: torch.Tensor, verse_start: torch.Tensor | None, tables):
+    """`compile_for` for the readout kernel (masking.readout)."""
+    args, meta = _readout_arguments(input_ids, verse_start, _empty_outputs(input_ids, readout=True), tables)
+    return _compile(capability, _readout_kernel, args, meta, {})
+
+
+def _compile(capability: int, kernel, args, meta, options):
+    """Triton's compiled `kernel` for these launch arguments and a CUDA compute capability."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, args, meta, _, options = _launch(input_ids, verse_start, _empty_outputs(input_ids), tables, 0, 0, 0, 0,
-                                             block, version, window)
     signature = {}
     for name, value in zip(kernel.arg_names, args):
         if isinstance(value, torch.Tensor):

@@ -375,3 +375,40 @@ def test_the_masker_logs_through_logging_by_default_and_prints_nothing(tok, capl
     ConnectiveMasker.from_tokenizer(tok, enabled=False, log=None, **FEW)
     assert capsys.readouterr().out == "masking: disabled (enabled = false): the masker returns its inputs unchanged\n"
     assert not caplog.records
+
+
+def test_readout_is_off_by_default_and_refused_with_bert(masker, tok, rows):
+    """masking.readout: off by default (out.readout is None, the stats have no readout counts); with
+    replacement = "bert" a one-line error naming both keys, from from_tokenizer and from the config itself."""
+    out = masker(rows, step=0)
+    assert out.readout is None and out.readout_start is None
+    assert not any(key.startswith("readout") for key in masker.stats(out, rows))
+    for make in (lambda: ConnectiveMasker.from_tokenizer(tok, log=None, readout=True, replacement="bert", **FEW),
+                 lambda: ConnectiveMasker.from_tokenizer(tok, {"readout": True, "replacement": "bert", **FEW},
+                                                         log=None)):
+        with pytest.raises(MaskingError, match=r"^masking\.readout: needs replacement = \"mask\"") as error:
+            make()
+        assert "\n" not in str(error.value) and "bert" in str(error.value)
+
+
+def test_readout_from_the_public_call(tok, rows):
+    """With readout = true the masker's call returns readout / readout_start (int64, the batch's shape and device)
+    and changes no other output; the stats add up; a disabled masker returns them with no target."""
+    settings = dict(strategy="uniform", mask_prob=1.0, **FEW)
+    plain = ConnectiveMasker.from_tokenizer(tok, log=None, **settings)
+    m = ConnectiveMasker.from_tokenizer(tok, log=None, readout=True, **settings)
+    vs = torch.zeros_like(rows, dtype=torch.bool)
+    out, expected = m(rows, step=2, verse_start=vs), plain(rows, step=2, verse_start=vs)
+    for name in ("input_ids", "mask", "classes", "connectives", "matched"):
+        assert torch.equal(getattr(out, name), getattr(expected, name)), name
+    for t in (out.readout, out.readout_start):
+        assert t.dtype == torch.int64 and t.shape == rows.shape and t.device == rows.device
+    written = out.readout >= 0
+    assert written.any() and torch.equal(written, out.readout_start >= 0)
+    assert set(out.readout[written].tolist()) <= set(out.connectives[out.mask].tolist())
+    stats = m.stats(out, rows)
+    assert int(stats["readout_targets"]) == int(written.sum())
+    assert int(stats["readout_targets"] + stats["readout_shared"] + stats["readout_dropped"]) == \
+        int(stats["masked_words"])
+    off = ConnectiveMasker.from_tokenizer(tok, log=None, readout=True, enabled=False, **settings)(rows, step=2)
+    assert (off.readout == -100).all() and (off.readout_start == -1).all()

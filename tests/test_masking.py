@@ -21,10 +21,13 @@ from genesis.lexicon import CLASSES, DEFAULT_CONNECTIVES, find_matches
 from genesis.masking import (
     ConnectiveMasker,
     MaskingError,
+    MaskOutput,
     choose_impl,
     clause_length,
     mask_torch,
     philox4x32,
+    readout_position,
+    readout_reference,
     uniform_from_bits,
 )
 
@@ -63,7 +66,8 @@ def variant(base, **overrides):
 def kernel(masker, x, step, verse_start=None, row_offset=0, block=64, tables=None):
     """The Triton kernel on KERNEL_DEVICE (inputs already there keep their strides); outputs on x's device. Both
     kernel versions run and must agree exactly: version 2 with the smallest window its halo allows (128 tokens for
-    lookback 12 or 30), so that rows span several of its programs too. `tables` replaces the masker's (CPU)
+    lookback 12 or 30), so that rows span several of its programs too; with readout, version 1's readout pass walks
+    `block` columns at a time, version 2's the default. `tables` replaces the masker's (CPU)
     tables."""
     from genesis.kernels.mask import connective_mask_triton, window_geometry
 
@@ -72,7 +76,7 @@ def kernel(masker, x, step, verse_start=None, row_offset=0, block=64, tables=Non
     verse_start = None if verse_start is None else verse_start.to(KERNEL_DEVICE)
     tables = masker.tables(x.device) if tables is None else tables.to(x.device)
     args = (x, verse_start, tables, masker.seed, step, masker.rank, row_offset)
-    out = connective_mask_triton(*args, block=block)
+    out = connective_mask_triton(*args, block=block, readout_block=block)  # version 2 walks 256 columns: both vary
     try:
         window = window_geometry(tables, 128)[0]
     except ValueError:  # a long lookback: the default window
@@ -93,8 +97,10 @@ def torch_path(masker, x, step, verse_start=None, row_offset=0):
 
 
 def assert_same(a, b, case=""):
-    names = ("input_ids", "mask", "classes", "connectives", "matched")
-    assert len(a) == len(b) and len(a) in (4, 5), f"{case}: {len(a)} vs {len(b)} outputs"  # 4: a MaskOutput's
+    names = ("input_ids", "mask", "classes", "connectives", "matched", "readout", "readout_start")
+    # a MaskOutput without readout holds None in its readout fields where the paths return five tensors
+    a, b = (tuple(t for t in outputs if t is not None) for outputs in (a, b))
+    assert len(a) == len(b) and len(a) in (4, 5, 7), f"{case}: {len(a)} vs {len(b)} outputs"  # 7: with readout
     for name, u, v in zip(names, a, b):
         assert u.dtype == v.dtype and u.shape == v.shape, f"{case}: {name} {u.dtype}{tuple(u.shape)} vs {v.dtype}" \
             f"{tuple(v.shape)}"
@@ -487,7 +493,7 @@ def test_kernel_result_does_not_depend_on_block_size(tok, kjv_rows):
 COMPILE_CHECK = """
 import sys, torch
 from tokenizers import Tokenizer
-from genesis.kernels.mask import compile_for
+from genesis.kernels.mask import compile_for, compile_readout_for
 from genesis.masking import ConnectiveMasker
 tok = Tokenizer.from_file(sys.argv[1])
 if sys.argv[2] == "everything":
@@ -500,6 +506,9 @@ else:
 for version in (1, 2):
     kernel = compile_for(89, x, vs, masker.tables("cpu"), version=version)
     print("compiled version", version, len(kernel.asm["cubin"]), "bytes of sm_89 code")
+readout = ConnectiveMasker.from_tokenizer(tok, strategy="structural", readout=True, log=None)  # mask replacement
+kernel = compile_readout_for(89, x, vs, readout.tables("cpu"))
+print("compiled readout", len(kernel.asm["cubin"]), "bytes of sm_89 code")
 """
 
 
@@ -508,7 +517,7 @@ def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
     """The interpreter runs Python the compiler rejects (it read a plain module-level constant that compiled
     kernels cannot, and only the first GPU run found out). Triton's compiler and ptxas need no GPU: compile the
     kernel (both versions) for an RTX 40xx (sm_89) with every branch on (chains too), and with every branch off, as
-    the launcher would."""
+    the launcher would; and the readout kernel, with verse_start flags and int64 ids and without them, int32."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -518,6 +527,7 @@ def test_kernel_compiles_for_a_gpu_without_one(tok, tmp_path, variant):
     proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, str(path), variant], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.count("compiled version") == 2, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled readout") == 1, proc.stderr[-3000:]
 
 
 @needs_kernel
@@ -1272,10 +1282,13 @@ def test_report_and_describe(tok):
 def test_cuda_kernel_equals_torch_paths(tok, kjv_rows, strategy, replacement):
     masker = make_masker(tok, **STRATEGIES[strategy], **REPLACEMENTS[replacement])
     x, vs = kjv_rows[0][:16], kjv_rows[1][:16]
-    for chained in (masker, variant(masker, chain=True)):  # CPU twin with chains: test_kernel_equals_torch_with_chains
-        cpu = torch_path(chained, x, 9, vs)
+    # CPU twins: with chains test_kernel_equals_torch_with_chains, with readout (mask replacement only)
+    # test_readout_kernel_equals_torch_and_the_oracle
+    others = [variant(masker, chain=True)] + ([variant(masker, readout=True)] if replacement == "mask" else [])
+    for other in (masker, *others):
+        cpu = torch_path(other, x, 9, vs)
         xc, vc = x.cuda(), vs.cuda()
-        for got in (kernel(chained, xc, 9, vc, block=256), torch_path(chained, xc, 9, vc)):
+        for got in (kernel(other, xc, 9, vc, block=256), torch_path(other, xc, 9, vc)):
             assert_same(tuple(t.cpu() for t in got), cpu)
 
 
@@ -1459,3 +1472,155 @@ def test_stats_count_the_lexicon_words_of_the_batch_masked_or_not(base_masker, k
     assert int(stats["matched_words"]) == sum(len(find_matches(row, base_masker.lexicon)) for row in x.tolist())
     assert 0 < int(stats["masked_words"]) < int(stats["matched_words"])
     assert "connective_words" not in stats  # the real connectives' counts are the control arm's alone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readout targets (masking.readout)
+
+
+def readout_oracle(masker, x, verse_start, mask, connectives):
+    """`readout_reference` row by row, as (B, T) tensors: (readout, readout_start)."""
+    tables = masker.tables("cpu")
+    rows = [readout_reference(x[b].tolist(), mask[b].tolist(), connectives[b].tolist(), tables,
+                              None if verse_start is None else verse_start[b].tolist()) for b in range(x.shape[0])]
+    return tuple(torch.tensor([r[i] for r in rows], dtype=torch.int64).view(tuple(x.shape)) for i in (0, 1))
+
+
+def check_readout(masker, x, step, verse_start=None, block=64, label=""):
+    """Kernel (both versions) == sparse == dense on all seven outputs, and the readout == the one-word-at-a-time
+    oracle on the torch path's masks. Returns the torch path's outputs."""
+    expected = torch_path(masker, x, step, verse_start)
+    assert len(expected) == 7, label
+    assert_same(expected[:5] + readout_oracle(masker, x, verse_start, expected[1], expected[3]), expected,
+                f"{label}: the oracle vs the torch path")
+    if KERNEL_RUNS:
+        assert_same(kernel(masker, x, step, verse_start, block=block), expected, f"{label}: kernel vs torch")
+    return expected
+
+
+def sparse_stop_rows(masker, shape, seed):
+    """Rows of plain words and one-token connectives with a stop only every ~40 tokens: readout positions lie
+    blocks after their words, runs of several stops follow some words, and rows end before their last stop."""
+    lex = masker.lexicon
+    stops = np.flatnonzero(lex.clause_boundary | lex.verse_separator)
+    words = np.flatnonzero(~(lex.clause_boundary | lex.verse_separator | lex.special) & ~lex.glue_left)
+    single = [p[0] for p in map(lex.pattern_ids, range(lex.num_patterns)) if len(p) == 1]
+    rng = np.random.default_rng(seed)
+    kind = rng.random(shape)
+    rows = np.where(kind < 0.15, rng.choice(single, shape), rng.choice(words, shape))
+    return torch.from_numpy(np.where(kind > 0.975, rng.choice(stops, shape), rows).astype(np.int64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_readout_kernel_equals_torch_and_the_oracle(tok, base_masker, kjv_rows, strategy):
+    """out.readout / readout_start: kernel (v1, v2) == sparse == dense == the oracle on KJV rows, adversarial
+    batches, rows whose readout lies blocks after the word or past the row end, ODD_CASES shapes (B=1, T=1, T not a
+    multiple of the block, int32 ids), empty batches; with and without verse_start. The first five outputs are the
+    ones the masker gives without readout."""
+    masker = variant(base_masker, **dense(strategy), replacement="mask", readout=True)
+    plain = variant(base_masker, **dense(strategy), replacement="mask")
+    x, vs = kjv_rows
+    rng = np.random.default_rng(11)
+    batches = [("kjv", x[3:5, 100:400].contiguous(), vs[3:5, 100:400].contiguous(), 128),
+               ("adversarial", adversarial_batch(masker, (2, 193), seed=4), True, 64),
+               ("sparse stops", sparse_stop_rows(masker, (3, 300), seed=5), True, 32)]
+    for i, (shape, dtype, _, flags, block) in enumerate(ODD_CASES):
+        batches.append((f"{shape} {dtype}", adversarial_batch(masker, shape, seed=i).to(dtype), flags, block))
+    batches += [("(0, 5)", torch.zeros(0, 5, dtype=torch.int64), None, 32),
+                ("(4, 0)", torch.zeros(4, 0, dtype=torch.int64), None, 32)]
+    counts = dict.fromkeys(("readout_targets", "readout_shared", "readout_dropped"), 0)
+    for name, x, flags, block in batches:
+        random_flags = torch.from_numpy(rng.random(tuple(x.shape)) < 0.1)
+        flag_choices = [flags, None] if isinstance(flags, torch.Tensor) else [random_flags, None] if flags else [None]
+        for verse_start in flag_choices:
+            label = f"{strategy}/{name}, verse_start {'given' if verse_start is not None else 'None'}"
+            got = check_readout(masker, x, 3, verse_start, block=block, label=label)
+            assert_same(got[:5], mask_torch(x, verse_start, plain.tables("cpu"), plain.seed, 3), label)
+            for key, value in masker.stats(MaskOutput(*got), x).items():
+                counts[key] = counts.get(key, 0) + int(value)
+    assert counts["readout_targets"] > 50 and counts["readout_shared"] > 5 and counts["readout_dropped"] > 5, counts
+    assert counts["readout_targets"] + counts["readout_shared"] + counts["readout_dropped"] == counts["masked_words"]
+
+
+def encode_row(tok, text):
+    return torch.tensor([tok.encode(text).ids])
+
+
+@pytest.mark.parametrize("layout", ["sparse", "dense", "kernel"])
+def test_readout_positions_follow_the_definition(tok, base_masker, layout):
+    """Worked rows: the readout is at the stop after what follows the word, not at a comma right after it; a word
+    whose stop lies past the row's end has none; two words that share a position: the later wins; a verse's last
+    column is a stop when verse_start flags come with the batch. The stats count every masked word once."""
+    if layout == "kernel" and not KERNEL_RUNS:
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
+    masker = variant(base_masker, strategy="uniform", mask_prob=1.0, readout=True)
+    entry = {word: base_masker.lexicon.words.index(word) for word in ("wherefore", "for", "therefore", "but")}
+
+    def run(text, verse_start=None):
+        x = encode_row(tok, text)
+        if layout == "kernel":
+            out = kernel(masker, x, 0, verse_start, block=32)
+        else:
+            out = mask_torch(x, verse_start, masker.tables("cpu"), masker.seed, 0, layout=layout)
+        stats = masker.stats(MaskOutput(*out), x)
+        written = {int(c): (int(out[5][0, c]), int(out[6][0, c])) for c in torch.nonzero(out[5][0] >= 0).flatten()}
+        counts = tuple(int(stats[k]) for k in ("readout_targets", "readout_shared", "readout_dropped"))
+        return x, written, counts
+
+    x, written, counts = run("Wherefore, ye shall live.")
+    assert written == {x.shape[1] - 1: (entry["wherefore"], 1)} and counts == (1, 0, 0)  # at ".", not ","
+    x, written, counts = run("For therefore ye shall live; but ye")
+    semicolon = x[0].tolist().index(tok.token_to_id(";"))
+    assert written == {semicolon: (entry["therefore"], 2)} and counts == (1, 1, 1)  # "For" shares; "but" dropped
+    x, written, counts = run("For ye shall live,;.")
+    assert written == {x.shape[1] - 3: (entry["for"], 1)} and counts == (1, 0, 0)  # the run's first stop
+    x, written, counts = run("ye shall live, for.")
+    assert written == {} and counts == (0, 0, 1)  # only stops follow "for" before the row's end
+    x, written, counts = run("And ye live for ye live but")
+    assert [tok.id_to_token(i) for i in x[0].tolist()] == ["And", "Ġye", "Ġlive", "Ġfor", "Ġye", "Ġlive", "Ġbut"]
+    assert written == {} and counts == (0, 0, 2)
+    verse_start = torch.zeros(x.shape, dtype=torch.bool)
+    verse_start[0, 6] = True  # "for ye live | but": "live" ends a verse
+    x, written, counts = run("And ye live for ye live but", verse_start)
+    assert written == {5: (entry["for"], 4)} and counts == (1, 0, 1)
+
+
+def test_readout_position_reference():
+    """The plain-Python definition on hand-made rows (0: a word, 1: a stop)."""
+    stop = [False, True]
+    assert readout_position([0, 0, 0, 1], 0, stop) == 3
+    assert readout_position([0, 1, 0, 0, 1], 0, stop) == 4  # the stop right after the word is skipped
+    assert readout_position([0, 1, 1, 0, 1, 1], 0, stop) == 4
+    assert readout_position([0, 1, 1], 0, stop) is None  # nothing but stops after the word
+    assert readout_position([0, 0, 0], 0, stop) is None  # no stop before the row's end
+    assert readout_position([0, 0, 0], 2, stop) is None
+    assert readout_position([0, 0, 0, 0], 0, stop, verse_start=[0, 0, 0, 1]) == 2  # column 2 ends a verse
+    assert readout_position([0, 0, 0, 0], 0, stop, verse_start=[0, 0, 1, 0]) is None  # column 1: a stop run
+    assert readout_position([0, 0, 0, 0], 0, stop, verse_start=[0, 1, 0, 1]) == 2  # the word ends the verse
+
+
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
+def test_readout_stats_count_every_masked_word_once(base_masker, kjv_rows, layout):
+    """readout_targets + readout_shared + readout_dropped == masked_words, each as the oracle counts it."""
+    masker = variant(base_masker, strategy="uniform", mask_prob=0.8, readout=True)
+    x, vs = kjv_rows
+    x, vs = x[20:28], vs[20:28]
+    tables = masker.tables("cpu")
+    out = mask_torch(x, vs, tables, masker.seed, 9, layout=layout)
+    stats = masker.stats(MaskOutput(*out), x)
+    positions, words = [], 0
+    stop = tables.clause_stop.tolist()
+    for b in range(x.shape[0]):
+        row, mask, entry = x[b].tolist(), out[1][b].tolist(), out[3][b].tolist()
+        for c in range(len(row)):
+            last = mask[c] and not (c + 1 < len(row) and mask[c + 1] and entry[c + 1] == entry[c]
+                                    and tables.glue_left[row[c + 1]] and tables.word_end[row[c]])
+            if last:
+                words += 1
+                positions.append((b, readout_position(row, c, stop, vs[b].tolist())))
+    found = [p for p in positions if p[1] is not None]
+    assert int(stats["masked_words"]) == words > 100
+    assert int(stats["readout_targets"]) == len(set(found)) == int((out[5] >= 0).sum())
+    assert int(stats["readout_dropped"]) == len(positions) - len(found)
+    assert int(stats["readout_shared"]) == len(found) - len(set(found)) > 0
