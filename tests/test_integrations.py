@@ -405,15 +405,11 @@ def test_head_inputs_pass_the_classes_and_a_readout_where_the_output_has_one(dat
     from genesis.integrations import TrainingMasks
     from genesis.masking import ConnectiveMasker
 
-    class ReadoutMasker(ConnectiveMasker):  # an output with a readout, as a later masker's will have
-        def __call__(self, *args, **kwargs):
-            out = super().__call__(*args, **kwargs)
-            out.readout = out.mask.float()
-            return out
-
     tokenizer, rows = load_rows(data_dir)
-    masks = TrainingMasks(ReadoutMasker.from_tokenizer(tokenizer, **MASKING), classes_key="c", readout_key="r")
+    masker = ConnectiveMasker.from_tokenizer(tokenizer, **MASKING, readout=True)
+    masks = TrainingMasks(masker, classes_key="c", readout_key="r")
     out = masks(rows[:B], 0)
     extra = masks.head_inputs(out)
     assert set(extra) == {"c", "r"} and extra["c"] is out.classes and extra["r"] is out.readout
+    assert (out.readout >= 0).any()  # the masked words' readout targets
     assert TrainingMasks(masks.masker).head_inputs(out) == {}  # off by default

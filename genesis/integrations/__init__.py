@@ -76,8 +76,9 @@ class TrainingMasks:
         if self.classes_key is not None:
             extra[self.classes_key] = out.classes
         if self.readout_key is not None:
-            if not hasattr(out, "readout"):
-                raise MaskingError(f"readout_key={self.readout_key!r}: this masker's output has no readout")
+            if getattr(out, "readout", None) is None:
+                raise MaskingError(f"readout_key={self.readout_key!r}: this masker's output has no readout "
+                                   f"(masking.readout = true makes one)")
             extra[self.readout_key] = out.readout
         return extra
 
