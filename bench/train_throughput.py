@@ -262,10 +262,12 @@ def verdicts(report: dict) -> list[str]:
     for r in report["results"]:
         if r.get("vs_hf"):
             peer = "hf-" + r["mode"].split("-")[1]
+            peer_row = next(p for p in report["results"]
+                            if p["mode"] == peer and p.get("micro_batch") == r["micro_batch"])
             faster = "faster" if r["vs_hf"] >= 1 else "slower"
             ratio = r["vs_hf"] if r["vs_hf"] >= 1 else 1 / r["vs_hf"]
             lines.append(f"verdict: {r['mode']} is {ratio:.2f}x {faster} than {peer} at micro-batch {r['micro_batch']} "
-                         f"({r['tokens_per_s']:,.0f} vs {r['tokens_per_s'] / r['vs_hf']:,.0f} tokens/s)")
+                         f"({r['tokens_per_s']:,.0f} vs {peer_row['tokens_per_s']:,.0f} tokens/s, as in the table)")
     return lines
 
 
