@@ -869,14 +869,20 @@ class BigramLM(StubLM):
         return self.table[idx]
 
 
-def test_masked_context_loss_differs_from_the_visible_one_only_through_the_masked_pieces():
-    rng = np.random.default_rng(7)
-    vocab_size, mask_id, k = 40, 39, 3
+def _bigram_case(seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """A 300-token stream over ids 0..38 (39 is the mask id) and a random 40 x 40 bigram logit table."""
+    rng = np.random.default_rng(seed)
     stream = rng.integers(0, 39, size=300).astype(np.int64)
-    table = torch.from_numpy(rng.normal(size=(vocab_size, vocab_size))).float()
+    return stream, torch.from_numpy(rng.normal(size=(40, 40))).float()
 
-    def slot(pos: int, n_pieces: int) -> ev.Slot:
-        return ev.Slot(f"s{pos}", 0, pos, n_pieces, 0, False, 5, -1, -1, "Genesis", "law")
+
+def _slot_at(pos: int, n_pieces: int) -> ev.Slot:
+    return ev.Slot(f"s{pos}", 0, pos, n_pieces, 0, False, 5, -1, -1, "Genesis", "law")
+
+
+def test_masked_context_loss_differs_from_the_visible_one_only_through_the_masked_pieces():
+    stream, table = _bigram_case(7)
+    mask_id, k, slot = 39, 3, _slot_at
 
     # two pieces at the stream's start; a word followed by another within k tokens; one at the very end (nothing
     # follows: skipped); windows of 16 tokens, 3 to a batch
@@ -906,14 +912,8 @@ def test_deleted_context_predicts_each_token_from_the_stream_less_the_slots():
     left out."""
     from genesis.evaluate.scorers import deleted_stream
 
-    rng = np.random.default_rng(11)
-    vocab_size, mask_id, k = 40, 39, 3
-    stream = rng.integers(0, 39, size=300).astype(np.int64)
-    table = torch.from_numpy(rng.normal(size=(vocab_size, vocab_size))).float()
-
-    def slot(pos: int, n_pieces: int) -> ev.Slot:
-        return ev.Slot(f"s{pos}", 0, pos, n_pieces, 0, False, 5, -1, -1, "Genesis", "law")
-
+    stream, table = _bigram_case(11)
+    mask_id, k, slot = 39, 3, _slot_at
     slots = [slot(0, 2), slot(40, 1), slot(42, 1), slot(100, 2), slot(250, 2), slot(299, 1)]
     scores = ev.score_masked_context(BigramLM(table, seq_len=16), stream, slots, mask_id, k, batch_tokens=48,
                                      progress=False)
