@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from genesis.config import Config, ConfigError, DataConfig, cache_root
 from genesis.corpus import CorpusError, Verse, corpus_hash, load_corpus
-from genesis.errors import write_failure
+from genesis.errors import as_disk_full, write_failure
 from genesis.tokenizer import TokenizerError, get_tokenizer, tokenizer_hash
 
 CACHE_FORMAT = "tokens-v2"  # bump when the cache layout or the text joining changes (v2: checksums)
@@ -302,8 +302,9 @@ def load_token_cache(cache: Path, vocab_size: int, build, building: str, log=pri
         try:
             build(tmp)
         except OSError as e:
-            raise TokenCacheError(f"{cache}: cannot build the token cache ({write_failure(e, tmp)}); the partial "
-                                  f"build is removed") from None
+            reason = write_failure(as_disk_full(e, tmp), tmp)  # while the partial build still fills the disk
+            raise TokenCacheError(f"{cache}: cannot build the token cache ({reason}); the partial build is removed") \
+                from None
         for _ in range(3):
             try:
                 os.replace(tmp, cache)  # atomic: a half-written entry is never visible

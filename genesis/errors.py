@@ -21,9 +21,11 @@ def disk_full(where: Path) -> bool:
 
 def as_disk_full(e: BaseException, where: Path) -> BaseException:
     """`e`, or an ENOSPC OSError in its place when it is a write error that does not say so (torch.save on a full
-    disk raises "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...") and the disk under
-    `where` is full. Call it before the partial file is removed, while the disk is still full."""
-    if isinstance(e, Exception) and not isinstance(e, OSError) and disk_full(where):
+    disk raises "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...", numpy's short write
+    an OSError without an errno) and the disk under `where` is full. Call it before the partial file is removed,
+    while the disk is still full."""
+    says_why = isinstance(e, OSError) and e.errno is not None
+    if isinstance(e, Exception) and not says_why and disk_full(where):
         full = OSError(errno.ENOSPC, "No space left on device", str(where))
         full.__cause__ = e
         return full
@@ -31,8 +33,8 @@ def as_disk_full(e: BaseException, where: Path) -> BaseException:
 
 
 def write_failure(e: BaseException, where: Path) -> str:
-    """Why a write under `where` failed, in words: "no space left on device" for ENOSPC (or a full disk under
-    `where`), else the error's first line."""
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or disk_full(where):
+    """Why a write under `where` failed, in words: "no space left on device" for ENOSPC (`as_disk_full` turns
+    torch.save's own words for it into ENOSPC), else the error's first line."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "no space left on device"
     return (e.strerror or first_line(e)) if isinstance(e, OSError) else first_line(e)
