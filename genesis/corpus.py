@@ -14,10 +14,12 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from genesis.errors import GenesisError
+
 BUILTIN = {"kjv": "bible_kjv.sqlite", "asv": "bible_asv.sqlite"}
 
 
-class CorpusError(Exception):
+class CorpusError(GenesisError):
     """A corpus that cannot be read, phrased as one line naming the file."""
 
 

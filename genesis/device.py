@@ -14,10 +14,10 @@ import torch
 from genesis.config import Config, ConfigError
 from genesis.console import warn
 from genesis.distributed import ONE_PROCESS, World
-from genesis.runs import RunError
+from genesis.errors import GenesisError, RunError
 
 
-class DeviceError(ValueError):
+class DeviceError(GenesisError, ValueError):
     """A device name this machine cannot serve; the message is the reason, without who asked for it."""
 
 

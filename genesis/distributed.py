@@ -12,7 +12,7 @@ import threading
 import torch
 
 from genesis.console import first_line
-from genesis.runs import RunError
+from genesis.errors import RunError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

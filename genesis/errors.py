@@ -1,13 +1,45 @@
-"""Errors in words: what a failed operation tells the user."""
+"""Errors in words: the project's error base, the one place a command line turns an error into its line, and what
+a failed write tells the user."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from genesis.console import first_line
+
+
+class GenesisError(Exception):
+    """A problem the user can act on, phrased as one line: every command line prints it as `error: <line>`."""
+
+
+class RunError(GenesisError):
+    """A problem with the run directory, the checkpoint or the launch, phrased as one line."""
+
+
+ERROR_EXIT = 2  # a command line's status for a GenesisError or an OSError
+
+
+def error_line(e: BaseException) -> str:
+    """The line a command line prints for a GenesisError or an OSError (its file, then why)."""
+    if isinstance(e, OSError) and not isinstance(e, GenesisError):
+        return f"error: {e.filename or ''}: {e.strerror or e}"
+    return f"error: {e}"
+
+
+def run_cli(body: Callable[[], int], say: Callable[[str], None] | None = None) -> int:
+    """`body()`'s status; a GenesisError or an OSError it raises is said in one line (on stderr, or through `say`),
+    with status ERROR_EXIT. Interrupts and other exceptions go on to the caller."""
+    try:
+        return body()
+    except (GenesisError, OSError) as e:
+        (say or (lambda line: print(line, file=sys.stderr)))(error_line(e))
+        return ERROR_EXIT
+
 
 FULL_BELOW = 64 * 1024  # bytes free under which a failed write is put down to a full disk
 

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genesis.errors import GenesisError, run_cli
+
 METRICS = "metrics.jsonl"
 # (record kind, key, panel title, y scale): the panels in reading order
 PANELS = [
@@ -29,7 +31,7 @@ PANELS = [
 ]
 
 
-class PlotError(ValueError):
+class PlotError(GenesisError, ValueError):
     """A run that cannot be plotted, phrased as one line."""
 
 
@@ -148,20 +150,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if not args.out.lower().endswith(".png"):
-            raise PlotError(f"--out {args.out}: name a .png file")
-        runs = [read_curves(run) for run in args.runs]
-        distinct_labels(runs)
-        out = plot_curves(runs, Path(args.out))
-        _, single = curve_panels(runs)
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _plot(parse_args(argv)))
+
+
+def _plot(args: argparse.Namespace) -> int:
+    if not args.out.lower().endswith(".png"):
+        raise PlotError(f"--out {args.out}: name a .png file")
+    runs = [read_curves(run) for run in args.runs]
+    distinct_labels(runs)
+    out = plot_curves(runs, Path(args.out))
+    _, single = curve_panels(runs)
     plural = "s" * (len(runs) != 1)
     print(f"wrote {out} ({len(runs)} run{plural})" if out else
           f"no curve to draw: every metric has one point per run ({len(runs)} run{plural}); no PNG written")

@@ -21,7 +21,7 @@ import torch
 
 from genesis.config import SECTIONS, Config, to_dict
 from genesis.console import first_line
-from genesis.errors import as_disk_full, write_failure
+from genesis.errors import RunError, as_disk_full, write_failure
 from genesis.model import Llama, ModelArgs
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-class RunError(Exception):
-    """A problem with the run directory or the checkpoint, phrased as one line."""
 
 
 class SaveError(RunError):

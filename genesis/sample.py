@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from genesis.errors import GenesisError
 from genesis.model import Llama
 
 
-class SampleError(ValueError):
+class SampleError(GenesisError, ValueError):
     """A bad sampling setting, phrased as one line."""
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from genesis.errors import write_failure
+from genesis.errors import GenesisError, write_failure
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[MASK]"]
 MASK_NAMES = ("[MASK]", "<mask>")
@@ -23,7 +23,7 @@ PAD_NAMES = ("<pad>", "[PAD]")
 TRAINER_VERSION = "bpe-v1"  # bump when the training recipe changes, so cached tokenizers are rebuilt
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GenesisError, ValueError):
     """A tokenizer that cannot be used, phrased as one line. A ValueError, as the masker's MaskingError is, so a
     plug-in caller catches bad input to `ConnectiveMasker.from_tokenizer` with one type."""
 
