@@ -213,7 +213,7 @@ class _Damaged(Exception):
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (hardware-accelerated on most CPUs: faster than blake2b there; see the commit)."""
+    """sha256 of a file's bytes (hardware-accelerated on most CPUs, which is why it is sha256)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

@@ -131,9 +131,9 @@ _KEEP_BYTES = 1 << 30
 def keep_freed_memory(device: torch.device) -> bool:
     """On the CPU under glibc (Linux), keep freed memory up to 1 GiB in the process instead of handing every large
     block back to the kernel: glibc serves blocks above 32 MB (a step's (B, T, V) logits and their gradient) with
-    mmap and frees them with munmap, so every step pays for page faults that zero them again. Measured on a 2-core
-    machine with research_cpu.toml: 467 -> 274 ms per step, the same losses (docs/training.md). Returns whether it
-    applied; elsewhere (CUDA, macOS, Windows, musl) it does nothing."""
+    mmap and frees them with munmap, so every step pays for page faults that zero them again (the losses are the
+    same; the step times are in docs/training.md). Returns whether it applied; elsewhere (CUDA, macOS, Windows, musl)
+    it does nothing."""
     if device.type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -2,7 +2,7 @@
 
 The design notes looked connectives up with `token_to_id("therefore")`, which finds one spelling of one word and
 misses the rest: sentence-initial `Therefore`, the space-prefixed `Ġtherefore`, and words split into pieces
-(`Ġhow` + `ever`). On the KJV that lookup found about 25% of the occurrences. Here each word is encoded in many
+(`Ġhow` + `ever`), a small share of the occurrences on the KJV. Here each word is encoded in many
 contexts (text start, after a space, newline, bracket or quote; before punctuation, a space or the end) and in
 three casings, and the tokens covering the word's characters become its patterns.
 
