@@ -6,8 +6,8 @@ alone on the same batches.
     python bench/step_share.py --config cpu.toml --steps 10
     python bench/step_share.py --config high_vram.toml --device cuda --json share.json
 
-Two runs of the config are set up in temporary directories, the same seed for both: masking.enabled = false (and
-model.class_head = false, which needs masking) and masking.enabled = true with --strategy. Log steps, which add the
+One run of the config is set up in a temporary directory with masking.enabled = true and --strategy, and
+model.class_head = false (the head needs masking, so it would be in one mode only). Log steps, which add the
 masker's counts and a host sync, fall outside the timed steps (training.log_every is set past them); so do
 evaluations and checkpoints, which the training loop runs between steps. `bench/mask_throughput.py` runs this
 after its table (--step-share CONFIG).
@@ -88,30 +88,35 @@ def masking_ms(run, step: int) -> float:
 
 
 def step_share(config: str, device: str, strategy: str, steps: int, warmup: int) -> dict:
-    """Median step time with masking off and on, and of the masking calls alone; the steps alternate, so that drift
-    in the machine's load hits both modes alike."""
+    """Median step time with masking off and on, and of the masking calls alone. One Run, one model: an off step is
+    the same trainer step with the run's masker taken out (what masking.enabled = false runs), so the difference is
+    the masker's; the steps alternate, so that drift in the machine's load hits both modes alike."""
     total = warmup + steps
     base = load_config(config)
-    common = [f"training.device={device}", f"training.steps={max(base.training.steps, total + 1)}",
-              f"training.log_every={total + 1}", "training.tensorboard=false"]
-    off_overrides = [*common, "masking.enabled=false", "model.class_head=false"]
-    on_overrides = [*common, "masking.enabled=true", f"masking.strategy={strategy}"]
-    with trainer_run(config, off_overrides) as (off_run, _), trainer_run(config, on_overrides) as (on_run, amp_dtype):
-        off, on, alone = [], [], []
-        for i in range(total):
-            times = step_ms(off_run, i), step_ms(on_run, i), masking_ms(on_run, i)
-            if i >= warmup:
-                for samples, ms in zip((off, on, alone), times):
-                    samples.append(ms)
-        t, dev = on_run.cfg.training, on_run.device
-        impl, params = on_run.masker.impl(dev), on_run.model.num_params()
-        dtype = str(amp_dtype).replace("torch.", "")
-    off_s, on_s, alone_s = summarize(off), summarize(on), summarize(alone)
-    B, T, k = t.micro_batch, on_run.cfg.model.seq_len, t.grad_accum
+    overrides = [f"training.device={device}", f"training.steps={max(base.training.steps, total + 1)}",
+                 f"training.log_every={total + 1}", "training.tensorboard=false", "masking.enabled=true",
+                 f"masking.strategy={strategy}", "model.class_head=false"]
+    with trainer_run(config, overrides) as (run, amp_dtype):
+        masker, times = run.masker, {"off": [], "on": [], "alone": []}
+        try:
+            for i in range(total):
+                run.masker = None
+                off = step_ms(run, i)
+                run.masker = masker
+                sample = {"off": off, "on": step_ms(run, i), "alone": masking_ms(run, i)}
+                for mode, ms in sample.items():
+                    if i >= warmup:
+                        times[mode].append(ms)
+        finally:
+            run.masker = masker
+        t, dev, params = run.cfg.training, run.device, run.model.num_params()
+        T = run.cfg.model.seq_len
+    off_s, on_s, alone_s = (summarize(times[mode]) for mode in ("off", "on", "alone"))
     return {
-        "config": config, "device": str(dev), "dtype": dtype, "strategy": strategy, "impl": impl,
-        "micro_batch": B, "seq_len": T, "grad_accum": k, "tokens_per_step": B * T * k,
-        "params_m": round(params / 1e6, 2), "step": "genesis.train.train_step",
+        "config": config, "device": str(dev), "dtype": str(amp_dtype).replace("torch.", ""), "strategy": strategy,
+        "impl": masker.impl(dev), "micro_batch": t.micro_batch, "seq_len": T, "grad_accum": t.grad_accum,
+        "tokens_per_step": t.micro_batch * T * t.grad_accum, "params_m": round(params / 1e6, 2),
+        "step": "genesis.train.train_step",
         "step_ms_masking_off": off_s, "step_ms_masking_on": on_s, "masking_ms_per_step": alone_s,
         "ratio_on_off": on_s["median"] / off_s["median"],
         "masking_pct_of_step": 100 * alone_s["median"] / on_s["median"],
