@@ -1,4 +1,4 @@
-"""Cloze scoring with context, timed: today's evaluation without context (every candidate sequence run in full,
+"""Cloze scoring with context, timed: the evaluation without context (every candidate sequence run in full,
 --context-verses 0) against the prefix-cached scorer with up to 3 preceding verses, on one trained run.
 
     python bench/eval_context.py --checkpoint runs/cpu
@@ -6,7 +6,7 @@
 
 Times the cloze-model stage only (`genesis.evaluate.scorers.score_cloze_model`), the one stage that context makes
 longer: the items, the baselines and the other metrics are built or skipped outside the timer. A case is
-`path:verses` (path "full": every candidate sequence in full, today's scorer and the reference; "prefix": each
+`path:verses` (path "full": every candidate sequence in full, the default scorer and the reference; "prefix": each
 item's left context run once, its keys and values reused by every candidate). Checks before it times: on the items
 of every verse count timed with "prefix", the prefix scorer gives the full scorer's scores within
 PREFIX_PATH_TOLERANCE of the model's dtype and the same picks; it exits 1 and times nothing otherwise. Then
