@@ -427,6 +427,9 @@ def print_targets(targets: list[dict]) -> None:
 def print_checks(checks: dict) -> None:
     k = checks["kernel_equals_torch"]
     print(f"check kernel == torch path: {k['status']} ({len(k['cases'])} cases) - {k['note']}")
+    for case in (c for c in k["cases"] if not c["equal"]):
+        print(f"  FAIL {case['strategy']} {case['overrides']} {case['shape']} {case['dtype']}: "
+              + "; ".join(case["differences"]))
     for r in checks["rates"]:
         status = "ok  " if r["passed"] else "FAIL"
         print(f"check rate {status} {r['provider']:<12} {r['strategy']:<10} observed {r['observed']:>8.0f} expected "
