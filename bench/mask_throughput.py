@@ -102,7 +102,9 @@ from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
 from genesis.parity import check_parity  # noqa: E402
 
 DEFAULT_SIZES = "4x1024,64x1024,256x1024,1024x1024"
-SOURCES = ["genesis.masking", "genesis.lexicon", "genesis.data", "genesis.kernels.mask"]  # the code this bench times
+# the code this bench times: the masker, its batches, the kernel, the baselines and the harness
+SOURCES = ["genesis.masking", "genesis.lexicon", "genesis.data", "genesis.kernels.mask", "bench.notes_baselines",
+           "bench.workloads", "bench.common"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
