@@ -1,4 +1,4 @@
-"""Cloze scoring with context, timed: today's evaluation without context (every candidate sequence run in full,
+"""Cloze scoring with context, timed: the evaluation without context (every candidate sequence run in full,
 --context-verses 0) against the prefix-cached scorer with up to 3 preceding verses, on one trained run.
 
     python bench/eval_context.py --checkpoint runs/cpu
@@ -6,7 +6,7 @@
 
 Times the cloze-model stage only (`genesis.evaluate.scorers.score_cloze_model`), the one stage that context makes
 longer: the items, the baselines and the other metrics are built or skipped outside the timer. A case is
-`path:verses` (path "full": every candidate sequence in full, today's scorer and the reference; "prefix": each
+`path:verses` (path "full": every candidate sequence in full, the default scorer and the reference; "prefix": each
 item's left context run once, its keys and values reused by every candidate). Checks before it times: on the items
 of every verse count timed with "prefix", the prefix scorer gives the full scorer's scores within
 PREFIX_PATH_TOLERANCE of the model's dtype and the same picks; it exits 1 and times nothing otherwise. Then
@@ -17,9 +17,7 @@ spells fall on every case alike); medians with [min, max]. Timings are reported,
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_info, markdown_table, write_json  # noqa: E402
 from genesis.config import ConfigError  # noqa: E402
 from genesis.corpus import CorpusError  # noqa: E402
 from genesis.device import flushed_denormals, keep_freed_memory  # noqa: E402
@@ -77,14 +76,6 @@ def tokens_run(cloze, path: str) -> int:
     shared = cloze.prefix_shared
     tails = lengths[shared] - 1 - cloze.blank_start[shared]
     return int(cloze.blank_start[answer_seq].sum() + tails.sum() + lengths[~shared].sum())
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": model, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main(argv=None) -> int:
@@ -150,21 +141,20 @@ def bench(args: argparse.Namespace, argv) -> int:
                      "ratio": statistics.median(t) / base})
     print(f"\ncloze-model scoring only, {run.checkpoint} (step {run.step}), {device}, {args.threads} thread(s), "
           f"{args.repeats} rounds; load {load_start[0]:.2f} -> {load_end[0]:.2f}")
-    print("| scorer | context verses | items | sequences | tokens run (unpadded) | s median [min, max] | ms/item | "
-          "x first |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['path']} | {row['context_verses']} | {row['items']:,} | {row['sequences']:,} | "
-              f"{row['tokens_run']:,} | {row['median_s']:.2f} [{row['min_s']:.2f}, {row['max_s']:.2f}] | "
-              f"{1000 * row['median_s'] / row['items']:.1f} | {row['ratio']:.2f} |")
+    print(markdown_table(
+        ("scorer", "context verses", "items", "sequences", "tokens run (unpadded)", "s median [min, max]", "ms/item",
+         "x first"),
+        ((row["path"], row["context_verses"], f"{row['items']:,}", f"{row['sequences']:,}", f"{row['tokens_run']:,}",
+          f"{row['median_s']:.2f} [{row['min_s']:.2f}, {row['max_s']:.2f}]",
+          f"{1000 * row['median_s'] / row['items']:.1f}", f"{row['ratio']:.2f}") for row in rows)))
     if args.json:
         out = {"command": "python bench/eval_context.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "checkpoint": str(run.checkpoint), "run_identity": run.identity, "device": str(device),
                "dtype": str(dtype), "threads": args.threads, "batch_tokens": args.batch_tokens,
-               "max_items": args.max_items, "repeats": args.repeats, "machine": machine(),
+               "max_items": args.max_items, "repeats": args.repeats, "machine": machine_info(device),
                "load_1min": [load_start[0], load_end[0]], "checks": checks, "cases": rows}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        if write_json(args.json, out):
+            print(f"wrote {args.json}")
     return 0
 
 

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_info, summarize, sync, write_json  # noqa: E402
 from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.device import flush_denormals  # noqa: E402
 from genesis.model import Llama, ModelArgs  # noqa: E402
@@ -136,11 +134,6 @@ def batches(args: ModelArgs, size: int, count: int, device: torch.device) -> lis
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_side(mode: str, margs: ModelArgs, training, size: int, steps: int, warmup: int,
              device: torch.device) -> dict:
     kind, how = mode.split("-")
@@ -168,12 +161,10 @@ def run_side(mode: str, margs: ModelArgs, training, size: int, steps: int, warmu
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
         losses.append(loss.item())
-    times.sort()
-    ms = statistics.median(times)
+    ms = summarize(times)
     row = {"mode": mode, "micro_batch": size, "tokens": size * margs.seq_len, "steps": steps,
-           "ms_median": round(ms, 3), "ms_p10": round(times[round(0.1 * (len(times) - 1))], 3),
-           "ms_p90": round(times[round(0.9 * (len(times) - 1))], 3),
-           "tokens_per_s": round(size * margs.seq_len / ms * 1e3, 1),
+           "ms_median": round(ms["median"], 3), "ms_p10": round(ms["p10"], 3), "ms_p90": round(ms["p90"], 3),
+           "tokens_per_s": round(size * margs.seq_len / ms["median"] * 1e3, 1),
            "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
     if device.type == "cuda":
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -223,23 +214,6 @@ def matmul_peak(device: torch.device) -> dict:
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / best}
-
-
-def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "platform": platform.platform()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, sm=f"{props.major}{props.minor}", gpu_mem_gb=round(props.total_memory / 2**30, 1))
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    with contextlib.suppress(ImportError):
-        import triton
-
-        info["triton"] = triton.__version__
-    return info
 
 
 def format_table(report: dict) -> str:
@@ -300,7 +274,7 @@ def main(argv=None) -> int:
     cfg = args.cfg
     margs = ModelArgs.from_config(cfg.model, cfg.tokenizer.vocab_size)
     margs.n_classes = 0  # the LM step only: transformers' model has no class head
-    report = {"config": args.config, "device": str(device), "machine": machine(device),
+    report = {"config": args.config, "device": str(device), "machine": machine_info(device),
               "model": {k: getattr(margs, k) for k in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads",
                                                         "ffn_dim", "seq_len", "tie_embeddings")}}
     checks = {"same_model": check_same_model(margs, device)} if any(m.startswith("hf") for m in args.mode_list) else {}
@@ -335,12 +309,8 @@ def main(argv=None) -> int:
     print("\n".join(check_lines(checks) + verdicts(report)))
     if not checks["same_start"]["passed"]:
         print(f"error: the sides' losses differ or are not finite: {checks['same_start']}", file=sys.stderr)
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        except OSError as e:
-            print(f"error: cannot write --json {args.json}: {e.strerror}; the report is above", file=sys.stderr)
-            return 1
+    if args.json and not write_json(args.json, report):
+        return 1
     return 0 if all(c["passed"] for c in checks.values()) else 1
 
 

@@ -49,6 +49,7 @@ def test_smoke_run_writes_every_cpu_provider_with_ratios_and_passed_checks(kjv_c
 
     share = report["step_share"]
     assert share["config"] == "cpu.toml" and share["step_ms_masking_on"]["median"] > 0
+    assert share["step"] == "genesis.train.train_step" and share["impl"] == "torch"
     assert report["machine"]["threads"] == 1 and "command" in report["machine"]
     assert {t["target"] for t in report["targets"] if t["note"].startswith("not measured")}  # no GPU, no 64x1024
 
@@ -96,21 +97,24 @@ def load_bench():
 
 
 def test_rate_check_fails_when_masking_differs_from_the_configuration(kjv_corpus):
-    bench = load_bench()
+    bench = load_bench()  # puts the checkout on sys.path, where the bench package lies
+    from bench.notes_baselines import NotesUniformDataset
+    from bench.rate_checks import Z_MAX, Tally, check_loop
+
     split, tok = kjv_corpus.splits["train"], kjv_corpus.tokenizer
     work = bench.make_workload(split, 8, 1024, 4, 1, "cpu", "view", False)
     tokens = split.tokens[:].astype("int64").tolist()
-    dataset = bench.NotesUniformDataset(tokens, tok, 1024, mask_prob=0.3)
-    claimed = bench.NotesUniformDataset(tokens, tok, 1024, mask_prob=0.6)  # what a wrong configuration would say
+    dataset = NotesUniformDataset(tokens, tok, 1024, mask_prob=0.3)
+    claimed = NotesUniformDataset(tokens, tok, 1024, mask_prob=0.6)  # what a wrong configuration would say
     provider = bench.loop_provider(dataset, "uniform", work)
-    honest, wrong = bench.Tally(), bench.Tally()
+    honest, wrong = Tally(), Tally()
     for i, batch in enumerate(work.cpu):
         out = provider.call(i)
         args = (batch.x.numpy(), batch.y.numpy(), batch.verse_start.numpy(), out, tok.get_vocab_size())
-        bench.check_loop(dataset, *args, honest)
-        bench.check_loop(claimed, *args, wrong)
+        check_loop(dataset, *args, honest)
+        check_loop(claimed, *args, wrong)
     assert honest.result("loop", "uniform", "")["passed"]
-    assert not wrong.result("loop", "uniform", "")["passed"] and wrong.z < -bench.Z_MAX
+    assert not wrong.result("loop", "uniform", "")["passed"] and wrong.z < -Z_MAX
 
 
 def test_hf_check_fails_when_the_collator_keeps_more_than_its_defaults(kjv_corpus):
@@ -121,14 +125,16 @@ def test_hf_check_fails_when_the_collator_keeps_more_than_its_defaults(kjv_corpu
     from transformers import DataCollatorForLanguageModeling
 
     bench = load_bench()
+    from bench.rate_checks import Tally, check_hf
+
     honest, _ = bench.make_hf_collator(kjv_corpus.tokenizer)
     biased = DataCollatorForLanguageModeling(honest.tokenizer, mlm=True, mlm_probability=0.15, mask_replace_prob=0.8,
                                              random_replace_prob=0.0, seed=1, return_tensors="pt")
     work = bench.make_workload(kjv_corpus.splits["train"], 8, 1024, 4, 1, "cpu", "view", True)
     for collator, ok in ((honest, True), (biased, False)):
-        tallies = [bench.Tally() for _ in range(3)]
+        tallies = [Tally() for _ in range(3)]
         for i, batch in enumerate(work.cpu):
-            bench.check_hf(honest, batch.x, collator(work.hf_rows[i]), *tallies)
+            check_hf(honest, batch.x, collator(work.hf_rows[i]), *tallies)
         passed = [t.result("hf-collator", "mlm-15%", "")["passed"] for t in tallies]
         assert passed == [True, True, ok], passed
 
@@ -149,6 +155,101 @@ def test_kernel_alone_timing_covers_the_chain_strategy(kjv_corpus):
     assert bench.kernel_maskers(with_flag, ["structural"], tok, cfg.masking)["structural+chain"] is \
         built["structural+chain"]
     assert list(bench.kernel_maskers(plain, ["weighted"], tok, cfg.masking)) == ["weighted"]
+
+
+def test_check_parity_names_the_outputs_that_differ(kjv_corpus):
+    """The one comparison the benches run before they time: [] for maskers that agree (the same masker, or the
+    torch path on the batch's device against itself on the CPU), the differing outputs otherwise."""
+    from genesis.parity import check_parity
+
+    bench = load_bench()
+    from bench.workloads import make_masker, with_impl
+
+    cfg, tok = bench.load_config("cpu.toml"), kjv_corpus.tokenizer
+    batch = bench.make_workload(kjv_corpus.splits["train"], 4, 256, 1, 1, "cpu", "view", False).cpu[0]
+    masker = make_masker(tok, cfg.masking, "structural", "torch")
+    assert check_parity(masker, with_impl(masker, "torch"), batch.x, batch.verse_start, step=3, device_b="cpu") == []
+    reseeded = with_impl(masker, "torch")
+    reseeded.seed = masker.seed + 1
+    differences = check_parity(masker, reseeded, batch.x, batch.verse_start, step=3)
+    assert differences and differences[0].startswith("input_ids differs at [[")
+    assert any(line.startswith("mask differs") for line in differences)
+    assert not any(line.startswith("matched") for line in differences)  # the matches do not depend on the seed
+
+
+def test_profile_times_the_public_layouts_without_touching_the_masking_module(kjv_corpus):
+    import genesis.masking as masking
+
+    bench = load_bench()
+    from bench.mask_profile import profile_torch_path
+    from bench.workloads import make_masker
+
+    before = dict(vars(masking))
+    masker = make_masker(kjv_corpus.tokenizer, bench.load_config("cpu.toml").masking, "structural", "torch")
+    batch = bench.make_workload(kjv_corpus.splits["train"], 2, 128, 1, 1, "cpu", "view", False).cpu[0]
+    prof = profile_torch_path(masker, batch, 2, "cpu")
+    assert dict(vars(masking)) == before
+    assert [r["layout"] for r in prof["layouts"]] == ["sparse", "dense"] and all(r["ms_median"] > 0
+                                                                                  for r in prof["layouts"])
+    assert prof["aten"]["op_calls"] > 0 and prof["shape"] == [2, 128] and prof["impl"] == "torch"
+
+
+def test_step_share_times_the_trainers_own_step(kjv_corpus, monkeypatch):
+    """bench/step_share.py calls genesis.train.train_step on a Run from genesis.train.setup, step by step with
+    masking off (the run's masker taken out) and on (the configured strategy); the masker is back afterwards."""
+    import genesis.train
+
+    load_bench()
+    from bench.step_share import step_share
+
+    calls = []
+    real = genesis.train.train_step
+
+    def counted(run, step):
+        calls.append((run.masker is not None and run.masker.config.strategy, step))
+        return real(run, step)
+
+    monkeypatch.setattr(genesis.train, "train_step", counted)
+    share = step_share("cpu.toml", "cpu", "weighted", steps=1, warmup=0)
+    assert calls == [(False, 0), ("weighted", 0)]
+    assert share["step_ms_masking_off"]["n"] == share["step_ms_masking_on"]["n"] == 1
+    assert share["masking_ms_per_step"]["median"] > 0 and share["strategy"] == "weighted"
+
+
+def test_source_hashes_are_taken_when_asked_and_cover_a_package():
+    load_bench()
+    import bench.common as common
+
+    hashes = common.source_hashes(["genesis.evaluate", "genesis.data", "no_such_module"], [common.__file__])
+    assert set(hashes) == {"genesis/evaluate", "genesis/data.py", "bench/common.py"}
+    assert all(len(value) == 12 and int(value, 16) >= 0 for value in hashes.values())
+    assert not hasattr(load_bench(), "SOURCE_HASHES")  # nothing is hashed at import
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("kernel_sweep.py", ["--blocks", "100"], "--blocks: each value must be a power of two"),
+    ("kernel_sweep.py", ["--sizes", "4by4"], "--sizes: size '4by4': expected BxT"),
+    ("mask_profile.py", ["--calls", "0"], "--calls and --threads must be >= 1"),
+    ("step_share.py", ["--config", "nosuch.toml"], "--config: nosuch.toml: config not found"),
+])
+def test_bench_scripts_refuse_bad_options_with_one_line(script, argv, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_kernel_sweep_needs_a_gpu():
+    if torch_cuda_available():
+        pytest.skip("a GPU is here: the sweep would run")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_sweep.py")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "error: the kernel sweep needs a CUDA GPU" in proc.stderr, proc.stderr
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 TRAIN_SCRIPT = ROOT / "bench" / "train_throughput.py"
