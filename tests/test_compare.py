@@ -277,8 +277,8 @@ def test_ctrl_c_during_an_evaluation_exits_130_without_aborting(tmp_path):
 
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \
-                                              "structural, structural_head, chain, adaptive, random)"
+    assert capsys.readouterr().err.strip() == ("error: --strategies: unknown nosuch (known: none, uniform, weighted, "
+                                               "structural, structural_head, readout, chain, adaptive, random)")
     assert compare.main(["--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
 

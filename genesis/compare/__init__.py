@@ -37,11 +37,18 @@ The comparison is informative only where the unmasked baseline beats the Kneser-
 accuracy on the same items (the paired-bootstrap interval of baseline - trigram lies above 0); otherwise every
 decision reads "not informative at this scale".
 
+The hidden link read after the consequent: each strategy's frozen probe and link head (where it trains one) beside
+its whole-verse cloze, paired as above; the bar set for the `readout` strategy (its link head >= 1.05 x `none`'s
+whole-verse cloze on the conjunctive items, the Holm-corrected interval of the difference above 0, its held-out loss
+at most 0.02 nats above `none`'s), stated met or not met with the three numbers; and each strategy's probe against
+`none`'s.
+
 Adding a strategy is one line in STRATEGIES: a name and the --set overrides that define it.
 
 The package, by concern: stats (intervals, the clustered bootstrap, Holm), plan (strategies, runs, run directories),
 jobs (training processes, the evaluation thread, run_all), data (what the report reads, the metrics table), cells and
-report (the Markdown sections), figures, cli (the options and main; `python -m genesis.compare` runs it).
+report (the Markdown sections), readout (the link sections and the bar), figures, cli (the options and main;
+`python -m genesis.compare` runs it).
 """
 
 from .cells import breakdown_cell
@@ -71,6 +78,7 @@ from .plan import (
     eval_settings,
     plan_runs,
 )
+from .readout import BAR_GAIN, LOSS_TOLERANCE, READOUT, bar_verdict
 from .report import NOT_INFORMATIVE, ScaleCheck, build_report, informative_scale
 from .stats import (
     ALPHA,
@@ -91,12 +99,12 @@ from .stats import (
 )
 
 __all__ = [
-    "ALPHA", "BASELINE", "CONTROL", "DEFAULTS", "EVAL_FORMAT", "ITEM_SETS", "METRICS", "NOT_INFORMATIVE",
-    "NO_TOP1_BELOW", "PROCEED_AT", "RUN_OVERRIDES", "STRATEGIES", "BootstrapResult", "CompareError", "Evaluation",
-    "Metric", "PairedDraws", "ReportData", "RunSpec", "ScaleCheck", "Training", "bootstrap_p", "bootstrap_result",
-    "breakdown_cell", "build_report", "chapter_of", "check_run_dir", "eval_settings", "evaluate_run",
-    "figure_metrics", "finish_training", "holm_adjust", "holm_alphas", "holm_tests", "informative_scale", "leave",
-    "main", "mean_ci", "paired_bootstrap", "paired_draws", "parse_args", "percentile_interval", "plan_runs",
-    "reportable", "resample_counts", "reusable_eval", "run_all", "run_rates", "start_training", "stop_training",
-    "t_quantile", "train_command", "write_report_figures",
+    "ALPHA", "BAR_GAIN", "BASELINE", "CONTROL", "DEFAULTS", "EVAL_FORMAT", "ITEM_SETS", "LOSS_TOLERANCE", "METRICS",
+    "NOT_INFORMATIVE", "NO_TOP1_BELOW", "PROCEED_AT", "READOUT", "RUN_OVERRIDES", "STRATEGIES", "BootstrapResult",
+    "CompareError", "Evaluation", "Metric", "PairedDraws", "ReportData", "RunSpec", "ScaleCheck", "Training",
+    "bar_verdict", "bootstrap_p", "bootstrap_result", "breakdown_cell", "build_report", "chapter_of", "check_run_dir",
+    "eval_settings", "evaluate_run", "figure_metrics", "finish_training", "holm_adjust", "holm_alphas", "holm_tests",
+    "informative_scale", "leave", "main", "mean_ci", "paired_bootstrap", "paired_draws", "parse_args",
+    "percentile_interval", "plan_runs", "reportable", "resample_counts", "reusable_eval", "run_all", "run_rates",
+    "start_training", "stop_training", "t_quantile", "train_command", "write_report_figures",
 ]

@@ -23,6 +23,8 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
     "structural": ("masking.enabled=true", "masking.strategy=structural"),
     # the design notes' multi-task strategy: structural masking plus the connective-type head at masked positions
     "structural_head": ("masking.enabled=true", "masking.strategy=structural", "model.class_head=true"),
+    # the hidden link named after what it links: the masker's readout target and a link head read after the consequent
+    "readout": ("masking.enabled=true", "masking.strategy=structural", "masking.readout=true", "model.link_head=true"),
     "chain": ("masking.enabled=true", "masking.strategy=structural", "masking.chain=true"),
     "adaptive": ("masking.enabled=true", "masking.strategy=weighted", "masking.adaptive=true"),
     "random": ("masking.enabled=true", "masking.strategy=random", "masking.control_reference=structural"),
@@ -106,9 +108,10 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
     return runs
 
 
-# What an eval.json holds: 2 = items tagged conjunctive, masked context with the deletion variant. An eval.json of
-# another format is evaluated again rather than reported with fields missing.
-EVAL_FORMAT = 2
+# What an eval.json holds: 2 = items tagged conjunctive, masked context with the deletion variant; 3 = also the cloze
+# scorers link_probe (every run) and link_head (runs with a link head). An eval.json of another format is evaluated
+# again rather than reported with fields missing.
+EVAL_FORMAT = 3
 
 
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:

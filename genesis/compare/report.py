@@ -32,6 +32,7 @@ from .cells import (
 )
 from .data import CONTROL, METRICS, NO_TOP1_BELOW, UNIT_BOUNDS, ReportData, run_rates
 from .plan import BASELINE, RUN_OVERRIDES, STRATEGIES
+from .readout import bar_section, link_section, probe_section
 from .stats import PROCEED_AT, BootstrapResult, mean_ci, paired_bootstrap
 
 NOT_INFORMATIVE = "not informative at this scale"
@@ -416,6 +417,9 @@ def build_report(data: ReportData, args: argparse.Namespace, command: str, wall_
     lines += scale.lines()
     lines += decision_section(data, decisions)
     lines += next_token_section(data, args)
+    lines += link_section(data, args)
+    lines += bar_section(data, args)
+    lines += probe_section(data, args)
     lines += masked_context_section(data, args)
     lines += rates_section(data, args)
     lines += success_criteria_section(data.strategies, data.seeds, data.evaluated, decisions[chosen])
