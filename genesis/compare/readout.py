@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .cells import diff_cell, fmt_ci, level_cell, p_cell, paired_cells, seed_cell, seed_paired
-from .data import CLOZE_VERSE, HELDOUT_LOSS, LINK_HEAD, LINK_PROBE, ReportData
+from .data import CLOZE_VERSE, HELDOUT_LOSS, LINK_HEAD, LINK_PROBE, Metric, ReportData
 from .plan import BASELINE
 from .stats import BootstrapResult, holm_tests, mean_ci
 
@@ -33,7 +33,7 @@ def _probe_vs_cloze(data: ReportData, item_set: str, samples: int) -> dict[str, 
     return holm_tests(arms, own, data.units("cloze", item_set), samples, threshold=0.0)
 
 
-def _mean_cell(data: ReportData, metric, strategy: str, item_set: str) -> str:
+def _mean_cell(data: ReportData, metric: Metric, strategy: str, item_set: str) -> str:
     return fmt_ci(*mean_ci(data.values(metric, strategy, item_set)), scale=metric.scale, digits=metric.digits,
                   bounds=metric.bounds)
 
