@@ -1,4 +1,4 @@
-"""Tests for genesis/compare.py: the statistics on known answers, and the runner's skip / resume behaviour on a tiny
+"""Tests for genesis/compare/: the statistics on known answers, and the runner's skip / resume behaviour on a tiny
 config (two 5-step runs of a 2-layer model, 8 cloze items)."""
 
 import json
@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from genesis import compare
+from genesis.compare import cells, jobs
+from genesis.compare.report import rates_section
 from genesis.evaluate import checkpoint_identity
 
 from .helpers import ROOT
@@ -158,7 +160,7 @@ def test_the_seed_paired_interval_is_a_t_interval_over_per_seed_differences():
     half = 4.303 * np.std([0.1, 0.2, 0.2], ddof=1) / math.sqrt(3)
     assert mean == pytest.approx(0.5 / 3) and (low, high) == pytest.approx((mean - half, mean + half))
     assert (res.seeds_positive, res.seeds) == (3, 3)
-    assert compare._seed_cell(res) == f"+16.7 [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}], 3/3 > 0"
+    assert cells.seed_cell(res) == f"+16.7 [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}], 3/3 > 0"
 
 
 def test_breakdown_cells_show_the_mean_and_t_interval_over_seeds():
@@ -275,8 +277,8 @@ def test_ctrl_c_during_an_evaluation_exits_130_without_aborting(tmp_path):
 
 def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert compare.main(["--strategies", "none,nosuch", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == "error: --strategies: unknown nosuch (known: none, uniform, weighted, " \
-                                              "structural, structural_head, chain, adaptive, random)"
+    assert capsys.readouterr().err.strip() == ("error: --strategies: unknown nosuch (known: none, uniform, weighted, "
+                                               "structural, structural_head, readout, chain, adaptive, random)")
     assert compare.main(["--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
 
@@ -288,14 +290,14 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     out = tmp_path / "cmp"
     argv = ["--strategies", "none,same", "--seeds", "1", "--steps", "5", "--max-items", "8", "--bootstrap", "200",
             "--out", str(out), *TINY]
-    real_command = compare.train_command
+    real_command = jobs.train_command
 
     def interrupted(spec, resume):  # same-seed1's training process stops before saving anything, as on a Ctrl-C
         if spec.name == "same-seed1":
             return [sys.executable, "-c", "raise SystemExit(130)"]
         return real_command(spec, resume)
 
-    monkeypatch.setattr(compare, "train_command", interrupted)
+    monkeypatch.setattr(jobs, "train_command", interrupted)
     assert compare.main(argv) == 1
     first = capsys.readouterr()
     assert "[1/2] none-seed1: training (" in first.out and "same-seed1: training failed (exit status 130)" in first.err
@@ -306,7 +308,7 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
     assert "- **incomplete**: left out same-seed1" in (out / "report.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (done / "train.done", done / "eval.json", done / "checkpoint.pt")}
 
-    monkeypatch.setattr(compare, "train_command", real_command)
+    monkeypatch.setattr(jobs, "train_command", real_command)
     assert compare.main(argv) == 0
     second = capsys.readouterr().out
     assert "[1/2] none-seed1: training done, skipping" in second
@@ -411,10 +413,11 @@ def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, mon
 
 
 def _fake_eval(model: np.ndarray, trigram: np.ndarray, conjunctive: np.ndarray | None = None,
-               masked_context: dict | None = None) -> dict:
+               masked_context: dict | None = None, link: dict[str, np.ndarray] | None = None) -> dict:
     """An eval.json-shaped result with these per-item whole-verse credits (the model's and the trigram's), 8 items to
     a chapter; the next-token slots are the same items (log p falls with the model's credit); `conjunctive` tags
-    them (None: untagged, as eval.json files were before the tag)."""
+    them (None: untagged, as eval.json files were before the tag); `link` adds cloze scorers by name (link_probe,
+    link_head) with their per-item credits."""
     def scorer(credits: np.ndarray) -> dict:
         return {"accuracy": float(credits.mean()), "breakdowns": {"class": {"causal": {"accuracy": 0.5, "n": 1}},
                                                                   "position": {"inside": {"accuracy": 0.5, "n": 1}},
@@ -423,9 +426,11 @@ def _fake_eval(model: np.ndarray, trigram: np.ndarray, conjunctive: np.ndarray |
     ids = [f"1 Kings {i // 8 + 1}:{i % 8 + 1}@0" for i in range(len(model))]
     tags = [{} if conjunctive is None else {"conjunctive": bool(c)} for c in (conjunctive if conjunctive is not None
                                                                               else model)]
+    link = link or {}
     cloze = [{"id": i, "credit": {"model_verse": float(m), "model_suffix": float(m), "kn3_verse": float(t),
-                                  "kn3_suffix": float(t), "majority": float(t), "positional_majority": float(t)}, **tag}
-             for i, m, t, tag in zip(ids, model, trigram, tags)]
+                                  "kn3_suffix": float(t), "majority": float(t), "positional_majority": float(t),
+                                  **{name: float(credits[k]) for name, credits in link.items()}}, **tag}
+             for k, (i, m, t, tag) in enumerate(zip(ids, model, trigram, tags))]
     next_token = [{"id": i, "credit": float(m) / 10, "logprob": -3.0 - (1 - float(m)), **tag}
                   for i, m, tag in zip(ids, model, tags)]
     return {"corpus": "kjv", "split": "heldout", "device": "cpu",
@@ -435,7 +440,8 @@ def _fake_eval(model: np.ndarray, trigram: np.ndarray, conjunctive: np.ndarray |
             "cloze": {"n_candidates": 14, "scorers": {"model_verse": scorer(model), "model_suffix": scorer(model),
                                                       "kn3_verse": scorer(trigram), "kn3_suffix": scorer(trigram),
                                                       "majority": scorer(trigram),
-                                                      "positional_majority": scorer(trigram)}},
+                                                      "positional_majority": scorer(trigram),
+                                                      **{name: scorer(credits) for name, credits in link.items()}}},
             "items": {"cloze": cloze, "next_token": next_token}}
 
 
@@ -600,7 +606,7 @@ def test_the_report_lists_realised_rates_and_final_adaptive_weights(tmp_path):
                        {"kind": "adapt", "step": 5, "observed": 9, "weights": {"for": 0.5 + spec.seed / 2}}]
             (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     data = compare.ReportData(compare.plan_runs(args), {}, {r.name: {} for r in compare.plan_runs(args)})
-    section = "\n".join(compare.rates_section(data, args))
+    section = "\n".join(rates_section(data, args))
     assert "| none | no masking | | |" in section
     # connective share per seed 50% and 25%: mean 37.5 +- 12.706 x 17.68 / sqrt(2), clipped to [0, 100]; per 1,000:
     # 10 and 20
@@ -723,9 +729,9 @@ def test_a_job_slot_is_filled_while_a_run_is_evaluated(tmp_path, monkeypatch):
             assert second_started.wait(timeout=30), "the free slot stayed empty during the evaluation"
         return {"run": spec.name}, ctx
 
-    monkeypatch.setattr(compare, "start_training", fake_start)
-    monkeypatch.setattr(compare, "finish_training", lambda job: {"train_s": 0.0})
-    monkeypatch.setattr(compare, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(jobs, "start_training", fake_start)
+    monkeypatch.setattr(jobs, "finish_training", lambda job: {"train_s": 0.0})
+    monkeypatch.setattr(jobs, "evaluate_run", fake_evaluate)
     trained, evaluated, failed = compare.run_all(runs, args, time.time())
     assert started == ["none-seed1", "none-seed2"] and not failed
     assert evaluated == {"none-seed1": {"run": "none-seed1"}, "none-seed2": {"run": "none-seed2"}}

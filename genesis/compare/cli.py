@@ -1,0 +1,128 @@
+"""Compare masking strategies: train each over several seeds, evaluate every run, write a Markdown report.
+
+The command line of `python -m genesis.compare` (see the package's docstring): its options, and main, which plans the
+runs, trains and evaluates them, and writes the report and its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+from genesis.config import ConfigError
+from genesis.corpus import CorpusError
+from genesis.device import flushed_denormals
+from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
+from genesis.evaluate import DEFAULT_CONTEXT_K, EvalError, resolve_device
+from genesis.runs import RunError
+from genesis.tokenizer import TokenizerError
+
+from .data import ReportData, reportable
+from .figures import write_report_figures
+from .jobs import run_all
+from .plan import BASELINE, DEFAULTS, STRATEGIES, CompareError, plan_runs
+from .report import build_report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genesis.compare", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULTS["config"], help="training config (default cpu.toml)")
+    p.add_argument("--strategies", default=DEFAULTS["strategies"],
+                   help=f"comma-separated, from {', '.join(STRATEGIES)} (default all; '{BASELINE}' is always added)")
+    p.add_argument("--seeds", default=DEFAULTS["seeds"], help="comma-separated training seeds (default 1,2,3)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help="training.steps for every run (default 120; 0 keeps the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override applied to every run (before the strategy's own)")
+    p.add_argument("--max-items", type=int, default=DEFAULTS["max_items"],
+                   help="cloze items, spread evenly over the held-out split (default 300; 0 = all)")
+    p.add_argument("--context-verses", type=int, default=DEFAULTS["context_verses"],
+                   help="preceding verses of the item's chapter given as cloze context (default 3)")
+    p.add_argument("--corpus", default=None, help="evaluation corpus (default: the runs' own), e.g. asv")
+    p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
+                   help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
+    p.add_argument("--bootstrap", type=int, default=DEFAULTS["bootstrap"], help="bootstrap resamples (default 2000)")
+    p.add_argument("--out", help="comparison directory (default runs/compare-<config name>)")
+    p.add_argument("--report", help="Markdown report path (default OUT/report.md)")
+    p.add_argument("--device", default="auto", help="evaluation device: auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per evaluation forward pass")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (default 1): on GPUs spread round-robin "
+                        "over the visible devices, on the CPU with the cores shared out")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path("runs") / f"compare-{Path(args.config).stem}")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    command = "python -m genesis.compare" + (" " + shlex.join(argv) if argv else "")
+    handle_interrupts()  # Ctrl-C or SIGTERM: the run in training saves its checkpoint, finished runs stay
+    # denormal floats slow x86 CPUs down (genesis.device.flushed_denormals); every strategy runs under the same setting
+    with flushed_denormals():
+        return _main(args, command)
+
+
+def _main(args: argparse.Namespace, command: str) -> int:
+    t0 = time.time()
+    try:
+        refuse_several_processes("python -m genesis.compare")
+        if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
+            raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
+        if args.jobs < 1:
+            raise CompareError(f"--jobs: expected at least 1 (got {args.jobs})")
+        if args.context_k < 1:
+            raise CompareError(f"--context-k: expected at least 1 (got {args.context_k})")
+        resolve_device(args.device)  # a bad --device fails now, not after the first run's training
+        runs = plan_runs(args)
+        print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}"
+              + (f", {args.jobs} at a time" if args.jobs > 1 else ""), flush=True)
+        trained, evaluated, failed = run_all(runs, args, t0)
+        shown, missing = reportable(runs, evaluated)
+        if not shown:
+            raise CompareError(f"no report: no run of the baseline '{BASELINE}' finished")
+        data = ReportData(shown, trained, evaluated)
+        report = build_report(data, args, command, time.time() - t0, missing)
+        report_path = Path(args.report) if args.report else Path(args.out) / "report.md"
+        # beside a report named otherwise than report.md (docs/compare-NAME.md), the figures carry its name
+        prefix = "" if report_path.name == "report.md" else f"{report_path.stem}-"
+        report += write_report_figures(data, report_path.parent, prefix)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(report)
+        print(f"compare: wrote {report_path} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        if failed:
+            print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (their train.log is shown above; the "
+                  f"report leaves out {', '.join(missing)}); rerun the same command to retry them", file=sys.stderr)
+            return 1
+    except (CompareError, ConfigError, CorpusError, TokenizerError, RunError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"\ninterrupted ({e}): finished runs are kept; rerun the same command to continue", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def leave(code: int) -> None:
+    """Exit with `code`. An evaluation still running in its thread (after an interrupt) would have the interpreter
+    torn down under it, which aborts in torch's native code ("terminate called without an active exception", status
+    -6 instead of 130): then the process leaves at once, its output flushed (eval.json is written atomically)."""
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
