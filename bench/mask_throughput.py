@@ -82,11 +82,15 @@ def _source_hashes() -> dict[str, str]:
     import genesis.lexicon as lexicon_module
     import genesis.masking as masking_module
 
-    files = {"genesis/masking.py": masking_module.__file__, "genesis/lexicon.py": lexicon_module.__file__,
-             "genesis/data.py": data_module.__file__, "bench/mask_throughput.py": __file__}
-    spec = importlib.util.find_spec("genesis.kernels.mask")  # located, not imported (Triton may be missing)
-    if spec is not None and spec.origin:
-        files["kernels/mask.py"] = spec.origin
+    files = {f"genesis/masking/{path.name}": str(path)
+             for path in sorted(Path(masking_module.__file__).parent.glob("*.py"))}
+    files.update({"genesis/lexicon.py": lexicon_module.__file__, "genesis/data.py": data_module.__file__,
+                  "bench/mask_throughput.py": __file__})
+    for module, name in (("genesis.kernels.mask", "kernels/mask.py"),
+                         ("genesis.kernels.experimental.mask_v2", "kernels/experimental/mask_v2.py")):
+        spec = importlib.util.find_spec(module)  # located, not imported (Triton may be missing)
+        if spec is not None and spec.origin:
+            files[name] = spec.origin
     hashes = {}
     for name, file in files.items():
         path = Path(file).resolve()
@@ -626,7 +630,7 @@ def kernel_check_interpreter(strategies: list[str], quick: bool) -> dict:
 
 def kernel_check_cuda(tokenizer, masking_cfg, strategies: list[str], workloads: list[Workload]) -> dict:
     """Compiled kernel (both versions) vs the torch path on CUDA and on the CPU, on the first batch of every size."""
-    from genesis.kernels.mask import connective_mask_triton
+    from genesis.kernels.experimental.mask_v2 import connective_mask_triton_v2
 
     cases = []
     variants = [(s, {}) for s in strategies] + [("structural", {"replacement": "bert"}), ("weighted", {"chain": True})]
@@ -639,8 +643,8 @@ def kernel_check_cuda(tokenizer, masking_cfg, strategies: list[str], workloads: 
                 a = triton_m(gpu.x, step=5, verse_start=gpu.verse_start if with_flags else None)
                 b = torch_m(gpu.x, step=5, verse_start=gpu.verse_start if with_flags else None)
                 c = torch_m(cpu.x, step=5, verse_start=cpu.verse_start if with_flags else None)
-                v2 = connective_mask_triton(gpu.x, gpu.verse_start if with_flags else None, triton_m.tables("cuda"),
-                                            triton_m.seed, 5, triton_m.rank, 0, version=2)
+                v2 = connective_mask_triton_v2(gpu.x, gpu.verse_start if with_flags else None,
+                                               triton_m.tables("cuda"), triton_m.seed, 5, triton_m.rank, 0)
                 fields_ = ("input_ids", "mask", "classes", "connectives", "matched")
                 equal = all(torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()) for f in fields_)
                 equal &= all(torch.equal(getattr(a, f).cpu(), getattr(c, f)) for f in fields_)
@@ -777,6 +781,7 @@ def kernel_graph_timing(maskers: dict[str, ConnectiveMasker], workloads: list[Wo
     CUDA graph, replayed `replays` times between events; median per launch. Host launch overhead is out of the
     number, so this is what the kernel costs once a trainer keeps the GPU busy (the per-call table above includes
     it). Version 1 at each of `blocks`, version 2 at each of `windows`; `maskers` by row label (kernel_maskers)."""
+    from genesis.kernels.experimental.mask_v2 import connective_mask_triton_v2
     from genesis.kernels.mask import DEFAULT_BLOCK, connective_mask_triton
 
     rows = []
@@ -787,9 +792,11 @@ def kernel_graph_timing(maskers: dict[str, ConnectiveMasker], workloads: list[Wo
             for version, size in variants:
                 def launch(i: int, work=work, tables=tables, masker=masker, version=version, size=size) -> None:
                     b = work.cuda[i % len(work.cuda)]
-                    shape = {"block": size} if version == 1 else {"window": size}
-                    connective_mask_triton(b.x, b.verse_start, tables, masker.seed, i, masker.rank, 0,
-                                           version=version, **shape)
+                    if version == 1:
+                        connective_mask_triton(b.x, b.verse_start, tables, masker.seed, i, masker.rank, 0, block=size)
+                    else:
+                        connective_mask_triton_v2(b.x, b.verse_start, tables, masker.seed, i, masker.rank, 0,
+                                                  window=size)
 
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -944,11 +951,15 @@ def profile_torch_path(masker: ConnectiveMasker, batch: Batch, calls: int, devic
     record_function for the duration of the profile; inclusive times). The profiler itself adds ~1-3 us per op."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import genesis.masking as masking_module
+    import genesis.masking.masker as masker_module
+    import genesis.masking.philox as philox_module
+    import genesis.masking.torch_path as torch_path_module
 
     stage_names = ("mask_torch", "_mask_sparse", "_mask_dense", "_philox_numpy", "_philox_torch", "_clause_lengths",
                    "_clause_lengths_dense", "_match_longer_words")
-    originals = {n: getattr(masking_module, n) for n in stage_names if callable(getattr(masking_module, n, None))}
+    # a stage is wrapped in every module of genesis.masking that calls it by its global name
+    modules = (masker_module, torch_path_module, philox_module)
+    originals = {(m, n): getattr(m, n) for m in modules for n in stage_names if callable(getattr(m, n, None))}
 
     def wrap(name, fn):
         def wrapped(*args, **kwargs):
@@ -972,8 +983,8 @@ def profile_torch_path(masker: ConnectiveMasker, batch: Batch, calls: int, devic
         walls.append((time.perf_counter() - t0) * 1e3)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     try:
-        for name, fn in originals.items():
-            setattr(masking_module, name, wrap(name, fn))
+        for (module, name), fn in originals.items():
+            setattr(module, name, wrap(name, fn))
         with profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
             for i in range(calls):
@@ -981,8 +992,8 @@ def profile_torch_path(masker: ConnectiveMasker, batch: Batch, calls: int, devic
             sync()
             profiled_ms = (time.perf_counter() - t0) * 1e3 / calls
     finally:
-        for name, fn in originals.items():
-            setattr(masking_module, name, fn)
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
     n_tokens = batch.x.numel()
     events = prof.key_averages(group_by_input_shape=True)
     ops = [e for e in events if e.key.startswith("aten::")]

@@ -9,5 +9,5 @@ class MaskingError(ValueError):
 
 class TritonUnavailableError(MaskingError, RuntimeError):
     """impl='triton' asked for where the kernel cannot run. A MaskingError, like every other bad setting; also a
-    RuntimeError, which it was before, so handlers written against that keep working."""
+    RuntimeError, so handlers that catch a failed kernel as one keep working."""
 

@@ -193,7 +193,7 @@ class ConnectiveMasker:
                                "tokens: build it with ConnectiveMasker.control(tokenizer, config, tokens, seq_len=...)")
         enabled = cfg.enabled or not enabled_given
         _check_options(check_ids=check_ids, enabled=enabled, log=log)
-        mask_id = find_mask_id(tokenizer, mask_token)  # before the lexicon (~1 s): a missing token fails at once
+        mask_id = find_mask_id(tokenizer, mask_token)  # before the slow lexicon: a missing token fails at once
         lex = resolve_lexicon(tokenizer, cfg)
         if seed is None:
             seed = cfg.seed if cfg.seed is not None else 0
