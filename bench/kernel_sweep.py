@@ -86,6 +86,7 @@ def kernel_graph_timing(maskers: dict[str, ConnectiveMasker], workloads: list[Wo
                         windows: list[int], copy_bw: dict, calls: int = 20, replays: int = 15) -> list[dict]:
     """One row per size, masker (by row label, see kernel_maskers) and kernel variant: version 1 at each of
     `blocks`, version 2 at each of `windows`."""
+    from genesis.kernels.experimental.mask_v2 import connective_mask_triton_v2
     from genesis.kernels.mask import DEFAULT_BLOCK, connective_mask_triton
 
     rows = []
@@ -96,9 +97,11 @@ def kernel_graph_timing(maskers: dict[str, ConnectiveMasker], workloads: list[Wo
             for version, size in variants:
                 def launch(i: int, work=work, tables=tables, masker=masker, version=version, size=size) -> None:
                     b = work.cuda[i % len(work.cuda)]
-                    shape = {"block": size} if version == 1 else {"window": size}
-                    connective_mask_triton(b.x, b.verse_start, tables, masker.seed, i, masker.rank, 0,
-                                           version=version, **shape)
+                    if version == 1:
+                        connective_mask_triton(b.x, b.verse_start, tables, masker.seed, i, masker.rank, 0, block=size)
+                    else:
+                        connective_mask_triton_v2(b.x, b.verse_start, tables, masker.seed, i, masker.rank, 0,
+                                                  window=size)
 
                 ms = summarize(graph_ms(launch, calls, replays))
                 moved = bytes_moved(work)
@@ -168,7 +171,8 @@ def main(argv=None) -> int:
         print("error: the kernel sweep needs a CUDA GPU", file=sys.stderr)
         return 2
     info = machine_info("cuda")
-    info["sha256"] = source_hashes(["genesis.masking", "genesis.kernels.mask"], [__file__])
+    info["sha256"] = source_hashes(["genesis.masking", "genesis.kernels.mask", "genesis.kernels.experimental.mask_v2"],
+                                   [__file__])
     cfg = load_config("cpu.toml")
     corpus = prepare(cfg, log=log)
     split, tok = corpus.splits["train"], corpus.tokenizer

@@ -141,7 +141,7 @@ def build_control(cls: type, tokenizer: Any, config: MaskingConfig, tokens: np.n
                   verse_start: np.ndarray | None, seq_len: int, mask_id: int, seed: int, rank: int, check_ids: bool,
                   log: Callable[[str], None] | None, warn: Callable[[str], None] | None) -> Any:
     """The control masker (`ConnectiveMasker.control` documents the arguments); its `control_arm` is the ControlArm."""
-    from genesis.masking import connectives_of, resolve_lexicon
+    from genesis.masking.tables import connectives_of, resolve_lexicon
 
     if config.strategy != "random":
         raise ValueError(f"the control arm needs strategy = 'random' (got {config.strategy!r})")

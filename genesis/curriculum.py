@@ -1,18 +1,64 @@
 """The training-side loops around the masker: connective loss weights, adaptive masking weights and the
-plateau-triggered schedule. The trainer owns one `Curriculum` per run; its state goes into the checkpoint.
+masking schedules (plateau-triggered included). The trainer owns one `Curriculum` per run; its state goes into the
+checkpoint. The masker reads its schedule factor (`schedule_factor`) and its adaptive update (`adapted_weights`)
+from here.
 
 Semantics: docs/masking.md (adaptive, plateau) and docs/training.md (connective_loss_weight)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
-from genesis.config import Config
-from genesis.masking import count_first_pieces
+from genesis.config import Config, MaskingConfig
 
 PLATEAU_EMA = 0.9  # the training loss's EMA, updated at each log step: ema = 0.9 ema + 0.1 loss
+
+
+def schedule_factor(c: MaskingConfig, step: int, plateau_step: int | None = None) -> float:
+    """The factor masking.schedule puts on every masking probability at `step` (1 for "constant"): from
+    schedule_start at step 0 to 1 at schedule_steps, linearly or on a half cosine, then 1; with "plateau", 0 until
+    `plateau_step` (None: not found yet), then the linear ramp from there. Rounded to float32, the precision the
+    probabilities are multiplied in."""
+    if c.schedule == "plateau":  # 0 until the trainer finds the plateau, then the linear ramp from there
+        if plateau_step is None or step < plateau_step:
+            return 0.0
+        step -= plateau_step
+    if c.schedule == "constant" or step >= c.schedule_steps:
+        return 1.0
+    progress = step / c.schedule_steps
+    ramp = 0.5 * (1.0 - math.cos(math.pi * progress)) if c.schedule == "cosine" else progress
+    return float(np.float32(c.schedule_start + (1.0 - c.schedule_start) * ramp))
+
+
+def adapted_weights(c: MaskingConfig, old: torch.Tensor, correct: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The adaptive rule on (E,) CPU tensors, `old` the weights now: an entry with at least adapt_min_count
+    observations and accuracy `correct / count` below adapt_low gets weight x adapt_up, above adapt_high weight x
+    adapt_down, clamped to [adapt_min_weight, adapt_max_weight]; the others keep their weight."""
+    accuracy = correct / count.clamp(min=1)
+    seen = count >= c.adapt_min_count
+    factor = torch.ones_like(old)
+    factor[seen & (accuracy < c.adapt_low)] = c.adapt_up
+    factor[seen & (accuracy > c.adapt_high)] = c.adapt_down
+    return torch.where(seen, (old * factor).clamp(c.adapt_min_weight, c.adapt_max_weight), old)
+
+
+def count_first_pieces(logits: torch.Tensor, targets: torch.Tensor, first_entry: torch.Tensor,
+                       n_entries: int) -> torch.Tensor:
+    """The adaptive weights' signal from one batch, on its device with no host sync: a (2, E) int64 tensor of
+    (correct, count) per lexicon entry, over the targets that are the first piece of a match (`first_entry` >= 0,
+    from `ConnectiveMasker.target_matches`), correct where the argmax of the (B, T, V) logits is the target."""
+    entry = first_entry.reshape(-1)
+    seen = entry >= 0
+    hit = (logits.detach().argmax(-1).reshape(-1) == targets.reshape(-1)) & seen
+    counts = torch.zeros(2, n_entries, dtype=torch.int64, device=logits.device)
+    index = entry.clamp(min=0)
+    counts[0].scatter_add_(0, index, hit.long())
+    counts[1].scatter_add_(0, index, seen.long())
+    return counts
 
 
 class Curriculum:

@@ -1,4 +1,4 @@
-"""Constants shared by the masker (genesis/masking.py) and its Triton kernel (kernels/mask.py).
+"""Constants shared by the masker (genesis/masking/) and its Triton kernel (kernels/mask.py).
 
 Token flag bits of the per-vocabulary `token_flags` table (built in `genesis.masking.MaskTables`), and the label
 value that marks "no target" in the masker's int64 outputs, as `F.cross_entropy` expects it."""

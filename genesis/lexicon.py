@@ -552,3 +552,30 @@ def find_matches(row: Sequence[int], lex: ResolvedLexicon) -> list[tuple[int, in
                 matches.append((start, len(patterns[index]), pattern_entry[index]))
                 break
     return matches
+
+
+def clause_length(row, pos: int, clause_boundary, verse_separator, lookback: int, mode: str = "preceding") -> int:
+    """clause_len at column `pos` of `row` (a sequence of valid ids), one position at a time: the documented
+    semantics in plain Python. The vectorized paths are tested against it; evaluation buckets items by it.
+
+    preceding: skip the run of clause-boundary / verse-separator tokens just before `pos` (0 if it reaches
+    `lookback` tokens or the row start), then count the tokens of the clause before it, back to the previous
+    boundary, separator or row start, at most `lookback`. since_boundary: the distance back to the nearest
+    clause-boundary token (1 right after a comma), the row start counting as one before column 0, capped."""
+    if mode == "since_boundary":
+        for back in range(1, min(lookback, pos + 1)):
+            if clause_boundary[row[pos - back]]:
+                return back
+        return min(pos + 1, lookback)
+    end = pos - 1
+    while end >= 0 and pos - 1 - end < lookback and (clause_boundary[row[end]] or verse_separator[row[end]]):
+        end -= 1
+    if end < 0 or pos - 1 - end >= lookback:
+        return 0
+    count = 0
+    while end - count >= 0 and count < lookback:
+        token = row[end - count]
+        if clause_boundary[token] or verse_separator[token]:
+            break
+        count += 1
+    return count

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from genesis.config import ConfigError, load_config
-from genesis.curriculum import Curriculum
+from genesis.curriculum import Curriculum, count_first_pieces
 from genesis.data import get_batch
-from genesis.masking import ConnectiveMasker, MaskingError, count_first_pieces
+from genesis.masking import ConnectiveMasker, MaskingError
 from genesis.step import accumulate_gradients, weighted_lm_loss
 from genesis.train import CHECKPOINT, train
 

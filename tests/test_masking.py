@@ -69,7 +69,8 @@ def kernel(masker, x, step, verse_start=None, row_offset=0, block=64, tables=Non
     lookback 12 or 30), so that rows span several of its programs too; with readout, version 1's readout pass walks
     `block` columns at a time, version 2's the default. `tables` replaces the masker's (CPU)
     tables."""
-    from genesis.kernels.mask import connective_mask_triton, window_geometry
+    from genesis.kernels.experimental.mask_v2 import connective_mask_triton_v2, window_geometry
+    from genesis.kernels.mask import connective_mask_triton
 
     home = x.device
     x = x.to(KERNEL_DEVICE)
@@ -81,7 +82,7 @@ def kernel(masker, x, step, verse_start=None, row_offset=0, block=64, tables=Non
         window = window_geometry(tables, 128)[0]
     except ValueError:  # a long lookback: the default window
         window = None
-    assert_same(connective_mask_triton(*args, version=2, window=window), out, "kernel version 2 vs 1")
+    assert_same(connective_mask_triton_v2(*args, window=window), out, "kernel version 2 vs 1")
     return tuple(t.to(home) for t in out)
 
 
@@ -191,7 +192,7 @@ def test_philox_is_bit_exact_with_triton():
 
 def test_philox_numpy_and_torch_rounds_agree():
     """The CPU runs the rounds in numpy, CUDA in torch: the two must agree bit for bit."""
-    from genesis.masking import _philox_numpy, _philox_torch
+    from genesis.masking.philox import _philox_numpy, _philox_torch
 
     g = torch.Generator().manual_seed(0)
     counters = [torch.randint(0, 2**32, (5000,), generator=g) for _ in range(4)]
@@ -420,7 +421,7 @@ def test_tokens_that_start_a_connective_and_end_a_clause(tok, base_masker, kjv_r
     import dataclasses
 
     from genesis.flags import CLAUSE_BOUNDARY
-    from genesis.masking import SCAN_STOP
+    from genesis.masking.tables import SCAN_STOP
 
     deterministic = variant(base_masker, strategy="structural", clause_length=mode, lookback=12,
                             rules=[dict(p=1.0, clause_len_gt=0, clause_len_lt=6), dict(p=0.0)])
@@ -493,6 +494,7 @@ def test_kernel_result_does_not_depend_on_block_size(tok, kjv_rows):
 COMPILE_CHECK = """
 import sys, torch
 from tokenizers import Tokenizer
+from genesis.kernels.experimental.mask_v2 import compile_v2_for
 from genesis.kernels.mask import compile_for, compile_readout_for
 from genesis.masking import ConnectiveMasker
 tok = Tokenizer.from_file(sys.argv[1])
@@ -503,8 +505,8 @@ if sys.argv[2] == "everything":
 else:
     masker = ConnectiveMasker.from_tokenizer(tok, strategy="uniform", clause_length="since_boundary", log=None)
     x, vs = torch.zeros(2, 100, dtype=torch.int32), None
-for version in (1, 2):
-    kernel = compile_for(89, x, vs, masker.tables("cpu"), version=version)
+for version, compile_version in ((1, compile_for), (2, compile_v2_for)):
+    kernel = compile_version(89, x, vs, masker.tables("cpu"))
     print("compiled version", version, len(kernel.asm["cubin"]), "bytes of sm_89 code")
 readout = ConnectiveMasker.from_tokenizer(tok, strategy="structural", readout=True, log=None)  # mask replacement
 kernel = compile_readout_for(89, x, vs, readout.tables("cpu"))
@@ -797,7 +799,7 @@ def test_clause_length_reference():
 
 def test_probability_tables(tok):
     from genesis.config import MaskingConfig
-    from genesis.masking import compile_prob_table
+    from genesis.masking.tables import compile_prob_table
 
     table, weighted = compile_prob_table(MaskingConfig(strategy="structural", lookback=30))
     cells = table.view(2, 31)
@@ -1071,9 +1073,10 @@ def test_masks_are_keyed_by_seed_step_rank_row_column(tok, kjv_rows):
 
 
 def test_schedule_factors():
+    from genesis.curriculum import schedule_factor
+
     def factor(schedule, step, start=0.25, steps=8):
-        return ConnectiveMasker.schedule_factor(SimpleNamespace(config=SimpleNamespace(
-            schedule=schedule, schedule_start=start, schedule_steps=steps)), step)
+        return schedule_factor(SimpleNamespace(schedule=schedule, schedule_start=start, schedule_steps=steps), step)
 
     assert [factor("linear", s) for s in (0, 2, 4, 8, 9, 2**32 - 1)] == [0.25, 0.4375, 0.625, 1.0, 1.0, 1.0]
     assert factor("cosine", 0) == 0.25 and factor("cosine", 4) == 0.625 and factor("cosine", 8) == 1.0

@@ -10,8 +10,7 @@ from tokenizers import Tokenizer
 
 from genesis.corpus import Verse, genre_of
 from genesis.evaluate.senses import is_conjunctive
-from genesis.lexicon import ResolvedLexicon, find_matches
-from genesis.masking import clause_length
+from genesis.lexicon import ResolvedLexicon, clause_length, find_matches
 
 VERSE_SEPARATOR = "\n"  # genesis.data joins verses with it; the cloze sequences start with it
 # Clause-length buckets: 0 (nothing before: the stream start) and 1 alone, then cut where the structural rules cut
