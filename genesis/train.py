@@ -298,7 +298,7 @@ def train_step(run: Run, step: int) -> None:
             out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
             x = out.input_ids
             masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per step
-        micro_batches.append((x, batch.y, *head_labels(model, out)))
+        micro_batches.append((x, batch.y, *(head_labels(model, out) if masker is not None else ())))
         weights, first = run.curriculum.micro_batch(batch.x, batch.y)
         loss_weights.append(weights)
         firsts.append(first)
