@@ -69,6 +69,7 @@ def _check(cond: bool, key: str, reason: str, also: tuple[str, ...] = ()) -> Non
 # (two 32-bit words of a non-negative int64, see ConnectiveMasker): [0, 2**63) is what all of them accept.
 SEED_RANGE = "[0, 2**63)"
 DEFAULT_CHAIN_GAP = 48  # masking.chain_gap: tokens from one causal match's start to the next's (a verse is ~33)
+LINK_READOUTS = ("stop", "span")  # model.link_readout: what the link head reads (genesis.link)
 
 
 def _check_seed(seed: int | None, key: str) -> None:
@@ -132,6 +133,10 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "RMSNorm epsilon")
     class_head: bool = doc(False, "a connective-type head (causal, contrastive, additive, temporal) on the final "
                                   "hidden state, trained only at masked positions; needs masking.enabled")
+    link_head: bool = doc(False, "a head naming each masked connective (its lexicon word) at its readout position, "
+                                 "after what it links; needs masking.enabled and masking.readout")
+    link_readout: str = doc("stop", "link_head: what it reads, 'stop' (the state at the readout position) or 'span' "
+                                    "(the mean over the consequent); docs/training.md#the-link-head")
 
     def __post_init__(self):
         for key in ("n_layers", "dim", "n_heads", "seq_len"):
@@ -145,6 +150,8 @@ class ModelConfig:
         _check(self.ffn_dim >= 0, "ffn_dim", f"must be >= 0 (got {self.ffn_dim})")
         _check(self.rope_theta > 0, "rope_theta", "must be > 0")
         _check(self.norm_eps > 0, "norm_eps", "must be > 0")
+        _check(self.link_readout in LINK_READOUTS, "link_readout",
+               f"must be one of {', '.join(LINK_READOUTS)} (got {self.link_readout!r})")
 
 
 @dataclass
@@ -160,6 +167,7 @@ class TrainingConfig:
     beta2: float = doc(0.95, "AdamW beta2")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this; 0 disables")
     class_loss_weight: float = doc(0.3, "model.class_head: loss = LM loss + this x the head's cross-entropy; > 0")
+    link_loss_weight: float = doc(0.3, "model.link_head: loss = LM loss + this x the head's cross-entropy; > 0")
     connective_loss_weight: float = doc(1.0, "the LM loss at every target that is a piece of a connective (every "
                                              "lexicon match, masked or not) x this; the loss is the weighted mean. "
                                              "1 = off; > 0; needs masking.enabled = true")
@@ -199,6 +207,7 @@ class TrainingConfig:
             _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1) (got {getattr(self, key)})")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         _check(self.class_loss_weight > 0, "class_loss_weight", f"must be > 0 (got {self.class_loss_weight})")
+        _check(self.link_loss_weight > 0, "link_loss_weight", f"must be > 0 (got {self.link_loss_weight})")
         _check(0 < self.connective_loss_weight < math.inf, "connective_loss_weight",
                f"must be a finite number > 0 (got {self.connective_loss_weight})")
         _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"must be auto, bf16 or fp32 (got {self.dtype!r})")
@@ -687,6 +696,10 @@ def check_sections(parts: dict[str, Any]) -> None:
     _check(not parts["model"].class_head or parts["masking"].enabled, "model.class_head",
            "the class head is trained only at masked positions: it needs masking.enabled = true",
            also=("masking.enabled",))
+    for switch in ("enabled", "readout"):  # the head is trained on the masker's readout targets
+        _check(not parts["model"].link_head or getattr(parts["masking"], switch), "model.link_head",
+               f"is trained on the masker's readout targets: it needs masking.{switch} = true",
+               also=(f"masking.{switch}",))
     _check(not parts["masking"].adaptive or parts["masking"].enabled, "masking.adaptive",
            "adapts the masking weights: it needs masking.enabled = true", also=("masking.enabled",))
     random = parts["masking"].enabled and parts["masking"].strategy == "random"

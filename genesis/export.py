@@ -12,6 +12,7 @@ tokenizer_config.json: a fast tokenizer with the run's <pad> <s> </s> and mask t
 give the same logits as Genesis (checked after writing; the tests hold fp32 to 1e-5). A run with a connective-type
 class head also gets class_head.safetensors (`weight` (K, C), `bias` (K)) and class_head.json (the class names in
 order, the mask token): the head reads the final normalised hidden state, `model.model(ids).last_hidden_state`.
+A link head (model.link_head) is left out: the exported LM is the same with or without it.
 Needs transformers (pip install "genesis-masking[export]").
 """
 
@@ -48,7 +49,7 @@ class ExportError(ValueError):
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' LlamaForCausalLM names (lm_head.weight is the embedding when tied).
-    The class head, which transformers has no place for, is left out."""
+    The class and link heads, which transformers has no place for, are left out."""
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
              "lm_head.weight": model.lm_head.weight}
     for i, block in enumerate(model.blocks):

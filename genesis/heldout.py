@@ -1,5 +1,6 @@
 """Held-out evaluation during training: the mean next-token loss over fixed windows, the class head at their masked
-tokens, and the next-token accuracy at their connective words, scored as genesis.evaluate scores them."""
+tokens, the link head at their readout positions, and the next-token accuracy at their connective words, scored as
+genesis.evaluate scores them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from genesis.config import Config
 from genesis.data import TokenSplit, eval_starts, gather_windows
 from genesis.distributed import ONE_PROCESS, World, all_sum, stop_vote
 from genesis.lexicon import find_matches
+from genesis.link import link_features
 from genesis.model import class_loss
 
 HELDOUT_MASK_STEP = 2**32 - 1  # the masker's step for held-out windows: a counter no training step uses
@@ -73,7 +75,9 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
     For a model with a class head (and the run's masker), also the head's mean cross-entropy and accuracy at the
     masked tokens of the same windows masked by the masker — at a fixed step, so the same tokens at every evaluation
     ("class_loss", "class_accuracy", "class_tokens"): a second pass over each batch, through the trunk and the head
-    only. The loss is always that of the unmasked text.
+    only. The loss is always that of the unmasked text. For a model with a link head, likewise the link head's at
+    the readout positions of the same masked windows ("link_loss", "link_accuracy", "link_targets"), from the same
+    pass through the trunk.
 
     With `connectives`, also the next-token accuracy at every connective word of the windows (unmasked), per lexicon
     entry, scored as genesis.evaluate scores it: a word counts when every piece is the argmax (teacher-forced), ties
@@ -82,8 +86,9 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
     model.eval()
     T, B = cfg.model.seq_len, cfg.training.micro_batch
     starts = eval_starts(len(data), T, cfg.training.eval_batches * B)
-    head = masker is not None and getattr(model, "class_head", None) is not None
-    sums = torch.zeros(5 if head else 2, device=device)  # loss x tokens, tokens[, class loss sum, correct, labelled]
+    heads = [name for name in ("class", "link") if masker is not None and getattr(model, f"{name}_head", None)
+             is not None]
+    sums = torch.zeros(2 + 3 * len(heads), device=device)  # loss x tokens, tokens, per head: loss sum, correct, count
     E = len(connectives.words) if connectives is not None else 0
     per_entry = torch.zeros(3, E, dtype=torch.float64, device=device)  # credit, log p, words
     n_batches = math.ceil(len(starts) / B)
@@ -99,11 +104,12 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
         sums[1] += batch.x.numel()
         if E:
             per_entry += _connective_credit(logits, batch.y, connectives, i, B, E)
-        if head:
+        if heads:
             out = masker(batch.x, step=HELDOUT_MASK_STEP, verse_start=batch.verse_start, row_offset=i)
-            with amp:  # the head alone: the output head's (B, T, V) logits are not needed in this pass
-                c = class_loss(model.class_head(model.hidden(out.input_ids)), out.classes)
-            sums[2:] += torch.stack([c.loss * c.count, c.correct, c.count])
+            with amp:  # the heads alone: the output head's (B, T, V) logits are not needed in this pass
+                losses = head_losses(model, model.hidden(out.input_ids), out, heads)
+            for j, c in enumerate(losses):
+                sums[2 + 3 * j : 5 + 3 * j] += torch.stack([c.loss * c.count, c.correct, c.count])
     model.train()
     (packed,) = all_sum([torch.cat([sums.double(), per_entry.flatten()])], world)  # one collective
     sums, per_entry = packed[: len(sums)].tolist(), packed[len(sums) :].view(3, E)
@@ -117,11 +123,20 @@ def evaluate_loss(model, data: TokenSplit, cfg: Config, device, amp, world: Worl
                           connectives.words[e]: {"accuracy": credit[e] / words[e], "logprob": logprob[e] / words[e],
                                                  "n": round(words[e])}
                           for e in range(E) if words[e]})
-    if head:
-        labelled = sums[4]
-        result.update(class_loss=sums[2] / labelled if labelled else None,
-                      class_accuracy=sums[3] / labelled if labelled else None, class_tokens=round(labelled))
+    for j, (name, counted) in enumerate((name, "tokens" if name == "class" else "targets") for name in heads):
+        loss_sum, correct, labelled = sums[2 + 3 * j : 5 + 3 * j]
+        result.update({f"{name}_loss": loss_sum / labelled if labelled else None,
+                       f"{name}_accuracy": correct / labelled if labelled else None,
+                       f"{name}_{counted}": round(labelled)})
     return result
+
+
+def head_losses(model, h: torch.Tensor, out, heads: list[str]) -> list:
+    """The `ClassLoss` of each of `heads` ("class", "link") from final hidden states h (B, T, C) of the masked
+    input, against the masker's output `out`."""
+    return [class_loss(model.class_head(h), out.classes) if name == "class" else
+            class_loss(model.link_head(link_features(h, out.readout_start, model.args.link_readout)), out.readout)
+            for name in heads]
 
 
 def piece_scores(picked: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LINK_READOUTS = ("stop", "span")
+from genesis.config import LINK_READOUTS
 
 
 def link_features(h: torch.Tensor, readout_start: torch.Tensor, readout: str) -> torch.Tensor:

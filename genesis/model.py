@@ -1,8 +1,8 @@
-"""A Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, causal SDPA attention, and an optional
-connective-type classification head.
+"""A Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, causal SDPA attention, an optional
+connective-type classification head and an optional link head.
 
 Reads top to bottom in forward-pass order. Shapes: B batch, T time, C = dim, H heads, D = C / H head dim,
-K connective classes.
+K connective classes, W lexicon words.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from genesis.config import Config, ConfigError, ModelConfig
 from genesis.flags import IGNORE_INDEX
 from genesis.lexicon import CLASSES
+from genesis.link import link_features
 
 
 @dataclass
@@ -36,14 +37,19 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     n_classes: int = 0  # connective classes of the classification head; 0: no head (checkpoints before it had none)
+    link_words: int = 0  # lexicon words the link head names (the masker's lexicon entries); 0: no link head
+    link_readout: str = "stop"  # what the link head reads (genesis.link.link_features)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> ModelArgs:
+    def from_config(cls, cfg: ModelConfig, vocab_size: int, link_words: int = 0) -> ModelArgs:
+        """`link_words`: the masker's lexicon entries (`len(masker.lexicon.words)`), for model.link_head; without
+        it the head is left out (a lower bound for `check_memory`)."""
         ffn = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
         return cls(vocab_size=vocab_size, n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads,
                    n_kv_heads=cfg.n_kv_heads or cfg.n_heads, ffn_dim=ffn, seq_len=cfg.seq_len,
                    tie_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-                   n_classes=len(CLASSES) if cfg.class_head else 0)
+                   n_classes=len(CLASSES) if cfg.class_head else 0, link_words=link_words if cfg.link_head else 0,
+                   link_readout=cfg.link_readout)
 
 
 class RMSNorm(nn.Module):
@@ -146,7 +152,7 @@ class Block(nn.Module):
 
 
 class ClassLoss(NamedTuple):
-    """The classification head's loss on one batch: 0-d tensors, no host sync."""
+    """A head's loss on one batch (the class head's, the link head's): 0-d tensors, no host sync."""
 
     loss: torch.Tensor  # mean cross-entropy over the labelled positions (0 when there are none)
     correct: torch.Tensor  # labelled positions whose argmax is the label
@@ -192,15 +198,21 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w_down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * a.n_layers))
-        # the connective type (genesis.lexicon.CLASSES) of a masked token, from the hidden state at its position;
-        # built last, on a forked generator: the trunk, and every draw after the model, are those of a model without
-        # it, so a run with the head is paired with one without (the same seed, the same initial weights)
-        self.class_head = None
-        if a.n_classes:
-            with torch.random.fork_rng(devices=[]):
-                self.class_head = nn.Linear(a.dim, a.n_classes)
-                nn.init.normal_(self.class_head.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(self.class_head.bias)  # uniform over the classes at the start
+        # the heads, built last, on a forked generator: the trunk, and every draw after the model, are those of a
+        # model without them, so a run with a head is paired with one without (the same seed, the same initial weights)
+        self.class_head, self.link_head = None, None
+        with torch.random.fork_rng(devices=[]):
+            if a.n_classes:  # the connective type (genesis.lexicon.CLASSES) of a masked token, from its position
+                self.class_head = self._head(a.dim, a.n_classes)
+            if a.link_words:  # a masked word's lexicon entry, at its readout position (genesis.link)
+                self.link_head = self._head(a.dim, a.link_words)
+
+    @staticmethod
+    def _head(dim: int, outputs: int) -> nn.Linear:
+        head = nn.Linear(dim, outputs)
+        nn.init.normal_(head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(head.bias)  # uniform over the outputs at the start
+        return head
 
     @staticmethod
     def _init(m):
@@ -223,22 +235,33 @@ class Llama(nn.Module):
                 x = block(x, self.rope_cos, self.rope_sin)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, classes: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, classes: torch.Tensor | None = None,
+                readout: torch.Tensor | None = None, readout_start: torch.Tensor | None = None):
         """Logits (B, T, V); with targets (B, T), also the mean cross-entropy over non-ignored targets. With classes
         (B, T) (the masker's `out.classes`: a class id at masked positions, -100 elsewhere), also the class head's
         `ClassLoss` at the labelled positions, from the hidden state there (which sees the mask token and what
-        precedes it): (logits, loss, class_loss)."""
+        precedes it): (logits, loss, class_loss). With readout and readout_start (B, T) (the masker's `out.readout`
+        and `out.readout_start`), also the link head's `ClassLoss` at the readout positions:
+        (logits, loss, class_loss or None without classes, link_loss)."""
         h = self.hidden(idx)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        if classes is None:
+        if classes is None and readout is None:
             return logits, loss
-        if self.class_head is None:
-            raise ValueError("classes given, but this model has no class head (model.class_head = false)")
-        return logits, loss, class_loss(self.class_head(h), classes)  # (B, T, K) logits: K x C per token, cheap
+        heads = [None]
+        if classes is not None:
+            if self.class_head is None:
+                raise ValueError("classes given, but this model has no class head (model.class_head = false)")
+            heads[0] = class_loss(self.class_head(h), classes)  # (B, T, K) logits: K x C per token, cheap
+        if readout is not None:
+            if self.link_head is None or readout_start is None:
+                raise ValueError("readout given, but this model has no link head (model.link_head = false)"
+                                 if self.link_head is None else "readout given without readout_start")
+            heads.append(class_loss(self.link_head(link_features(h, readout_start, self.args.link_readout)), readout))
+        return logits, loss, *heads
 
     # Continuations of cached prefixes: many endings of one left context (the cloze candidates of an item) read the
     # context once, not once per ending
@@ -288,7 +311,7 @@ def param_count(a: ModelArgs) -> int:
     attention = 2 * a.dim * a.n_heads * head_dim + 2 * a.dim * a.n_kv_heads * head_dim  # wq, wo; wk, wv
     block = attention + 3 * a.dim * a.ffn_dim + 2 * a.dim  # SwiGLU's three matrices, two RMSNorm gains
     embeddings = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
-    return embeddings + a.n_layers * block + a.dim + a.n_classes * (a.dim + 1)
+    return embeddings + a.n_layers * block + a.dim + (a.n_classes + a.link_words) * (a.dim + 1)
 
 
 def training_memory(a: ModelArgs, micro_batch: int, grad_checkpointing: bool, bf16: bool) -> tuple[int, int]:
@@ -323,7 +346,7 @@ def free_memory(device: torch.device) -> int | None:
 
 
 PARAMETER_KEYS = ("model.n_layers", "model.dim", "model.n_kv_heads", "model.ffn_dim", "model.tie_embeddings",
-                  "model.class_head", "tokenizer.vocab_size")
+                  "model.class_head", "model.link_head", "tokenizer.vocab_size")
 ACTIVATION_KEYS = PARAMETER_KEYS + ("model.seq_len", "training.micro_batch", "training.grad_checkpointing")
 
 

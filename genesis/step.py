@@ -37,8 +37,17 @@ def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch
     return (terms * weights).sum() / weights.sum()
 
 
+def head_labels(model, out) -> tuple:
+    """What a micro-batch carries after (x, y) for `model`'s heads, from the masker's output `out`: nothing, the
+    class labels (classes,), or for a link head (classes or None, readout, readout_start): `accumulate_gradients`'
+    micro-batch layout."""
+    if getattr(model, "link_head", None) is not None:
+        return (out.classes if model.class_head is not None else None), out.readout, out.readout_start
+    return (out.classes,) if model.class_head is not None else ()
+
+
 def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0, loss_weights=None,
-                         observe=None) -> tuple[torch.Tensor, torch.Tensor]:
+                         observe=None, link_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro-batches of one optimizer step; the LM gradients equal those of one batch made
     of all of them (each loss is a mean over its tokens, so each is divided by the number of micro-batches).
     Under DDP the processes' gradients are averaged, once per step.
@@ -47,14 +56,17 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0, l
     class_weight x the head's mean cross-entropy at that micro-batch's labelled (masked) positions. That term is a
     mean per micro-batch, also divided by their number: its gradient depends on how a step is split into
     micro-batches (not on how they are shared out among processes), as the masked counts differ between them.
+    For a model with a link head it is (x, y, classes or None, readout, readout_start), and the loss adds
+    link_weight x the link head's mean cross-entropy at the readout positions, likewise.
 
     `loss_weights`: per micro-batch, None or a (B, T) weight per target: that micro-batch's LM loss is then the
     weighted mean (`weighted_lm_loss`) instead of the model's mean. `observe(i, logits)`: called with micro-batch
     i's detached logits after its forward pass (the adaptive weights' argmax signal, no extra forward).
 
-    Returns this process's mean LM loss as a 0-d tensor and the class head's (cross-entropy sum, correct, labelled)
-    over the micro-batches as a (3,) tensor (zeros without a head), with no host sync."""
-    total, class_stats = None, None
+    Returns this process's mean LM loss as a 0-d tensor and the class head's and the link head's (cross-entropy sum,
+    correct, labelled) over the micro-batches as (3,) tensors (zeros without the head), with no host sync."""
+    total = None
+    stats = [None, None]  # class head, link head
     k = len(micro_batches)
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel: all-reduce once, in the last backward
     for i, batch in enumerate(micro_batches):
@@ -62,21 +74,26 @@ def accumulate_gradients(model, micro_batches, amp, class_weight: float = 0.0, l
             weights = loss_weights[i] if loss_weights is not None else None
             with amp:
                 if weights is None:
-                    logits, loss, *head = model(*batch)
+                    logits, loss, *heads = model(*batch)
                 else:  # the model's own loss is not computed: its logits, weighted here
-                    x, y, *classes = batch
-                    logits, _, *head = model(x, None, *classes)
+                    x, y, *labels = batch
+                    logits, _, *heads = model(x, None, *labels)
                     loss = weighted_lm_loss(logits, y, weights)
-            objective = loss if not head else loss + class_weight * head[0].loss
+            heads += [None] * (2 - len(heads))
+            objective = loss
+            for head, weight in zip(heads, (class_weight, link_weight)):
+                if head is not None:
+                    objective = objective + weight * head.loss
             (objective / k).backward()
         if observe is not None:
             observe(i, logits.detach())
         total = loss.detach() / k if total is None else total + loss.detach() / k
-        if head:
-            c = head[0]
-            stats = torch.stack([c.loss.detach() * c.count, c.correct.float(), c.count.float()])
-            class_stats = stats if class_stats is None else class_stats + stats
-    return total, class_stats if class_stats is not None else torch.zeros(3, device=total.device)
+        for j, head in enumerate(heads):
+            if head is not None:
+                s = torch.stack([head.loss.detach() * head.count, head.correct.float(), head.count.float()])
+                stats[j] = s if stats[j] is None else stats[j] + s
+    class_stats, link_stats = (s if s is not None else torch.zeros(3, device=total.device) for s in stats)
+    return total, class_stats, link_stats
 
 
 class NonFiniteError(RunError):

@@ -56,6 +56,7 @@ from genesis.distributed import (
 from genesis.errors import write_failure
 from genesis.heldout import HeldoutConnectives, evaluate_loss
 from genesis.model import Llama, ModelArgs, build_model, check_memory, out_of_memory
+from genesis.records import HEAD_STATS, eval_record, heads_of, train_record
 from genesis.runs import (
     CHECKPOINT,
     METRICS,
@@ -73,7 +74,7 @@ from genesis.runs import (
     strict_json,
     write_atomic,
 )
-from genesis.step import NonFiniteError, NonFiniteGuard, accumulate_gradients, lr_at, make_optimizer
+from genesis.step import NonFiniteError, NonFiniteGuard, accumulate_gradients, head_labels, lr_at, make_optimizer
 from genesis.tensorboard import TensorBoardWriter, check_tensorboard
 from genesis.tokenizer import TokenizerError
 
@@ -165,19 +166,13 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     masker = None
     if cfg.masking.enabled:  # built before the run directory: a masking setting that cannot run leaves nothing
         masker = build_masker(cfg, tok, train_data, device, ckpt, run_dir / CHECKPOINT)
-    # the connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation (the real
-    # connectives, also under the control arm, whose masker's lexicon holds its control words)
-    from genesis.masking import resolve_lexicon
-
-    if masker is None:
-        lexicon = resolve_lexicon(tok, cfg.masking)
-    else:
-        lexicon = masker.reference_lexicon if masker.control_arm is not None else masker.lexicon
-    heldout_connectives = HeldoutConnectives.find(heldout, cfg, lexicon)
+    heldout_connectives = heldout_connectives_of(cfg, tok, heldout, masker)
     log(f"data: {cfg.data.corpus} | train {len(train_data):,} tokens | held-out {len(heldout):,} tokens "
         f"| vocab {tok.get_vocab_size(with_added_tokens=True):,} | cache {corpus.cache_dir}")
 
-    args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True))
+    # the link head names the masker's lexicon entries, the index space of its out.readout
+    args = ModelArgs.from_config(cfg.model, tok.get_vocab_size(with_added_tokens=True),
+                                 link_words=len(masker.lexicon.words) if masker is not None else 0)
     model = build_model(args, device, cfg)
     if world.main and not resume:  # once the model is built: a run that cannot start leaves no run directory
         claim.lock = claim_run_dir(run_dir, resume, log)
@@ -242,6 +237,18 @@ def setup(cfg: Config, run_dir: Path, resume: bool, world: World, device: torch.
     return run
 
 
+def heldout_connectives_of(cfg: Config, tok: Any, heldout: TokenSplit, masker: Any) -> HeldoutConnectives:
+    """The connectives of the held-out evaluation windows: a per-connective accuracy at every evaluation (the real
+    connectives, also under the control arm, whose masker's lexicon holds its control words)."""
+    from genesis.masking import resolve_lexicon
+
+    if masker is None:
+        lexicon = resolve_lexicon(tok, cfg.masking)
+    else:
+        lexicon = masker.reference_lexicon if masker.control_arm is not None else masker.lexicon
+    return HeldoutConnectives.find(heldout, cfg, lexicon)
+
+
 def build_masker(cfg: Config, tok: Any, train_data: TokenSplit, device: torch.device, ckpt: dict | None,
                  checkpoint: Path) -> Any:
     """The run's ConnectiveMasker on `device` (its impl chosen now); for strategy = "random" the control arm's,
@@ -291,7 +298,7 @@ def train_step(run: Run, step: int) -> None:
             out = masker(x, step=step, verse_start=batch.verse_start, row_offset=micro * B)
             x = out.input_ids
             masked.append((out, batch.x))  # counted only at log steps: ~10 small ops saved per step
-        micro_batches.append((x, batch.y) if model.class_head is None else (x, batch.y, out.classes))
+        micro_batches.append((x, batch.y, *(head_labels(model, out) if masker is not None else ())))
         weights, first = run.curriculum.micro_batch(batch.x, batch.y)
         loss_weights.append(weights)
         firsts.append(first)
@@ -299,10 +306,11 @@ def train_step(run: Run, step: int) -> None:
     if run.curriculum.adaptive:
         def observe(i, logits):
             run.curriculum.observe(logits, micro_batches[i][1], firsts[i])
-    loss, class_stats = accumulate_gradients(run.step_model, micro_batches, run.amp, t.class_loss_weight,
-                                             loss_weights if run.curriculum.loss_weight != 1.0 else None, observe)
+    loss, *head_stats = accumulate_gradients(run.step_model, micro_batches, run.amp, t.class_loss_weight,
+                                             loss_weights if run.curriculum.loss_weight != 1.0 else None, observe,
+                                             t.link_loss_weight)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-    values = step_values(run, step + 1, loss, class_stats, masked)
+    values = step_values(run, step + 1, loss, head_stats, masked)
     adapt_counts = all_sum([run.curriculum.counts], world)[0] if run.curriculum.adapt_due(step + 1) else None
     # the step's record, the weights and the step count change together: a checkpoint at step N always comes with
     # step N's record, so a resumed run's metrics.jsonl equals the uninterrupted run's
@@ -332,12 +340,12 @@ def adapt_step(run: Run, done: int, counts: torch.Tensor) -> None:
         + (f": {shown}{more}" if changed else ""))
 
 
-def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tensor,
+def step_values(run: Run, done: int, loss: torch.Tensor, head_stats: tuple[torch.Tensor, torch.Tensor],
                 masked: list) -> dict[str, float] | None:
-    """At a log step, the loss, the masker's counts (`ConnectiveMasker.stats`, by name) and the class head's
-    statistics ("class_loss_sum", "class_correct", "class_labelled"), summed over the processes (their one
-    collective: before the optimizer step, so that a failed one leaves the weights of step `completed`); None at
-    other steps."""
+    """At a log step, the loss, the masker's counts (`ConnectiveMasker.stats`, by name) and the class and link
+    heads' statistics (`records.HEAD_STATS`: "class_loss_sum", "class_correct", ...), summed over the processes
+    (their one collective: before the optimizer step, so that a failed one leaves the weights of step `completed`);
+    None at other steps."""
     t = run.cfg.training
     if not (done % t.log_every == 0 or done == t.steps):
         return None
@@ -345,55 +353,21 @@ def step_values(run: Run, done: int, loss: torch.Tensor, class_stats: torch.Tens
     if run.masker is not None:
         mask_stats = [run.masker.stats(out, ids) for out, ids in masked]
         values.update({key: sum(s[key] for s in mask_stats) for key in mask_stats[0]})
-    if run.model.class_head is not None:
-        values.update(zip(("class_loss_sum", "class_correct", "class_labelled"), class_stats.unbind()))
+    for name, stats in zip(HEAD_STATS, head_stats):
+        if name in heads_of(run.model):
+            values.update(zip(HEAD_STATS[name], stats.unbind()))
     return dict(zip(values, (v.item() for v in all_sum(list(values.values()), run.world))))
 
 
 def log_step(run: Run, done: int, values: dict[str, float] | None, lr: float, grad_norm: torch.Tensor) -> None:
     """The train record and console line of a log step (`values` from `step_values`). The record first: once it is
     written, step `done` is complete (`updating` ends), even if the console line fails (a closed pipe)."""
-    t, world, device = run.cfg.training, run.world, run.device
     run.steps_since += 1
     if values is None:
         return
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         torch.cuda.synchronize()
-    dt = (time.time() - run.t_last) / run.steps_since
-    tokens = t.micro_batch * run.cfg.model.seq_len * t.grad_accum * world.size
-    rec = {"kind": "train", "step": done, "loss": values["loss"] / world.size, "lr": lr,
-           "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "ms_per_step": dt * 1000}
-    line = (f"step {done:>6}/{t.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | grad {rec['grad_norm']:.3f}"
-            f" | {rec['tokens_per_s'] / 1e3:8.1f}k tok/s | {rec['ms_per_step']:7.1f} ms/step")
-    if run.masker is not None:
-        rec["masked_fraction"] = values["masked_tokens"] / tokens
-        if run.masker.control_arm is None:
-            rec["masked_connectives"] = round(values["masked_words"])
-            rec["connective_words"] = round(values["matched_words"])
-            line += f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_connectives']} connectives"
-        else:  # the control arm: its words, and the real connectives it must leave alone
-            rec["masked_connectives"] = round(values["masked_connective_words"])
-            rec["connective_words"] = round(values["connective_words"])
-            rec["masked_control_words"] = round(values["masked_words"])
-            rec["control_words"] = round(values["matched_words"])
-            line += (f" | masked {100 * rec['masked_fraction']:.2f}% of tokens, {rec['masked_control_words']} of "
-                     f"{rec['control_words']} control words, {rec['masked_connectives']} of "
-                     f"{rec['connective_words']} connectives")
-        if run.cfg.masking.chain:
-            rec["masked_chains"], rec["masked_chain_words"] = (round(values["masked_chains"]),
-                                                               round(values["masked_chain_words"]))
-            line += f" ({rec['masked_chains']} causal chains of {rec['masked_chain_words']})"
-    if run.guard.skipped:
-        rec["skipped_steps"] = len(run.guard.skipped)
-    if run.model.class_head is not None:  # over this step's masked tokens (every piece of a masked word)
-        labelled = values["class_labelled"]
-        rec["class_loss"] = values["class_loss_sum"] / labelled if labelled else None
-        rec["class_accuracy"] = values["class_correct"] / labelled if labelled else None
-        if labelled:
-            line += f" | class loss {rec['class_loss']:.3f} acc {100 * rec['class_accuracy']:.1f}%"
-    if device.type == "cuda":
-        rec["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        line += f" | mem {rec['mem_gb']:.1f} GB"
+    rec, line = train_record(run, done, values, lr, grad_norm, (time.time() - run.t_last) / run.steps_since)
     if run.curriculum.watch_loss(done, rec["loss"]):
         rec["plateau_step"] = done
         line += f" | plateau: masking starts ramping at step {done}"
@@ -426,21 +400,9 @@ def evaluate(run: Run, step: int) -> None:
     """The held-out evaluation of step `step`: its record and console line."""
     result = evaluate_loss(run.eval_model, run.heldout, run.cfg, run.device, run.amp, run.world, run.masker,
                            run.heldout_connectives)
-    loss = result["loss"]
-    run.summary.setdefault("first_heldout_loss", loss)
-    run.summary["last_heldout_loss"] = loss
-    rec = {"kind": "eval", "step": step, "heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50))}
-    line = f"eval step {step} | held-out loss {loss:.4f} | ppl {rec['heldout_ppl']:.2f}"
-    if result.get("connective_words"):
-        rec.update({f"heldout_{key}": result[key]
-                    for key in ("connective_accuracy", "connective_logprob", "connective_words", "by_connective")})
-        line += (f" | {result['connective_words']} connectives: next-token "
-                 f"{100 * result['connective_accuracy']:.1f}%, log p {result['connective_logprob']:.2f}")
-    if "class_loss" in result:
-        rec.update({f"heldout_{key}": result[key] for key in ("class_loss", "class_accuracy", "class_tokens")})
-        if result["class_tokens"]:
-            line += (f" | class head: loss {result['class_loss']:.3f}, accuracy "
-                     f"{100 * result['class_accuracy']:.1f}% at {result['class_tokens']} masked tokens")
+    run.summary.setdefault("first_heldout_loss", result["loss"])
+    run.summary["last_heldout_loss"] = result["loss"]
+    rec, line = eval_record(result, step)
     record(run, rec)
     run.evaluated.add(step)
     log(line)

@@ -38,11 +38,11 @@ def test_connective_loss_weight_scales_only_the_connective_targets():
     terms = F.cross_entropy(logits.view(-1, 5), y.view(-1), reduction="none")
     w = torch.tensor([[1.0, 3.0, 1.0]])
     model = FixedLogits(logits)
-    loss, _ = accumulate_gradients(model, [(y, y)], torch.autocast("cpu", enabled=False), loss_weights=[w])
+    loss, _, _ = accumulate_gradients(model, [(y, y)], torch.autocast("cpu", enabled=False), loss_weights=[w])
     assert loss.item() == pytest.approx(((terms[0] + 3 * terms[1] + terms[2]) / 5).item(), rel=1e-6)
     weighted_grad = model.logits.grad.clone()
     model.logits.grad = None
-    plain, _ = accumulate_gradients(model, [(y, y)], torch.autocast("cpu", enabled=False))
+    plain, _, _ = accumulate_gradients(model, [(y, y)], torch.autocast("cpu", enabled=False))
     assert plain.item() == pytest.approx(terms.mean().item(), rel=1e-6)
     ratio = weighted_grad[0].norm(dim=-1) / model.logits.grad[0].norm(dim=-1)
     torch.testing.assert_close(ratio, torch.tensor([3 / 5, 9 / 5, 3 / 5]))

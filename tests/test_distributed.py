@@ -51,13 +51,14 @@ def assert_same_training(a: Path, b: Path) -> None:
     ra, rb = records(a), records(b)
     assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
     for x, y in zip(ra, rb):
-        for key in ("loss", "grad_norm", "heldout_loss", "class_loss", "heldout_class_loss",
-                    "heldout_connective_accuracy", "heldout_connective_logprob"):
+        for key in ("loss", "grad_norm", "heldout_loss", "class_loss", "heldout_class_loss", "link_loss",
+                    "heldout_link_loss", "heldout_connective_accuracy", "heldout_connective_logprob"):
             assert (x.get(key) is None) == (y.get(key) is None), (key, x, y)  # both have it, or neither
             if x.get(key) is not None:
                 assert x[key] == pytest.approx(y[key], rel=1e-5), (key, x, y)
         for key in ("masked_fraction", "masked_connectives", "class_accuracy", "heldout_class_accuracy",
-                    "heldout_class_tokens", "heldout_connective_words"):
+                    "heldout_class_tokens", "heldout_connective_words", "link_accuracy", "heldout_link_accuracy",
+                    "heldout_link_targets"):
             assert x.get(key) == y.get(key), (key, x, y)
     wa, wb = checkpoint(a)["model"], checkpoint(b)["model"]
     assert wa.keys() == wb.keys()
@@ -66,8 +67,10 @@ def assert_same_training(a: Path, b: Path) -> None:
 
 
 def test_two_processes_train_what_one_trains_with_twice_the_accumulation(tmp_path):
-    """Structural masking with the class head: its loss and held-out accuracy are summed over the processes too."""
-    steps = ["--set", "training.steps=10", "--set", "training.eval_every=5", "--set", "model.class_head=true"]
+    """Structural masking with the class and link heads: their losses and held-out accuracies are summed over the
+    processes too (the heads are in every step's graph, as DDP needs)."""
+    steps = ["--set", "training.steps=10", "--set", "training.eval_every=5", "--set", "model.class_head=true",
+             "--set", "masking.readout=true", "--set", "model.link_head=true"]
     proc = torchrun("--config", "cpu.toml", "--out", str(tmp_path / "ddp"), *RUN, *steps,
                     "--set", "training.grad_accum=1")
     run_cli("genesis.train", "--config", "cpu.toml", "--out", str(tmp_path / "one"), *RUN, *steps,
@@ -76,6 +79,7 @@ def test_two_processes_train_what_one_trains_with_twice_the_accumulation(tmp_pat
     assert checkpoint(tmp_path / "ddp")["processes"] == 2
     assert records(tmp_path / "ddp", "train")[-1]["masked_connectives"] > 0
     assert records(tmp_path / "ddp", "eval")[-1]["heldout_class_tokens"] > 0
+    assert records(tmp_path / "ddp", "eval")[-1]["heldout_link_targets"] > 0
     # rank 0 speaks for the run: one model line naming the processes, one line per step, one "done"
     assert "device cpu x 2 processes (DDP)" in proc.stdout
     assert proc.stdout.count("step     10/10 | loss") == 1 and proc.stdout.count("done: 10 steps") == 1

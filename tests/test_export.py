@@ -91,6 +91,31 @@ def test_the_class_head_is_saved_beside_the_model_and_reads_its_last_hidden_stat
     torch.testing.assert_close(theirs, ours, atol=FP32_ATOL, rtol=0)
 
 
+def test_the_link_head_is_dropped_and_the_lm_is_unchanged(tmp_path, exported, capsys):
+    """A run with the link head (and no class head) exports the LM alone: the same files as a run without heads,
+    no link weights in model.safetensors, and transformers' logits equal to Genesis's."""
+    from safetensors import safe_open
+
+    from genesis.config import load_config
+    from genesis.train import train
+
+    sets = ["model.n_layers=2", "model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=64",
+            "training.micro_batch=8", "training.steps=2", "training.eval_every=0", "training.log_every=1",
+            "masking.enabled=true", "masking.readout=true", "model.link_head=true"]
+    train(load_config("cpu.toml", overrides=sets), tmp_path / "run")
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert "(+ class head)" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in exported["tied"].iterdir())
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "link" in k or "head" in k and k != "lm_head.weight"]
+    model = load_run(tmp_path / "run").model
+    assert model.link_head is not None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    ids = torch.randint(0, model.args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=FP32_ATOL, rtol=0)
+
+
 def test_the_exported_model_generates_what_genesis_sample_generates_greedily(tiny_runs, exported):
     from genesis.sample import SampleSettings, generate
 

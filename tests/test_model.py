@@ -91,7 +91,7 @@ def test_gradient_accumulation_matches_one_big_batch(kjv_corpus):
     big, small = tiny(vocab_size=vocab), tiny(vocab_size=vocab)
     fp32 = contextlib.nullcontext()  # what the trainer uses for fp32
     accumulate_gradients(big, [(x, y)], fp32)
-    loss, _ = accumulate_gradients(small, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], fp32)
+    loss, _, _ = accumulate_gradients(small, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], fp32)
     assert torch.allclose(loss, big(x, y)[1].detach(), atol=1e-6, rtol=0)
     for (name, p), q in zip(big.named_parameters(), small.parameters()):
         assert p.grad.abs().max() > 0, name  # real text reaches every parameter
@@ -187,7 +187,8 @@ def test_accumulate_gradients_adds_the_weighted_class_loss():
     classes = labels_at((4, 16), {(0, 2): 0, (1, 5): 1, (2, 7): 0, (3, 1): 3, (3, 11): 2})
     fp32 = contextlib.nullcontext()
     m = tiny(class_head=True)
-    loss, stats = accumulate_gradients(m, [(x[:2], y[:2], classes[:2]), (x[2:], y[2:], classes[2:])], fp32, 0.25)
+    micro_batches = [(x[:2], y[:2], classes[:2]), (x[2:], y[2:], classes[2:])]
+    loss, stats, link_stats = accumulate_gradients(m, micro_batches, fp32, 0.25)
     ref = tiny(class_head=True)
     parts = [ref(x[i:i + 2], y[i:i + 2], classes[i:i + 2]) for i in (0, 2)]
     (sum(c.loss for _, _, c in parts) / 2).backward()
@@ -196,9 +197,10 @@ def test_accumulate_gradients_adds_the_weighted_class_loss():
     expected = torch.stack([sum(c.loss * c.count for _, _, c in parts), sum(c.correct for _, _, c in parts).float(),
                             torch.tensor(5.0)]).detach()
     torch.testing.assert_close(stats, expected)
+    assert torch.equal(link_stats, torch.zeros(3))  # no link head
     # a model without a head: plain (x, y) micro-batches, zero statistics
-    _, stats = accumulate_gradients(tiny(), [(x, y)], fp32, 0.25)
-    assert torch.equal(stats, torch.zeros(3))
+    _, stats, link_stats = accumulate_gradients(tiny(), [(x, y)], fp32, 0.25)
+    assert torch.equal(stats, torch.zeros(3)) and torch.equal(link_stats, torch.zeros(3))
 
 
 def test_the_class_head_leaves_the_trunk_and_the_random_stream_alone():

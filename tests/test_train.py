@@ -603,6 +603,44 @@ def test_class_head_trains_at_masked_positions_and_is_measured_on_heldout(tmp_pa
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["model_args"]["n_classes"] == 4
 
 
+LINK = ("masking.enabled=true", "masking.strategy=uniform", "masking.mask_prob=1.0", "masking.readout=true",
+        "model.link_head=true", "training.warmup_steps=0", "training.lr=0.002", "training.min_lr=0.002")
+
+
+def test_link_head_trains_logs_and_resumes_exactly(tmp_path, capsys):
+    """`model.link_head = true`: each step's record and line carry the head's loss and accuracy at the readout
+    positions, each evaluation the head's on the held-out windows masked at a fixed step (the same positions every
+    time), TensorBoard gets them as scalars, the checkpoint holds the head, and 6 + 6 resumed steps equal 12
+    uninterrupted ones (constant learning rate, so `steps` can change)."""
+    from genesis.tensorboard import scalars
+
+    cfg = small_config(*LINK, "model.link_readout=span", "training.steps=12", "training.eval_every=6",
+                       "training.log_every=3")
+    train(cfg, tmp_path / "a")
+    out = capsys.readouterr().out
+    steps, evals = records(tmp_path / "a", "train"), records(tmp_path / "a", "eval")
+    assert all(0 <= r["link_accuracy"] <= 1 and r["link_loss"] > 0 for r in steps) and "class_loss" not in steps[0]
+    assert "| link loss " in out and "| link head: loss " in out and "readout positions" in out
+    assert [r["heldout_link_targets"] for r in evals] == [evals[0]["heldout_link_targets"]] * 3
+    assert evals[0]["heldout_link_targets"] > 5
+    words = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["model_args"]["link_words"]
+    assert words == len(DEFAULT_CONNECTIVES)  # one output per lexicon entry, the index space of out.readout
+    assert evals[0]["heldout_link_loss"] == pytest.approx(math.log(words), abs=0.1)  # small random weights
+    tags = {tag for r in (steps[0], evals[0]) for tag, _ in scalars(r)}
+    assert {"train/link_loss", "train/link_accuracy", "heldout/link_loss", "heldout/link_accuracy"} <= tags
+    model, _ = load_model(tmp_path / "a" / CHECKPOINT)
+    assert model.link_head.out_features == words and model.args.link_readout == "span"
+    train(small_config(*LINK, "model.link_readout=span", "training.steps=6", "training.eval_every=6",
+                       "training.log_every=3"), tmp_path / "b")
+    train(small_config(*LINK, "model.link_readout=span", "training.steps=12", "training.eval_every=6",
+                       "training.log_every=3"), tmp_path / "b", resume=True)
+    timing = ("ms_per_step", "tokens_per_s")  # the only values that may differ
+    uninterrupted, resumed = ([{k: v for k, v in r.items() if k not in timing} for r in records(tmp_path / run)]
+                              for run in ("a", "b"))
+    assert uninterrupted == resumed
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
 def test_a_masking_schedule_ramps_the_masked_share_in_training(tmp_path, capsys):
     """A linear ramp from 0 over the 20 steps, against the same run without it: never more masked connectives at a
     log step (the same draws at a lower probability), fewer in all, and the ramp named in the masking line."""
@@ -868,7 +906,7 @@ def nan_loss_on_call(n: int):
         if len(calls) == n:
             for p in model.parameters():
                 p.grad = torch.full_like(p, float("nan"))
-            return torch.tensor(float("nan")), torch.zeros(3)
+            return torch.tensor(float("nan")), torch.zeros(3), torch.zeros(3)
         return real(model, micro_batches, *args)
 
     return wrapped
