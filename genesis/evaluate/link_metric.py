@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from genesis.console import Progress
 from genesis.evaluate.items import VERSE_SEPARATOR, ClozeSet, EncodedSplit, Slot, left_context, select_evenly
 from genesis.evaluate.run import EvalError
+from genesis.evaluate.scorers import DEFAULT_BATCH_TOKENS, length_batches, pad_rows
 from genesis.lexicon import ResolvedLexicon
 from genesis.link import LINK_READOUTS, link_features
 from genesis.masking import readout_position
@@ -119,25 +120,18 @@ def train_link_items(split: EncodedSplit, slots: list[Slot], tokenizer: Tokenize
 
 @torch.inference_mode()
 def read_features(model: torch.nn.Module, items: LinkItems, readout: str, device: torch.device | str = "cpu",
-                  batch_tokens: int = 8192, label: str = "") -> torch.Tensor:
+                  batch_tokens: int = DEFAULT_BATCH_TOKENS, label: str = "") -> torch.Tensor:
     """(n, C) `link_features` of the model's final hidden states at each item's readout position, with the item's
     readout start, in the model's dtype, on `device`, in item order. Sequences are sorted by length and right-padded
     into batches of ~batch_tokens tokens (padding after the readout position, which causal attention never sees)."""
     if readout not in LINK_READOUTS:
         raise EvalError(f"link readout must be one of {', '.join(LINK_READOUTS)} (got {readout!r})")
     lengths = np.fromiter((len(t) for t in items.tokens), dtype=np.int64, count=len(items))
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        per_batch = max(1, batch_tokens // int(lengths[order[start]]))  # the first is the longest
-        batches.append(order[start : start + per_batch])
-        start += per_batch
+    batches = length_batches(lengths, np.arange(len(items)), batch_tokens)
     out: torch.Tensor | None = None
     bar = Progress(len(batches), label, every=25) if label else None
     for done, batch in enumerate(batches, start=1):
-        x = np.zeros((len(batch), int(lengths[batch].max())), dtype=np.int64)
-        for r, j in enumerate(batch):
-            x[r, : lengths[j]] = items.tokens[j]
+        x = pad_rows([items.tokens[j] for j in batch])
         rows = torch.arange(len(batch), device=device)
         cols = torch.from_numpy(items.readout[batch]).to(device)
         readout_start = torch.full(x.shape, -1, dtype=torch.int64, device=device)
@@ -207,7 +201,7 @@ def link_readout_of(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str
 
 
 def score_link(model: torch.nn.Module, heldout: LinkItems, train: LinkItems, candidates: list[int], n_entries: int,
-               device: torch.device | str = "cpu", batch_tokens: int = 8192, progress: bool = True
+               device: torch.device | str = "cpu", batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True
                ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, float]]:
     """Scores (n, K) over the cloze candidates per link scorer ("link_head" where the model has a head,
     "link_probe" always), the settings and counts for eval.json, and the timings."""

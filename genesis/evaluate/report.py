@@ -99,8 +99,9 @@ def format_link(result: dict[str, Any]) -> list[str]:
     sets = [name for name in result_sets(result) if name == "all" or "breakdowns" in sc["model_verse"]["sets"][name]]
     probe = link["probe"]
     lines = [f"link: the connective masked, read at its clause stop (readout {link['readout']}; {link['no_readout']} "
-             f"of {link['n_items']} items read at the verse's end); probe fitted on {probe['n_train']:,} training "
-             f"occurrences (L2 {probe['l2']:g}, {probe['iterations']} L-BFGS iterations)",
+             f"of {link['n_items']} items read at the verse's end)",
+             f"  frozen probe fitted on {probe['n_train']:,} training occurrences (L2 {probe['l2']:g}, "
+             f"{probe['iterations']} L-BFGS iterations, training accuracy {_pct(probe['train_accuracy']).strip()}%)",
              f"{'':<24}" + "".join(f"{name[:11]:>{8 + 8 * len(columns)}}" for name in sets),
              f"{'':<24}" + "".join(f"{'n':>8}" + "".join(f"{t:>8}" for t, _ in columns) for _ in sets)]
 
