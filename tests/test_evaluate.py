@@ -21,7 +21,8 @@ from genesis.corpus import load_corpus
 from genesis.evaluate.pipeline import _majority
 from genesis.evaluate.scorers import PREFIX_PATH_TOLERANCE
 from genesis.lexicon import CLASSES
-from genesis.masking import clause_length
+from genesis.masking import clause_length, readout_position
+from genesis.tokenizer import find_mask_id
 
 from .helpers import run_cli
 
@@ -649,7 +650,10 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
     # a 64-token model cannot hold the longest verses: those items are skipped, and counted
     assert result["cloze"]["n_items"] + sum(result["cloze"]["skipped"].values()) == 12
     assert set(result["cloze"]["skipped"]) <= {"verse_longer_than_model"} and result["cloze"]["n_items"] >= 9
-    assert set(result["cloze"]["scorers"]) == set(ev.CLOZE_SCORERS)
+    assert set(result["cloze"]["scorers"]) == {*ev.CLOZE_SCORERS, "link_probe"}  # no link head: the probe alone
+    assert result["link"]["head"] is None and result["link"]["probe"]["n_train"] > 1000
+    assert re.search(r"^cloze, frozen probe \(masked, read after it\) +conjunctive +\d+", proc.stdout, re.MULTILINE)
+    assert "cloze, link head" not in proc.stdout and "link: the connective masked" in proc.stdout
     assert result["next_token"]["n"] > 1000 and 0 <= result["next_token"]["accuracy"] <= 1
     assert len(result["items"]["cloze"]) == result["cloze"]["n_items"]
     for name in ("hardest_connectives", "accuracy_by_clause_length", "confusion", "accuracy_by_genre"):
@@ -851,6 +855,239 @@ def test_evaluate_cli_reports_the_class_head_against_the_majority_class(head_run
     assert conjunctive["n"] == result["next_token"]["sets"]["conjunctive"]["n"] < n
     assert head["majority_class"]["sets"]["conjunctive"]["n"] == conjunctive["n"]
     assert re.search(rf"^conjunctive uses +{conjunctive['n']} ", proc.stdout, re.MULTILINE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The link metric and the frozen probe
+
+
+@pytest.fixture(scope="module")
+def masker_tables(ctx):
+    """The masker's own tables for the run's lexicon: its clause stops, glue and word ends."""
+    from genesis.masking import ConnectiveMasker
+
+    masker = ConnectiveMasker.from_tokenizer(ctx.tokenizer, ctx.cfg.masking, mask_token=ctx.cfg.tokenizer.mask_token,
+                                             readout=True, log=None)
+    return masker.tables("cpu")
+
+
+def masker_readout(tables, row: np.ndarray, start: int, end: int, entry: int) -> tuple[int | None, int | None]:
+    """(readout position, readout start) the masker's oracle gives the one masked word at columns [start, end)."""
+    from genesis.masking import readout_reference
+
+    masked = [start <= c < end for c in range(len(row))]
+    readout, readout_start = readout_reference(row.tolist(), masked, [entry if m else -1 for m in masked], tables)
+    targets = [c for c, e in enumerate(readout) if e >= 0]
+    assert len(targets) <= 1 and all(readout[c] == entry for c in targets)
+    return (targets[0], readout_start[targets[0]]) if targets else (None, None)
+
+
+def test_link_items_are_the_cloze_answers_masked_and_read_where_the_masker_reads(ctx, masker_tables):
+    """Each held-out link item is the whole-verse cloze's answer sequence (its context included) with the slot's
+    pieces replaced by the mask token, cut after the readout position the masker's oracle gives that word."""
+    cloze, items, K = ctx.cloze, ctx.link_heldout, ctx.cloze.n_candidates
+    mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
+    assert len(items) == len(cloze.items) and np.array_equal(items.label, cloze.answer)
+    cut = 0
+    for i, slot in enumerate(cloze.items):
+        seq = cloze.tokens[i * K + cloze.answer[i]]
+        start, end = int(cloze.blank_start[i * K + cloze.answer[i]]), int(cloze.blank_end[i * K + cloze.answer[i]])
+        assert np.array_equal(seq[start:end], ctx.eval_split.stream[slot.stream_pos : slot.stream_pos + slot.n_pieces])
+        position, readout_start = masker_readout(masker_tables, seq, start, end, slot.entry)
+        assert items.no_readout[i] == (position is None)
+        position = len(seq) - 1 if position is None else position
+        assert items.readout[i] == position == len(items.tokens[i]) - 1 and items.readout_start[i] == end
+        assert readout_start in (None, end)
+        masked = seq.copy()
+        masked[start:end] = mask_id
+        assert np.array_equal(items.tokens[i], masked[: position + 1])
+        cut += position < len(seq) - 1
+    assert cut > len(items) // 2  # most verses go on past the clause the word opens
+
+
+def test_the_probes_items_are_built_as_the_heldout_items_are(ctx, masker_tables):
+    """`train_link_items` on the held-out split's cloze slots gives the held-out link items: the same verse, masked
+    word and readout, after the same context (cut, if at all, only by the verse's own length, not the longest
+    candidate's); and on the training split, training occurrences read where the masker reads them."""
+    from genesis.evaluate.link_metric import PROBE_MAX_TRAIN, clause_stops, train_link_items
+
+    mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
+    stops = clause_stops(ctx.lex, vocab(ctx))
+    again, skipped = train_link_items(ctx.eval_split, ctx.cloze.items, ctx.tokenizer, ctx.cloze.candidates, SEQ_LEN,
+                                      ctx.context_verses, mask_id, stops, max_items=0)
+    held = ctx.link_heldout
+    assert skipped == {} and len(again) == len(held) and np.array_equal(again.label, held.label)
+    for i in range(len(held)):
+        shift = len(again.tokens[i]) - len(held.tokens[i])  # a longer context, where the cloze had to cut it
+        assert shift >= 0 and np.array_equal(again.tokens[i][shift:], held.tokens[i])
+        assert again.readout[i] - shift == held.readout[i] and again.readout_start[i] - shift == held.readout_start[i]
+    train = ctx.link_train
+    assert len(train) == PROBE_MAX_TRAIN and train.no_readout.sum() < len(train) // 50
+    counts = np.bincount(train.label, minlength=ctx.cloze.n_candidates)
+    assert counts[ctx.cloze.candidates.index(ctx.lex.words.index("for"))] == counts.max()
+    stop = masker_tables.clause_stop.tolist()
+    for i in range(0, len(train), 7):
+        row, start = train.tokens[i], int(train.readout_start[i])
+        assert row[start - 1] == mask_id and len(row) <= SEQ_LEN
+        position = readout_position(row.tolist(), start - 1, stop)  # the row is cut after it: it is the last column
+        assert position == (None if train.no_readout[i] else len(row) - 1) and train.readout[i] == len(row) - 1
+
+
+def first_link_items(items, n: int):
+    return dataclasses.replace(items, tokens=items.tokens[:n], readout=items.readout[:n],
+                               readout_start=items.readout_start[:n], label=items.label[:n],
+                               no_readout=items.no_readout[:n])
+
+
+def small_llama(ctx, link_head: torch.nn.Module | None = None, readout: str = "span"):
+    """A 2 x 64 Llama (seed 0), with `link_head` and `args.link_readout` attached as the trainer's model has them."""
+    from genesis.model import Llama, ModelArgs
+
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(vocab_size=vocab(ctx), n_layers=2, dim=64, n_heads=2, n_kv_heads=2, ffn_dim=128,
+                            seq_len=SEQ_LEN)).eval()
+    if link_head is not None:
+        model.link_head = link_head
+        model.args.link_readout = readout
+    return model
+
+
+def constant_head(ctx, word: str) -> torch.nn.Linear:
+    """A link head that names `word` whatever it reads."""
+    head = torch.nn.Linear(64, len(ctx.lex.words))
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[ctx.lex.words.index(word)] = 1.0
+    return head
+
+
+@pytest.fixture(scope="module")
+def link_result(ctx):
+    """A whole evaluation of a real (random) Llama whose link head always names "for"."""
+    return ev.evaluate_model(small_llama(ctx, constant_head(ctx, "for"), "stop"), ctx, progress=False)
+
+
+def test_a_link_head_that_always_names_one_word_scores_that_words_share(ctx, link_result):
+    answers = [ctx.lex.words[s.entry] for s in ctx.cloze.items]
+    head = link_result["cloze"]["scorers"]["link_head"]
+    assert head["accuracy"] == pytest.approx(answers.count("for") / len(answers)) == pytest.approx(
+        link_result["cloze"]["scorers"]["majority"]["accuracy"])
+    assert head["breakdowns"]["word"]["for"]["accuracy"] == 1.0 and head["breakdowns"]["word"]["but"]["accuracy"] == 0
+    credits = [item["credit"]["link_head"] for item in link_result["items"]["cloze"]]
+    assert credits == [float(w == "for") for w in answers]
+    conjunctive = [w for w, s in zip(answers, ctx.cloze.items) if s.conjunctive]
+    assert head["sets"]["conjunctive"]["accuracy"] == pytest.approx(conjunctive.count("for") / len(conjunctive))
+    assert head["sets"]["conjunctive"]["breakdowns"]["word"]["for"] == {"accuracy": 1.0,
+                                                                        "n": conjunctive.count("for")}
+    link = link_result["link"]
+    assert link["head"] == {"readout": "stop", "outputs": len(ctx.lex.words)} and link["readout"] == "stop"
+    assert link["probe"]["readout"] == "stop" and link["probe"]["readout_from"] == "model.link_readout"
+    assert link["n_items"] == len(ctx.cloze.items) and link["no_readout"] == int(ctx.link_heldout.no_readout.sum())
+    assert link["probe"]["n_train"] == len(ctx.link_train) and link["probe"]["l2"] > 0
+    assert {"link_heldout_s", "link_probe_s"} <= set(link_result["timings"])
+    assert np.array(link_result["cloze"]["confusion"]["matrices"]["link_head"])[:, ctx.candidate_words.index(
+        "for")].sum() == pytest.approx(len(answers))
+
+
+class OracleLinkModel(torch.nn.Module):
+    """Hidden states that are the one-hot lexicon entry of the word masked in the row, found by the row up to its
+    last mask token in a table built from the cloze answers: a wrongly masked row is a KeyError. With an identity
+    link head, the head names the right word wherever it reads, over a span or at one position."""
+
+    def __init__(self, ctx, readout: str, known: dict[tuple, int]):
+        super().__init__()
+        self.known, self.entries = known, len(ctx.lex.words)
+        self.mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
+        self.args = SimpleNamespace(seq_len=SEQ_LEN, link_readout=readout)
+        self.link_head = torch.nn.Linear(self.entries, self.entries)
+        torch.nn.init.eye_(self.link_head.weight)
+        torch.nn.init.zeros_(self.link_head.bias)
+
+    def hidden(self, idx):
+        h = torch.zeros(*idx.shape, self.entries)
+        for b, row in enumerate(idx.tolist()):
+            last = max(c for c, t in enumerate(row) if t == self.mask_id)
+            h[b, :, self.known[tuple(row[: last + 1])]] = 1.0
+        return h
+
+
+@pytest.mark.parametrize("readout", ["stop", "span"])
+def test_a_link_head_that_reads_the_hidden_word_scores_100_percent_and_so_does_the_probe(ctx, readout):
+    from genesis.evaluate.link_metric import score_link
+
+    mask_id, K = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token), ctx.cloze.n_candidates
+    known = {}
+    for i, slot in enumerate(ctx.cloze.items):
+        j = i * K + ctx.cloze.answer[i]
+        row = ctx.cloze.tokens[j][: ctx.cloze.blank_end[j]].copy()
+        row[ctx.cloze.blank_start[j] :] = mask_id
+        known[tuple(row.tolist())] = slot.entry
+    train = ctx.link_train  # the probe's rows: the mask run ends at the readout start
+    for tokens, start, label in zip(train.tokens, train.readout_start, train.label):
+        known[tuple(tokens[:start].tolist())] = ctx.cloze.candidates[label]
+    scores, info, _ = score_link(OracleLinkModel(ctx, readout, known), ctx.link_heldout, train, ctx.cloze.candidates,
+                                 len(ctx.lex.words), progress=False)
+    for name in ("link_head", "link_probe"):
+        assert np.array_equal(scores[name].argmax(1), ctx.cloze.answer), name
+    assert info["head"]["readout"] == info["probe"]["readout"] == readout
+
+
+def test_the_probe_is_deterministic_and_fits_a_separable_case():
+    from genesis.evaluate.link_metric import fit_probe
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 6.0
+    labels = np.arange(400) % 4
+    x = torch.from_numpy(centres[labels] + rng.normal(size=(400, 6)))
+    x = torch.cat([x, torch.full((400, 1), 3.0, dtype=torch.float64)], dim=1)  # a constant feature: scale 1
+    first, second = fit_probe(x, labels, 5), fit_probe(x, labels, 5)  # class 4 never occurs
+    for a, b in ((first.weight, second.weight), (first.bias, second.bias)):
+        assert torch.equal(a, b)
+    assert first.scale[-1] == 1.0 and first.iterations > 0 and math.isfinite(first.loss)
+    assert np.array_equal(first.logits(x).argmax(1).numpy(), labels)
+    fresh = np.arange(100) % 4
+    y = torch.cat([torch.from_numpy(centres[fresh] + rng.normal(size=(100, 6))), torch.full((100, 1), 3.0,
+                                                                                           dtype=torch.float64)], 1)
+    assert np.array_equal(first.logits(y).argmax(1).numpy(), fresh)
+    with pytest.raises(ev.EvalError, match="no training occurrence"):
+        fit_probe(x[:0], labels[:0], 5)
+
+
+def test_a_model_without_a_link_head_gets_the_probe_alone_on_the_default_readout_and_twice_the_same(ctx):
+    from genesis.evaluate.link_metric import PROBE_READOUT, score_link
+
+    model, train = small_llama(ctx), first_link_items(ctx.link_train, 400)
+    runs = [score_link(model, ctx.link_heldout, train, ctx.cloze.candidates, len(ctx.lex.words), progress=False)
+            for _ in range(2)]
+    (scores, info, timings), (again, _, _) = runs
+    assert set(scores) == {"link_probe"} and info["head"] is None and "link_heldout_s" in timings
+    assert info["readout"] == info["probe"]["readout"] == PROBE_READOUT and info["probe"]["readout_from"] == "default"
+    assert info["probe"]["n_train"] == 400 and scores["link_probe"].shape == (len(ctx.cloze.items),
+                                                                             ctx.cloze.n_candidates)
+    assert np.array_equal(scores["link_probe"], again["link_probe"])
+    wrong = small_llama(ctx, torch.nn.Linear(64, 3))
+    with pytest.raises(ev.EvalError, match="link head has 3 outputs; the run's lexicon has"):
+        score_link(wrong, ctx.link_heldout, train, ctx.cloze.candidates, len(ctx.lex.words), progress=False)
+
+
+def test_the_tables_give_the_link_scorers_beside_the_verse_cloze_and_the_baselines(ctx, link_result):
+    text = ev.format_tables({**link_result, "checkpoint": "x", "step": 0, "corpus": "kjv", "split": "heldout",
+                             "train_corpus": "kjv"})
+    sc = link_result["cloze"]["scorers"]
+    for title, scorer in (("cloze, link head", "link_head"), ("cloze, frozen probe", "link_probe")):
+        rows = [line for line in text.splitlines() if line.startswith(title)]
+        assert [row.split(") ")[1].split()[0] for row in rows] == ["all", "conjunctive"]
+        assert rows[0].split()[-4] == f"{100 * sc[scorer]['accuracy']:.1f}"
+        assert rows[0].split()[-3] == f"{100 * sc['kn3_verse']['accuracy']:.1f}"
+    assert "link: the connective masked, read at its clause stop (readout stop;" in text
+    header = next(line for line in text.splitlines() if line.split()[:6] == ["n", "verse", "head", "probe", "KN-3",
+                                                                               "major."])
+    assert header.split().count("probe") == 2  # all and conjunctive
+    row = next(line for line in text.splitlines() if line.startswith("word for "))
+    cells = row.split()[2:]
+    n_for = sc["model_verse"]["breakdowns"]["word"]["for"]["n"]
+    assert cells[0] == str(n_for) and cells[2] == "100.0"  # the head always names "for"
+    assert any(line.startswith("class causal ") for line in text.splitlines())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Connective evaluation of a trained run, by stage: `items` (slots and cloze sets), `senses` (whether a slot is a
-connective use of its word), `scorers` (next-token, class head, cloze, the n-gram baseline), `pipeline` (context,
-scoring, breakdowns), `report` (tables, JSON, plots), `lm_eval_task` (the cloze as an lm-evaluation-harness task);
-`run` loads the run and `cli` is `python -m genesis.evaluate`.
+connective use of its word), `scorers` (next-token, class head, cloze, the n-gram baseline), `link_metric` (the link
+head and the frozen probe), `pipeline` (context, scoring, breakdowns), `report` (tables, JSON, plots), `lm_eval_task`
+(the cloze as an lm-evaluation-harness task); `run` loads the run and `cli` is `python -m genesis.evaluate`.
 
 Items. A connective slot is a whole-word occurrence of a lexicon word (the run's [masking] lexicon) in a verse of the
 split, found by `genesis.lexicon.find_matches`, the same oracle the masker is tested against. Verses are encoded one
@@ -33,6 +33,10 @@ Metrics.
   `kn3_verse` / `kn3_suffix`: an interpolated Kneser-Ney token trigram (discount n1 / (n1 + 2 n2) per order, the
   unigram level interpolated with the uniform distribution) trained on the run's training split tokenized with the
   run's tokenizer, scored by the same cloze procedure on the same candidate sequences.
+* The link metric (`link_metric`): each cloze item's answer sequence with its connective masked, read at the
+  masker's readout position (`genesis.masking.readout_position`), ranked by the run's link head (`link_head`, runs
+  with one) and by a frozen linear probe fitted on training occurrences built the same way (`link_probe`, every
+  model with hidden states).
 
 The result records the run's identity (`run_identity`: the step and a SHA-256 of the weights, model args, config and
 tokenizer), so a saved eval.json can be matched to the checkpoint it measured (the comparison runner re-evaluates
@@ -57,6 +61,19 @@ from genesis.evaluate.items import (
     encode_split,
     find_slots,
     select_evenly,
+)
+from genesis.evaluate.link_metric import (
+    LINK_SCORERS,
+    PROBE_L2,
+    PROBE_MAX_TRAIN,
+    PROBE_READOUT,
+    LinkItems,
+    Probe,
+    fit_probe,
+    heldout_link_items,
+    read_features,
+    score_link,
+    train_link_items,
 )
 from genesis.evaluate.pipeline import (
     BREAKDOWNS,
@@ -113,13 +130,14 @@ from genesis.evaluate.senses import RULES, is_conjunctive
 __all__ = [
     "BREAKDOWNS", "CLAUSE_BUCKETS", "CLAUSE_LABELS", "CLOZE_SCORERS", "ClassHeadScores", "ClozeItems", "ClozeScores",
     "ClozeSet", "DEFAULT_BATCH_TOKENS", "DEFAULT_CONTEXT_K", "EncodedSplit", "EvalContext", "EvalError",
-    "KneserNeyTrigram", "LOGIT_PATHS", "MaskedContextScores", "NextTokenScores", "POSITIONS", "RULES", "Run",
-    "SETS", "Slot", "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "build_items", "cased_like",
-    "checkpoint_identity",
-    "class_head_result", "clause_bucket", "config_from_dict", "constant_shares", "encode_split", "evaluate_checkpoint",
-    "evaluate_model", "find_slots", "format_class_head", "format_tables", "in_set", "is_conjunctive", "load_run",
-    "load_split_verses", "logits_at", "main", "masked_context_result", "masked_stream", "model_max_len", "pack_windows",
-    "parse_args", "prediction_shares", "resolve_device", "result_sets", "run_connectives", "run_identity",
-    "score_class_head", "score_cloze_model", "score_cloze_ngram", "score_masked_context", "score_next_token",
-    "select_evenly", "set_masks", "summarize", "token_logprobs", "write_json", "write_plots",
+    "KneserNeyTrigram", "LINK_SCORERS", "LOGIT_PATHS", "LinkItems", "MaskedContextScores", "NextTokenScores",
+    "POSITIONS", "PROBE_L2", "PROBE_MAX_TRAIN", "PROBE_READOUT", "Probe", "RULES", "Run", "SETS", "Slot",
+    "TIE_TOLERANCE", "VERSE_SEPARATOR", "build_cloze", "build_context", "build_items", "cased_like",
+    "checkpoint_identity", "class_head_result", "clause_bucket", "config_from_dict", "constant_shares", "encode_split",
+    "evaluate_checkpoint", "evaluate_model", "find_slots", "fit_probe", "format_class_head", "format_tables",
+    "heldout_link_items", "in_set", "is_conjunctive", "load_run", "load_split_verses", "logits_at", "main",
+    "masked_context_result", "masked_stream", "model_max_len", "pack_windows", "parse_args", "prediction_shares",
+    "read_features", "resolve_device", "result_sets", "run_connectives", "run_identity", "score_class_head",
+    "score_cloze_model", "score_cloze_ngram", "score_link", "score_masked_context", "score_next_token", "select_evenly",
+    "set_masks", "summarize", "token_logprobs", "train_link_items", "write_json", "write_plots",
 ]

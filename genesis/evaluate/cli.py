@@ -1,4 +1,4 @@
-"""Connective evaluation of a trained run: next-token accuracy, cloze ranking, breakdowns, baselines and plots.
+"""Connective evaluation of a trained run: next-token accuracy, cloze ranking, the link metric, baselines and plots.
 
     python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt                  # the KJV held-out chapters
     python -m genesis.evaluate --checkpoint runs/cpu/checkpoint.pt --corpus asv     # same chapters, ASV wording

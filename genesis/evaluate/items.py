@@ -128,6 +128,18 @@ def candidate_texts(verse_text: str, slot: Slot, forms: list[str]) -> list[str]:
     return [verse_text[: slot.char_start] + f + verse_text[slot.char_end :] + VERSE_SEPARATOR for f in forms]
 
 
+def left_context(split: EncodedSplit, verse_index: int, separator: list[int], context_verses: int,
+                 room: int) -> list[int]:
+    """The tokens a cloze sequence puts before its verse: the verse separator, then up to `context_verses` preceding
+    verses of the same chapter, cut to the last `room` tokens (the nearest, when the model's length forces a cut)."""
+    verse, first = split.verses[verse_index], verse_index
+    while (first > 0 and verse_index - first < context_verses
+           and (split.verses[first - 1].book, split.verses[first - 1].chapter) == (verse.book, verse.chapter)):
+        first -= 1
+    context = list(separator) + [t for v in range(first, verse_index) for t in split.verse_ids[v]]
+    return context[-room:]
+
+
 @dataclass
 class ClozeSet:
     """Candidate sequences for the kept items, item-major: sequence i * K + k holds candidate k in item i's slot."""
@@ -171,12 +183,7 @@ def build_cloze(split: EncodedSplit, slots: list[Slot], tokenizer: Tokenizer, le
         if room < 1:
             skipped["verse_longer_than_model"] += 1
             continue
-        first = slot.verse_index
-        while (first > 0 and slot.verse_index - first < context_verses
-               and (split.verses[first - 1].book, split.verses[first - 1].chapter) == (verse.book, verse.chapter)):
-            first -= 1
-        context = list(separator) + [t for v in range(first, slot.verse_index) for t in split.verse_ids[v]]
-        context = context[-room:]  # the nearest tokens, when the model's length forces a cut
+        context = left_context(split, slot.verse_index, separator, context_verses, room)
         spans = []
         for form, enc in zip(forms, encodings):
             lo, hi = slot.char_start, slot.char_start + len(form)

@@ -31,6 +31,7 @@ from genesis.evaluate.items import (
     find_slots,
     select_evenly,
 )
+from genesis.evaluate.link_metric import LinkItems, clause_stops, heldout_link_items, score_link, train_link_items
 from genesis.evaluate.run import EvalError, load_run, model_max_len, resolve_device, run_connectives
 from genesis.evaluate.scorers import (
     DEFAULT_BATCH_TOKENS,
@@ -51,6 +52,7 @@ BREAKDOWNS = ("word", "class", "position", "clause_length", "genre", "book")
 # Item sets every metric is given on: every slot, and the slots whose word is used as a connective
 # (`genesis.evaluate.senses`); the decision reads "conjunctive".
 SETS = ("all", "conjunctive")
+SET_BREAKDOWNS = ("word", "class")  # the breakdowns also given within each item set but "all"
 
 
 
@@ -72,6 +74,9 @@ class EvalContext:
     max_items: int
     context_verses: int
     max_len: int
+    link_heldout: LinkItems  # the cloze items' answer sequences, the connective masked (`link_metric`)
+    link_train: LinkItems  # the frozen probe's training occurrences, built the same way
+    link_train_skipped: dict[str, int]
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -90,7 +95,7 @@ class EvalContext:
                      theirs.masking.clause_length)
                 == (mine.masking.clause_punctuation, mine.masking.lookback, mine.masking.verse_separator,
                     mine.masking.clause_length)
-                and theirs.data == mine.data)
+                and theirs.data == mine.data and theirs.tokenizer.mask_token == mine.tokenizer.mask_token)
 
 
 def load_split_verses(corpus: str, cfg: Config, split: str) -> list[Verse]:
@@ -149,13 +154,21 @@ def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str |
     t0 = time.time()
     train_verses = load_split_verses(cfg.data.corpus, cfg, "train")
     train_split = encode_split(train_verses, tokenizer, keep_offsets=False)
-    train_counts = Counter((s.entry, s.verse_initial)
-                           for s in find_slots(train_split, items.lex, cfg.masking.lookback, cfg.masking.clause_length))
-    ngram = KneserNeyTrigram(train_split.stream, tokenizer.get_vocab_size(with_added_tokens=True))
+    train_slots = find_slots(train_split, items.lex, cfg.masking.lookback, cfg.masking.clause_length)
+    train_counts = Counter((s.entry, s.verse_initial) for s in train_slots)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    ngram = KneserNeyTrigram(train_split.stream, vocab_size)
     timings["baselines_s"] = time.time() - t0
+    t0 = time.time()
+    mask_id, stops = find_mask_id(tokenizer, cfg.tokenizer.mask_token), clause_stops(items.lex, vocab_size)
+    link_heldout = heldout_link_items(items.cloze, mask_id, stops)
+    link_train, link_train_skipped = train_link_items(train_split, train_slots, tokenizer, items.cloze.candidates,
+                                                      max_len, context_verses, mask_id, stops)
+    timings["link_items_s"] = time.time() - t0
     return EvalContext(cfg=cfg, tokenizer=tokenizer, lex=items.lex, corpus=corpus, split=split,
                        eval_split=items.eval_split, slots=items.slots, cloze=items.cloze, train_counts=train_counts,
                        ngram=ngram, max_items=max_items, context_verses=context_verses, max_len=max_len,
+                       link_heldout=link_heldout, link_train=link_train, link_train_skipped=link_train_skipped,
                        timings=timings)
 
 
@@ -194,25 +207,34 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
-def summarize(credit: np.ndarray, slots: list[Slot], lex: ResolvedLexicon) -> dict[str, Any]:
-    """Accuracy overall (the "all" set), per item set (`SETS`) and per group of every breakdown; slots with a nan
-    credit (skipped) are left out."""
-    keep = ~np.isnan(credit)
-    sets = {name: {"accuracy": _mean(credit[mask & keep]), "n": int((mask & keep).sum())}
-            for name, mask in set_masks(slots).items()}
-    credit = credit[keep]
-    kept = [s for s, k in zip(slots, keep) if k]
-    keys = [_group_keys(s, lex) for s in kept]
-    out: dict[str, Any] = {"accuracy": _mean(credit), "n": int(len(credit)), "sets": sets}
+def _breakdowns(credit: np.ndarray, slots: list[Slot], lex: ResolvedLexicon, dims: tuple[str, ...]
+                ) -> dict[str, dict[str, dict[str, float | int]]]:
+    keys = [_group_keys(s, lex) for s in slots]
     breakdowns = {}
-    for dim in BREAKDOWNS:
+    for dim in dims:
         labels = [k[dim] for k in keys]
         groups = {}
         for label in _group_order(dim, labels, lex):
             mine = np.array([lab == label for lab in labels])
             groups[label] = {"accuracy": float(credit[mine].mean()), "n": int(mine.sum())}
         breakdowns[dim] = groups
-    out["breakdowns"] = breakdowns
+    return breakdowns
+
+
+def summarize(credit: np.ndarray, slots: list[Slot], lex: ResolvedLexicon) -> dict[str, Any]:
+    """Accuracy overall (the "all" set), per item set (`SETS`) and per group of every breakdown (`BREAKDOWNS`; and of
+    `SET_BREAKDOWNS` within each set but "all"); slots with a nan credit (skipped) are left out."""
+    keep = ~np.isnan(credit)
+    sets = {}
+    for name, mask in set_masks(slots).items():
+        sets[name] = {"accuracy": _mean(credit[mask & keep]), "n": int((mask & keep).sum())}
+        if name != "all":
+            chosen = mask & keep
+            sets[name]["breakdowns"] = _breakdowns(credit[chosen], [s for s, c in zip(slots, chosen) if c], lex,
+                                                   SET_BREAKDOWNS)
+    kept = [s for s, k in zip(slots, keep) if k]
+    out: dict[str, Any] = {"accuracy": _mean(credit[keep]), "n": int(keep.sum()), "sets": sets}
+    out["breakdowns"] = _breakdowns(credit[keep], kept, lex, BREAKDOWNS)
     return out
 
 
@@ -261,6 +283,13 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         "majority": constant_shares(n, K, np.full(n, _majority(ctx.train_counts, cloze.candidates, None))),
         "positional_majority": constant_shares(n, K, positional),
     }
+    link = None
+    if hasattr(model, "hidden"):  # every Genesis model; the tests' logit-only stubs have no hidden states
+        link_scores, link, link_timings = score_link(model, ctx.link_heldout, ctx.link_train, cloze.candidates,
+                                                     len(lex.words), device, batch_tokens, progress)
+        shares.update({name: prediction_shares(scores) for name, scores in link_scores.items()})
+        link["probe"]["skipped"] = ctx.link_train_skipped
+        timings.update(link_timings)
     words = ctx.candidate_words
     scorers, confusion, credits = {}, {}, {}
     for name, share in shares.items():
@@ -290,6 +319,7 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         "next_token": next_token,
         "masked_context": masked_context,
         **head,
+        **({"link": link} if link is not None else {}),
         "cloze": {
             "n_items": n, "n_candidates": K, "candidates": words, "skipped": cloze.skipped,
             "context_verses": ctx.context_verses, "scorers": scorers,

@@ -48,6 +48,10 @@ def format_tables(result: dict[str, Any]) -> str:
             f"{cloze['majority']:>8}{cloze['positional_majority']:>8}",
             f"{'cloze, suffix-only score':<44}{name:<13}{n:>7}{cloze['model_suffix']:>8}{cloze['kn3_suffix']:>8}",
         ]
+        for scorer, title in LINK_ROWS:
+            if scorer in sc:
+                lines.append(f"{title:<44}{name:<13}{in_set(sc[scorer], name)['n']:>7}{cloze[scorer]:>8}"
+                             f"{cloze['kn3_verse']:>8}{cloze['majority']:>8}{cloze['positional_majority']:>8}")
     lines.append(f"(chance = {100 / cz['n_candidates']:.1f}% with {cz['n_candidates']} candidates"
                  + ("; conjunctive: the items whose word is used as a connective, genesis.evaluate.senses)"
                     if "conjunctive" in result_sets(result) else ")"))
@@ -73,9 +77,50 @@ def format_tables(result: dict[str, Any]) -> str:
             n_cloze = sc["model_verse"]["breakdowns"][dim].get(label, {"n": 0})["n"]
             cells = "".join(f"{_pct(m['breakdowns'][dim].get(label, {}).get('accuracy')):>8}" for _, m in columns)
             lines.append(f"{label:<24}{n_next:>7}{n_cloze:>8}{cells}")
+    if "link" in result:
+        lines += ["", *format_link(result)]
     if "class_head" in result:
         lines += ["", *format_class_head(result["class_head"])]
     return "\n".join(lines)
+
+
+# the link scorers' rows of the main table, each beside the trigram's and the majorities' cloze on the same items
+LINK_ROWS = (("link_head", "cloze, link head (masked, read after it)"),
+                ("link_probe", "cloze, frozen probe (masked, read after it)"))
+
+
+def format_link(result: dict[str, Any]) -> list[str]:
+    """The link scorers beside the whole-verse cloze, the trigram and the majority connective, overall, per class and
+    per word, on every item set (words by their item count)."""
+    link, sc = result["link"], result["cloze"]["scorers"]
+    columns = [("verse", "model_verse"), ("head", "link_head"), ("probe", "link_probe"), ("KN-3", "kn3_verse"),
+               ("major.", "majority")]
+    columns = [(title, name) for title, name in columns if name in sc]
+    sets = [name for name in result_sets(result) if name == "all" or "breakdowns" in sc["model_verse"]["sets"][name]]
+    probe = link["probe"]
+    lines = [f"link: the connective masked, read at its clause stop (readout {link['readout']}; {link['no_readout']} "
+             f"of {link['n_items']} items read at the verse's end)",
+             f"  frozen probe fitted on {probe['n_train']:,} training occurrences (L2 {probe['l2']:g}, "
+             f"{probe['iterations']} L-BFGS iterations, training accuracy {_pct(probe['train_accuracy']).strip()}%)",
+             f"{'':<24}" + "".join(f"{name[:11]:>{8 + 8 * len(columns)}}" for name in sets),
+             f"{'':<24}" + "".join(f"{'n':>8}" + "".join(f"{t:>8}" for t, _ in columns) for _ in sets)]
+
+    def row(label: str, dim: str | None, group: str | None) -> str:
+        cells = ""
+        for name in sets:
+            metrics = [in_set(sc[scorer], name) for _, scorer in columns]
+            if dim is not None:
+                metrics = [m["breakdowns"][dim].get(group, {}) for m in metrics]
+            cells += f"{metrics[0].get('n', 0):>8}" + "".join(f"{_pct(m.get('accuracy')):>8}" for m in metrics)
+        return f"{label[:23]:<24}{cells}"
+
+    lines.append(row("all items", None, None))
+    for dim in ("class", "word"):
+        groups = list(sc["model_verse"]["breakdowns"][dim])
+        if dim == "word":
+            groups.sort(key=lambda w: -sc["model_verse"]["breakdowns"]["word"][w]["n"])
+        lines += [row(f"{dim} {group}", dim, group) for group in groups]
+    return lines
 
 
 def format_class_head(head: dict[str, Any]) -> list[str]:

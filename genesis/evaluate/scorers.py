@@ -315,12 +315,23 @@ def _answer_of(cloze: ClozeSet) -> np.ndarray:
     return np.arange(len(cloze.tokens)) // K * K + np.repeat(cloze.answer, K)
 
 
-def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+def pad_rows(rows: list[np.ndarray]) -> np.ndarray:
     """Token rows right-padded with 0 into one (len(rows), longest) int64 array."""
     x = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
     for i, r in enumerate(rows):
         x[i, : len(r)] = r
     return x
+
+
+def length_batches(lengths: np.ndarray, seqs: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Sequences `seqs` sorted by length, longest first, cut into batches of ~batch_tokens padded tokens."""
+    order = seqs[np.argsort(-lengths[seqs], kind="stable")]
+    batches, start = [], 0
+    while start < len(order):
+        per_batch = max(1, batch_tokens // int(lengths[order[start]]))  # the first is the longest
+        batches.append(order[start : start + per_batch])
+        start += per_batch
+    return batches
 
 
 def _full_parts(model: torch.nn.Module, cloze: ClozeSet, parts: np.ndarray, seqs: np.ndarray,
@@ -335,15 +346,10 @@ def _full_parts(model: torch.nn.Module, cloze: ClozeSet, parts: np.ndarray, seqs
     answer_of = _answer_of(cloze)
     own_prefix = (answer_of == np.arange(len(lengths))) | ~cloze.prefix_shared
     first_scored = np.where(own_prefix, cloze.verse_start, cloze.blank_start)
-    order = seqs[np.argsort(-lengths[seqs], kind="stable")]
-    batches, start = [], 0
-    while start < len(order):
-        per_batch = max(1, batch_tokens // int(lengths[order[start]]))  # the first is the longest
-        batches.append(order[start : start + per_batch])
-        start += per_batch
+    batches = length_batches(lengths, seqs, batch_tokens)
     bar = Progress(len(batches), "cloze/model", every=25) if progress else None
     for done, batch in enumerate(batches, start=1):
-        x = _pad_rows([cloze.tokens[j] for j in batch])
+        x = pad_rows([cloze.tokens[j] for j in batch])
         row, pos = _targets(first_scored[batch], lengths[batch])
         rows_t, pos_t = torch.from_numpy(row).to(device), torch.from_numpy(pos).to(device)
         # position t - 1 predicts token t
@@ -404,7 +410,7 @@ def _prefix_parts(model: Llama, cloze: ClozeSet, parts: np.ndarray, device: torc
     batches = _prefix_batches(cloze, prefix_len, batch_tokens)
     bar = Progress(len(batches), "cloze/model", every=25) if progress else None
     for done, items in enumerate(batches, start=1):
-        x = _pad_rows([cloze.tokens[answer_seq[i]][: prefix_len[i]] for i in items])  # (N, P)
+        x = pad_rows([cloze.tokens[answer_seq[i]][: prefix_len[i]] for i in items])  # (N, P)
         h, cache = model.read_prefixes(torch.from_numpy(x).to(device), torch.from_numpy(prefix_len[items]).to(device))
         # the verse before the blank, on the answer's sequence (the others borrow it below): t - 1 predicts t
         row, pos = _targets(cloze.verse_start[answer_seq[items]], prefix_len[items])
@@ -413,7 +419,7 @@ def _prefix_parts(model: Llama, cloze: ClozeSet, parts: np.ndarray, device: torc
         seq = (items[:, None] * K + np.arange(K))[shared[items]]  # the candidates sharing it, item-major
         prefix_of = np.repeat(np.arange(len(items)), shared[items].sum(axis=1))
         blank_start = cloze.blank_start[seq]
-        tail = _pad_rows([cloze.tokens[j][b:] for j, b in zip(seq, blank_start)])  # (R, W): token t at t - blank_start
+        tail = pad_rows([cloze.tokens[j][b:] for j, b in zip(seq, blank_start)])  # (R, W): token t at t - blank_start
         # every candidate's first piece, from the prefix's last position: one output head per item, not per candidate
         last = torch.from_numpy(prefix_len[items] - 1).to(device)
         last_logprobs = torch.log_softmax(model.lm_head(h[torch.arange(len(items), device=device), last]).float(),
