@@ -1,7 +1,6 @@
 """Tests for genesis/compare/readout.py and the readout strategy: the link head and frozen probe beside the cloze,
 the bar (each of its three conditions decides it), the probe per objective, and eval.json's format."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -10,14 +9,10 @@ import torch
 
 from genesis import compare
 from genesis.compare import readout
-from genesis.config import ModelConfig, load_config
+from genesis.config import load_config
 from genesis.evaluate import checkpoint_identity
 
 from .test_compare import _fake_eval, _row
-
-LINK_HEAD_IN_CONFIG = any(f.name == "link_head" for f in dataclasses.fields(ModelConfig))
-needs_link_head = pytest.mark.skipif(not LINK_HEAD_IN_CONFIG,
-                                     reason="model.link_head is not in genesis.config on this branch yet")
 
 
 def _bar_data(tmp_path, cloze: np.ndarray, head: np.ndarray, loss_gap: float = 0.0,
@@ -132,7 +127,6 @@ def test_the_readout_strategy_is_structural_masking_with_the_readout_and_the_lin
                                              "masking.readout=true", "model.link_head=true")
 
 
-@needs_link_head
 def test_the_readout_strategy_loads_as_a_config(tmp_path):
     args = compare.parse_args(["--strategies", "readout", "--seeds", "1", "--out", str(tmp_path)])
     spec = next(r for r in compare.plan_runs(args) if r.strategy == "readout")
@@ -141,7 +135,6 @@ def test_the_readout_strategy_loads_as_a_config(tmp_path):
     assert cfg.masking.strategy == "structural" and not cfg.model.class_head
 
 
-@needs_link_head
 def test_the_report_carries_the_link_sections_in_order(tmp_path):
     data, args = _bar_data(tmp_path, _cloze(400), np.ones(400), strategies="none,readout")
     report = compare.build_report(data, args, "python -m genesis.compare", 1.0)
