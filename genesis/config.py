@@ -8,39 +8,35 @@ it without a traceback.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import importlib.resources
 import math
 import os
 import re
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genesis.configio import (
+    build,
+    did_you_mean,
+    fields_of,
+    merge,
+    parse_override,
+    set_dotted,
+    to_dict,
+    toml_key,
+    toml_value,
+)
 from genesis.console import warn
+from genesis.errors import ConfigError, ConfigValueError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as one line: `<file>: <key>: <reason>`."""
-
-
-class ConfigValueError(ValueError):
-    """Raised by `__post_init__` validators: the key (relative to its section) and the reason; `also`: the other
-    keys a cross-field check involves, so that the error can name whoever set any of them."""
-
-    def __init__(self, key: str, reason: str, also: tuple[str, ...] = ()):
-        super().__init__(f"{key}: {reason}")
-        self.key, self.reason, self.also = key, reason, tuple(also)
 
 
 def doc(default: Any, text: str) -> Any:
@@ -422,140 +418,6 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building dataclasses from TOML tables, with type checks
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (int -> float, tables -> dataclasses)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(value, inner[0], key)
-        for alternative in inner:  # bool | str: the first that takes the value
-            try:
-                return _convert(value, alternative, key)
-            except ConfigValueError:
-                pass
-        names = {bool: "true, false", int: "an integer", float: "a number", str: "a string"}
-        first, last = ", ".join(names.get(a, _type_name(a)) for a in inner).rsplit(", ", 1)
-        raise ConfigValueError(key, f"expected {first} or {last}, got {value!r}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigValueError(key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigValueError(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigValueError(key, f"expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigValueError(key, f"expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigValueError(key, f"expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigValueError(key, f"expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigValueError(key, f"expected a table, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigValueError(key, f"expected a table, got {value!r}")
-        return build(tp, value, key)
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
-
-
-_ALIASES = {"class": "cls"}  # TOML keys that are Python keywords
-
-
-def did_you_mean(name: str, known: list[str]) -> str:
-    """'; did you mean "steps"?' for the closest known name, or nothing when none is close."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _fields(cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The keyword arguments of dataclass `cls` from a TOML table: unknown keys and wrong types raise, values are
-    converted; no `__post_init__` checks yet. Errors carry the dotted key under `prefix`."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for raw_key, value in table.items():
-        name = _ALIASES.get(raw_key, raw_key)
-        dotted = f"{prefix}.{raw_key}" if prefix else raw_key
-        if name not in names:
-            valid = sorted({k for k, v in _ALIASES.items() if v in names} | names - set(_ALIASES.values()))
-            suggestion = did_you_mean(raw_key, valid)
-            raise ConfigValueError(dotted, f"unknown key{suggestion} (valid keys: {', '.join(valid)})")
-        kwargs[name] = _convert(value, hints[name], dotted)
-    return kwargs
-
-
-def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass `cls` from a TOML table; errors carry the dotted key under `prefix`."""
-    kwargs = _fields(cls, table, prefix)
-    try:
-        return cls(**kwargs)
-    except ConfigValueError as e:
-        if e.key.startswith(prefix + ".") or not prefix:
-            raise
-        raise ConfigValueError(f"{prefix}.{e.key}", e.reason, tuple(f"{prefix}.{k}" for k in e.also)) from None
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """`over` merged into a copy of `base`, table by table; `over`'s values are copied (a preset stays unchanged
-    when a --set later writes into the merged table)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def _set_dotted(table: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = table
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigValueError(dotted, f"'{p}' is not a table")
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`section.key=value`; the value is read as TOML (numbers, true/false, [lists], "strings"), else as a string."""
-    if "=" not in text:
-        raise ConfigValueError(text, "an override must look like section.key=value")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    if "." not in key:
-        raise ConfigValueError(key, "an override key needs a section, like training.steps")
-    if "[" in key:  # masking.rules[0].p: a --set names a key; a list is set whole
-        whole = key.split("[", 1)[0]
-        raise ConfigValueError(key, f"a --set cannot index into a list; set the whole list, e.g. {whole}=[...]")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
-
-
 def find_config(name: str) -> Path:
     """A config path, or a bare name looked up in ./configs/ and in the installed package's configs."""
     path = Path(name)
@@ -610,7 +472,7 @@ def load_config(name: str | None = None, mode: str | None = None,
         if mode not in modes:
             raise ConfigError(f"--mode {mode}: mode: unknown mode {mode!r} (known: {', '.join(sorted(modes))})")
         preset = modes[mode]
-        table = _merge(table, preset)
+        table = merge(table, preset)
         keys = [f"{sec}.{k}" for sec, keys in preset.items() for k in keys]
         if mode in file_modes:
             from_file_preset.update(keys)
@@ -619,7 +481,7 @@ def load_config(name: str | None = None, mode: str | None = None,
     for text in overrides:
         try:
             key, value = parse_override(text)
-            _set_dotted(table, key, value)
+            set_dotted(table, key, value)
         except ConfigValueError as e:
             raise ConfigError(f"--set {text}: {e.key}: {e.reason}") from None
         for k in [k for k in origin if k == key or _inside(k, key)]:
@@ -729,30 +591,13 @@ def _check_modes(file_modes: Any) -> None:
         for section, keys in preset.items():
             if not isinstance(keys, dict):
                 raise ConfigValueError(f"modes.{name}.{section}", f"expected a table of {section} keys, got {keys!r}")
-            _fields(SECTIONS[section], keys, f"modes.{name}.{section}")
-
-
-def to_dict(cfg: Any) -> Any:
-    """A plain dict (TOML-serialisable, None dropped) of a config dataclass."""
-    if dataclasses.is_dataclass(cfg):
-        out = {}
-        for f in dataclasses.fields(cfg):
-            v = getattr(cfg, f.name)
-            if v is None:
-                continue
-            out["class" if f.name == "cls" else f.name] = to_dict(v)
-        return out
-    if isinstance(cfg, (list, tuple)):  # tuples from Python callers (bert_split=(0.8, 0.1, 0.1)) read as TOML arrays
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
+            fields_of(SECTIONS[section], keys, f"modes.{name}.{section}")
 
 
 def to_toml(cfg: Config) -> str:
     """Serialise the sections of a Config back to TOML (enough for our value types)."""
     lines: list[str] = [f"# resolved from {cfg.source}"]
-    value = _toml_value
+    value = toml_value
     for section in SECTIONS:
         table = to_dict(getattr(cfg, section))
         lines.append(f"\n[{section}]")
@@ -761,38 +606,12 @@ def to_toml(cfg: Config) -> str:
             if isinstance(v, list) and v and isinstance(v[0], dict):
                 tables_of_lists[k] = v
             else:
-                lines.append(f"{_key(k)} = {value(v)}")
+                lines.append(f"{toml_key(k)} = {value(v)}")
         for k, rows in tables_of_lists.items():
             for row in rows:
                 lines.append(f"\n[[{section}.{k}]]")
-                lines += [f"{_key(rk)} = {value(rv)}" for rk, rv in row.items()]
+                lines += [f"{toml_key(rk)} = {value(rv)}" for rk, rv in row.items()]
     return "\n".join(lines) + "\n"
-
-
-def _toml_value(v: Any) -> str:
-    """A value of a config field (after to_dict) as TOML."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return _string(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    return repr(v)
-
-
-_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
-
-
-def _string(s: str) -> str:
-    """A TOML basic string: backslash, quote and the control characters U+0000-U+001F and U+007F escaped."""
-    return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if c < " " or c == "\x7f" else c) for c in s) + '"'
-
-
-def _key(k: str) -> str:
-    """A TOML key: bare where the spec allows it (ASCII letters, digits, _ and -), else a quoted basic string."""
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _string(k)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
@@ -806,7 +625,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
             out += describe(hints[f.name], f.name)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = "(unset)" if default is None else _toml_value(to_dict(default))  # TOML, as the file would say it
+        shown = "(unset)" if default is None else toml_value(to_dict(default))  # TOML, as the file would say it
         out.append(f"{prefix}.{f.name} = {shown}  # {f.metadata.get('doc', '')}")
     return out
 

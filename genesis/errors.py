@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -21,6 +22,19 @@ class RunError(GenesisError):
     """A problem with the run directory, the checkpoint or the launch, phrased as one line."""
 
 
+class ConfigError(GenesisError):
+    """A configuration problem, already phrased as one line: `<file>: <key>: <reason>`."""
+
+
+class ConfigValueError(GenesisError, ValueError):
+    """Raised by `__post_init__` validators: the key (relative to its section) and the reason; `also`: the other
+    keys a cross-field check involves, so that the error can name whoever set any of them."""
+
+    def __init__(self, key: str, reason: str, also: tuple[str, ...] = ()):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason, self.also = key, reason, tuple(also)
+
+
 ERROR_EXIT = 2  # a command line's status for a GenesisError or an OSError
 
 
@@ -33,12 +47,26 @@ def error_line(e: BaseException) -> str:
 
 def run_cli(body: Callable[[], int], say: Callable[[str], None] | None = None) -> int:
     """`body()`'s status; a GenesisError or an OSError it raises is said in one line (on stderr, or through `say`),
-    with status ERROR_EXIT. Interrupts and other exceptions go on to the caller."""
+    with status ERROR_EXIT. Interrupts, a broken pipe (the reader gone: the caller decides what to say) and other
+    exceptions go on to the caller."""
     try:
         return body()
+    except BrokenPipeError:
+        raise
     except (GenesisError, OSError) as e:
         (say or (lambda line: print(line, file=sys.stderr)))(error_line(e))
         return ERROR_EXIT
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, as a shell reports a reader that left
+
+
+def reader_gone() -> int:
+    """After a BrokenPipeError (`... | head` has read enough): stdout goes to /dev/null, so the interpreter's own
+    flush at exit raises nothing more; the status is BROKEN_PIPE_EXIT."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return BROKEN_PIPE_EXIT
 
 
 FULL_BELOW = 64 * 1024  # bytes free under which a failed write is put down to a full disk

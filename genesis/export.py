@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from genesis.errors import GenesisError, run_cli
 from genesis.lexicon import CLASSES
 from genesis.model import Llama, ModelArgs
 from genesis.tokenizer import PAD_NAMES, find_mask_id
@@ -43,7 +44,7 @@ BLOCK_NAMES = {
 FP32_TOLERANCE = 1e-4  # an fp32 export whose logits differ by more is refused (the tests hold it to 1e-5)
 
 
-class ExportError(ValueError):
+class ExportError(GenesisError, ValueError):
     """A run that cannot be exported, or an --out that cannot be written, phrased as one line."""
 
 
@@ -198,10 +199,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from genesis.config import ConfigError
-    from genesis.runs import RunError
-    from genesis.tokenizer import TokenizerError
-
     args = parse_args(argv)
     try:
         from transformers.utils import logging as hf_logging
@@ -209,14 +206,11 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()  # its load and save bars would be the command's only other output
     except ImportError:
         pass  # export_run says what to install
-    try:
-        summary = export_run(args.checkpoint, args.out, args.dtype)
-    except (ExportError, RunError, ConfigError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    summary = export_run(args.checkpoint, args.out, args.dtype)
     head = " (+ class head)" if summary["class_head"] else ""
     print(f"exported {summary['checkpoint']} (step {summary['step']}) to {summary['out']} as {summary['dtype']}{head}: "
           f"{', '.join(summary['files'])}")

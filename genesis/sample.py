@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genesis.errors import GenesisError
+from genesis.errors import GenesisError, reader_gone, run_cli
 from genesis.model import Llama
 
 
@@ -99,15 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from genesis.config import ConfigError
-    from genesis.evaluate.run import EvalError, load_run, resolve_device
-    from genesis.masking import MaskingError
-    from genesis.runs import RunError
-    from genesis.tokenizer import TokenizerError
+    from genesis.evaluate.run import load_run, resolve_device
 
     args = parse_args(argv)
     settings = SampleSettings(args.max_tokens, args.temperature, args.top_k, args.seed)
-    try:
+    def body() -> int:
         settings.check()
         if args.n < 1:
             raise SampleError(f"-n {args.n}: must be >= 1")
@@ -127,14 +123,14 @@ def main(argv=None) -> int:
         for i, row in enumerate(samples.tolist(), 1):
             print(f"--- sample {i}")
             print(run.tokenizer.decode(row, skip_special_tokens=False))
-    except (SampleError, EvalError, RunError, ConfigError, TokenizerError, MaskingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 0
+
+    try:
+        return run_cli(body)
     except BrokenPipeError:  # `| head`: the reader is gone
-        return 141
+        return reader_gone()
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

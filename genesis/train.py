@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ import torch
 from genesis import console
 from genesis.config import Config, ConfigError, check_config, describe, load_config, to_dict, to_toml
 from genesis.console import Progress, first_line, log, warn
-from genesis.corpus import CorpusError
 from genesis.curriculum import Curriculum
 from genesis.data import SPLITS, Corpus, TokenSplit, get_batch, prepare
 from genesis.device import autocast, keep_freed_memory, set_threads, training_device, use_compile
@@ -53,7 +51,7 @@ from genesis.distributed import (
     stop_vote,
     world_from_env,
 )
-from genesis.errors import write_failure
+from genesis.errors import reader_gone, run_cli, write_failure
 from genesis.heldout import HeldoutConnectives, evaluate_loss
 from genesis.model import Llama, ModelArgs, build_model, check_memory, out_of_memory
 from genesis.records import HEAD_STATS, eval_record, heads_of, train_record
@@ -76,7 +74,6 @@ from genesis.runs import (
 )
 from genesis.step import NonFiniteError, NonFiniteGuard, accumulate_gradients, head_labels, lr_at, make_optimizer
 from genesis.tensorboard import TensorBoardWriter, check_tensorboard
-from genesis.tokenizer import TokenizerError
 
 
 @dataclass
@@ -624,8 +621,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from genesis.masking import MaskingError
-
     args = parse_args(argv)
     handle_interrupts()
     prefix = error_prefix()  # under torchrun rank 0 speaks for the run
@@ -634,7 +629,7 @@ def main(argv=None) -> int:
         if prefix is not None:
             print(prefix + msg, file=sys.stderr)
 
-    try:
+    def body() -> int:
         cfg = load_config(args.config, args.mode, args.set)
         if args.show_config:
             if prefix == "":
@@ -642,24 +637,19 @@ def main(argv=None) -> int:
                 print("# all keys, with defaults:\n" + "\n".join("# " + line for line in describe()))
                 sys.stdout.flush()
             return 0
-        run_dir = setup_run_dir(cfg, args.out, args.resume)
-        train(cfg, run_dir, resume=args.resume)
-    except (ConfigError, CorpusError, TokenizerError, RunError, MaskingError) as e:
-        say(f"error: {e}")
-        return 2
+        train(cfg, setup_run_dir(cfg, args.out, args.resume), resume=args.resume)
+        return 0
+
+    try:
+        return run_cli(body, say)
     except BrokenPipeError:  # `--show-config | head`: the reader is gone; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if not args.show_config:
             say("error: standard output was closed (broken pipe): training stopped")
-        return 141
-    except OSError as e:  # a cache or run directory that cannot be written, a full disk
-        say(f"error: {e.filename or ''}: {e.strerror or e}")
-        return 2
+        return reader_gone()
     except (Interrupted, KeyboardInterrupt) as e:
         if not getattr(e, "checkpoint_saved", False):
             say("interrupted before the first training step: nothing to save; run the same command again")
         return 128 + e.signum if isinstance(e, Interrupted) else 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from genesis.config import ConfigError
-from genesis.corpus import CorpusError
 from genesis.device import flushed_denormals
 from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
-from genesis.evaluate import DEFAULT_CONTEXT_K, EvalError, resolve_device
-from genesis.runs import RunError
-from genesis.tokenizer import TokenizerError
+from genesis.errors import reader_gone, run_cli
+from genesis.evaluate import DEFAULT_CONTEXT_K, resolve_device
 
 from .data import ReportData, reportable
 from .figures import write_report_figures
@@ -73,7 +70,8 @@ def main(argv=None) -> int:
 
 def _main(args: argparse.Namespace, command: str) -> int:
     t0 = time.time()
-    try:
+
+    def body() -> int:
         refuse_several_processes("python -m genesis.compare")
         if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
             raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
@@ -102,19 +100,18 @@ def _main(args: argparse.Namespace, command: str) -> int:
             print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (their train.log is shown above; the "
                   f"report leaves out {', '.join(missing)}); rerun the same command to retry them", file=sys.stderr)
             return 1
-    except (CompareError, ConfigError, CorpusError, TokenizerError, RunError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return 0
+
+    try:
+        return run_cli(body)
+    except BrokenPipeError:  # `| head` or a closed log: finished runs are kept, as on an interrupt
+        return reader_gone()
     except Interrupted as e:
         print(f"\ninterrupted ({e}): finished runs are kept; rerun the same command to continue", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are kept; rerun the same command to continue", file=sys.stderr)
         return 130
-    return 0
 
 
 def leave(code: int) -> None:

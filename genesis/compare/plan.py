@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from genesis.config import load_config, to_dict, to_toml
+from genesis.errors import GenesisError
 from genesis.evaluate import write_json
 from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint
 
@@ -41,7 +42,7 @@ DEFAULTS = {"config": "cpu.toml", "strategies": ",".join(STRATEGIES), "seeds": "
 RUN_OVERRIDES = ("training.eval_every=0",)  # applied to every run before the user's --set, so --set can undo them
 
 
-class CompareError(Exception):
+class CompareError(GenesisError):
     """A problem with the comparison's settings or its output directory, phrased as one line."""
 
 

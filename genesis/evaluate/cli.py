@@ -18,18 +18,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from genesis.config import ConfigError
 from genesis.console import note
-from genesis.corpus import CorpusError
 from genesis.device import flushed_denormals
 from genesis.distributed import refuse_several_processes
-from genesis.evaluate.lm_eval_task import TaskExportError, export_task
+from genesis.errors import reader_gone, run_cli
+from genesis.evaluate.lm_eval_task import export_task
 from genesis.evaluate.pipeline import evaluate_checkpoint
 from genesis.evaluate.report import format_tables, write_json, write_plots
 from genesis.evaluate.run import EvalError
 from genesis.evaluate.scorers import DEFAULT_BATCH_TOKENS, DEFAULT_CONTEXT_K
-from genesis.runs import RunError
-from genesis.tokenizer import TokenizerError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +61,7 @@ def main(argv=None) -> int:
 
 
 def _main(args: argparse.Namespace, argv) -> int:
-    try:
+    def body() -> int:
         refuse_several_processes("python -m genesis.evaluate")
         if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1 or args.context_k < 1:
             raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens and --context-k >= 1")
@@ -85,15 +82,14 @@ def _main(args: argparse.Namespace, argv) -> int:
         write_json(result, json_path)
         print(format_tables(result))
         print(f"\nwrote {json_path}" + "".join(f"\nwrote {p}" for p in plots))
-    except (ConfigError, CorpusError, TokenizerError, RunError, EvalError, TaskExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return 0
+
+    try:
+        return run_cli(body)
+    except BrokenPipeError:  # `| head`: the reader is gone
+        return reader_gone()
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 def _write_lm_eval_task(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from genesis.console import note
+from genesis.errors import GenesisError
 from genesis.evaluate.items import VERSE_SEPARATOR, ClozeSet, candidate_texts, cased_like
 from genesis.evaluate.pipeline import build_items
 from genesis.evaluate.run import load_run, model_max_len
@@ -38,7 +39,7 @@ TASK_PREFIX = "genesis_cloze"
 TASK_SETS = ("all", "conjunctive")  # pipeline.SETS: every item, and the slots where the word is a connective
 
 
-class TaskExportError(ValueError):
+class TaskExportError(GenesisError, ValueError):
     """A task directory that cannot be written, phrased as one line."""
 
 

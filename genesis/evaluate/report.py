@@ -154,18 +154,32 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     nt, sc = result["next_token"], result["cloze"]["scorers"]
     title_tail = f"{result['corpus']} {result['split']}, step {result['step']}"
-    paths = []
+    series = [("next token (model)", nt), ("cloze, whole verse (model)", sc["model_verse"]),
+              ("cloze, suffix only (model)", sc["model_suffix"]), ("cloze, KN trigram", sc["kn3_verse"]),
+              ("cloze, majority", sc["majority"])]
+    paths = [plot_hardest_connectives(plt, result, out_dir / "hardest_connectives.png", min_items),
+             _plot_clause_length(plt, result, series, out_dir / "accuracy_by_clause_length.png", title_tail),
+             _plot_confusion(plt, result, out_dir / "confusion.png", title_tail),
+             _plot_genre(plt, result, series, out_dir / "accuracy_by_genre.png", title_tail)]
+    if "class_head" in result:
+        paths.append(_plot_class_head(plt, result["class_head"], out_dir / "class_head_confusion.png", title_tail))
+    return paths
 
-    paths.append(plot_hardest_connectives(plt, result, out_dir / "hardest_connectives.png", min_items))
 
-    # accuracy vs clause length; each series a little apart on x, so the intervals do not hide each other
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_clause_length(plt, result: dict[str, Any], series: list, path: Path, title_tail: str) -> Path:
+    """Accuracy vs clause length; each series a little apart on x, so the intervals do not hide each other."""
+    nt, sc = result["next_token"], result["cloze"]["scorers"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     buckets = [b for b in CLAUSE_LABELS if b in sc["model_verse"]["breakdowns"]["clause_length"]
                or b in nt["breakdowns"]["clause_length"]]
     x = np.arange(len(buckets))
-    series = [("next token (model)", nt), ("cloze, whole verse (model)", sc["model_verse"]),
-              ("cloze, suffix only (model)", sc["model_suffix"]), ("cloze, KN trigram", sc["kn3_verse"]),
-              ("cloze, majority", sc["majority"])]
     shift = 0.05 * (np.arange(len(series)) - (len(series) - 1) / 2)
     for k, (label, metric) in enumerate(series):
         values, counts = _group_values(metric, "clause_length", buckets)
@@ -180,12 +194,11 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
     ax.set_title(f"Accuracy vs clause length — {title_tail}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy_by_clause_length.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
-    # confusion matrix, row-normalised, over the connectives that occur as answers or predictions
+
+def _plot_confusion(plt, result: dict[str, Any], path: Path, title_tail: str) -> Path:
+    """The cloze confusion matrix, row-normalised, over the connectives that occur as answers or predictions."""
     labels = result["cloze"]["confusion"]["labels"]
     matrix = np.array(result["cloze"]["confusion"]["matrices"]["model_verse"])
     used = np.flatnonzero((matrix.sum(axis=1) > 0) | (matrix.sum(axis=0) > 0))
@@ -202,12 +215,11 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
     ax.set_ylabel("true connective (items)")
     ax.set_title(f"Cloze confusion, rows normalised — {title_tail}")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
-    fig.tight_layout()
-    paths.append(out_dir / "confusion.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
-    # genre
+
+def _plot_genre(plt, result: dict[str, Any], series: list, path: Path, title_tail: str) -> Path:
+    sc = result["cloze"]["scorers"]
     genres = list(sc["model_verse"]["breakdowns"]["genre"])
     fig, ax = plt.subplots(figsize=(10, 4.5))
     x = np.arange(len(genres))
@@ -224,33 +236,27 @@ def write_plots(result: dict[str, Any], out_dir: Path, min_items: int = 20) -> l
     ax.set_title(f"Accuracy by genre — {title_tail}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy_by_genre.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
-    if "class_head" in result:  # the class head's confusion matrix, row-normalised
-        head = result["class_head"]
-        matrix = np.array(head["confusion"]["matrix"])
-        rows = matrix.sum(axis=1, keepdims=True)
-        norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-        fig, ax = plt.subplots(figsize=(6.5, 5))
-        image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        labels = head["labels"]
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_yticks(range(len(labels)), [f"{c} ({int(round(r))})" for c, r in zip(labels, rows[:, 0])])
-        for (i, j), share in np.ndenumerate(norm):
-            ax.text(j, i, f"{100 * share:.0f}%", ha="center", va="center", color="white" if share > 0.5 else "black")
-        ax.set_xlabel("predicted class (class head)")
-        ax.set_ylabel("true class (held-out connectives)")
-        ax.set_title(f"Class head: {100 * head['model']['accuracy']:.1f}% (majority "
-                     f"{100 * head['majority_class']['accuracy']:.1f}%) — {title_tail}", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
-        fig.tight_layout()
-        paths.append(out_dir / "class_head_confusion.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+
+def _plot_class_head(plt, head: dict[str, Any], path: Path, title_tail: str) -> Path:
+    """The class head's confusion matrix, row-normalised."""
+    matrix = np.array(head["confusion"]["matrix"])
+    rows = matrix.sum(axis=1, keepdims=True)
+    norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    labels = head["labels"]
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), [f"{c} ({int(round(r))})" for c, r in zip(labels, rows[:, 0])])
+    for (i, j), share in np.ndenumerate(norm):
+        ax.text(j, i, f"{100 * share:.0f}%", ha="center", va="center", color="white" if share > 0.5 else "black")
+    ax.set_xlabel("predicted class (class head)")
+    ax.set_ylabel("true class (held-out connectives)")
+    ax.set_title(f"Class head: {100 * head['model']['accuracy']:.1f}% (majority "
+                 f"{100 * head['majority_class']['accuracy']:.1f}%) — {title_tail}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    return _save(plt, fig, path)
 
 
 def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:

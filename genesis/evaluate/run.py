@@ -15,12 +15,13 @@ from tokenizers import Tokenizer
 from genesis.config import SECTIONS, Config, ConfigError, ConfigValueError, MaskingConfig, build
 from genesis.device import DeviceError
 from genesis.device import resolve_device as resolve_any_device
+from genesis.errors import GenesisError
 from genesis.masking import connectives_of
 from genesis.runs import CHECKPOINT, RunError, check_sections, load_model
 from genesis.tokenizer import load_tokenizer_file
 
 
-class EvalError(Exception):
+class EvalError(GenesisError):
     """A problem with the run directory or the evaluation settings, phrased as one line."""
 
 

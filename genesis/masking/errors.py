@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from genesis.errors import GenesisError
 
-class MaskingError(ValueError):
+
+class MaskingError(GenesisError, ValueError):
     """Bad input to the masker (an argument, a shape, dtype, id or device), phrased as one line that names it."""
 
 
