@@ -131,7 +131,7 @@ class ModelConfig:
                                   "hidden state, trained only at masked positions; needs masking.enabled")
     link_head: bool = doc(False, "a head naming each masked connective (its lexicon word) at its readout position, "
                                  "after what it links; needs masking.enabled and masking.readout")
-    link_readout: str = doc("stop", "link_head: what it reads, 'stop' (the state at the readout position) or 'span' "
+    link_readout: str = doc("span", "link_head: what it reads, 'stop' (the state at the readout position) or 'span' "
                                     "(the mean over the consequent); docs/training.md#the-link-head")
 
     def __post_init__(self):

@@ -38,7 +38,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     n_classes: int = 0  # connective classes of the classification head; 0: no head (checkpoints before it had none)
     link_words: int = 0  # lexicon words the link head names (the masker's lexicon entries); 0: no link head
-    link_readout: str = "stop"  # what the link head reads (genesis.link.link_features)
+    link_readout: str = "span"  # what the link head reads (genesis.link.link_features)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int, link_words: int = 0) -> ModelArgs:

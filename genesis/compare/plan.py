@@ -33,7 +33,7 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
 BASELINE = next(iter(STRATEGIES))
 
 
-# CPU defaults, sized for a 2-core machine (denormals flushed, see main): 8 strategies x 3 seeds of 120 cpu.toml
+# CPU defaults, sized for a 2-core machine (denormals flushed, see main): 9 strategies x 3 seeds of 120 cpu.toml
 # steps, each evaluated at every held-out slot and on 300 cloze items, each with up to 3 preceding verses of its
 # chapter (so "Therefore" follows what it concludes). Held-out loss is evaluated once, at the end
 # (training.eval_every=0). More steps, seeds or items: pass them, and expect proportionally longer.
