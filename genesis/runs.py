@@ -146,6 +146,17 @@ def flat_settings(config: dict, source: str | os.PathLike = "the config") -> dic
     return {**defaults, **_flatten({k: config[k] for k in sections if k in config})}
 
 
+# keys a run never reads while their switch is off: a run trained without a head is the same run whatever they say,
+# so a default changed since (model.link_readout's) neither blocks a resume nor makes a comparison retrain it
+UNREAD_WITHOUT = {"model.link_readout": "model.link_head", "training.link_loss_weight": "model.link_head",
+                  "training.class_loss_weight": "model.class_head"}
+
+
+def unread_keys(was: dict, now: dict) -> set[str]:
+    """The keys of UNREAD_WITHOUT whose switch is off in both flat configs (flat_settings)."""
+    return {key for key, switch in UNREAD_WITHOUT.items() if not was.get(switch) and not now.get(switch)}
+
+
 def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1, processes: int = 1) -> list[str]:
     """Lines naming the settings a resumed run changes (those in RESUME_MAY_CHANGE); a RunError naming every other
     setting that differs from the checkpoint's config.
@@ -154,7 +165,8 @@ def resume_changes(saved: dict, now: dict, path: Path, saved_processes: int = 1,
     stays the same: micro-batch j of a step is the same data and the same masks whichever process takes it."""
     was, new = flat_settings(saved, path), flat_settings(now)
     was["processes"], new["processes"] = saved_processes, processes
-    changed = sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k))
+    unread = unread_keys(was, new)
+    changed = sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k) and k not in unread)
     accum = "training.grad_accum"
     same_step = was.get(accum, 1) * saved_processes == new.get(accum, 1) * processes
     refused = [k for k in changed if k not in RESUME_MAY_CHANGE and not (k in ("processes", accum) and same_step)]

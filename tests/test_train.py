@@ -583,6 +583,20 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default():
         trainer.resume_changes(saved, head, CHECKPOINT)
 
 
+def test_a_head_setting_is_no_change_while_its_head_is_off():
+    """model.link_readout, training.link_loss_weight and training.class_loss_weight are read only with their head:
+    a run without it resumes (and genesis.compare reuses it) whatever they say, e.g. after a default changed; with
+    the head on, a change is refused."""
+    from genesis.config import to_dict
+
+    saved = to_dict(small_config("model.link_readout=stop", "training.class_loss_weight=0.5"))
+    assert trainer.resume_changes(saved, to_dict(small_config("model.link_readout=span")), CHECKPOINT) == []
+    link = ("masking.enabled=true", "masking.readout=true", "model.link_head=true")
+    saved = to_dict(small_config(*link, "model.link_readout=stop"))
+    with pytest.raises(trainer.RunError, match=r"model.link_readout 'stop' -> 'span'"):
+        trainer.resume_changes(saved, to_dict(small_config(*link, "model.link_readout=span")), CHECKPOINT)
+
+
 def test_class_head_trains_at_masked_positions_and_is_measured_on_heldout(tmp_path, capsys):
     """`model.class_head = true`: each step's record and line carry the head's loss and accuracy at the masked
     tokens, each evaluation the head's on the held-out windows masked at a fixed step (the same tokens every

@@ -14,7 +14,7 @@ from typing import Any
 from genesis.config import load_config, to_dict, to_toml
 from genesis.errors import GenesisError
 from genesis.evaluate import write_json
-from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint
+from genesis.runs import CHECKPOINT, RunError, flat_settings, read_checkpoint, unread_keys
 
 # name -> the overrides that define it. The first entry is the baseline every other strategy is tested against.
 STRATEGIES: dict[str, tuple[str, ...]] = {
@@ -121,15 +121,15 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _same_settings(saved: dict, cfg, source: Path) -> bool:
-    """Whether a config dict saved by an earlier invocation describes `cfg`'s run: the same value for every key, a
-    key it lacks counting as that key's default (added to Genesis since; the run had the default). A CompareError
-    if the saved dict is damaged."""
-    ignore = {"training.out_dir"}
+    """Whether a config dict saved by an earlier invocation describes `cfg`'s run: the same value for every key it
+    reads, a key it lacks counting as that key's default (added to Genesis since; the run had the default). A
+    CompareError if the saved dict is damaged."""
     try:
         was = flat_settings(saved, source)
     except RunError as e:
         raise CompareError(f"{e}; remove the run directory or use another --out") from None
     now = flat_settings(to_dict(cfg))
+    ignore = {"training.out_dir"} | unread_keys(was, now)
     return {k: v for k, v in was.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
 
 
