@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from genesis.config import ConnectiveEntry, MaskingConfig
+from genesis.errors import InputError
 
 CALIBRATION_STEPS = 4  # reference draws over the whole split: ~0.4% relative noise on the KJV's ~900k tokens
 CALIBRATION_ROWS = 256  # rows masked per call while calibrating (bounds the memory of the masker's outputs)
@@ -118,7 +119,7 @@ def calibration_rows(tokens: np.ndarray, verse_start: np.ndarray | None, seq_len
     """The split as whole rows of seq_len tokens (the tail that does not fill a row is left out)."""
     n = len(tokens) // seq_len * seq_len
     if n == 0:
-        raise ValueError(f"the control arm needs at least seq_len = {seq_len} training tokens (got {len(tokens)})")
+        raise InputError(f"the control arm needs at least seq_len = {seq_len} training tokens (got {len(tokens)})")
     x = torch.from_numpy(np.asarray(tokens[:n]).astype(np.int64)).view(-1, seq_len)
     vs = None if verse_start is None else torch.from_numpy(np.asarray(verse_start[:n]).astype(bool)).view(-1, seq_len)
     return x, vs
@@ -144,14 +145,14 @@ def build_control(cls: type, tokenizer: Any, config: MaskingConfig, tokens: np.n
     from genesis.masking.tables import connectives_of, resolve_lexicon
 
     if config.strategy != "random":
-        raise ValueError(f"the control arm needs strategy = 'random' (got {config.strategy!r})")
+        raise InputError(f"the control arm needs strategy = 'random' (got {config.strategy!r})")
     reference_cfg = dataclasses.replace(config, strategy=config.control_reference, schedule="constant",
                                         adaptive=False, chain=False)
     connectives = connectives_of(config)
     counts = word_counts(tokenizer, tokens)
     pairs = pair_words(counts, list(connectives))
     if not pairs:
-        raise ValueError("no connective of the lexicon occurs in the training tokens: the control arm has no rate "
+        raise InputError("no connective of the lexicon occurs in the training tokens: the control arm has no rate "
                          "to match and no frequencies to match its words to")
     entries = {word: ConnectiveEntry(weight=1.0, cls=connectives[connective][1])
                for connective, (word, _, _) in pairs.items()}

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from genesis.config import Config, ConfigError, DataConfig, cache_root
 from genesis.corpus import CorpusError, Verse, corpus_hash, load_corpus
-from genesis.errors import as_disk_full, write_failure
+from genesis.errors import InputError, as_disk_full, write_failure
 from genesis.tokenizer import TokenizerError, get_tokenizer, tokenizer_hash
 
 CACHE_FORMAT = "tokens-v2"  # bump when the cache layout or the text joining changes (v2: checksums)
@@ -132,7 +132,7 @@ def _smallest_uint(largest: int, smallest=np.uint8):
     for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
         if np.dtype(dtype).itemsize >= np.dtype(smallest).itemsize and largest <= np.iinfo(dtype).max:
             return dtype
-    raise ValueError(f"{largest} does not fit an unsigned 64-bit integer")
+    raise InputError(f"{largest} does not fit an unsigned 64-bit integer")
 
 
 @dataclass
@@ -341,7 +341,7 @@ def window_starts(n_tokens: int, seq_len: int, batch_size: int, seed: int, step:
                   micro: int = 0) -> np.ndarray:
     """Window starts for one micro-batch: a pure function of (seed, step, rank, micro-step)."""
     if n_tokens < seq_len + 1:
-        raise ValueError(f"split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise InputError(f"split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, rank, micro, 0x6E5])))
     return rng.integers(0, n_tokens - seq_len, size=batch_size)
 
@@ -367,5 +367,5 @@ def eval_starts(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
     """Evenly spaced windows over a split (deterministic; covers it when n_windows * seq_len >= n_tokens)."""
     last = n_tokens - seq_len - 1
     if last < 0:
-        raise ValueError(f"split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise InputError(f"split has {n_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     return np.unique(np.linspace(0, last, num=n_windows).round().astype(np.int64))

@@ -18,6 +18,11 @@ class GenesisError(Exception):
     """A problem the user can act on, phrased as one line: every command line prints it as `error: <line>`."""
 
 
+class InputError(GenesisError, ValueError):
+    """A bad argument to one of Genesis's functions (a sequence longer than the model's, an unknown option, a
+    connective table that does not parse), phrased as one line; also a ValueError, as Python's own checks raise."""
+
+
 class RunError(GenesisError):
     """A problem with the run directory, the checkpoint or the launch, phrased as one line."""
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from genesis.errors import InputError
 from genesis.tokenizer import as_tokenizers, find_pad_id, special_ids
 
 # PDTB's top-level senses: Contingency, Comparison, Expansion, Temporal. The class id is the index; the class head
@@ -341,18 +342,18 @@ def check_connectives(connectives: Mapping[str, tuple[float, str]]) -> dict[str,
     for raw_word, value in connectives.items():
         word = str(raw_word).strip().lower()
         if not re.fullmatch(r"\w+", word):
-            raise ValueError(f"connective {raw_word!r}: must be a single word (letters, digits, underscore)")
+            raise InputError(f"connective {raw_word!r}: must be a single word (letters, digits, underscore)")
         if word in checked:
-            raise ValueError(f"connective {raw_word!r}: given twice (words are case-insensitive)")
+            raise InputError(f"connective {raw_word!r}: given twice (words are case-insensitive)")
         try:
             weight, cls = value
             weight = float(weight)
         except (TypeError, ValueError):
-            raise ValueError(f"connective {word!r}: expected (weight, class), got {value!r}") from None
+            raise InputError(f"connective {word!r}: expected (weight, class), got {value!r}") from None
         if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
-            raise ValueError(f"connective {word!r}: weight must be in [0, 1] (got {weight})")
+            raise InputError(f"connective {word!r}: weight must be in [0, 1] (got {weight})")
         if cls not in CLASSES:
-            raise ValueError(f"connective {word!r}: unknown class {cls!r} (expected one of {', '.join(CLASSES)})")
+            raise InputError(f"connective {word!r}: unknown class {cls!r} (expected one of {', '.join(CLASSES)})")
         checked[word] = (weight, cls)
     return checked
 

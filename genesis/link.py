@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from genesis.config import LINK_READOUTS
+from genesis.errors import InputError
 
 
 def link_features(h: torch.Tensor, readout_start: torch.Tensor, readout: str) -> torch.Tensor:
@@ -21,7 +22,7 @@ def link_features(h: torch.Tensor, readout_start: torch.Tensor, readout: str) ->
     if readout == "stop":
         return h
     if readout != "span":
-        raise ValueError(f"link readout must be one of {', '.join(LINK_READOUTS)} (got {readout!r})")
+        raise InputError(f"link readout must be one of {', '.join(LINK_READOUTS)} (got {readout!r})")
     B, T, C = h.shape
     sums = F.pad(torch.cumsum(h.float(), dim=1), (0, 0, 1, 0))  # sums[:, j] = h[:, :j].sum(1), (B, T + 1, C)
     end = torch.arange(1, T + 1, device=h.device).expand(B, T)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from genesis.config import Config, ConfigError, ModelConfig
+from genesis.errors import InputError
 from genesis.flags import IGNORE_INDEX
 from genesis.lexicon import CLASSES
 from genesis.link import link_features
@@ -226,7 +227,7 @@ class Llama(nn.Module):
         """Final normalised hidden states (B, T, C) for token ids (B, T)."""
         T = idx.size(1)
         if T > self.args.seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.args.seq_len}")
+            raise InputError(f"sequence length {T} exceeds the model's seq_len {self.args.seq_len}")
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -254,11 +255,11 @@ class Llama(nn.Module):
         heads = [None]
         if classes is not None:
             if self.class_head is None:
-                raise ValueError("classes given, but this model has no class head (model.class_head = false)")
+                raise InputError("classes given, but this model has no class head (model.class_head = false)")
             heads[0] = class_loss(self.class_head(h), classes)  # (B, T, K) logits: K x C per token, cheap
         if readout is not None:
             if self.link_head is None or readout_start is None:
-                raise ValueError("readout given, but this model has no link head (model.link_head = false)"
+                raise InputError("readout given, but this model has no link head (model.link_head = false)"
                                  if self.link_head is None else "readout given without readout_start")
             heads.append(class_loss(self.link_head(link_features(h, readout_start, self.args.link_readout)), readout))
         return logits, loss, *heads
@@ -271,7 +272,7 @@ class Llama(nn.Module):
         `hidden` gives them (causal: a real position never sees the padding after it), and the prefixes' keys and
         values for `continue_prefixes`."""
         if idx.size(1) > self.args.seq_len:
-            raise ValueError(f"prefix length {idx.size(1)} exceeds the model's seq_len {self.args.seq_len}")
+            raise InputError(f"prefix length {idx.size(1)} exceeds the model's seq_len {self.args.seq_len}")
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         x = self.embed(idx)  # (N, P, C)
         for block in self.blocks:
@@ -287,7 +288,7 @@ class Llama(nn.Module):
         P = cache.layers[0][0].size(2)
         lengths = cache.lengths[prefix_of]  # (R,)
         if int(lengths.max()) + 1 > self.args.seq_len:
-            raise ValueError(f"a continuation starts at position {int(lengths.max())}, past the model's seq_len "
+            raise InputError(f"a continuation starts at position {int(lengths.max())}, past the model's seq_len "
                              f"{self.args.seq_len}")
         # right padding may run past the last position: clamped there, it is never read
         positions = (lengths[:, None] + torch.arange(T, device=idx.device)).clamp(max=self.args.seq_len - 1)

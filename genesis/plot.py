@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genesis.errors import GenesisError, run_cli
+from genesis.errors import GenesisError, reader_gone, run_cli
 
 METRICS = "metrics.jsonl"
 # (record kind, key, panel title, y scale): the panels in reading order
@@ -150,7 +150,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: _plot(parse_args(argv)))
+    args = parse_args(argv)
+    try:
+        return run_cli(lambda: _plot(args))
+    except BrokenPipeError:  # `| head`: the reader is gone
+        return reader_gone()
 
 
 def _plot(args: argparse.Namespace) -> int:

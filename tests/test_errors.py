@@ -69,3 +69,4 @@ def test_every_command_line_error_names_the_bad_input_in_one_line(tmp_path, caps
         assert main(argv) == ERROR_EXIT
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0], (main, err)
+

@@ -11,7 +11,8 @@ plus run.json (its settings), train.done (written when training finished) and ev
 (`genesis.evaluate`'s result, written atomically when the evaluation finished, with the step and a hash of the
 weights it measured). Rerunning the same command skips what is done (an eval.json counts as done only while it
 matches the evaluation settings and the checkpoint now in the run directory) and resumes a run whose training was
-interrupted from its checkpoint; a run directory holding other settings is an error, never silently reused. The
+interrupted from its checkpoint; a run directory holding other settings is an error, never silently reused (a
+head's settings count only while the head is on). The
 report goes to OUT/report.md (or --report).
 
 Statistics, per metric: the mean over seeds with a 95% t-interval (seeds are the replicates), on each item set:

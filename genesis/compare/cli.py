@@ -114,6 +114,11 @@ def _main(args: argparse.Namespace, command: str) -> int:
         return 130
 
 
+def script() -> None:
+    """The genesis-compare console script: main, then leave (as `python -m genesis.compare` does)."""
+    leave(main())
+
+
 def leave(code: int) -> None:
     """Exit with `code`. An evaluation still running in its thread (after an interrupt) would have the interpreter
     torn down under it, which aborts in torch's native code ("terminate called without an active exception", status
