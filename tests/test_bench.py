@@ -316,3 +316,28 @@ def test_eval_context_smoke_run_checks_the_prefix_scorer_then_times_every_case(t
         bad = subprocess.run([sys.executable, str(CONTEXT_SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+PROBE_SCRIPT = ROOT / "bench" / "probe_settings.py"
+
+
+def test_probe_settings_refits_the_probe_under_each_limit(tiny_runs, tmp_path):
+    """bench/probe_settings.py on a real (4-step) run: one row per setting, the probe fitted on at most that many
+    training occurrences with at most that many iterations, picks compared with the first setting's; bad input
+    is one line, exit 2."""
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, str(PROBE_SCRIPT), "--checkpoint", str(tiny_runs["tied"]), "--max-items",
+                           "6", "--settings", "20:2,40:50", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    first, second = json.loads(out.read_text())["rows"]
+    assert (first["max_iter"], second["max_iter"]) == (2, 50) and first["iterations"] <= 2
+    assert first["n_train"] <= 20 < second["n_train"] <= 40 and first["picks_changed"] == 0
+    assert 0 <= second["picks_changed"] <= 6 and "| occurrences |" in proc.stdout
+    for args, message in ((["--settings", "2000"], "is not occurrences:iterations"),
+                          (["--settings", "0:5"], "both must be >= 1"),
+                          (["--checkpoint", str(tmp_path / "none")], "error: ")):
+        argv = args if args[0] == "--checkpoint" else ["--checkpoint", str(tiny_runs["tied"]), *args]
+        bad = subprocess.run([sys.executable, str(PROBE_SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

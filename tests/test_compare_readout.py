@@ -144,10 +144,11 @@ def test_the_report_carries_the_link_sections_in_order(tmp_path):
     assert order == sorted(order) and "The bar is **met**." in report
 
 
-def test_an_eval_json_of_format_2_is_evaluated_again(tmp_path):
+def test_an_eval_json_of_an_older_format_is_evaluated_again(tmp_path):
     """reusable_eval trusts an eval.json of this format, of these settings, of the checkpoint now in the run
-    directory; one stamped with format 2 (no link scorers) is evaluated again."""
-    assert compare.EVAL_FORMAT == 3
+    directory; one stamped with format 2 (no link scorers) or 3 (the probe on 2,000 occurrences) is evaluated
+    again."""
+    assert compare.EVAL_FORMAT == 4
     args = compare.parse_args(["--strategies", "none", "--seeds", "1", "--out", str(tmp_path)])
     spec = compare.plan_runs(args)[0]
     spec.run_dir.mkdir(parents=True)
@@ -157,6 +158,7 @@ def test_an_eval_json_of_format_2_is_evaluated_again(tmp_path):
     record = {"compare_settings": compare.eval_settings(args), "checkpoint_identity": identity}
     (spec.run_dir / "eval.json").write_text(json.dumps(record))
     assert compare.reusable_eval(spec, args) == record
-    record["compare_settings"]["eval_format"] = 2
-    (spec.run_dir / "eval.json").write_text(json.dumps(record))
-    assert compare.reusable_eval(spec, args) is None
+    for older in (2, 3):
+        record["compare_settings"]["eval_format"] = older
+        (spec.run_dir / "eval.json").write_text(json.dumps(record))
+        assert compare.reusable_eval(spec, args) is None

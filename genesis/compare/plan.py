@@ -110,9 +110,10 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
 
 
 # What an eval.json holds: 2 = items tagged conjunctive, masked context with the deletion variant; 3 = also the cloze
-# scorers link_probe (every run) and link_head (runs with a link head). An eval.json of another format is evaluated
-# again rather than reported with fields missing.
-EVAL_FORMAT = 3
+# scorers link_probe (every run) and link_head (runs with a link head); 4 = the probe fitted on up to 8,000 training
+# occurrences (3: 2,000). An eval.json of another format is evaluated again rather than reported with fields missing
+# or measured otherwise.
+EVAL_FORMAT = 4
 
 
 def eval_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from genesis.masking import readout_position
 
 LINK_SCORERS = ("link_head", "link_probe")  # their cloze.scorers entries: the head only where the model has one
 PROBE_READOUT = "span"  # a run without a link head reads what model.link_readout's default reads (bench/RESULTS.md)
-PROBE_MAX_TRAIN = 2000  # training occurrences the probe is fitted on, spread evenly over the training split
+PROBE_MAX_TRAIN = 8000  # training occurrences the probe is fitted on, spread evenly over the training split
 PROBE_L2 = 1e-3  # on the mean cross-entropy, over standardised features: loss + PROBE_L2 * ||W||^2 (bias free)
 # L-BFGS stops at this many iterations or a gradient this small (max norm); both settings are checked against more
 # in bench/RESULTS.md (the frozen probe's settings)
