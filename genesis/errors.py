@@ -50,20 +50,23 @@ def error_line(e: BaseException) -> str:
     return f"error: {e}"
 
 
-def run_cli(body: Callable[[], int], say: Callable[[str], None] | None = None) -> int:
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, as a shell reports a reader that left
+
+
+def run_cli(body: Callable[[], int], say: Callable[[str], None] | None = None, broken_pipe: str | None = None) -> int:
     """`body()`'s status; a GenesisError or an OSError it raises is said in one line (on stderr, or through `say`),
-    with status ERROR_EXIT. Interrupts, a broken pipe (the reader gone: the caller decides what to say) and other
-    exceptions go on to the caller."""
+    with status ERROR_EXIT. A broken pipe (`... | head`: the reader left) is BROKEN_PIPE_EXIT, quietly or with the
+    line `broken_pipe`. Interrupts and other exceptions go on to the caller."""
+    speak = say or (lambda line: print(line, file=sys.stderr))
     try:
         return body()
     except BrokenPipeError:
-        raise
+        if broken_pipe:
+            speak(broken_pipe)
+        return reader_gone()
     except (GenesisError, OSError) as e:
-        (say or (lambda line: print(line, file=sys.stderr)))(error_line(e))
+        speak(error_line(e))
         return ERROR_EXIT
-
-
-BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, as a shell reports a reader that left
 
 
 def reader_gone() -> int:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from genesis.errors import GenesisError, reader_gone, run_cli
+from genesis.errors import GenesisError, run_cli
 from genesis.lexicon import CLASSES
 from genesis.model import Llama, ModelArgs
 from genesis.tokenizer import PAD_NAMES, find_mask_id
@@ -206,10 +206,7 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()  # its load and save bars would be the command's only other output
     except ImportError:
         pass  # export_run says what to install
-    try:
-        return run_cli(lambda: _export(args))
-    except BrokenPipeError:  # `| head`: the reader is gone
-        return reader_gone()
+    return run_cli(lambda: _export(args))
 
 
 def _export(args: argparse.Namespace) -> int:

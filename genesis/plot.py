@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genesis.errors import GenesisError, reader_gone, run_cli
+from genesis.errors import GenesisError, run_cli
 
 METRICS = "metrics.jsonl"
 # (record kind, key, panel title, y scale): the panels in reading order
@@ -151,10 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run_cli(lambda: _plot(args))
-    except BrokenPipeError:  # `| head`: the reader is gone
-        return reader_gone()
+    return run_cli(lambda: _plot(args))
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genesis.errors import GenesisError, reader_gone, run_cli
+from genesis.errors import GenesisError, run_cli
 from genesis.model import Llama
 
 
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     settings = SampleSettings(args.max_tokens, args.temperature, args.top_k, args.seed)
+
     def body() -> int:
         settings.check()
         if args.n < 1:
@@ -127,8 +128,6 @@ def main(argv=None) -> int:
 
     try:
         return run_cli(body)
-    except BrokenPipeError:  # `| head`: the reader is gone
-        return reader_gone()
     except KeyboardInterrupt:
         return 130
 

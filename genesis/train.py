@@ -51,7 +51,7 @@ from genesis.distributed import (
     stop_vote,
     world_from_env,
 )
-from genesis.errors import reader_gone, run_cli, write_failure
+from genesis.errors import run_cli, write_failure
 from genesis.heldout import HeldoutConnectives, evaluate_loss
 from genesis.model import Llama, ModelArgs, build_model, check_memory, out_of_memory
 from genesis.records import HEAD_STATS, eval_record, heads_of, train_record
@@ -640,12 +640,10 @@ def main(argv=None) -> int:
         train(cfg, setup_run_dir(cfg, args.out, args.resume), resume=args.resume)
         return 0
 
+    # `--show-config | head`: the reader is gone, nothing more to say; a training run says why it stopped
+    stopped = None if args.show_config else "error: standard output was closed (broken pipe): training stopped"
     try:
-        return run_cli(body, say)
-    except BrokenPipeError:  # `--show-config | head`: the reader is gone; say nothing more
-        if not args.show_config:
-            say("error: standard output was closed (broken pipe): training stopped")
-        return reader_gone()
+        return run_cli(body, say, broken_pipe=stopped)
     except (Interrupted, KeyboardInterrupt) as e:
         if not getattr(e, "checkpoint_saved", False):
             say("interrupted before the first training step: nothing to save; run the same command again")

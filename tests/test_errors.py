@@ -48,13 +48,20 @@ def test_the_body_status_and_other_exceptions_pass_through():
         run_cli(lambda: 1 / 0)
 
 
-def test_a_broken_pipe_goes_to_the_caller():
-    """`... | head`: the reader left; the command decides what to say (train says why it stopped, sample nothing)."""
+def test_a_broken_pipe_is_status_141_quietly_or_with_the_callers_line(monkeypatch):
+    """`... | head`: the reader left; stdout goes to /dev/null (reader_gone, stubbed here: the test's own stdout stays)
+    and the status is 141, with nothing said unless the command has a line for it (train says why it stopped)."""
+    import genesis.errors as errors
+
+    gone = []
+    monkeypatch.setattr(errors, "reader_gone", lambda: gone.append(True) or errors.BROKEN_PIPE_EXIT)
+
     def body():
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
-    with pytest.raises(BrokenPipeError):
-        run_cli(body)
+    said = []
+    assert run_cli(body, said.append) == 141 and said == [] and gone == [True]
+    assert run_cli(body, said.append, broken_pipe="error: stdout closed") == 141 and said == ["error: stdout closed"]
 
 
 def test_every_command_line_error_names_the_bad_input_in_one_line(tmp_path, capsys):

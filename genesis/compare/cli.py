@@ -16,7 +16,7 @@ from pathlib import Path
 
 from genesis.device import flushed_denormals
 from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
-from genesis.errors import reader_gone, run_cli
+from genesis.errors import run_cli
 from genesis.evaluate import DEFAULT_CONTEXT_K, resolve_device
 
 from .data import ReportData, reportable
@@ -103,9 +103,7 @@ def _main(args: argparse.Namespace, command: str) -> int:
         return 0
 
     try:
-        return run_cli(body)
-    except BrokenPipeError:  # `| head` or a closed log: finished runs are kept, as on an interrupt
-        return reader_gone()
+        return run_cli(body)  # a broken pipe too (`| head`, a closed log): finished runs are kept
     except Interrupted as e:
         print(f"\ninterrupted ({e}): finished runs are kept; rerun the same command to continue", file=sys.stderr)
         return 128 + e.signum

@@ -21,7 +21,7 @@ from pathlib import Path
 from genesis.console import note
 from genesis.device import flushed_denormals
 from genesis.distributed import refuse_several_processes
-from genesis.errors import reader_gone, run_cli
+from genesis.errors import run_cli
 from genesis.evaluate.lm_eval_task import export_task
 from genesis.evaluate.pipeline import evaluate_checkpoint
 from genesis.evaluate.report import format_tables, write_json, write_plots
@@ -86,8 +86,6 @@ def _main(args: argparse.Namespace, argv) -> int:
 
     try:
         return run_cli(body)
-    except BrokenPipeError:  # `| head`: the reader is gone
-        return reader_gone()
     except KeyboardInterrupt:
         return 130
 
