@@ -121,6 +121,17 @@ class Timed(Protocol):
     def call(self, i: int) -> Any: ...
 
 
+def set_up_torch(device: str | torch.device, threads: int | None) -> None:
+    """Torch as the bench runs it: `threads` CPU threads (None: torch's default), and on the CPU denormals flushed
+    to zero, as training on the CPU does (genesis.device)."""
+    from genesis.device import flush_denormals
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if torch.device(device).type == "cpu":
+        flush_denormals()
+
+
 def sync(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

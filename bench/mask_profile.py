@@ -25,11 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from bench.common import check_json_path, log, machine_info, parse_size, source_hashes, sync, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    check_json_path,
+    log,
+    machine_info,
+    parse_size,
+    set_up_torch,
+    source_hashes,
+    sync,
+    write_json,
+)
 from bench.workloads import DATA_SEED, STRATEGIES, make_masker, make_workload  # noqa: E402
 from genesis.config import load_config  # noqa: E402
 from genesis.data import Batch, prepare  # noqa: E402
-from genesis.device import flush_denormals  # noqa: E402
 from genesis.masking import ConnectiveMasker, mask_torch  # noqa: E402
 
 LAYOUTS = ("sparse", "dense")
@@ -139,9 +147,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        flush_denormals()  # as genesis.train does on the CPU
+    set_up_torch(args.device, args.threads)
     info = machine_info(args.device)
     info["sha256"] = source_hashes(["genesis.masking"], [__file__])
     cfg = load_config("cpu.toml")

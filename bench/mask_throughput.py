@@ -70,6 +70,7 @@ from bench.common import (  # noqa: E402
     machine_info,
     parse_size,
     parse_sizes,
+    set_up_torch,
     source_hashes,
     time_all,
     write_json,
@@ -97,7 +98,6 @@ from bench.workloads import (  # noqa: E402
 )
 from genesis.config import ConfigError, load_config  # noqa: E402
 from genesis.data import gather_windows, prepare, window_starts  # noqa: E402
-from genesis.device import flush_denormals  # noqa: E402
 from genesis.masking import ConnectiveMasker, MaskOutput  # noqa: E402
 from genesis.parity import check_parity  # noqa: E402
 
@@ -607,9 +607,7 @@ def run_extras(bench: Bench, copy_bw: dict | None) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        flush_denormals()  # as genesis.train does on the CPU
+    set_up_torch(args.device, args.threads)
     if args.interpret_check:
         return interpret_check(args.interpret_check, args.strategies, args.quick)
     if args.device == "cuda" and not torch.cuda.is_available():

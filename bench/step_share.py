@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from bench.common import check_json_path, log, machine_info, summarize, sync, write_json  # noqa: E402
+from bench.common import check_json_path, log, machine_info, set_up_torch, summarize, sync, write_json  # noqa: E402
 from bench.workloads import STRATEGIES  # noqa: E402
 from genesis.config import ConfigError, load_config  # noqa: E402
 
@@ -154,14 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from genesis.device import flush_denormals
-
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        flush_denormals()  # as genesis.train does on the CPU
+    set_up_torch(args.device, args.threads)
     info = machine_info(args.device)
     share = step_share(args.config, args.device, args.strategy, args.steps, args.warmup)
     print(share_line(share))

@@ -34,9 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_info, summarize, sync, write_json  # noqa: E402
+from bench.common import machine_info, set_up_torch, summarize, sync, write_json  # noqa: E402
 from genesis.config import ConfigError, load_config  # noqa: E402
-from genesis.device import flush_denormals  # noqa: E402
 from genesis.model import Llama, ModelArgs  # noqa: E402
 from genesis.step import make_optimizer  # noqa: E402
 
@@ -259,11 +258,8 @@ def check_lines(checks: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_torch(args.device, args.threads)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        flush_denormals()  # as training on the CPU does (genesis.device.training_device)
     if any(m.startswith("hf") for m in args.mode_list):
         try:
             import transformers  # noqa: F401
