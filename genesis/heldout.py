@@ -14,7 +14,6 @@ from genesis.config import Config
 from genesis.data import TokenSplit, eval_starts, gather_windows
 from genesis.distributed import ONE_PROCESS, World, all_sum, stop_vote
 from genesis.lexicon import find_matches
-from genesis.link import link_features
 from genesis.model import class_loss
 
 HELDOUT_MASK_STEP = 2**32 - 1  # the masker's step for held-out windows: a counter no training step uses
@@ -135,7 +134,7 @@ def head_losses(model, h: torch.Tensor, out, heads: list[str]) -> list:
     """The `ClassLoss` of each of `heads` ("class", "link") from final hidden states h (B, T, C) of the masked
     input, against the masker's output `out`."""
     return [class_loss(model.class_head(h), out.classes) if name == "class" else
-            class_loss(model.link_head(link_features(h, out.readout_start, model.args.link_readout)), out.readout)
+            model.link_loss(h, out.readout, out.readout_start)
             for name in heads]
 
 

@@ -261,8 +261,13 @@ class Llama(nn.Module):
             if self.link_head is None or readout_start is None:
                 raise InputError("readout given, but this model has no link head (model.link_head = false)"
                                  if self.link_head is None else "readout given without readout_start")
-            heads.append(class_loss(self.link_head(link_features(h, readout_start, self.args.link_readout)), readout))
+            heads.append(self.link_loss(h, readout, readout_start))
         return logits, loss, *heads
+
+    def link_loss(self, h: torch.Tensor, readout: torch.Tensor, readout_start: torch.Tensor) -> ClassLoss:
+        """The link head's `ClassLoss` at the readout positions, from final hidden states h (B, T, C), reading what
+        `args.link_readout` names (genesis.link.link_features)."""
+        return class_loss(self.link_head(link_features(h, readout_start, self.args.link_readout)), readout)
 
     # Continuations of cached prefixes: many endings of one left context (the cloze candidates of an item) read the
     # context once, not once per ending
