@@ -6,8 +6,8 @@ many item picks differ from the first setting's.
     python bench/probe_settings.py --checkpoint RUN --settings 2000:300,8000:300 --json probe-settings.json
 
 A setting is `occurrences:iterations`. Each runs `genesis.evaluate.evaluate_checkpoint` (every held-out item, 3
-context verses, as the comparison evaluates) with `genesis.evaluate.link_metric.fit_probe` and
-`genesis.evaluate.pipeline.train_link_items` given those limits; nothing is written to the run.
+context verses, as the comparison evaluates) with its `probe_max_train` and
+`genesis.evaluate.link_metric.fit_probe` given those limits; nothing is written to the run.
 """
 
 from __future__ import annotations
@@ -43,16 +43,15 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 def probe_with(checkpoint: str, occurrences: int, iterations: int, context_verses: int, max_items: int = 0) -> dict:
     """The evaluation's link_probe entry with the probe fitted under these limits, and its per-item credits."""
     import genesis.evaluate.link_metric as link_metric
-    import genesis.evaluate.pipeline as pipeline
     from genesis.evaluate import evaluate_checkpoint
 
-    fit, items = link_metric.fit_probe, pipeline.train_link_items
+    fit = link_metric.fit_probe
     link_metric.fit_probe = functools.partial(fit, max_iter=iterations)
-    pipeline.train_link_items = functools.partial(items, max_items=occurrences)
     try:
-        result, _ = evaluate_checkpoint(checkpoint, None, "heldout", max_items, context_verses, "cpu", progress=False)
+        result, _ = evaluate_checkpoint(checkpoint, None, "heldout", max_items, context_verses, "cpu", progress=False,
+                                        probe_max_train=occurrences)
     finally:
-        link_metric.fit_probe, pipeline.train_link_items = fit, items
+        link_metric.fit_probe = fit
     probe, fitted = result["cloze"]["scorers"]["link_probe"], result["link"]["probe"]
     return {"occurrences": occurrences, "max_iter": iterations, "n_train": fitted["n_train"],
             "iterations": fitted["iterations"], "train_loss": fitted["train_loss"], "accuracy": probe["accuracy"],

@@ -35,9 +35,10 @@ TINY = ["--set", "model.n_layers=2", "--set", "model.dim=64", "--set", "model.n_
 
 @pytest.fixture(scope="module")
 def ctx(kjv_tokenizer):
-    """KJV held-out slots and 40 cloze items (with one verse of context) for the cpu.toml tokenizer."""
+    """KJV held-out slots and 40 cloze items (with one verse of context) for the cpu.toml tokenizer; the frozen
+    probe's training occurrences capped at 2,000 (the default 8,000 makes every whole evaluation here ~4x slower)."""
     return ev.build_context(load_config("cpu.toml"), kjv_tokenizer, SEQ_LEN, max_items=CLOZE_ITEMS, context_verses=1,
-                            say=lambda *_: None)
+                            say=lambda *_: None, probe_max_train=2000)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ def test_cross_translation_evaluates_a_kjv_run_on_the_asv_wording(ctx, tiny_run,
     capsys.readouterr()
     result = json.loads(out.read_text())
     assert (result["corpus"], result["train_corpus"]) == ("asv", "kjv")
+    assert result["link"]["probe"]["max_train"] == ev.PROBE_MAX_TRAIN == 8000  # the documented default
     chapters = {(v.book, v.chapter) for v in ctx.eval_split.verses}
     asv_text = {(v.book, v.chapter, v.verse): v.text for v in load_corpus("asv") if (v.book, v.chapter) in chapters}
     kjv_text = {(v.book, v.chapter, v.verse): v.text for v in ctx.eval_split.verses}
@@ -641,7 +643,8 @@ def tiny_run(tmp_path_factory):
 def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
     out = tmp_path / "eval"
     proc = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run / "checkpoint.pt"), "--max-items", "12",
-                   "--out", str(out), "--json", str(tmp_path / "result.json"), "--batch-tokens", "2048")
+                   "--out", str(out), "--json", str(tmp_path / "result.json"), "--batch-tokens", "2048",
+                   "--probe-max-train", "500")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["step"] == 5 and result["corpus"] == "kjv" and result["seq_len"] == 64
     assert result["context_verses"] == 3  # the default: up to 3 preceding verses, cut to the model's 64 tokens
@@ -651,7 +654,8 @@ def test_evaluate_cli_writes_tables_json_and_plots(tiny_run, tmp_path):
     assert result["cloze"]["n_items"] + sum(result["cloze"]["skipped"].values()) == 12
     assert set(result["cloze"]["skipped"]) <= {"verse_longer_than_model"} and result["cloze"]["n_items"] >= 9
     assert set(result["cloze"]["scorers"]) == {*ev.CLOZE_SCORERS, "link_probe"}  # no link head: the probe alone
-    assert result["link"]["head"] is None and result["link"]["probe"]["n_train"] > 1000
+    assert result["link"]["head"] is None and result["link"]["probe"]["max_train"] == 500
+    assert 400 < result["link"]["probe"]["n_train"] <= 500  # spread evenly, less the verses longer than the model
     assert re.search(r"^cloze, frozen probe \(masked, read after it\) +conjunctive +\d+", proc.stdout, re.MULTILINE)
     assert "cloze, link head" not in proc.stdout and "link: the connective masked" in proc.stdout
     assert result["next_token"]["n"] > 1000 and 0 <= result["next_token"]["accuracy"] <= 1
@@ -694,6 +698,7 @@ def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
     text.write_text("garbage\n")
     not_checkpoint = run_cli("genesis.evaluate", "--checkpoint", str(text), check=False)
     device = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--device", "tpu", check=False)
+    probe = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--probe-max-train", "-1", check=False)
     other = tmp_path / "other"  # the run's checkpoint beside a tokenizer with two more ids
     other.mkdir()
     shutil.copy(tiny_run / "checkpoint.pt", other / "checkpoint.pt")
@@ -703,7 +708,7 @@ def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
     tokenizer = run_cli("genesis.evaluate", "--checkpoint", str(other), "--no-plots", check=False)
     for proc, needle in ((missing, "checkpoint not found"), (unreadable, "not valid UTF-8"),
                          (split, "split is empty"), (not_checkpoint, "text.pt: not a checkpoint (not the zip"),
-                         (device, "--device tpu: not a device here"),
+                         (device, "--device tpu: not a device here"), (probe, "--probe-max-train -1: must be >= 0"),
                          (tokenizer, "token ids, but the model in checkpoint.pt has")):
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and needle in proc.stderr
@@ -838,7 +843,7 @@ def head_run(tmp_path_factory):
 
 def test_evaluate_cli_reports_the_class_head_against_the_majority_class(head_run, tmp_path):
     proc = run_cli("genesis.evaluate", "--checkpoint", str(head_run), "--max-items", "12", "--no-plots",
-                   "--json", str(tmp_path / "result.json"))
+                   "--probe-max-train", "300", "--json", str(tmp_path / "result.json"))
     result = json.loads((tmp_path / "result.json").read_text())
     head = result["class_head"]
     n, by_class = head["model"]["n"], head["model"]["breakdowns"]["class"]
@@ -909,7 +914,7 @@ def test_the_probes_items_are_built_as_the_heldout_items_are(ctx, masker_tables)
     """`train_link_items` on the held-out split's cloze slots gives the held-out link items: the same verse, masked
     word and readout, after the same context (cut, if at all, only by the verse's own length, not the longest
     candidate's); and on the training split, training occurrences read where the masker reads them."""
-    from genesis.evaluate.link_metric import PROBE_MAX_TRAIN, clause_stops, train_link_items
+    from genesis.evaluate.link_metric import clause_stops, train_link_items
 
     mask_id = find_mask_id(ctx.tokenizer, ctx.cfg.tokenizer.mask_token)
     stops = clause_stops(ctx.lex, vocab(ctx))
@@ -922,7 +927,7 @@ def test_the_probes_items_are_built_as_the_heldout_items_are(ctx, masker_tables)
         assert shift >= 0 and np.array_equal(again.tokens[i][shift:], held.tokens[i])
         assert again.readout[i] - shift == held.readout[i] and again.readout_start[i] - shift == held.readout_start[i]
     train = ctx.link_train
-    assert len(train) == PROBE_MAX_TRAIN and train.no_readout.sum() < len(train) // 50
+    assert len(train) == ctx.probe_max_train == 2000 and train.no_readout.sum() < len(train) // 50
     counts = np.bincount(train.label, minlength=ctx.cloze.n_candidates)
     assert counts[ctx.cloze.candidates.index(ctx.lex.words.index("for"))] == counts.max()
     stop = masker_tables.clause_stop.tolist()
@@ -1252,7 +1257,7 @@ def lm_eval_task(tiny_run, tmp_path_factory):
     proc = run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--max-items", "60", "--lm-eval-task",
                    str(root / "task"))
     run_cli("genesis.evaluate", "--checkpoint", str(tiny_run), "--max-items", "60", "--no-plots", "--quiet",
-            "--json", str(root / "eval.json"))
+            "--probe-max-train", "300", "--json", str(root / "eval.json"))  # the probe is not what is compared
     return SimpleNamespace(dir=root / "task", stdout=proc.stdout, result=json.loads((root / "eval.json").read_text()),
                            info=json.loads((root / "task" / "genesis_cloze.json").read_text()))
 

@@ -389,11 +389,11 @@ def test_long_runs_of_clause_stops(tok, base_masker):
     rows = []
     for row_start_run in range(lookback + 4):  # a run from the row start, then segments
         row = [int(rng.choice(stops))] * row_start_run + connective
-        while len(row) < 400:
+        while len(row) < 240:  # ~15 segments a row, ~240 in all: every run length with many clause lengths
             run = int(rng.integers(lookback + 4))
             row += rng.choice(words, int(rng.integers(15))).tolist()
             row += [separator if rng.random() < 0.2 else int(rng.choice(stops)) for _ in range(run)] + connective
-        rows.append(row[:400])
+        rows.append(row[:240])
     x = torch.tensor(rows, dtype=torch.int64)
     for mode in ("preceding", "since_boundary"):
         for low, high in ((0, 5), (3, 9), (8, 13)):
@@ -1518,9 +1518,11 @@ def sparse_stop_rows(masker, shape, seed):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_readout_kernel_equals_torch_and_the_oracle(tok, base_masker, kjv_rows, strategy):
     """out.readout / readout_start: kernel (v1, v2) == sparse == dense == the oracle on KJV rows, adversarial
-    batches, rows whose readout lies blocks after the word or past the row end, ODD_CASES shapes (B=1, T=1, T not a
-    multiple of the block, int32 ids), empty batches; with and without verse_start. The first five outputs are the
-    ones the masker gives without readout."""
+    batches, rows whose readout lies blocks after the word or past the row end; with and without verse_start. The
+    first five outputs are the ones the masker gives without readout. The shapes that test the kernel's edges
+    (ODD_CASES: B=1, T=1, T not a multiple of the block, int32 ids; empty batches) run with structural, the strategy
+    the readout trains with: where a readout lies depends on the mask, not on how it was chosen, and every strategy
+    runs those shapes without readout in test_kernel_equals_torch_on_odd_shapes_every_strategy."""
     masker = variant(base_masker, **dense(strategy), replacement="mask", readout=True)
     plain = variant(base_masker, **dense(strategy), replacement="mask")
     x, vs = kjv_rows
@@ -1528,10 +1530,11 @@ def test_readout_kernel_equals_torch_and_the_oracle(tok, base_masker, kjv_rows, 
     batches = [("kjv", x[3:5, 100:400].contiguous(), vs[3:5, 100:400].contiguous(), 128),
                ("adversarial", adversarial_batch(masker, (2, 193), seed=4), True, 64),
                ("sparse stops", sparse_stop_rows(masker, (3, 300), seed=5), True, 32)]
-    for i, (shape, dtype, _, flags, block) in enumerate(ODD_CASES):
-        batches.append((f"{shape} {dtype}", adversarial_batch(masker, shape, seed=i).to(dtype), flags, block))
-    batches += [("(0, 5)", torch.zeros(0, 5, dtype=torch.int64), None, 32),
-                ("(4, 0)", torch.zeros(4, 0, dtype=torch.int64), None, 32)]
+    if strategy == "structural":
+        for i, (shape, dtype, _, flags, block) in enumerate(ODD_CASES):
+            batches.append((f"{shape} {dtype}", adversarial_batch(masker, shape, seed=i).to(dtype), flags, block))
+        batches += [("(0, 5)", torch.zeros(0, 5, dtype=torch.int64), None, 32),
+                    ("(4, 0)", torch.zeros(4, 0, dtype=torch.int64), None, 32)]
     counts = dict.fromkeys(("readout_targets", "readout_shared", "readout_dropped"), 0)
     for name, x, flags, block in batches:
         random_flags = torch.from_numpy(rng.random(tuple(x.shape)) < 0.1)

@@ -17,7 +17,7 @@ from pathlib import Path
 from genesis.device import flushed_denormals
 from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
 from genesis.errors import run_cli
-from genesis.evaluate import DEFAULT_CONTEXT_K, resolve_device
+from genesis.evaluate import DEFAULT_CONTEXT_K, PROBE_MAX_TRAIN, resolve_device
 
 from .data import ReportData, reportable
 from .figures import write_report_figures
@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the runs' own), e.g. asv")
     p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
                    help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
+    p.add_argument("--probe-max-train", type=int, default=PROBE_MAX_TRAIN,
+                   help=f"training occurrences the frozen link probe is fitted on, spread evenly (default "
+                        f"{PROBE_MAX_TRAIN}; 0 = all)")
     p.add_argument("--bootstrap", type=int, default=DEFAULTS["bootstrap"], help="bootstrap resamples (default 2000)")
     p.add_argument("--out", help="comparison directory (default runs/compare-<config name>)")
     p.add_argument("--report", help="Markdown report path (default OUT/report.md)")
@@ -73,12 +76,10 @@ def _main(args: argparse.Namespace, command: str) -> int:
 
     def body() -> int:
         refuse_several_processes("python -m genesis.compare")
-        if args.steps < 0 or args.max_items < 0 or args.bootstrap < 100 or args.context_verses < 0:
-            raise CompareError("--steps, --max-items and --context-verses must be >= 0, --bootstrap >= 100")
-        if args.jobs < 1:
-            raise CompareError(f"--jobs: expected at least 1 (got {args.jobs})")
-        if args.context_k < 1:
-            raise CompareError(f"--context-k: expected at least 1 (got {args.context_k})")
+        for flag, least in (("steps", 0), ("max_items", 0), ("context_verses", 0), ("probe_max_train", 0),
+                            ("bootstrap", 100), ("jobs", 1), ("context_k", 1)):
+            if getattr(args, flag) < least:
+                raise CompareError(f"--{flag.replace('_', '-')}: expected at least {least} (got {getattr(args, flag)})")
         resolve_device(args.device)  # a bad --device fails now, not after the first run's training
         runs = plan_runs(args)
         print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}"

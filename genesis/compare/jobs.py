@@ -125,6 +125,8 @@ def reusable_eval(spec: RunSpec, args: argparse.Namespace) -> dict | None:
     old = read_json(spec.run_dir / "eval.json")
     if old is None or old.get("compare_settings") != eval_settings(args):
         return None
+    if ((old.get("link") or {}).get("probe") or {}).get("max_train") != args.probe_max_train:
+        return None  # the probe was fitted on another number of training occurrences (recorded by what it measured)
     try:
         identity = checkpoint_identity(spec.run_dir / CHECKPOINT)
     except Exception:  # missing, truncated, foreign: not the one measured; evaluating it reports the error in one line
@@ -139,7 +141,7 @@ def evaluate_run(spec: RunSpec, args: argparse.Namespace, ctx: EvalContext | Non
     t0 = time.time()
     result, ctx = evaluate_checkpoint(spec.run_dir / CHECKPOINT, args.corpus, "heldout", args.max_items,
                                       args.context_verses, args.device, args.batch_tokens, progress=True, ctx=ctx,
-                                      context_k=args.context_k)
+                                      context_k=args.context_k, probe_max_train=args.probe_max_train)
     result["compare_settings"] = settings
     result["eval_s"] = round(time.time() - t0, 1)
     write_json(result, path)

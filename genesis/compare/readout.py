@@ -45,9 +45,12 @@ def link_section(data: ReportData, args: argparse.Namespace) -> list[str]:
     if not all(data.has_credit(s, LINK_PROBE.field) for s in data.strategies):
         return lines + ["The eval.json files carry no frozen-probe credits (`cloze.scorers.link_probe`): no link "
                         "metrics in this report."]
+    probe_info = (data.first.get("link") or {}).get("probe") or {}
+    fitted_on = (f"{probe_info['n_train']:,} training occurrences, --probe-max-train {probe_info['max_train']}"
+                 if "max_train" in probe_info and "n_train" in probe_info else "the training split")
     lines += ["On the cloze items, the item's connective masked and read at its readout position (the first clause "
               "stop or verse end after at least one word of what follows it): the frozen probe (a linear classifier "
-              "fitted on the training split's final hidden states there; every run) and the link head (runs that "
+              f"fitted on the final hidden states there of {fitted_on}; every run) and the link head (runs that "
               "train one) rank the item's candidate words; the whole-verse cloze is the LM's own. Mean over "
               f"{len(data.seeds)} seed(s) [95% t-interval]. Then each paired with the same runs' whole-verse cloze on "
               "the same items: Δ (points) with its chapter-clustered bootstrap interval at the Holm level of the "

@@ -22,6 +22,7 @@ from genesis.console import note
 from genesis.device import flushed_denormals
 from genesis.distributed import refuse_several_processes
 from genesis.errors import run_cli
+from genesis.evaluate.link_metric import PROBE_MAX_TRAIN
 from genesis.evaluate.lm_eval_task import export_task
 from genesis.evaluate.pipeline import evaluate_checkpoint
 from genesis.evaluate.report import format_tables, write_json, write_plots
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per forward pass")
     p.add_argument("--context-k", type=int, default=DEFAULT_CONTEXT_K,
                    help=f"tokens after each connective for the masked-context loss (default {DEFAULT_CONTEXT_K})")
+    p.add_argument("--probe-max-train", type=int, default=PROBE_MAX_TRAIN,
+                   help=f"training occurrences the frozen link probe is fitted on, spread evenly over the training "
+                        f"split (default {PROBE_MAX_TRAIN}; 0 = all)")
     p.add_argument("--lm-eval-task", metavar="DIR",
                    help="write the cloze items as lm-eval tasks genesis_cloze_all / genesis_cloze_conjunctive in DIR "
                         "(a YAML and a JSONL each) and print the lm_eval command, instead of evaluating")
@@ -63,13 +67,15 @@ def main(argv=None) -> int:
 def _main(args: argparse.Namespace, argv) -> int:
     def body() -> int:
         refuse_several_processes("python -m genesis.evaluate")
-        if args.max_items < 0 or args.context_verses < 0 or args.batch_tokens < 1 or args.context_k < 1:
-            raise EvalError("--max-items and --context-verses must be >= 0, --batch-tokens and --context-k >= 1")
+        for flag, least in (("max_items", 0), ("context_verses", 0), ("probe_max_train", 0), ("batch_tokens", 1),
+                            ("context_k", 1)):
+            if getattr(args, flag) < least:
+                raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {least}")
         if args.lm_eval_task:
             return _write_lm_eval_task(args)
         result, ctx = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.max_items,
                                           args.context_verses, args.device, args.batch_tokens, not args.quiet,
-                                          context_k=args.context_k)
+                                          context_k=args.context_k, probe_max_train=args.probe_max_train)
         result["command"] = "python -m genesis.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
         run_dir = Path(result["checkpoint"]).parent
         corpus_name = Path(ctx.corpus).stem if ctx.corpus.lower() not in ("kjv", "asv") else ctx.corpus.lower()

@@ -223,8 +223,8 @@ def score_link(model: torch.nn.Module, heldout: LinkItems, train: LinkItems, can
     info = {
         "readout": readout, "n_items": len(heldout), "no_readout": int(heldout.no_readout.sum()),
         "head": {"readout": readout, "outputs": n_entries} if head is not None else None,
-        "probe": {"readout": readout, "readout_from": readout_from, "max_train": PROBE_MAX_TRAIN,
-                  "n_train": len(train), "no_readout": int(train.no_readout.sum()), "l2": PROBE_L2,
+        "probe": {"readout": readout, "readout_from": readout_from, "n_train": len(train),
+                  "no_readout": int(train.no_readout.sum()), "l2": PROBE_L2,
                   "standardised": True, "optimizer": "L-BFGS, strong Wolfe, float64, zero start",
                   "max_iter": PROBE_MAX_ITER, "tolerance": PROBE_TOLERANCE, "iterations": probe.iterations,
                   "train_loss": round(probe.loss, 6), "train_accuracy": round(train_accuracy, 6),

@@ -31,7 +31,14 @@ from genesis.evaluate.items import (
     find_slots,
     select_evenly,
 )
-from genesis.evaluate.link_metric import LinkItems, clause_stops, heldout_link_items, score_link, train_link_items
+from genesis.evaluate.link_metric import (
+    PROBE_MAX_TRAIN,
+    LinkItems,
+    clause_stops,
+    heldout_link_items,
+    score_link,
+    train_link_items,
+)
 from genesis.evaluate.run import EvalError, load_run, model_max_len, resolve_device, run_connectives
 from genesis.evaluate.scorers import (
     DEFAULT_BATCH_TOKENS,
@@ -74,6 +81,7 @@ class EvalContext:
     max_items: int
     context_verses: int
     max_len: int
+    probe_max_train: int  # training occurrences the frozen probe is fitted on (0: all)
     link_heldout: LinkItems  # the cloze items' answer sequences, the connective masked (`link_metric`)
     link_train: LinkItems  # the frozen probe's training occurrences, built the same way
     link_train_skipped: dict[str, int]
@@ -84,12 +92,13 @@ class EvalContext:
         return [self.lex.words[c] for c in self.cloze.candidates]
 
     def serves(self, cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str | None, split: str,
-               max_items: int, context_verses: int) -> bool:
+               max_items: int, context_verses: int, probe_max_train: int = PROBE_MAX_TRAIN) -> bool:
         """Whether a run with these settings gets the same items and baselines from this context."""
         mine, theirs = self.cfg, cfg
         return (tokenizer.to_str() == self.tokenizer.to_str() and max_len == self.max_len
                 and (corpus or cfg.data.corpus) == self.corpus and split == self.split
-                and (max_items, context_verses) == (self.max_items, self.context_verses)
+                and (max_items, context_verses, probe_max_train)
+                == (self.max_items, self.context_verses, self.probe_max_train)
                 and run_connectives(theirs.masking) == run_connectives(mine.masking)
                 and (theirs.masking.clause_punctuation, theirs.masking.lookback, theirs.masking.verse_separator,
                      theirs.masking.clause_length)
@@ -147,7 +156,8 @@ def build_items(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str, sp
 
 
 def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str | None = None, split: str = "heldout",
-                  max_items: int = 0, context_verses: int = 0, say: Callable[[str], None] = note) -> EvalContext:
+                  max_items: int = 0, context_verses: int = 0, say: Callable[[str], None] = note,
+                  probe_max_train: int = PROBE_MAX_TRAIN) -> EvalContext:
     timings: dict[str, float] = {}
     corpus = corpus or cfg.data.corpus
     items = build_items(cfg, tokenizer, max_len, corpus, split, max_items, context_verses, say, timings)
@@ -163,12 +173,13 @@ def build_context(cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str |
     mask_id, stops = find_mask_id(tokenizer, cfg.tokenizer.mask_token), clause_stops(items.lex, vocab_size)
     link_heldout = heldout_link_items(items.cloze, mask_id, stops)
     link_train, link_train_skipped = train_link_items(train_split, train_slots, tokenizer, items.cloze.candidates,
-                                                      max_len, context_verses, mask_id, stops)
+                                                      max_len, context_verses, mask_id, stops, probe_max_train)
     timings["link_items_s"] = time.time() - t0
     return EvalContext(cfg=cfg, tokenizer=tokenizer, lex=items.lex, corpus=corpus, split=split,
                        eval_split=items.eval_split, slots=items.slots, cloze=items.cloze, train_counts=train_counts,
                        ngram=ngram, max_items=max_items, context_verses=context_verses, max_len=max_len,
-                       link_heldout=link_heldout, link_train=link_train, link_train_skipped=link_train_skipped,
+                       probe_max_train=probe_max_train, link_heldout=link_heldout, link_train=link_train,
+                       link_train_skipped=link_train_skipped,
                        timings=timings)
 
 
@@ -288,7 +299,7 @@ def evaluate_model(model: torch.nn.Module, ctx: EvalContext, device: torch.devic
         link_scores, link, link_timings = score_link(model, ctx.link_heldout, ctx.link_train, cloze.candidates,
                                                      len(lex.words), device, batch_tokens, progress)
         shares.update({name: prediction_shares(scores) for name, scores in link_scores.items()})
-        link["probe"]["skipped"] = ctx.link_train_skipped
+        link["probe"]["max_train"], link["probe"]["skipped"] = ctx.probe_max_train, ctx.link_train_skipped
         timings.update(link_timings)
     words = ctx.candidate_words
     scorers, confusion, credits = {}, {}, {}
@@ -381,15 +392,17 @@ def class_head_result(model: torch.nn.Module, ctx: EvalContext, device: torch.de
 def evaluate_checkpoint(checkpoint: str | os.PathLike, corpus: str | None = None, split: str = "heldout",
                         max_items: int = 0, context_verses: int = 0, device: str = "auto",
                         batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = True,
-                        ctx: EvalContext | None = None, context_k: int = DEFAULT_CONTEXT_K
-                        ) -> tuple[dict[str, Any], EvalContext]:
+                        ctx: EvalContext | None = None, context_k: int = DEFAULT_CONTEXT_K,
+                        probe_max_train: int = PROBE_MAX_TRAIN) -> tuple[dict[str, Any], EvalContext]:
     """Load a run and evaluate it; pass `ctx` from an earlier call with the same tokenizer to skip the set-up."""
     dev = resolve_device(device)
     keep_freed_memory(dev)  # scoring's (B, T, V) logits: the same page-fault cost as training's
     run = load_run(checkpoint, dev)
     max_len = model_max_len(run.model)
-    if ctx is None or not ctx.serves(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses):
-        ctx = build_context(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses)
+    if ctx is None or not ctx.serves(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses,
+                                     probe_max_train):
+        ctx = build_context(run.cfg, run.tokenizer, max_len, corpus, split, max_items, context_verses,
+                            probe_max_train=probe_max_train)
     result = evaluate_model(run.model, ctx, dev, batch_tokens, progress, context_k)
     header = {
         "checkpoint": str(run.checkpoint), "step": run.step, "checkpoint_identity": run.identity, "corpus": ctx.corpus,
