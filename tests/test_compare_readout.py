@@ -146,8 +146,8 @@ def test_the_report_carries_the_link_sections_in_order(tmp_path):
 
 def test_an_eval_json_of_an_older_format_is_evaluated_again(tmp_path):
     """reusable_eval trusts an eval.json of this format, of these settings, of the checkpoint now in the run
-    directory; one stamped with format 2 (no link scorers) or 3 (the probe on 2,000 occurrences) is evaluated
-    again."""
+    directory, with its probe fitted on --probe-max-train occurrences; one stamped with format 2 (no link scorers)
+    or 3 (the probe on 2,000 occurrences) is evaluated again."""
     assert compare.EVAL_FORMAT == 4
     args = compare.parse_args(["--strategies", "none", "--seeds", "1", "--out", str(tmp_path)])
     spec = compare.plan_runs(args)[0]
@@ -155,9 +155,14 @@ def test_an_eval_json_of_an_older_format_is_evaluated_again(tmp_path):
     torch.save({"model": {"w": torch.arange(4.0)}, "step": 5, "config": {}}, spec.run_dir / "checkpoint.pt")
     (spec.run_dir / "tokenizer.json").write_text("{}")
     identity = checkpoint_identity(spec.run_dir / "checkpoint.pt")
-    record = {"compare_settings": compare.eval_settings(args), "checkpoint_identity": identity}
+    record = {"compare_settings": compare.eval_settings(args), "checkpoint_identity": identity,
+              "link": {"probe": {"max_train": args.probe_max_train}}}
     (spec.run_dir / "eval.json").write_text(json.dumps(record))
     assert compare.reusable_eval(spec, args) == record
+    # a probe fitted on another number of training occurrences than --probe-max-train asks, or not recorded
+    for probe in ({"max_train": args.probe_max_train // 2}, {}):
+        (spec.run_dir / "eval.json").write_text(json.dumps(record | {"link": {"probe": probe}}))
+        assert compare.reusable_eval(spec, args) is None
     for older in (2, 3):
         record["compare_settings"]["eval_format"] = older
         (spec.run_dir / "eval.json").write_text(json.dumps(record))
