@@ -43,6 +43,15 @@ class ConfigValueError(GenesisError, ValueError):
 ERROR_EXIT = 2  # a command line's status for a GenesisError or an OSError
 
 
+def check_at_least(args, minima: dict[str, int], error: type[GenesisError]) -> None:
+    """Every option of parsed `args` named in `minima` (by its dest) at least its minimum; else `error`, naming the
+    first that is not and its value."""
+    for dest, least in minima.items():
+        value = getattr(args, dest)
+        if value < least:
+            raise error(f"--{dest.replace('_', '-')}: must be >= {least} (got {value})")
+
+
 def error_line(e: BaseException) -> str:
     """The line a command line prints for a GenesisError or an OSError (its file, then why)."""
     if isinstance(e, OSError) and not isinstance(e, GenesisError):

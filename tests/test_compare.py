@@ -285,7 +285,7 @@ def test_unknown_strategy_and_bad_seeds_are_one_line_errors(capsys, tmp_path):
     assert "--seeds" in capsys.readouterr().err
     for flag, value, least in (("--probe-max-train", "-5", 0), ("--bootstrap", "50", 100), ("--jobs", "0", 1)):
         assert compare.main([flag, value, "--out", str(tmp_path)]) == 2
-        assert capsys.readouterr().err.strip() == f"error: {flag}: expected at least {least} (got {value})"
+        assert capsys.readouterr().err.strip() == f"error: {flag}: must be >= {least} (got {value})"
 
 
 def test_runner_resumes_after_an_interrupt_and_skips_finished_runs(tmp_path, monkeypatch, capsys):

@@ -708,7 +708,8 @@ def test_evaluate_cli_errors_are_one_line_with_exit_2(tiny_run, tmp_path):
     tokenizer = run_cli("genesis.evaluate", "--checkpoint", str(other), "--no-plots", check=False)
     for proc, needle in ((missing, "checkpoint not found"), (unreadable, "not valid UTF-8"),
                          (split, "split is empty"), (not_checkpoint, "text.pt: not a checkpoint (not the zip"),
-                         (device, "--device tpu: not a device here"), (probe, "--probe-max-train -1: must be >= 0"),
+                         (device, "--device tpu: not a device here"),
+                         (probe, "--probe-max-train: must be >= 0 (got -1)"),
                          (tokenizer, "token ids, but the model in checkpoint.pt has")):
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and needle in proc.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from genesis.device import flushed_denormals
 from genesis.distributed import Interrupted, handle_interrupts, refuse_several_processes
-from genesis.errors import run_cli
+from genesis.errors import check_at_least, run_cli
 from genesis.evaluate import DEFAULT_CONTEXT_K, PROBE_MAX_TRAIN, resolve_device
 
 from .data import ReportData, reportable
@@ -76,10 +76,8 @@ def _main(args: argparse.Namespace, command: str) -> int:
 
     def body() -> int:
         refuse_several_processes("python -m genesis.compare")
-        for flag, least in (("steps", 0), ("max_items", 0), ("context_verses", 0), ("probe_max_train", 0),
-                            ("bootstrap", 100), ("jobs", 1), ("context_k", 1)):
-            if getattr(args, flag) < least:
-                raise CompareError(f"--{flag.replace('_', '-')}: expected at least {least} (got {getattr(args, flag)})")
+        check_at_least(args, {"steps": 0, "max_items": 0, "context_verses": 0, "probe_max_train": 0, "bootstrap": 100,
+                              "jobs": 1, "context_k": 1}, CompareError)
         resolve_device(args.device)  # a bad --device fails now, not after the first run's training
         runs = plan_runs(args)
         print(f"compare: {len(runs)} runs ({', '.join(r.name for r in runs)}) in {args.out}"

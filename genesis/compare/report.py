@@ -164,8 +164,7 @@ def header_section(data: ReportData, args: argparse.Namespace, command: str, wal
         f"Equivalent full command: `python -m genesis.compare --config {args.config} --strategies "
         f"{','.join(strategies)} --seeds {','.join(map(str, seeds))} --steps {args.steps} --max-items "
         f"{args.max_items} --context-verses {args.context_verses} --context-k {args.context_k} --probe-max-train "
-        f"{args.probe_max_train} --bootstrap "
-        f"{args.bootstrap} --out {args.out}"
+        f"{args.probe_max_train} --bootstrap {args.bootstrap} --out {args.out}"
         + "".join(f" --set {shlex.quote(s)}" for s in args.set) + (f" --corpus {args.corpus}" if args.corpus else "")
         + "`",
         "",

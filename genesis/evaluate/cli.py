@@ -21,7 +21,7 @@ from pathlib import Path
 from genesis.console import note
 from genesis.device import flushed_denormals
 from genesis.distributed import refuse_several_processes
-from genesis.errors import run_cli
+from genesis.errors import check_at_least, run_cli
 from genesis.evaluate.link_metric import PROBE_MAX_TRAIN
 from genesis.evaluate.lm_eval_task import export_task
 from genesis.evaluate.pipeline import evaluate_checkpoint
@@ -67,10 +67,8 @@ def main(argv=None) -> int:
 def _main(args: argparse.Namespace, argv) -> int:
     def body() -> int:
         refuse_several_processes("python -m genesis.evaluate")
-        for flag, least in (("max_items", 0), ("context_verses", 0), ("probe_max_train", 0), ("batch_tokens", 1),
-                            ("context_k", 1)):
-            if getattr(args, flag) < least:
-                raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= {least}")
+        check_at_least(args, {"max_items": 0, "context_verses": 0, "probe_max_train": 0, "batch_tokens": 1,
+                              "context_k": 1}, EvalError)
         if args.lm_eval_task:
             return _write_lm_eval_task(args)
         result, ctx = evaluate_checkpoint(args.checkpoint, args.corpus, args.split, args.max_items,

@@ -92,7 +92,7 @@ class EvalContext:
         return [self.lex.words[c] for c in self.cloze.candidates]
 
     def serves(self, cfg: Config, tokenizer: Tokenizer, max_len: int, corpus: str | None, split: str,
-               max_items: int, context_verses: int, probe_max_train: int = PROBE_MAX_TRAIN) -> bool:
+               max_items: int, context_verses: int, probe_max_train: int) -> bool:
         """Whether a run with these settings gets the same items and baselines from this context."""
         mine, theirs = self.cfg, cfg
         return (tokenizer.to_str() == self.tokenizer.to_str() and max_len == self.max_len
