@@ -1,4 +1,5 @@
-"""Shared test setup: a per-session cache directory, and Triton's interpreter on machines without CUDA.
+"""Shared test setup: a per-session cache directory, Triton's interpreter on machines without CUDA, and the cores
+shared out between pytest-xdist's workers (`-n auto`).
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, before the tests
 import genesis.kernels. On a CUDA machine it is left unset: there the kernel tests run the compiled kernel."""
@@ -21,6 +22,29 @@ if not torch.cuda.is_available():
 _CACHE = tempfile.mkdtemp(prefix="genesis-test-cache-")
 os.environ.setdefault("GENESIS_CACHE", _CACHE)
 os.environ.pop("GENESIS_MASK_IMPL", None)
+
+MAX_WORKERS = 4  # what `-n auto` means here: every worker builds the session fixtures (tokenizers, token cache) again
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    return min(_usable_cores(), MAX_WORKERS)
+
+
+# Under `pytest -n N` the workers share the cores: each one, and the processes its tests start (training, torchrun),
+# computes with its share of them instead of every worker's torch using all of them (oversubscribed threads wait on
+# each other).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, _usable_cores() // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _THREADS
+    torch.set_num_threads(int(_THREADS))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ availability is patched)."""
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -81,11 +82,11 @@ from genesis.device import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory(torch.device("cpu"))
 faults = []
-for _ in range(10):
+for _ in range(15):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 << 20)  # 64 MB, allocated and freed
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[5:]))
+print(*faults[5:])
 """
 
 
@@ -95,12 +96,14 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_blocks():
     defaults; after keep_freed_memory the freed block is reused without faulting (each in a fresh process)."""
     pages = (64 << 20) // resource.getpagesize()
 
-    def faults(mode):
+    def faults(mode):  # the page faults of each of the last 10 allocations, in order
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
+        return [int(n) for n in out.stdout.split()]
 
-    assert faults("default") > 4 * pages  # the last 5 allocations
-    assert faults("kept") < pages // 4
+    assert min(faults("default")) >= pages  # every allocation faults all its pages
+    # most reuse the freed block without a fault (on a loaded machine, e.g. under pytest -n 2, one now and then
+    # faults its pages again)
+    assert statistics.median(faults("kept")) < pages // 4
     assert not keep_freed_memory(torch.device("meta")) and not keep_freed_memory(CUDA)
 
 
