@@ -2,9 +2,12 @@
 passed checks. No timing is asserted (timings on shared machines are noise; the benchmark reports, never gates)."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -341,3 +344,38 @@ def test_probe_settings_refits_the_probe_under_each_limit(tiny_runs, tmp_path):
         bad = subprocess.run([sys.executable, str(PROBE_SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+GPU_RUN = ROOT / "bench" / "gpu_run.sh"
+
+
+def gpu_run(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """bench/gpu_run.sh on this CPU machine as the GPU machine runs it: `python3` is this interpreter, the output
+    goes under tmp_path/out."""
+    if shutil.which("bash") is None or not (Path(sys.executable).parent / "python3").exists():
+        pytest.skip("needs bash and a python3 beside this interpreter")
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    full.update(PATH=str(Path(sys.executable).parent) + os.pathsep + full.get("PATH", ""), OUT=str(tmp_path / "out"),
+                **env)
+    return subprocess.run(["bash", str(GPU_RUN), *args], cwd=tmp_path, env=full, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_gpu_run_script_runs_its_steps_into_out_and_fails_when_a_step_fails(tmp_path):
+    """The command a lent GPU machine runs (bench/RESULTS.md, "GPU"), here its `tests` step running CPU
+    tests: each step's log and exit status under $OUT, exit 1 when a step fails, usage and exit 2 for an
+    unknown step."""
+    import torch
+
+    pytest.importorskip("triton")  # env.txt records its version
+    ok = gpu_run(tmp_path, "tests", TESTS="tests/test_errors.py")
+    assert ok.returncode == 0, f"{ok.stdout}\n{ok.stderr}"
+    assert "== tests rc=0" in ok.stdout and " passed" in (tmp_path / "out" / "tests.log").read_text()
+    env_txt = (tmp_path / "out" / "env.txt").read_text()
+    assert torch.__version__ in env_txt  # the versions line, after nvidia-smi's (here: not found)
+
+    failed = gpu_run(tmp_path, "tests", TESTS="tests/test_errors.py::no_such_test")
+    assert failed.returncode == 1 and "== tests rc=4" in failed.stdout  # pytest: no such test (usage error)
+
+    bad = gpu_run(tmp_path, "everything")
+    assert bad.returncode == 2 and bad.stderr.strip() == "usage: bench/gpu_run.sh [bench|tests|train|trainbench|all]"
