@@ -106,6 +106,13 @@ def use_compile(setting: bool | str, device: torch.device, log: Callable[[str], 
     return on
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    with contextlib.suppress(AttributeError):  # macOS, Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_threads(threads: int, device: torch.device, log: Callable[[str], None]) -> None:
     """training.threads (0 keeps torch's default); on the CPU, one line suggesting fewer threads when the machine's
     1-minute load average is above its core count (other processes want the cores, and oversubscribed threads

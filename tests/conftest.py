@@ -23,18 +23,13 @@ _CACHE = tempfile.mkdtemp(prefix="genesis-test-cache-")
 os.environ.setdefault("GENESIS_CACHE", _CACHE)
 os.environ.pop("GENESIS_MASK_IMPL", None)
 
+from genesis.device import usable_cores  # noqa: E402  (genesis is imported once the environment above is set)
+
 MAX_WORKERS = 4  # what `-n auto` means here: every worker builds the session fixtures (tokenizers, token cache) again
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def pytest_xdist_auto_num_workers(config):
-    return min(_usable_cores(), MAX_WORKERS)
+    return min(usable_cores(), MAX_WORKERS)
 
 
 # Under `pytest -n N` the workers share the cores: each one, and the processes its tests start (training, torchrun),
@@ -42,7 +37,7 @@ def pytest_xdist_auto_num_workers(config):
 # each other).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _THREADS = str(max(1, _usable_cores() // _WORKERS))
+    _THREADS = str(max(1, usable_cores() // _WORKERS))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _THREADS
     torch.set_num_threads(int(_THREADS))
 

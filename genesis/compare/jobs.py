@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from genesis.config import to_toml
-from genesis.device import flushed_denormals
+from genesis.device import flushed_denormals, usable_cores
 from genesis.evaluate import EvalContext, checkpoint_identity, evaluate_checkpoint, write_json
 from genesis.runs import CHECKPOINT, read_checkpoint
 
@@ -32,12 +32,6 @@ def train_command(spec: RunSpec, resume: bool) -> list[str]:
     """The `genesis.train` command line that trains (or resumes) one run from its config file."""
     return [sys.executable, "-m", "genesis.train", "--config", str(spec.run_dir / RUN_CONFIG),
             "--out", str(spec.run_dir), *(["--resume"] if resume else [])]
-
-
-def usable_cores() -> int:
-    with suppress(AttributeError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def visible_gpus() -> list[str]:
